@@ -1,0 +1,94 @@
+"""Cost of one RL iteration vs one supervised step (not a test), same LoRA U-Net, same batch, measured alternately.
+
+    .venv/bin/python bench/rl_cost.py [--iters 20] [--group 8] [--size 96] [--batch 8]
+
+RL iteration = policy forward (with grad) + reference forward (adapters disabled, no grad) + G masks sampled per image
++ vectorised rewards + clipped objective + KL + backward + optimizer step (inner_epochs=1). With inner_epochs=2 the
+second update adds one forward/backward; its cost per optimizer update is printed too. Target: ratio <= 2.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def build(tmp: Path, args, device):
+    from medtune.config import build_config
+    from medtune.models.registry import build_model
+
+    base = build_config({}, ["model.family=unet"])
+    build_model(base).save_base(tmp / "base")
+    cfg = build_config({}, [f"model.path={tmp / 'base'}", "lora.preset=small", f"rl.group_size={args.group}",
+                            "rl.reward=multi_objective"])
+    model = build_model(cfg).to(device)
+    g = torch.Generator().manual_seed(0)
+    mask = (torch.rand(args.batch, 1, args.size, args.size, generator=g) > 0.88).float()
+    batch = {"image": (torch.rand(args.batch, 3, args.size, args.size, generator=g) * 0.5 + mask * 0.5),
+             "mask": mask, "fov": torch.ones_like(mask), "box": torch.zeros(args.batch, 4)}
+    return cfg, model, {k: v.to(device) for k, v in batch.items()}
+
+
+def main() -> None:
+    from medtune.losses import ComboLoss
+    from medtune.rewards import resolve_weights
+    from medtune.train.rl import rl_loss, rollout
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, model, batch = build(Path(tmp), args, device)
+    combo = ComboLoss(cfg.loss)
+    weights = resolve_weights(cfg.rl.reward)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def supervised_step():
+        loss, _ = combo(model(batch["image"]), batch["mask"], batch["fov"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def rl_iteration(inner_epochs: int):
+        roll = rollout(model, model, batch, cfg, weights, use_box=False)
+        logits = roll["logits"]
+        for epoch in range(inner_epochs):
+            if epoch:
+                logits = model(batch["image"])
+            loss, _ = rl_loss(logits, roll, batch, cfg, None)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    def timed(fn):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t
+
+    for _ in range(3):  # warm-up
+        supervised_step(), rl_iteration(1)
+    sup, rl1, rl2 = [], [], []
+    for _ in range(args.iters):
+        sup.append(timed(supervised_step))
+        rl1.append(timed(lambda: rl_iteration(1)))
+        rl2.append(timed(lambda: rl_iteration(2)))
+    s, r1, r2 = statistics.median(sup), statistics.median(rl1), statistics.median(rl2)
+    print(f"device {device}, batch {args.batch}x{args.size}^2, G={args.group}, {torch.get_num_threads()} threads")
+    print(f"supervised step           {s * 1000:8.1f} ms")
+    print(f"RL iteration, 1 update    {r1 * 1000:8.1f} ms   ratio {r1 / s:.2f}")
+    print(f"RL iteration, 2 updates   {r2 * 1000:8.1f} ms   ratio {r2 / s:.2f} ({r2 / 2 / s:.2f} per update)")
+
+
+if __name__ == "__main__":
+    main()

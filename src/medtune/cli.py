@@ -1,0 +1,185 @@
+"""`medtune` command line. Only parses arguments and calls the library; errors a user can fix print one line."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def _train(args) -> None:
+    from medtune.config import load_config
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        from medtune.train.runs import load_run_config
+
+        cfg = load_run_config(run_dir)
+    else:
+        if not args.config:
+            raise SystemExit("medtune train: give a CONFIG file (or --resume RUN)")
+        cfg = load_config(args.config, args.overrides)
+    if cfg.objective == "rl":
+        from medtune.train.rl import train
+    else:
+        from medtune.train.sft import train
+    run_dir = train(cfg, resume=args.resume)
+    print(f"run folder: {run_dir}")
+
+
+def _eval(args) -> None:
+    from medtune.evaluate import evaluate_run, format_summary
+
+    summary = evaluate_run(args.run, split=args.split, checkpoint=args.checkpoint, strategy=args.calibration)
+    print(format_summary(summary))
+    print(f"written: {Path(args.run) / 'eval' / args.split}")
+
+
+def _predict(args) -> None:
+    from medtune.predict import predict_images
+
+    box = tuple(float(v) for v in args.box.split(",")) if args.box else None
+    written = predict_images(args.run, args.images, args.out, checkpoint=args.checkpoint, threshold=args.threshold,
+                             box=box)
+    print(f"{len(written)} masks (+ probability maps, overlays) written to {args.out}")
+
+
+def _demo(args) -> None:
+    from medtune.demo import run_demo
+
+    run_demo(Path(args.out), fast=args.fast)
+
+
+def _inspect(args) -> None:
+    from medtune.config import build_config
+    from medtune.data.inspect import format_inspection, inspect_dataset
+
+    overrides = [f"data.path={args.path}", f"data.layout={args.layout}", *args.overrides]
+    cfg = build_config({}, overrides)
+    split = json.loads(Path(args.split).read_text()) if args.split else None
+    report = inspect_dataset(cfg.data, split=split)
+    print(format_inspection(report))
+
+
+def _export(args) -> None:
+    from medtune.evaluate import load_run_model
+    from medtune.models.lora import export_merged
+
+    _, model, ckpt = load_run_model(args.run, args.checkpoint, "cpu")
+    export_merged(model, Path(args.out))
+    print(f"merged model from {ckpt} written to {args.out} (usable as model.path)")
+
+
+def _report(args) -> None:
+    from medtune.report.html import write_report
+
+    print(f"report: {write_report(Path(args.run), split=args.split)}")
+
+
+def _compare(args) -> None:
+    from medtune.report.compare import compare_runs
+
+    print(compare_runs([Path(r) for r in args.runs], out_dir=Path(args.out) if args.out else None, split=args.split))
+
+
+def _cv(args) -> None:
+    from medtune.config import load_config
+    from medtune.report.cv import run_cv
+
+    print(run_cv(load_config(args.config, args.overrides), folds=args.folds))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medtune", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a run (objective supervised or rl, from the config)")
+    p.add_argument("config", nargs="?", help="YAML config")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.r=32 optim.lr=5e-4")
+    p.add_argument("--resume", metavar="RUN", help="continue a run from its last checkpoint")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="calibrate on val, evaluate a split")
+    p.add_argument("run")
+    p.add_argument("--split", default="test")
+    p.add_argument("--checkpoint", default="best")
+    p.add_argument("--calibration", choices=["max_dice", "max_fbeta", "target_recall"], default=None)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="masks, probability maps and overlays for images")
+    p.add_argument("run")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", default="best")
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--box", default=None, help="x1,y1,x2,y2 for box-prompted runs")
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("demo", help="the embedded default: adapt a vessel model to a new site with LoRA")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--fast", action="store_true", help="fewer steps (used by the tests)")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("inspect", help="layout, counts, sizes, foreground, near-duplicates, every problem")
+    q.add_argument("path")
+    q.add_argument("--layout", default="auto")
+    q.add_argument("--split", default=None, help="a split.json to check for duplicates straddling splits")
+    q.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.mask_suffixes=[_seg]")
+    q.set_defaults(func=_inspect)
+
+    p = sub.add_parser("export", help="merge the adapter into the base and save a loadable model folder")
+    p.add_argument("run")
+    p.add_argument("--out", required=True)
+    p.add_argument("--checkpoint", default="best")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("report", help="self-contained HTML report of a run")
+    p.add_argument("run")
+    p.add_argument("--split", default="test")
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("compare", help="side-by-side comparison of runs with paired tests")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--out", default=None)
+    p.add_argument("--split", default="test")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("cv", help="k-fold (group-aware) cross-validation")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--folds", type=int, default=5)
+    p.set_defaults(func=_cv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from medtune.config import ConfigError
+    from medtune.data.types import DataError
+
+    user_errors: tuple[type[BaseException], ...] = (ConfigError, DataError, FileNotFoundError, ValueError)
+    try:
+        from medtune.train.preflight import PreflightError
+        from medtune.train.setup import TrainingStopped
+
+        user_errors += (PreflightError, TrainingStopped)
+    except ImportError:
+        pass
+    try:
+        args.func(args)
+    except user_errors as err:
+        if args.debug or os.environ.get("MEDTUNE_DEBUG"):
+            raise
+        print(f"medtune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Validated run configuration: YAML file + dotted CLI overrides (``lora.r=32``) -> ``Config``.
+
+Every section forbids unknown keys, so a typo fails loudly with the list of valid keys instead of being ignored.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; the message names the key / file and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunCfg(Section):
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+
+
+class SplitCfg(Section):
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    # Regex over the file name whose first group (or whole match) is the group key (patient, video ...):
+    # samples of one group never straddle two splits.
+    group_by: str | None = None
+    # Use the split a layout ships (DRIVE training/test) for test; val is carved from its training part.
+    use_layout_split: bool = True
+    seed: int | None = None  # None -> run.seed
+    # k-fold cross-validation: fold `fold` of `folds` is the test set, val is carved from the rest (medtune cv)
+    folds: int | None = Field(None, ge=2)
+    fold: int = Field(0, ge=0)
+
+
+class ScaleNormCfg(Section):
+    enabled: bool = False
+    # Resample so the FOV diameter (px) matches this; None -> the training set's median.
+    target_fov_diameter: float | None = None
+    # Alternatively a pixel size (e.g. micrometres per pixel) when images carry one in `pixel_size_file`.
+    target_pixel_size: float | None = None
+
+
+class AugmentCfg(Section):
+    enabled: bool = True
+    flip: bool = True
+    rotate90: bool = True
+    rotate_degrees: float = 15.0
+    scale_range: tuple[float, float] = (0.85, 1.15)
+    intensity: float = 0.15  # max relative shift/scale of intensity and contrast
+    prob: float = 0.5
+
+
+class SyntheticCfg(Section):
+    """The embedded default data set (procedural retina-like vessel images)."""
+
+    domain: Literal["A", "B"] = "A"
+    n_images: int = 24
+    size: int = 128
+    seed: int = 0
+
+
+class DataCfg(Section):
+    path: str | None = None
+    layout: Literal["auto", "generic", "drive", "chase", "stare", "busi", "polygon_json", "synthetic"] = "auto"
+    image_dir: str = "images"
+    mask_dir: str = "masks"
+    fov_dir: str | None = None
+    mask_suffixes: list[str] = Field(default_factory=lambda: ["", "_mask", "_manual1", "_1stHO", "_seg"])
+    annotations: str = "annotations.json"  # polygon_json layout
+    channels: Literal[1, 3] = 3
+    # random_crop: patches of patch_size (thin structures at native scale);
+    # whole_image: the whole image resized to patch_size (lesions, box prompts).
+    sampling: Literal["random_crop", "whole_image"] = "random_crop"
+    patch_size: int = 96
+    patches_per_image: int = 8  # per epoch, random_crop only
+    batch_size: int = 8  # global batch (split across processes)
+    num_workers: int = 0
+    max_samples: int | None = None  # quick trial run on the first N samples
+    derive_fov: bool = True  # threshold the dark border when a layout ships no FOV mask
+    duplicate_hash_distance: int = 4  # perceptual-hash Hamming distance that counts as near-duplicate
+    split: SplitCfg = Field(default_factory=SplitCfg)
+    scale_norm: ScaleNormCfg = Field(default_factory=ScaleNormCfg)
+    augment: AugmentCfg = Field(default_factory=AugmentCfg)
+    synthetic: SyntheticCfg = Field(default_factory=SyntheticCfg)
+
+
+class LoraCfg(Section):
+    preset: Literal["small", "medium", "large"] = "medium"
+    r: int | None = None  # overrides the preset
+    alpha: float | None = None  # default 2r
+    dropout: float = 0.05
+    target_modules: str | None = None  # anchored regex over module names; None -> the family's default
+    modules_to_save: list[str] | None = None  # None -> the family's default (e.g. SAM's mask decoder)
+
+    def resolved_r(self) -> int:
+        return self.r if self.r is not None else {"small": 8, "medium": 32, "large": 64}[self.preset]
+
+    def resolved_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.resolved_r()
+
+
+class ModelCfg(Section):
+    family: str = "unet"
+    path: str | None = None  # local checkpoint folder; None -> built from `config` (random init)
+    config: dict[str, Any] = Field(default_factory=dict)  # family-specific architecture overrides
+    # auto: LoRA for a pretrained model (path given), full training for a model built from scratch.
+    finetune: Literal["auto", "lora", "full"] = "auto"
+    prompt: Literal["none", "box"] = "none"  # SAM: semantic (no prompt) or box prompt from the ground truth
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    quantize_4bit: bool = False  # QLoRA (bitsandbytes, CUDA only)
+
+
+class LossCfg(Section):
+    dice: float = 1.0
+    focal: float = 1.0
+    bce: float = 0.5
+    cldice: float = 0.0
+    focal_gamma: float = 2.0
+    cldice_iters: int = 3
+
+
+class OptimCfg(Section):
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 50
+    max_steps: int = 1000
+    grad_accum: int = 1
+    clip_grad_norm: float | None = 1.0
+
+
+class TrainCfg(Section):
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    log_every: int = 10
+    eval_every: int = 100
+    save_every: int = 500
+    keep_last: int = 2  # step-N checkpoints kept besides best and last
+    preflight: bool = True
+    preflight_steps: int = 3
+    max_nonfinite: int = 10  # consecutive non-finite losses before stopping with a checkpoint
+    trackers: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    max_eval_images: int | None = None  # cap validation images during training (speed)
+
+
+class EvalCfg(Section):
+    calibration: Literal["max_dice", "max_fbeta", "target_recall"] = "max_dice"
+    beta: float = 1.0
+    target_recall: float = 0.9
+    roi_size: int | None = None  # sliding-window tile; None -> data.patch_size
+    overlap: float = 0.25
+    sw_batch_size: int = 8
+    bootstrap: int = 1000
+
+
+class RLCfg(Section):
+    group_size: int = 8
+    temperature: float = 1.0
+    logprob_reduction: Literal["sum", "mean"] = "mean"
+    reward: str | dict[str, float] = "multi_objective"  # preset name or {component: weight}
+    custom_rewards: dict[str, str] = Field(default_factory=dict)  # name -> "package.module:function"
+    clip_eps: float = 0.2
+    inner_epochs: int = 2
+    kl_coef: float = 0.05
+    entropy_coef: float = 0.0
+    sft_mix: float = 0.0  # lambda * ComboLoss added for stability
+    curriculum: bool = False
+    precision_floor: float = 0.5
+    precision_floor_k: float = 1.0
+    init_from: str | None = None  # supervised run folder whose weights become the frozen reference
+
+
+class Config(Section):
+    objective: Literal["supervised", "rl"] = "supervised"
+    run: RunCfg = Field(default_factory=RunCfg)
+    data: DataCfg = Field(default_factory=DataCfg)
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    lora: LoraCfg = Field(default_factory=LoraCfg)
+    loss: LossCfg = Field(default_factory=LossCfg)
+    optim: OptimCfg = Field(default_factory=OptimCfg)
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    eval: EvalCfg = Field(default_factory=EvalCfg)
+    rl: RLCfg = Field(default_factory=RLCfg)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.data.split.val_fraction + self.data.split.test_fraction >= 1.0:
+            raise ValueError("data.split.val_fraction + data.split.test_fraction must be < 1")
+        return self
+
+    def finetune_mode(self) -> Literal["lora", "full"]:
+        if self.model.finetune != "auto":
+            return self.model.finetune
+        pretrained = self.model.path is not None or self.rl.init_from is not None
+        return "lora" if pretrained else "full"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _valid_keys(section: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in section.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, Section):
+            keys += _valid_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = {}
+            node[p] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value (e.g. lora.r=32)")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def build_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...] = (), source: str = "config") -> Config:
+    tree = dict(tree or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        lines = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"] if not isinstance(p, int))
+            if e["type"] == "extra_forbidden":
+                parent = loc.rsplit(".", 1)[0] + "." if "." in loc else ""
+                depth = loc.count(".")
+                siblings = dict.fromkeys(
+                    ".".join(k.split(".")[: depth + 1]) for k in _valid_keys(Config) if k.startswith(parent)
+                )
+                lines.append(f"unknown key '{loc}'; valid keys here: {', '.join(siblings)}")
+            else:
+                lines.append(f"'{loc}': {e['msg']}")
+        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found; pass a YAML file (see configs/ for examples)")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections (run, data, model, ...)")
+    return build_config(tree, overrides, source=str(path) if path else "overrides")

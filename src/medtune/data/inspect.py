@@ -1,0 +1,195 @@
+"""A data-set health report before training: counts, sizes, foreground, FOV, every problem, near-duplicates."""
+from __future__ import annotations
+
+import time
+import warnings
+from collections import Counter
+
+import imagehash
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from medtune.config import DataCfg
+from medtune.data.io import read_image
+from medtune.data.layouts import scan
+from medtune.data.loading import load_sample
+from medtune.data.splits import SPLIT_NAMES, _UnionFind, check_split
+from medtune.data.types import DataError, LoadedSample, Sample
+
+# Rows of the pairwise Hamming-distance matrix computed at once: bounds memory to ~chunk × n bytes.
+_HASH_CHUNK = 1024
+
+
+def phash64(image: np.ndarray) -> int:
+    """64-bit perceptual hash of a [C,H,W] or [H,W] float image in [0, 1], on its grey level."""
+    grey = image.mean(axis=0) if image.ndim == 3 else image
+    pil = Image.fromarray(np.clip(grey * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    bits = imagehash.phash(pil).hash.flatten()
+    return int(np.packbits(bits.astype(np.uint8)).view(">u8")[0])
+
+
+def pairs_within(ids: list[str], hashes: np.ndarray, max_distance: int) -> list[tuple[str, str, int]]:
+    """Every pair of 64-bit hashes within ``max_distance`` Hamming distance, as (id_a, id_b, distance), a < b."""
+    hashes = np.asarray(hashes, dtype=np.uint64)
+    pairs: list[tuple[str, str, int]] = []
+    for start in range(0, len(hashes), _HASH_CHUNK):
+        block = hashes[start:start + _HASH_CHUNK]
+        dist = np.bitwise_count(block[:, None] ^ hashes[None, :])
+        rows, cols = np.nonzero(dist <= max_distance)
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            i = start + r
+            if i < c:
+                a, b = sorted((ids[i], ids[c]))
+                pairs.append((a, b, int(dist[r, c])))
+    return sorted(pairs, key=lambda p: (p[2], p[0], p[1]))
+
+
+def find_near_duplicates(
+    samples: list[LoadedSample] | list[Sample], max_distance: int = 4
+) -> list[tuple[str, str, int]]:
+    """Near-duplicate image pairs (id_a, id_b, phash Hamming distance <= max_distance), closest first."""
+    ids, hashes = [], []
+    for s in samples:
+        image = s.image if isinstance(s, LoadedSample) else read_image(s.image, channels=1)
+        ids.append(s.id)
+        hashes.append(phash64(image))
+    return pairs_within(ids, np.array(hashes, dtype=np.uint64), max_distance)
+
+
+def duplicate_groups(pairs: list[tuple[str, str, int]]) -> dict[str, str]:
+    """{id: group id} for every id in a near-duplicate pair: connected components, named by their smallest id."""
+    ids = sorted({i for a, b, _ in pairs for i in (a, b)})
+    uf = _UnionFind(ids)
+    for a, b, _ in pairs:
+        uf.union(a, b)
+    return {i: f"dup:{uf.find(i)}" for i in ids}
+
+
+def _stats(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    arr = np.asarray(values, dtype=np.float64)
+    return {"mean": float(arr.mean()), "min": float(arr.min()), "median": float(np.median(arr)),
+            "max": float(arr.max())}
+
+
+def inspect_dataset(cfg: DataCfg, split: dict[str, list[str]] | None = None) -> dict:
+    """Health report of the data set ``cfg`` points at; never raises for data problems, it lists them all."""
+    started = time.perf_counter()
+    found = scan(cfg)
+    problems = list(found.problems)
+    warnings_seen: list[str] = []
+    sizes: list[tuple[int, int]] = []
+    fg_fractions: dict[str, float] = {}
+    fov_kinds: Counter = Counter()
+    ids, hashes = [], []
+    for sample in tqdm(found.samples, desc="inspecting", unit="img", leave=False, disable=len(found.samples) < 8):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                ls = load_sample(sample, cfg)
+            except DataError as err:
+                problems.extend(str(err).splitlines())
+                continue
+        warnings_seen += [str(w.message) for w in caught]
+        sizes.append(ls.mask.shape)
+        inside = ls.fov.astype(bool)
+        fg_fractions[sample.id] = float(ls.mask[inside].mean()) if inside.any() else 0.0
+        if sample.fov is not None:
+            fov_kinds["shipped"] += 1
+        elif cfg.derive_fov and not ls.fov.all():
+            fov_kinds["derived"] += 1
+        else:
+            fov_kinds["none (whole image)"] += 1
+        ids.append(sample.id)
+        hashes.append(phash64(ls.image))
+    pairs = pairs_within(ids, np.array(hashes, dtype=np.uint64), cfg.duplicate_hash_distance)
+
+    report: dict = {
+        "root": str(found.root),
+        "layout": found.layout,
+        "n_samples": len(found.samples),
+        "counts": {
+            "label": dict(sorted(Counter(s.label for s in found.samples if s.label).items())),
+            "layout_split": dict(sorted(Counter(s.split for s in found.samples if s.split).items())),
+            "groups": len({s.group for s in found.samples if s.group is not None}),
+        },
+        "image_size": None,
+        "foreground_fraction_in_fov": _stats(list(fg_fractions.values())),
+        "empty_masks": sorted(i for i, f in fg_fractions.items() if f == 0.0),
+        "fov": dict(fov_kinds),
+        "near_duplicates": {"max_distance": cfg.duplicate_hash_distance, "n_pairs": len(pairs),
+                            "pairs": [list(p) for p in pairs]},
+        "problems": problems,
+        "warnings": warnings_seen,
+    }
+    if sizes:
+        hs, ws = np.array([s[0] for s in sizes]), np.array([s[1] for s in sizes])
+        report["image_size"] = {
+            "min": [int(hs.min()), int(ws.min())],
+            "median": [float(np.median(hs)), float(np.median(ws))],
+            "max": [int(hs.max()), int(ws.max())],
+            "distinct": len(set(sizes)),
+        }
+    if split is not None:
+        try:
+            check_split(split, found.samples)
+        except DataError as err:
+            problems.extend(str(err).splitlines())
+        where = {i: name for name in SPLIT_NAMES for i in split.get(name, [])}
+        report["counts"]["split"] = {name: len(split.get(name, [])) for name in SPLIT_NAMES}
+        report["near_duplicates"]["across_splits"] = [
+            [a, b, d, where[a], where[b]] for a, b, d in pairs if a in where and b in where and where[a] != where[b]
+        ]
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    return report
+
+
+def _fmt_stats(stats: dict | None, pct: bool = False) -> str:
+    if not stats:
+        return "n/a"
+    f = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:g}")
+    return f"mean {f(stats['mean'])}, min {f(stats['min'])}, median {f(stats['median'])}, max {f(stats['max'])}"
+
+
+def format_inspection(report: dict, max_listed: int = 20) -> str:
+    """The report as text for the terminal: summary first, then every problem and the duplicates."""
+    header = (f"data: {report['root']}  (layout: {report['layout']}, {report['n_samples']} samples, "
+              f"{report.get('seconds', 0)} s)")
+    lines = [header]
+    counts = report["counts"]
+    for key in ("label", "layout_split", "split"):
+        if counts.get(key):
+            lines.append(f"  {key.replace('_', ' ')}: " + ", ".join(f"{k} {v}" for k, v in counts[key].items()))
+    if counts.get("groups"):
+        lines.append(f"  groups: {counts['groups']}")
+    size = report["image_size"]
+    if size:
+        lines.append(f"  image size (HxW): min {size['min'][0]}x{size['min'][1]}, median "
+                     f"{size['median'][0]:g}x{size['median'][1]:g}, max {size['max'][0]}x{size['max'][1]} "
+                     f"({size['distinct']} distinct)")
+    lines.append(f"  foreground inside FOV: {_fmt_stats(report['foreground_fraction_in_fov'], pct=True)}")
+    if report["empty_masks"]:
+        lines.append(f"  empty masks: {len(report['empty_masks'])} (e.g. {', '.join(report['empty_masks'][:3])})")
+    lines.append("  FOV: " + (", ".join(f"{k} {v}" for k, v in report["fov"].items()) or "n/a"))
+    dup = report["near_duplicates"]
+    lines.append(f"  near-duplicate pairs (phash distance <= {dup['max_distance']}): {dup['n_pairs']}")
+    for a, b, d in dup["pairs"][:max_listed]:
+        lines.append(f"    {a}  ~  {b}  (distance {d})")
+    if dup["n_pairs"] > max_listed:
+        lines.append(f"    ... {dup['n_pairs'] - max_listed} more")
+    if "across_splits" in dup:
+        across = dup["across_splits"]
+        lines.append(f"  near-duplicates straddling splits: {len(across)}"
+                     + ("  (leakage: make_split with duplicate_groups keeps them together)" if across else ""))
+        for a, b, d, sa, sb in across:
+            lines.append(f"    {a} [{sa}]  ~  {b} [{sb}]  (distance {d})")
+    if report["warnings"]:
+        lines.append(f"  warnings: {len(report['warnings'])}")
+        lines += [f"    - {w}" for w in report["warnings"][:max_listed]]
+        if len(report["warnings"]) > max_listed:
+            lines.append(f"    ... {len(report['warnings']) - max_listed} more")
+    lines.append(f"  problems: {len(report['problems'])}" if report["problems"] else "  problems: none")
+    lines += [f"    - {p}" for p in report["problems"]]
+    return "\n".join(lines)

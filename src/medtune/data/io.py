@@ -1,0 +1,221 @@
+"""Reading images and masks from disk into the array contract of ``LoadedSample``.
+
+Every failure to read becomes a ``DataError`` that names the file and the fix: users see which file is broken,
+never a PIL traceback.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from scipy import ndimage
+
+from medtune.data.types import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm")
+
+# ITU-R BT.601 weights: the conventional luminance for RGB -> grey.
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+# A 16-bit container whose maximum fits in 12 bits almost always holds 12-bit detector data (CT, X-ray, OCT);
+# dividing it by 65535 would leave the image nearly black.
+_TWELVE_BIT_MAX = 4095
+
+_FIX_REEXPORT = "re-export the file (e.g. open and save it again as PNG/TIFF) or remove it from the data folder"
+
+
+def strip_image_extension(name: str) -> str:
+    """File name without its image extension(s): ``im0001.ppm.gz`` -> ``im0001``, ``a.b.png`` -> ``a.b``."""
+    lower = name.lower()
+    if lower.endswith(".gz"):
+        name, lower = name[:-3], lower[:-3]
+    for ext in IMAGE_EXTENSIONS:
+        if lower.endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def is_image_file(path: Path) -> bool:
+    name = path.name.lower()
+    name = name.removesuffix(".gz")
+    return path.is_file() and not path.name.startswith(".") and name.endswith(IMAGE_EXTENSIONS)
+
+
+def _decode(path: Path) -> np.ndarray:
+    """Raw pixel array ([H,W] or [H,W,C]) in the file's own dtype, palette images resolved to grey/colour."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; check data.path and the layout's folder names")
+    try:
+        if path.name.lower().endswith(".gz"):
+            # STARE ships its images gzip-compressed (im0001.ppm.gz).
+            with gzip.open(path, "rb") as fh:
+                payload = io.BytesIO(fh.read())
+            return _decode_pil(Image.open(payload))
+        if path.suffix.lower() in (".tif", ".tiff"):
+            try:
+                return _decode_pil(Image.open(path))
+            except (OSError, UnidentifiedImageError, ValueError):
+                # PIL cannot read multi-channel 16-bit or compressed scientific TIFFs; tifffile can.
+                import tifffile
+
+                arr = np.asarray(tifffile.imread(path))
+                if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+                    arr = np.moveaxis(arr, 0, -1)  # planar [C,H,W] -> interleaved
+                return arr
+        return _decode_pil(Image.open(path))
+    except DataError:
+        raise
+    # PIL raises OSError, SyntaxError, ValueError, struct.error, zlib.error ... for broken files: all mean the same.
+    except Exception as err:  # noqa: BLE001
+        raise DataError(f"{path}: cannot be read as an image ({type(err).__name__}: {err}); {_FIX_REEXPORT}") from None
+
+
+def _decode_pil(img: Image.Image) -> np.ndarray:
+    img.load()  # force decoding now: Image.open is lazy and truncated files only fail here
+    if img.mode == "P":
+        indices = np.asarray(img)
+        grey = np.asarray(img.convert("L"))
+        # A palette that maps distinct indices to the same grey would merge classes; fall back to the indices.
+        if np.unique(indices).size > np.unique(grey).size:
+            return indices
+        return grey
+    if img.mode in ("PA", "LA", "La"):
+        return np.asarray(img.convert("L"))
+    if img.mode in ("RGBA", "RGBa", "CMYK", "YCbCr", "LAB", "HSV"):
+        return np.asarray(img.convert("RGB"))
+    if img.mode == "1":
+        return np.asarray(img.convert("L"))
+    if img.mode.startswith("I;16"):
+        return np.asarray(img).astype(np.uint16)
+    return np.asarray(img)
+
+
+def _to_unit_range(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    if arr.dtype == np.bool_:
+        return arr.astype(np.float32)
+    if np.issubdtype(arr.dtype, np.integer):
+        top = float(arr.max()) if arr.size else 0.0
+        if top <= 255:
+            denom = 255.0  # 8-bit data stored in a wider container
+        elif top <= _TWELVE_BIT_MAX:
+            denom = float(_TWELVE_BIT_MAX)
+        elif top <= 65535:
+            denom = 65535.0
+        else:
+            denom = top
+        return np.clip(arr.astype(np.float32) / denom, 0.0, 1.0)
+    arr = arr.astype(np.float32)
+    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+    arr = np.nan_to_num(arr, nan=0.0)
+    if lo >= 0.0 and hi <= 1.0:
+        return arr
+    # Float images in arbitrary units (HU, raw intensities): min-max is the only scale-free choice.
+    return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+
+
+def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
+    """Image file -> float32 [channels, H, W] in [0, 1]; grey is repeated to 3 channels, colour -> luminance for 1."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    arr = _decode(Path(path))
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 3 and arr.shape[-1] == 4:
+        arr = arr[..., :3]  # alpha carries no intensity
+    if arr.ndim == 3 and arr.shape[-1] == 2:
+        arr = arr[..., 0]  # grey + alpha
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] != 3):
+        raise DataError(
+            f"{path}: unsupported image shape {arr.shape} (expected H×W grey or H×W×3 colour); "
+            "export a 2-D slice as PNG/TIFF"
+        )
+    unit = _to_unit_range(arr)
+    if unit.ndim == 2:
+        chw = unit[None]
+        if channels == 3:
+            chw = np.repeat(chw, 3, axis=0)
+    else:
+        chw = np.moveaxis(unit, -1, 0)
+        if channels == 1:
+            chw = np.tensordot(LUMA_WEIGHTS, chw, axes=1)[None]
+    return np.ascontiguousarray(chw, dtype=np.float32)
+
+
+def read_mask(path: str | Path) -> tuple[np.ndarray, str | None]:
+    """Mask file -> (uint8 [H, W] in {0, 1}, warning or None).
+
+    Two-level masks ({0,1}, {0,255}, palette GIFs) map the higher level to 1. Anything with more levels (JPEG
+    artefacts, anti-aliased edges) is binarised at half its maximum and a warning naming the file is returned.
+    """
+    arr = _decode(Path(path))
+    if arr.ndim == 3:
+        # Coloured annotations: any colour channel lit counts as foreground.
+        arr = arr[..., :3].max(axis=-1) if arr.shape[-1] >= 3 else arr[..., 0]
+    if arr.ndim != 2:
+        raise DataError(f"{path}: unsupported mask shape {arr.shape}; save the mask as a single-channel PNG")
+    levels = np.unique(arr)
+    if levels.size == 1:
+        value = 1 if levels[0] > 0 else 0
+        return np.full(arr.shape, value, dtype=np.uint8), None
+    if levels.size == 2:
+        return (arr == levels[1]).astype(np.uint8), None
+    top = float(levels[-1])
+    binary = (arr.astype(np.float64) > top / 2.0).astype(np.uint8)
+    warning = (
+        f"{path}: mask has {levels.size} grey levels (e.g. JPEG compression or anti-aliasing), binarised at half "
+        f"its maximum ({top / 2:g}); save masks losslessly (PNG) with two values such as 0/255"
+    )
+    return binary, warning
+
+
+def rasterize_polygons(polygons: list[list[float]], shape: tuple[int, int]) -> np.ndarray:
+    """Union of filled polygons ``[[x1, y1, x2, y2, ...], ...]`` (pixel coordinates) as uint8 [H, W] in {0, 1}."""
+    from skimage.draw import polygon as fill_polygon
+
+    mask = np.zeros(shape, dtype=np.uint8)
+    for coords in polygons:
+        xy = np.asarray(coords, dtype=np.float64)
+        if xy.ndim != 1 or xy.size % 2 or xy.size < 6:
+            raise ValueError(f"polygon needs an even number (>= 6) of coordinates x1,y1,x2,y2,..., got {xy.size}")
+        rr, cc = fill_polygon(xy[1::2], xy[0::2], shape=shape)
+        mask[rr, cc] = 1
+    return mask
+
+
+# A pixel is outside the field of view when its luminance is below this fraction of the image's bright level.
+_FOV_DARK_FRACTION = 0.1
+# Below this fraction of dark pixels on the image frame there is no dark border to strip.
+_FOV_MIN_DARK_FRAME = 0.25
+
+
+def derive_fov(image: np.ndarray) -> np.ndarray:
+    """Field of view of an image with a dark border (fundus, ultrasound fan) as uint8 [H, W] in {0, 1}.
+
+    Thresholds luminance at a small fraction of its bright level, keeps the largest connected component and fills
+    its holes (dark vessels and lesions inside stay in). Returns all ones when the image has no dark border.
+    """
+    img = np.asarray(image, dtype=np.float32)
+    lum = np.tensordot(LUMA_WEIGHTS, img, axes=1) if img.ndim == 3 and img.shape[0] == 3 else img.reshape(img.shape[-2:])
+    h, w = lum.shape
+    ones = np.ones((h, w), dtype=np.uint8)
+    # The 99th percentile, not the max, so a few hot pixels or burnt-in text do not raise the threshold.
+    bright = float(np.percentile(lum, 99))
+    if bright <= 0:
+        return ones
+    inside = lum > _FOV_DARK_FRACTION * bright
+    frame = np.concatenate([inside[0], inside[-1], inside[:, 0], inside[:, -1]])
+    if 1.0 - frame.mean() < _FOV_MIN_DARK_FRAME:
+        return ones
+    labels, count = ndimage.label(inside)
+    if count == 0:
+        return ones
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    fov = ndimage.binary_fill_holes(labels == int(np.argmax(sizes)))
+    return fov.astype(np.uint8)

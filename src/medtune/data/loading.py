@@ -1,0 +1,164 @@
+"""``Sample`` (paths) -> ``LoadedSample`` (arrays), with optional scale normalisation by FOV diameter."""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+from skimage.transform import resize
+from tqdm.auto import tqdm
+
+from medtune.config import DataCfg, ScaleNormCfg
+from medtune.data.io import derive_fov, rasterize_polygons, read_image, read_mask
+from medtune.data.layouts import format_problems
+from medtune.data.types import DataError, LoadedSample, Sample
+
+log = logging.getLogger(__name__)
+
+
+class MaskWarning(UserWarning):
+    """A mask was readable but not clean (e.g. more than two grey levels) and was repaired on load."""
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return f"{shape[0]}x{shape[1]}"
+
+
+def _resample(arr: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray:
+    """[H,W] or [C,H,W] -> same layout at ``shape``; order 1 = bilinear (images), 0 = nearest (labels)."""
+    if arr.shape[-2:] == tuple(shape):
+        return arr
+    downscale = shape[0] < arr.shape[-2] or shape[1] < arr.shape[-1]
+    out_shape = (*arr.shape[:-2], *shape)
+    # Anti-aliasing only for bilinear downscaling: thin vessels alias into broken dashes without it, while label
+    # maps must keep exact {0,1} values.
+    out = resize(arr, out_shape, order=order, anti_aliasing=bool(order and downscale), preserve_range=True,
+                 mode="edge")
+    return out.astype(arr.dtype, copy=False)
+
+
+def load_sample(sample: Sample, cfg: DataCfg, scale: float = 1.0) -> LoadedSample:
+    """Read one sample's image, mask (union of mask files / polygons) and FOV; resample by ``scale`` if != 1."""
+    image = read_image(sample.image, cfg.channels)
+    shape = image.shape[-2:]
+    problems: list[str] = []
+    mask = np.zeros(shape, dtype=np.uint8)
+    for mask_path in sample.masks:
+        part, warning = read_mask(mask_path)
+        if warning:
+            warnings.warn(warning, MaskWarning, stacklevel=2)
+            log.warning(warning)
+        if part.shape != shape:
+            problems.append(
+                f"image {sample.image} is {_shape_text(shape)} but mask {mask_path} is {_shape_text(part.shape)}; "
+                "re-export the mask at the image size"
+            )
+            continue
+        mask |= part
+    if sample.polygons:
+        try:
+            mask |= rasterize_polygons(sample.polygons, shape)
+        except ValueError as err:
+            problems.append(f"{sample.image}: bad polygon annotation ({err}); fix the annotations file")
+    derived = False
+    if sample.fov is not None:
+        fov, warning = read_mask(sample.fov)
+        if warning:
+            warnings.warn(warning, MaskWarning, stacklevel=2)
+        if fov.shape != shape:
+            problems.append(
+                f"image {sample.image} is {_shape_text(shape)} but FOV mask {sample.fov} is "
+                f"{_shape_text(fov.shape)}; re-export the FOV mask at the image size"
+            )
+    elif cfg.derive_fov:
+        fov = derive_fov(image)
+        derived = True
+    else:
+        fov = np.ones(shape, dtype=np.uint8)
+    if problems:
+        raise DataError("\n".join(problems))
+    if derived:
+        # Annotated foreground is by definition in view: a dark lesion at the edge of an ultrasound fan must not be
+        # cut out of the loss by an imperfect threshold.
+        fov = fov | mask
+    native_shape = (int(shape[0]), int(shape[1]))
+    if scale != 1.0:
+        if not (scale > 0 and np.isfinite(scale)):
+            raise DataError(f"{sample.image}: scale factor {scale} is not a positive number; check data.scale_norm")
+        new_shape = (max(1, round(shape[0] * scale)), max(1, round(shape[1] * scale)))
+        image = np.clip(_resample(image, new_shape, order=1), 0.0, 1.0).astype(np.float32)
+        mask = _resample(mask, new_shape, order=0)
+        fov = _resample(fov, new_shape, order=0)
+    return LoadedSample(
+        id=sample.id,
+        image=np.ascontiguousarray(image, dtype=np.float32),
+        mask=np.ascontiguousarray(mask, dtype=np.uint8),
+        fov=np.ascontiguousarray(fov, dtype=np.uint8),
+        scale=float(scale),
+        native_shape=native_shape,
+    )
+
+
+def fov_diameter(fov: np.ndarray) -> float:
+    """Field-of-view diameter in pixels: the larger side of the FOV's bounding box (0 for an empty FOV)."""
+    rows = np.flatnonzero(np.asarray(fov).any(axis=1))
+    cols = np.flatnonzero(np.asarray(fov).any(axis=0))
+    if rows.size == 0:
+        return 0.0
+    return float(max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1))
+
+
+def scale_factors(
+    samples_loaded_natively: list[LoadedSample], cfg: ScaleNormCfg, target: float | None = None
+) -> tuple[float | None, dict[str, float]]:
+    """(target FOV diameter, {id: scale}) that resamples every sample's FOV to the target diameter.
+
+    The target is ``target`` if given (pass the training set's target when scaling val/test), else
+    ``cfg.target_fov_diameter``, else the median diameter of ``samples_loaded_natively`` (the training set).
+    Disabled normalisation gives scale 1 everywhere.
+    """
+    if not cfg.enabled:
+        return target, {s.id: 1.0 for s in samples_loaded_natively}
+    if cfg.target_pixel_size is not None and target is None and cfg.target_fov_diameter is None:
+        raise DataError(
+            "data.scale_norm.target_pixel_size needs a pixel size per image, which no supported layout provides; "
+            "set data.scale_norm.target_fov_diameter (pixels) instead"
+        )
+    diameters = {s.id: fov_diameter(s.fov) for s in samples_loaded_natively}
+    empty = sorted(i for i, d in diameters.items() if d <= 0)
+    if empty:
+        raise DataError(
+            format_problems([f"sample {i}: empty FOV, cannot normalise its scale; fix its FOV mask" for i in empty],
+                            "scale normalisation")
+        )
+    if target is None:
+        target = cfg.target_fov_diameter
+    if target is None:
+        if not diameters:
+            raise DataError("scale normalisation needs training samples to take the median FOV diameter from")
+        target = float(np.median(list(diameters.values())))
+    return float(target), {i: float(target) / d for i, d in diameters.items()}
+
+
+def load_all(samples: list[Sample], cfg: DataCfg, scales: dict[str, float] | None = None) -> list[LoadedSample]:
+    """Load every sample (progress bar); one DataError with every sample that failed."""
+    loaded: list[LoadedSample] = []
+    problems: list[str] = []
+    for sample in tqdm(samples, desc="loading images", unit="img", leave=False, disable=len(samples) < 8):
+        try:
+            loaded.append(load_sample(sample, cfg, (scales or {}).get(sample.id, 1.0)))
+        except DataError as err:
+            problems.extend(line.strip(" -") for line in str(err).splitlines() if line.strip())
+    if problems:
+        raise DataError(format_problems(problems, f"{len(samples)} samples"))
+    return loaded
+
+
+def resample_to_native(prob: np.ndarray, native_shape: tuple[int, int]) -> np.ndarray:
+    """Map a [H, W] prediction made at normalised scale back to the image's native (H, W), bilinearly."""
+    prob = np.asarray(prob)
+    if native_shape is None or prob.shape == tuple(native_shape):
+        return prob
+    out = resize(prob.astype(np.float32), tuple(native_shape), order=1, anti_aliasing=False, preserve_range=True,
+                 mode="edge")
+    return out.astype(prob.dtype if np.issubdtype(prob.dtype, np.floating) else np.float32)

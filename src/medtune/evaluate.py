@@ -1,0 +1,172 @@
+"""`medtune eval RUN`: calibrate the threshold on val only, then measure test at 0.5 and at the calibrated threshold.
+
+Writes RUN/eval/<split>/{per_image.csv, summary.json, calibration.json, probs.npz}. Pooled metrics (all test pixels
+inside the FOV, the usual DRIVE protocol) and per-image means with bootstrap CIs are both reported.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from medtune.calibration import calibrate
+from medtune.config import Config
+from medtune.data.loading import load_all, resample_to_native
+from medtune.data.types import LoadedSample
+from medtune.inference import predict_prob
+from medtune.metrics import image_metrics, pooled_metrics
+from medtune.models.base import SegModel
+from medtune.models.registry import build_model
+from medtune.stats import aggregate
+from medtune.train.checkpoint import find_checkpoint, load_checkpoint
+from medtune.train.runs import load_run_config, write_text_atomic
+from medtune.train.setup import RunData, load_split_samples, prepare_split
+
+log = logging.getLogger("medtune")
+
+PER_IMAGE_METRICS = ["dice", "iou", "precision", "recall", "specificity", "accuracy", "auc", "cldice",
+                     "betti0_error", "betti1_error", "hd95", "assd"]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_run_model(run_dir: str | Path, checkpoint: str = "best", device=None) -> tuple[Config, SegModel, Path]:
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    ckpt = find_checkpoint(run_dir, checkpoint)
+    model = build_model(cfg)
+    load_checkpoint(ckpt, model, restore_rng=False)
+    model.to(device or default_device()).eval()
+    return cfg, model, ckpt
+
+
+def probabilities(model: SegModel, samples: list[LoadedSample], cfg: Config, device, desc: str) -> list[np.ndarray]:
+    """Probability maps at each sample's native resolution (undoing scale normalisation)."""
+    probs = []
+    for s in tqdm(samples, desc=desc, unit="img", leave=False):
+        p = predict_prob(model, s, cfg, device)
+        if s.native_shape is not None and tuple(p.shape) != tuple(s.native_shape):
+            p = resample_to_native(p, s.native_shape)
+        probs.append(p)
+    return probs
+
+
+def native(cfg: Config, data: RunData, split: str, loaded: list[LoadedSample]) -> list[LoadedSample]:
+    """Ground truth at native resolution: metrics are always measured where the annotator drew them."""
+    if not cfg.data.scale_norm.enabled:
+        return loaded
+    return load_all([data.samples[i] for i in data.split[split]], cfg.data)
+
+
+def evaluate_model(model: SegModel, cfg: Config, run_dir: Path, split: str = "test", device=None,
+                   strategy: str | None = None, checkpoint_name: str = "-") -> tuple[dict, list[dict], dict, list]:
+    """Calibrate on val, measure `split`. Returns (summary, per-image rows, calibration, probabilities)."""
+    device = device or default_device()
+    strategy = strategy or cfg.eval.calibration
+    data = prepare_split(cfg, run_dir)
+    if not data.split.get(split):
+        raise ValueError(f"split '{split}' of {run_dir / 'split.json'} is empty; choose one of "
+                         f"{[k for k, v in data.split.items() if v]}")
+
+    # 1. threshold from val only
+    val = load_split_samples(cfg, data, "val", run_dir)
+    if val and split != "val":
+        val_native = native(cfg, data, "val", val)
+        val_probs = probabilities(model, val, cfg, device, "val")
+        calib = calibrate(val_probs, [s.mask for s in val_native], [s.fov for s in val_native], strategy=strategy,
+                          beta=cfg.eval.beta, target_recall=cfg.eval.target_recall)
+    else:
+        calib = {"threshold": 0.5, "strategy": "none", "note": "no validation split: threshold 0.5"}
+        log.warning("no validation images: the calibrated threshold is 0.5")
+    threshold = float(calib["threshold"])
+
+    # 2. the split at 0.5 and at the calibrated threshold
+    test = load_split_samples(cfg, data, split, run_dir)
+    test_native = native(cfg, data, split, test)
+    probs = probabilities(model, test, cfg, device, split)
+    gts, fovs = [s.mask for s in test_native], [s.fov for s in test_native]
+    rows = []
+    for s, p in zip(test_native, probs):
+        row = {"id": s.id}
+        for tag, thr in (("t050", 0.5), ("cal", threshold)):
+            m = image_metrics(p, s.mask, s.fov, threshold=thr)
+            row.update({f"{k}@{tag}": v for k, v in m.items()})
+        rows.append(row)
+
+    summary = {
+        "run": str(run_dir), "checkpoint": checkpoint_name, "split": split, "n_images": len(rows),
+        "threshold": threshold, "calibration": {k: v for k, v in calib.items() if k != "curve"},
+        "pooled@t050": pooled_metrics(probs, gts, fovs, threshold=0.5),
+        "pooled@cal": pooled_metrics(probs, gts, fovs, threshold=threshold),
+        "per_image@t050": aggregate([{k[:-5]: v for k, v in r.items() if k.endswith("@t050")} for r in rows],
+                                    PER_IMAGE_METRICS, n_boot=cfg.eval.bootstrap),
+        "per_image@cal": aggregate([{k[:-4]: v for k, v in r.items() if k.endswith("@cal")} for r in rows],
+                                   PER_IMAGE_METRICS, n_boot=cfg.eval.bootstrap),
+    }
+    return summary, rows, calib, [(s.id, p) for s, p in zip(test_native, probs)]
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", device=None,
+                 strategy: str | None = None) -> dict:
+    run_dir = Path(run_dir)
+    device = device or default_device()
+    cfg, model, ckpt = load_run_model(run_dir, checkpoint, device)
+    summary, rows, calib, probs = evaluate_model(model, cfg, run_dir, split, device, strategy, ckpt.name)
+    out = run_dir / "eval" / split
+    out.mkdir(parents=True, exist_ok=True)
+    write_per_image_csv(out / "per_image.csv", rows)
+    write_text_atomic(out / "summary.json", json.dumps(_jsonable(summary), indent=2))
+    write_text_atomic(out / "calibration.json", json.dumps(_jsonable(calib), indent=2))
+    # probabilities kept (8-bit) so reports and comparisons can draw curves and overlays without re-running
+    np.savez_compressed(out / "probs.npz", ids=np.array([i for i, _ in probs]),
+                        **{f"p{k}": (p * 255).round().astype(np.uint8) for k, (_, p) in enumerate(probs)})
+    return summary
+
+
+def write_per_image_csv(path: Path, rows: list[dict]) -> None:
+    keys = list(rows[0].keys()) if rows else ["id"]
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        v = float(obj)
+        return None if not np.isfinite(v) else v
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{summary['run']}  [{summary['split']}, {summary['n_images']} images, checkpoint {summary['checkpoint']}]",
+             f"calibrated threshold {summary['threshold']:.3f} ({summary['calibration'].get('strategy')}, fitted on val)"]
+    for tag in ("t050", "cal"):
+        pooled = summary[f"pooled@{tag}"]
+        per = summary[f"per_image@{tag}"]
+        label = "0.5" if tag == "t050" else f"{summary['threshold']:.3f}"
+        lines.append(f"  threshold {label}: pooled " + "  ".join(
+            f"{k} {pooled[k]:.4f}" for k in ("dice", "iou", "precision", "recall", "specificity", "auc") if k in pooled))
+        for k in ("dice", "cldice", "betti0_error", "betti1_error", "hd95"):
+            if k in per and per[k].get("mean") is not None:
+                c = per[k]
+                lines.append(f"      per-image {k:<13} {c['mean']:.4f}  95% CI [{c['lo']:.4f}, {c['hi']:.4f}]"
+                             + (f"  ({c['n_nan']} NaN)" if c.get("n_nan") else ""))
+    return "\n".join(lines)

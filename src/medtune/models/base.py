@@ -1,0 +1,123 @@
+"""The model contract recipes rely on. Recipes never branch on the family."""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+class SegModel(nn.Module):
+    """Wraps a family's network (possibly a ``peft.PeftModel``) behind one differentiable forward.
+
+    ``forward_logits(image, box)`` takes ``image`` float [B, C, H, W] in [0, 1] (the wrapper does the family's own
+    normalisation/resizing) and optional ``box`` float [B, 4] (x1, y1, x2, y2 in input pixels), and returns mask
+    logits [B, 1, H, W] at the input resolution. It must be a plain teacher-forced forward: no ``no_grad``, no
+    thresholding, no ``generate()``.
+
+    Each family also says where LoRA goes by default (``default_lora_targets`` / ``default_modules_to_save``) and
+    how its weights are written as a base-model folder that ``model.path`` accepts (``save_base``) and read back
+    (``load_base_weights``).
+    """
+
+    family: str = "base"
+
+    def __init__(self, net: nn.Module, in_channels: int):
+        super().__init__()
+        self.net = net
+        self.in_channels = in_channels
+
+    def forward_logits(self, image: torch.Tensor, box: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError(f"{type(self).__name__} must implement forward_logits")
+
+    def forward(self, image: torch.Tensor, box: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_logits(image, box)
+
+    @property
+    def is_peft(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.net, PeftModel)
+
+    @property
+    def base_network(self) -> nn.Module:
+        """The family's own network, without the PEFT wrapper (LoRA layers, if any, stay injected in it)."""
+        return self.net.get_base_model() if self.is_peft else self.net
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """The frozen reference policy: same weights, LoRA adapters off (no second copy in memory)."""
+        if not self.is_peft:
+            raise RuntimeError("adapters_disabled() needs a LoRA model (finetune: lora)")
+        with self.net.disable_adapter():
+            yield
+
+    def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def param_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts; shared/tied parameters count once."""
+        trainable = total = 0
+        for p in self.parameters():
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        return trainable, total
+
+    # --- family hooks -------------------------------------------------------------------------------------------
+    def default_lora_targets(self) -> str:  # pragma: no cover
+        raise NotImplementedError(f"{type(self).__name__} must say where LoRA goes by default")
+
+    def default_modules_to_save(self) -> list[str] | None:
+        return None
+
+    def frozen_by_design(self) -> str | None:
+        """Regex (searched in parameter names) of parameters that cannot influence ``forward_logits`` (e.g. SAM's IoU
+        head): kept frozen in every fine-tuning mode, otherwise the preflight rightly reports them dead."""
+        return None
+
+    def save_base(self, out_dir: str | Path) -> Path:  # pragma: no cover
+        """Write the network (LoRA merged in) as a folder another run can use as ``model.path``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement save_base")
+
+    def load_base_weights(self, folder: str | Path) -> None:  # pragma: no cover
+        """Load a ``save_base`` folder's weights into this (already built, same architecture) network in place."""
+        raise NotImplementedError(f"{type(self).__name__} must implement load_base_weights")
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise FileNotFoundError(f"{folder} holds no model.safetensors (nor a sharded index): not a saved model folder")
+
+
+def load_safetensors_folder(net: nn.Module, folder: str | Path) -> None:
+    """Copy a folder's safetensors weights into ``net``, strictly except for tied/shared tensors.
+
+    Writers (``safetensors.torch.save_model``, ``save_pretrained``) keep one name per shared storage, so a name is
+    allowed to be missing only when it shares storage with a name that was loaded.
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    state: dict[str, torch.Tensor] = {}
+    for f in _safetensors_files(folder):
+        state.update(load_file(str(f)))
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    own = net.state_dict(keep_vars=True)
+    loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
+    really_missing = [k for k in missing if own[k].data_ptr() not in loaded_ptrs]
+    if unexpected or really_missing:
+        raise RuntimeError(
+            f"weights in {folder} do not fit this model (was it saved from a different architecture/config?): "
+            f"missing {really_missing[:8]}{' ...' if len(really_missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
+        )

@@ -1,0 +1,272 @@
+"""Families ``sam`` (transformers ``SamModel``) and ``sam2`` (``Sam2Model``, single-image mode).
+
+The image is resized straight to the model's square input (MedSAM style, no letterbox padding; SAM 2's own
+processor does the same) and normalised with ImageNet mean/std, all in torch so the forward stays differentiable.
+``model.prompt=box`` feeds the box scaled to that square; ``none`` (semantic) feeds no prompt: SAM then decodes
+from its output tokens alone with the no-mask dense embedding, SAM 2 pads an empty "not-a-point" prompt itself.
+The single-mask output (``multimask_output=False``) is upsampled to the input size.
+
+LoRA defaults: the vision encoder's attention ``qkv`` and output ``proj`` linears (anchored, so the mask decoder's
+attention layers are never hit), plus the whole mask decoder trained fully via ``modules_to_save``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medtune.config import Config
+from medtune.models.base import SegModel, load_safetensors_folder
+from medtune.models.registry import register_family, remote_code_kwargs, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def tiny_sam_config_dict() -> dict[str, Any]:
+    return {
+        "vision_config": {"hidden_size": 32, "output_channels": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                          "image_size": 64, "patch_size": 8, "mlp_dim": 64, "window_size": 4,
+                          "global_attn_indexes": [1], "num_pos_feats": 16},
+        "prompt_encoder_config": {"hidden_size": 32, "image_size": 64, "patch_size": 8, "mask_input_channels": 4},
+        "mask_decoder_config": {"hidden_size": 32, "mlp_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                "iou_head_hidden_dim": 32},
+    }
+
+
+def tiny_sam2_config_dict() -> dict[str, Any]:
+    return {
+        "vision_config": {
+            "backbone_config": {
+                "model_type": "sam2_hiera_det_model", "hidden_size": 16, "num_attention_heads": 1,
+                "image_size": [64, 64], "patch_kernel_size": [7, 7], "patch_stride": [4, 4], "patch_padding": [3, 3],
+                "query_stride": [2, 2], "window_positional_embedding_background_size": [2, 2],
+                "num_query_pool_stages": 3, "blocks_per_stage": [1, 1, 2, 1], "embed_dim_per_stage": [16, 32, 64, 128],
+                "num_attention_heads_per_stage": [1, 1, 2, 2], "window_size_per_stage": [4, 4, 4, 2],
+                # A global block must not open a stage: Hiera's q-pooling divides by the window size.
+                "global_attention_blocks": [3],
+            },
+            "backbone_channel_list": [128, 64, 32, 16],
+            "backbone_feature_sizes": [[16, 16], [8, 8], [4, 4]],
+            "fpn_hidden_size": 32,
+        },
+        "prompt_encoder_config": {"hidden_size": 32, "image_size": 64, "patch_size": 16, "mask_input_channels": 4},
+        "mask_decoder_config": {"hidden_size": 32, "mlp_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                "iou_head_hidden_dim": 32},
+    }
+
+
+def tiny_sam_config(**overrides: Any):
+    """A ~77k-parameter SamConfig (64x64 input, 8x8 patches) for tests and the demo."""
+    from transformers import SamConfig
+
+    return SamConfig(**_deep_merge(tiny_sam_config_dict(), overrides))
+
+
+def tiny_sam2_config(**overrides: Any):
+    """A ~350k-parameter Sam2Config (64x64 input) for tests and the demo."""
+    from transformers import Sam2Config
+
+    return Sam2Config(**_deep_merge(tiny_sam2_config_dict(), overrides))
+
+
+class SamSegModel(SegModel):
+    family = "sam"
+    model_type = "sam"
+    DEFAULT_TARGETS = r"^vision_encoder\.layers\.\d+\.attn\.(?:qkv|proj)$"
+    DEFAULT_MODULES_TO_SAVE = ["mask_decoder"]
+
+    def __init__(self, net: nn.Module, in_channels: int, prompt: str):
+        super().__init__(net, in_channels)
+        self.prompt = prompt
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def image_size(self) -> int:
+        size = self.base_network.config.prompt_encoder_config.image_size
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    def _input_dtype(self) -> torch.dtype:
+        patch = self.base_network.get_input_embeddings()
+        weight = next((p for p in patch.parameters() if p.is_floating_point()), None)
+        return weight.dtype if weight is not None else torch.float32
+
+    def forward_logits(self, image: torch.Tensor, box: torch.Tensor | None = None) -> torch.Tensor:
+        if image.ndim != 4 or image.shape[1] != self.in_channels:
+            raise ValueError(f"{self.family} expects images [B, {self.in_channels}, H, W], got {tuple(image.shape)}")
+        b, c, h, w = image.shape
+        size = self.image_size
+        x = image.expand(-1, 3, -1, -1) if c == 1 else image
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=(h > size or w > size))
+        x = ((x - self.pixel_mean) / self.pixel_std).to(self._input_dtype())
+        kwargs: dict[str, Any] = {"pixel_values": x, "multimask_output": False}
+        if self.prompt == "box":
+            if box is None:
+                raise ValueError(f"model.prompt=box: {self.family} needs a box [B, 4] (x1, y1, x2, y2 in input pixels) "
+                                 "for every image; pass batch['box'], or set model.prompt=none for semantic mode")
+            if box.shape != (b, 4):
+                raise ValueError(f"box must be [B, 4] = [{b}, 4], got {tuple(box.shape)}")
+            scale = torch.tensor([size / w, size / h, size / w, size / h], device=box.device, dtype=torch.float32)
+            kwargs["input_boxes"] = (box.float() * scale)[:, None, :].to(x.device)
+        out = self.net(**kwargs)
+        logits = out.pred_masks[:, 0].float()  # [B, 1 prompt, 1 mask, h, w] -> [B, 1, h, w]
+        return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+
+    def default_lora_targets(self) -> str:
+        return self.DEFAULT_TARGETS
+
+    def frozen_by_design(self) -> str | None:
+        # With one mask output and box-or-no prompts, these parts never reach the mask logits: the IoU / object-score
+        # heads only score masks, hypernetworks 1..3 make the multimask outputs that are discarded, the mask-prompt
+        # encoder and point-label embeddings encode prompts that are never given. Training them would only make
+        # the preflight (rightly) report them dead.
+        unused = [r"iou_prediction_head\.", r"pred_obj_score_head\.", r"output_hypernetworks_mlps\.[1-9]",
+                  r"prompt_encoder\.mask_embed\.", r"prompt_encoder\.not_a_point_embed",
+                  r"prompt_encoder\.point_embed\.[01]\."]
+        if self.prompt == "none":
+            unused.append(r"prompt_encoder\.point_embed\.")
+        return "|".join(unused)
+
+    def default_modules_to_save(self) -> list[str] | None:
+        return list(self.DEFAULT_MODULES_TO_SAVE)
+
+    def save_base(self, out_dir: str | Path) -> Path:
+        """``save_pretrained`` of the merged network; the merge runs on a copy, the live model keeps its adapters."""
+        from medtune.models.lora import merged_copy
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if getattr(self.base_network, "is_loaded_in_4bit", False):
+            raise RuntimeError("cannot save a 4-bit (QLoRA) base as a model folder; build the model unquantised "
+                               "(model.quantize_4bit=false), load the adapter with load_trainable, then save")
+        merged_copy(self.net).save_pretrained(str(out_dir), safe_serialization=True)
+        return out_dir
+
+    def load_base_weights(self, folder: str | Path) -> None:
+        load_safetensors_folder(self.base_network, folder)
+
+
+class Sam2SegModel(SamSegModel):
+    family = "sam2"
+    model_type = "sam2"
+    DEFAULT_TARGETS = r"^vision_encoder\.backbone\.blocks\.\d+\.attn\.(?:qkv|proj)$"
+
+
+def _config_from_overrides(family: str, overrides: dict[str, Any]):
+    """``model.config`` -> config object; ``preset: tiny`` starts from the tiny test config."""
+    from transformers import Sam2Config, SamConfig
+
+    overrides = dict(overrides)
+    preset = overrides.pop("preset", None)
+    if preset not in (None, "tiny"):
+        raise ValueError(f"model.config.preset {preset!r} unknown for {family}; valid: tiny (or omit it for the "
+                         "transformers default: SAM ViT-B / SAM 2 Hiera-B+ sized)")
+    if family == "sam":
+        base = tiny_sam_config_dict() if preset == "tiny" else {}
+        # transformers' SamVisionConfig defaults to initializer_range=1e-10 (harmless under pretrained weights); a
+        # model built from a config would start with a ~zero vision encoder and vanishing gradients.
+        base = _deep_merge({"vision_config": {"initializer_range": 0.02}}, base)
+        return SamConfig(**_deep_merge(base, overrides))
+    base = tiny_sam2_config_dict() if preset == "tiny" else {}
+    return Sam2Config(**_deep_merge(base, overrides))
+
+
+def _require_qlora_stack() -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError("QLoRA (model.quantize_4bit=true) needs a CUDA GPU and bitsandbytes; this machine has no "
+                           "CUDA device. Set model.quantize_4bit=false to train LoRA on the unquantised model")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise RuntimeError("QLoRA needs a CUDA GPU and bitsandbytes: pip install 'medtune[gpu]'") from None
+
+
+def _build(cfg: Config, cls: type[SamSegModel]) -> SamSegModel:
+    from transformers import AutoModel, Sam2Model, SamModel
+
+    model_cls = SamModel if cls.model_type == "sam" else Sam2Model
+    path = resolve_model_path(cfg)
+    quantize = cfg.model.quantize_4bit
+    if quantize:
+        _require_qlora_stack()
+    if path is None:
+        if quantize:
+            raise ValueError("model.quantize_4bit quantises a pretrained model; set model.path to a local checkpoint")
+        net = model_cls(_config_from_overrides(cls.family, cfg.model.config))
+    else:
+        config_json = path / "config.json"
+        if not config_json.is_file():
+            raise FileNotFoundError(f"{path} has no config.json, so it is not a transformers checkpoint folder for "
+                                    f"family {cls.family} (save one with save_pretrained or medtune's save_base)")
+        if cfg.model.config:
+            # Not an error: a run seeded from a parent trained from scratch (rl.init_from) carries its model.config.
+            log.warning("model.config is ignored with model.path: the architecture comes from %s", config_json)
+        meta = json.loads(config_json.read_text())
+        if not meta.get("auto_map") and meta.get("model_type") != cls.model_type:
+            raise ValueError(f"{path} holds a {meta.get('model_type')!r} model, not {cls.model_type!r}; set "
+                             f"model.family to match the checkpoint")
+        kwargs: dict[str, Any] = remote_code_kwargs(cfg)
+        if quantize:
+            from transformers import BitsAndBytesConfig
+
+            modules_to_save = (cfg.lora.modules_to_save if cfg.lora.modules_to_save is not None
+                               else cls.DEFAULT_MODULES_TO_SAVE)
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                # Modules trained as full copies must stay in a trainable dtype.
+                llm_int8_skip_modules=list(modules_to_save),
+            )
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+        else:
+            # fp32 master weights whatever the checkpoint's dtype; mixed precision is autocast's job.
+            kwargs["dtype"] = torch.float32
+        loader = AutoModel if cfg.model.trust_remote_code else model_cls
+        net = loader.from_pretrained(str(path), **kwargs)
+    if cls.model_type == "sam2":
+        # SAM 2 swaps in another mask token in eval mode when the first one looks unstable; training and
+        # evaluation must run the same function, so always take the single-mask token.
+        net.mask_decoder.dynamic_multimask_via_stability = False
+    if cfg.model.gradient_checkpointing and not getattr(net, "supports_gradient_checkpointing", False):
+        raise ValueError(f"transformers' {type(net).__name__} does not support gradient checkpointing; set "
+                         "model.gradient_checkpointing=false (lower data.batch_size or data.patch_size for memory)")
+    if quantize:
+        from peft import prepare_model_for_kbit_training
+
+        # Before LoRA is attached (registry.build_model does that later): afterwards it would freeze the adapter.
+        net = prepare_model_for_kbit_training(
+            net, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.model.gradient_checkpointing:
+        # Non-reentrant checkpointing back-propagates into LoRA even though the patch embedding's output does
+        # not require grad (pitfall 3), so enable_input_require_grads is not needed.
+        if hasattr(net, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
+            net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return cls(net, cfg.data.channels, cfg.model.prompt)
+
+
+@register_family("sam")
+def build_sam(cfg: Config) -> SamSegModel:
+    return _build(cfg, SamSegModel)
+
+
+@register_family("sam2")
+def build_sam2(cfg: Config) -> Sam2SegModel:
+    return _build(cfg, Sam2SegModel)

@@ -1,0 +1,83 @@
+"""Group-relative policy optimisation over masks: the model's per-pixel probabilities are a Bernoulli policy.
+
+Pure functions, each tested on its own:
+  sample_group      G masks per image from one forward (no gradient: sampling is not differentiable)
+  group_logprob     log pi(mask) = sum or mean over FOV pixels of the per-pixel Bernoulli log-likelihood
+  group_advantages  (r - mean_group) / (std_group + eps)
+  clipped_objective PPO's clipped-ratio surrogate, with the fraction of clipped ratios
+  bernoulli_kl      exact KL(pi || pi_ref) per pixel, mean over the FOV (analytic: no sampling noise)
+  bernoulli_entropy mean per-pixel entropy over the FOV
+The gradient reaches the model only through group_logprob / bernoulli_kl / bernoulli_entropy of the *live* logits.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_group(logits: torch.Tensor, group_size: int, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B,1,H,W] -> masks [B,G,1,H,W] in {0,1} (float)."""
+    probs = torch.sigmoid(logits.detach().float() / temperature)
+    probs = probs.unsqueeze(1).expand(-1, group_size, -1, -1, -1)
+    return torch.bernoulli(probs, generator=generator)
+
+
+def _fov_weights(fov: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    if fov is None:
+        return torch.ones_like(like[:, :1])
+    return fov.to(like.dtype)
+
+
+def group_logprob(logits: torch.Tensor, masks: torch.Tensor, fov: torch.Tensor | None, temperature: float = 1.0,
+                  reduction: str = "mean") -> torch.Tensor:
+    """log-probability [B,G] of each sampled mask under the policy given by `logits` [B,1,H,W]."""
+    scaled = (logits.float() / temperature).unsqueeze(1).expand_as(masks)
+    per_pixel = -F.binary_cross_entropy_with_logits(scaled, masks, reduction="none")  # log p(m_ij)
+    w = _fov_weights(fov, logits.float()).unsqueeze(1)  # [B,1,1,H,W]
+    total = (per_pixel * w).sum(dim=(2, 3, 4))
+    if reduction == "sum":
+        return total
+    return total / w.sum(dim=(2, 3, 4)).clamp(min=1.0)
+
+
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """rewards [B,G] -> advantages normalised within each image's group. A group whose samples all score the same
+    carries no signal and gets advantage 0."""
+    mean = rewards.mean(dim=1, keepdim=True)
+    std = rewards.std(dim=1, keepdim=True, unbiased=False)
+    advantages = (rewards - mean) / (std + eps)
+    # float noise of an all-equal group (std ~1e-8) must not turn into a push
+    return torch.where(std > 1e-6, advantages, torch.zeros_like(advantages))
+
+
+def clipped_objective(new_logprob: torch.Tensor, old_logprob: torch.Tensor, advantages: torch.Tensor,
+                      clip_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO loss (to minimise), fraction of clipped ratios, mean ratio."""
+    ratio = torch.exp(new_logprob - old_logprob.detach())
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    loss = -torch.minimum(unclipped, clipped).mean()
+    clip_fraction = ((ratio - 1.0).abs() > clip_eps).float().mean()
+    return loss, clip_fraction.detach(), ratio.detach().mean()
+
+
+def _masked_mean(values: torch.Tensor, fov: torch.Tensor | None) -> torch.Tensor:
+    w = _fov_weights(fov, values)
+    return (values * w).sum() / w.sum().clamp(min=1.0)
+
+
+def bernoulli_kl(logits: torch.Tensor, ref_logits: torch.Tensor, fov: torch.Tensor | None,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """Mean over FOV pixels of KL(Bern(p) || Bern(q)), p from `logits`, q from the frozen reference."""
+    lp, lq = logits.float() / temperature, ref_logits.detach().float() / temperature
+    p = torch.sigmoid(lp)
+    kl = p * (F.logsigmoid(lp) - F.logsigmoid(lq)) + (1 - p) * (F.logsigmoid(-lp) - F.logsigmoid(-lq))
+    return _masked_mean(kl, fov)
+
+
+def bernoulli_entropy(logits: torch.Tensor, fov: torch.Tensor | None, temperature: float = 1.0) -> torch.Tensor:
+    lp = logits.float() / temperature
+    p = torch.sigmoid(lp)
+    entropy = -(p * F.logsigmoid(lp) + (1 - p) * F.logsigmoid(-lp))
+    return _masked_mean(entropy, fov)

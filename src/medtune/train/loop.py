@@ -1,0 +1,125 @@
+"""Per-step bookkeeping shared by the recipes: metrics log, validation + best, checkpoints, SIGTERM, non-finite.
+
+The recipes keep the optimisation itself (forward, loss, backward, step) visible; after each optimizer step they call
+``bookkeeping.after_step(...)``, which decides whether to log, validate, save or stop.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from medtune.config import Config
+from medtune.data.types import LoadedSample
+from medtune.train.checkpoint import TrainerState, rotate_step_checkpoints, save_checkpoint
+from medtune.train.runs import MetricsLog
+from medtune.train.setup import StopFlag, TrainingStopped, frozen_metric_warning, validate, warn
+
+log = logging.getLogger("medtune")
+
+
+class Bookkeeping:
+    def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path, model, optimizer, scheduler,
+                 state: TrainerState, val_samples: list[LoadedSample], resumed: bool):
+        self.acc, self.cfg, self.run_dir = accelerator, cfg, run_dir
+        self.model, self.optimizer, self.scheduler, self.state = model, optimizer, scheduler, state
+        self.unwrapped = accelerator.unwrap_model(model)
+        self.val_samples = val_samples
+        self.ckpt_root = run_dir / "checkpoints"
+        self.is_main = accelerator.is_main_process
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resumed else None) \
+            if self.is_main else None
+        self.progress = tqdm(total=cfg.optim.max_steps, initial=state.step, disable=not self.is_main,
+                             desc=f"train ({cfg.objective})", unit="step")
+        self.stop = StopFlag().__enter__()
+        self._window_start, self._window_images = time.perf_counter(), 0
+
+    # -- the recipe calls these -------------------------------------------------------------------------------
+    def count_images(self, n_local: int) -> None:
+        self._window_images += n_local * self.acc.num_processes
+
+    def update_allowed(self, global_loss: torch.Tensor, grad_norm) -> bool:
+        """True when the step's loss (already averaged over processes, so every process decides alike) and gradient
+        norm are finite; otherwise the update is skipped and counted, and too many in a row stop the run."""
+        finite = bool(torch.isfinite(global_loss)) and (grad_norm is None or bool(torch.isfinite(grad_norm)))
+        if finite:
+            self.state.nonfinite_in_a_row = 0
+        else:
+            self.state.nonfinite_in_a_row += 1
+            self.state.nonfinite_total += 1
+            warn(f"non-finite loss/gradient at step {self.state.step + 1}: update skipped "
+                 f"({self.state.nonfinite_in_a_row} in a row, {self.state.nonfinite_total} in total)")
+        return finite
+
+    def after_step(self, record: dict) -> bool:
+        """Call once per optimizer step (after state.step += 1). Returns True when the run must stop now."""
+        state, cfg = self.state, self.cfg
+        self.progress.update(1)
+        if self.is_main and (state.step % cfg.train.log_every == 0 or state.step == cfg.optim.max_steps):
+            elapsed = time.perf_counter() - self._window_start
+            record = {"step": state.step, **record, "lr": self.scheduler.get_last_lr()[0],
+                      "images_per_s": self._window_images / max(elapsed, 1e-9)}
+            self.log(record)
+            self.progress.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
+            self._window_start, self._window_images = time.perf_counter(), 0
+
+        if state.nonfinite_in_a_row >= cfg.train.max_nonfinite:
+            self.checkpoint("last", reason="non-finite")
+            raise TrainingStopped(
+                f"{state.nonfinite_in_a_row} non-finite losses in a row at step {state.step}; stopped with a "
+                f"checkpoint in {self.ckpt_root / 'last'}. Lower optim.lr, use mixed_precision=bf16 instead of fp16, "
+                "or check the data for NaNs"
+            )
+        if self.val_samples and (state.step % cfg.train.eval_every == 0 or state.step == cfg.optim.max_steps):
+            self.validate()
+        if state.step % cfg.train.save_every == 0:
+            self.checkpoint(f"step-{state.step}")
+            self.checkpoint("last")
+            if self.is_main:
+                rotate_step_checkpoints(self.ckpt_root, cfg.train.keep_last)
+        # every process must agree to stop, or the next collective op hangs
+        flag = torch.tensor(float(self.stop.requested), device=self.acc.device)
+        if float(self.acc.reduce(flag, reduction="sum")) > 0:
+            self.checkpoint("last", reason="SIGTERM")
+            log.warning("SIGTERM: wrote %s at step %d; continue with `medtune train --resume %s`",
+                        self.ckpt_root / "last", state.step, self.run_dir)
+            return True
+        return False
+
+    def finish(self, completed: bool) -> None:
+        if completed:
+            self.checkpoint("last")
+            if not self.val_samples:  # nothing to choose `best` by: the final weights are the best we know
+                self.checkpoint("best")
+        self.progress.close()
+        self.stop.__exit__(None, None, None)
+        self.acc.end_training()
+
+    # -- internals ---------------------------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        self.metrics.write(record)
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.acc.log(scalars, step=self.state.step)
+
+    def validate(self) -> None:
+        val = validate(self.unwrapped, self.val_samples, self.cfg, self.acc.device)
+        self.state.val_history.append(val["val_dice"])
+        self.log({"step": self.state.step, **val})
+        message = frozen_metric_warning(self.state.val_history)
+        if message and self.is_main:
+            warn(message)
+            self.log({"step": self.state.step, "warning": message})
+        if val["val_dice"] > self.state.best_metric:
+            self.state.best_metric, self.state.best_step = val["val_dice"], self.state.step
+            self.checkpoint("best", **val)
+
+    def checkpoint(self, name: str, **meta) -> None:
+        if self.is_main:
+            save_checkpoint(self.ckpt_root, name, self.unwrapped, self.optimizer, self.scheduler, self.state, meta)
+        self.acc.wait_for_everyone()

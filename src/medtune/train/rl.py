@@ -1,0 +1,237 @@
+"""RL recipe: group-relative policy optimisation (GRPO with PPO clipping) over masks sampled from the model.
+
+Read it top to bottom: run folder (+ parent run) -> data -> policy model with a fresh LoRA adapter -> preflight ->
+loop. One iteration: one policy forward (with grad) and one reference forward (adapters disabled, no grad) on a
+batch; G masks sampled per image; vectorised rewards; group-relative advantages; `rl.inner_epochs` clipped updates on
+the same samples (the first reuses the sampling forward, so it costs no extra forward); KL to the reference, optional
+entropy bonus and optional lambda * ComboLoss for stability.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+from skimage.morphology import skeletonize
+from torch.utils.data import DataLoader
+
+from medtune.config import Config
+from medtune.data.datasets import StepBatchSampler, TrainPatchDataset
+from medtune.data.types import LoadedSample
+from medtune.losses import ComboLoss
+from medtune.models.lora import export_merged
+from medtune.models.registry import build_model
+from medtune.policy import (bernoulli_entropy, bernoulli_kl, clipped_objective, group_advantages, group_logprob,
+                            sample_group)
+from medtune.rewards import combined_reward, load_reward, register_reward, resolve_weights
+from medtune.train.checkpoint import TrainerState, find_checkpoint, load_checkpoint
+from medtune.train.loop import Bookkeeping
+from medtune.train.preflight import run_preflight
+from medtune.train.runs import load_run_config, write_run_files
+from medtune.train.setup import (batch_to, check_readable, init_trackers, load_split_samples, make_accelerator,
+                                 make_optimizer, make_scheduler, prepare_split, start_run)
+
+log = logging.getLogger("medtune")
+
+
+# ---- start point ---------------------------------------------------------------------------------------------------
+def adopt_parent(cfg: Config, run_dir: Path, is_main: bool) -> Config:
+    """`rl.init_from: RUN`: the parent's best weights (base + merged adapter, or fully trained weights) become this
+    run's frozen base = the KL reference, and a fresh LoRA adapter on top is the policy. Same split as the parent, so
+    the comparison is paired on the same test images."""
+    parent = Path(cfg.rl.init_from)
+    reference_dir = run_dir / "reference-model"
+    parent_cfg = load_run_config(parent)
+    if is_main and not (reference_dir / ".complete").exists():
+        from medtune.evaluate import load_run_model
+
+        _, parent_model, ckpt = load_run_model(parent, "best", "cpu")
+        export_merged(parent_model, reference_dir)
+        (reference_dir / ".complete").write_text(str(ckpt))
+        shutil.copy(parent / "split.json", run_dir / "split.json")
+        if (parent / "scale.json").exists():
+            shutil.copy(parent / "scale.json", run_dir / "scale.json")
+        (run_dir / "parent.json").write_text(json.dumps({"parent_run": str(parent), "checkpoint": str(ckpt)}, indent=2))
+    tree = cfg.model_dump(mode="json")
+    tree["model"] = {**parent_cfg.model.model_dump(mode="json"), "path": str(reference_dir), "finetune": "lora",
+                     "quantize_4bit": cfg.model.quantize_4bit, "gradient_checkpointing": cfg.model.gradient_checkpointing}
+    if cfg.data.path is None:  # the parent's data, with what this config sets explicitly on top
+        own = cfg.data.model_dump(mode="json", include=cfg.data.model_fields_set)
+        tree["data"] = {**parent_cfg.data.model_dump(mode="json"), **own}
+    adopted = Config.model_validate(tree)
+    if is_main:
+        write_run_files(run_dir, adopted)
+    return adopted
+
+
+# ---- curriculum: thick structures before thin ones ------------------------------------------------------------------
+def thinness(sample: LoadedSample) -> float:
+    """Skeleton length per foreground pixel: ~1/width, so higher = thinner = harder."""
+    fg = (sample.mask * sample.fov) > 0
+    area = fg.sum()
+    return float(skeletonize(fg).sum() / area) if area else 0.0
+
+
+class CurriculumBatchSampler:
+    """Keys for step s drawn from the easiest fraction of images, the pool growing linearly to all images at 70 % of
+    training. A pure function of (seed, step), so resume is exact."""
+
+    def __init__(self, order: list[int], patches_per_image: int, global_batch: int, seed: int, start_step: int,
+                 max_steps: int, rank: int, world: int):
+        self.order, self.ppi, self.batch = order, patches_per_image, global_batch
+        self.seed, self.step, self.max_steps, self.rank, self.world = seed, start_step, max_steps, rank, world
+
+    def __iter__(self):
+        n = len(self.order)
+        while True:
+            frac = min(1.0, 0.3 + 0.7 * self.step / max(1.0, 0.7 * self.max_steps))
+            pool = np.array(self.order[: max(1, math.ceil(frac * n))])
+            rng = np.random.default_rng([self.seed, self.step, 7])
+            images = rng.choice(pool, size=self.batch)
+            patch = rng.integers(0, max(1, self.ppi), size=self.batch)
+            keys = [(int(i + n * k), self.step) for i, k in zip(images, patch)]
+            yield keys[self.rank::self.world]
+            self.step += 1
+
+
+# ---- one RL loss -----------------------------------------------------------------------------------------------------
+def rollout(model, reference, batch: dict, cfg: Config, weights: dict[str, float], use_box: bool):
+    """Policy forward (with grad), reference forward (adapters off, no grad), G samples, rewards, advantages."""
+    box = batch["box"] if use_box else None
+    logits = model(batch["image"], box)
+    with torch.no_grad(), reference.adapters_disabled():
+        ref_logits = reference.forward_logits(batch["image"], box)
+    masks = sample_group(logits, cfg.rl.group_size, cfg.rl.temperature)  # [B,G,1,H,W]
+    b, g = masks.shape[:2]
+    flat = masks.flatten(0, 1)
+    gt = batch["mask"].repeat_interleave(g, dim=0)
+    fov = batch["fov"].repeat_interleave(g, dim=0)
+    total, components = combined_reward(flat, gt, fov, weights, precision_floor=cfg.rl.precision_floor,
+                                        precision_floor_k=cfg.rl.precision_floor_k)
+    rewards = total.view(b, g)
+    old_logprob = group_logprob(logits.detach(), masks, batch["fov"], cfg.rl.temperature, cfg.rl.logprob_reduction)
+    return {
+        "logits": logits, "ref_logits": ref_logits, "masks": masks, "rewards": rewards,
+        "advantages": group_advantages(rewards), "old_logprob": old_logprob,
+        "components": {k: float(v.mean()) for k, v in components.items()},
+    }
+
+
+def rl_loss(logits, roll: dict, batch: dict, cfg: Config, combo: ComboLoss | None):
+    new_logprob = group_logprob(logits, roll["masks"], batch["fov"], cfg.rl.temperature, cfg.rl.logprob_reduction)
+    pg, clip_fraction, ratio = clipped_objective(new_logprob, roll["old_logprob"], roll["advantages"], cfg.rl.clip_eps)
+    kl = bernoulli_kl(logits, roll["ref_logits"], batch["fov"], cfg.rl.temperature)
+    entropy = bernoulli_entropy(logits, batch["fov"], cfg.rl.temperature)
+    loss = pg + cfg.rl.kl_coef * kl - cfg.rl.entropy_coef * entropy
+    if combo is not None and cfg.rl.sft_mix > 0:
+        loss = loss + cfg.rl.sft_mix * combo(logits, batch["mask"], batch["fov"])[0]
+    stats = {"pg_loss": float(pg.detach()), "kl": float(kl.detach()), "entropy": float(entropy.detach()),
+             "clip_fraction": float(clip_fraction),
+             "ratio": float(ratio)}
+    return loss, stats
+
+
+def reward_weights(cfg: Config) -> dict[str, float]:
+    for name, path in cfg.rl.custom_rewards.items():
+        register_reward(name, load_reward(path))
+    return resolve_weights(cfg.rl.reward)
+
+
+# ---- the recipe ------------------------------------------------------------------------------------------------------
+def train(cfg: Config, resume: str | Path | None = None) -> Path:
+    accelerator = make_accelerator(cfg)
+    cfg, run_dir = start_run(cfg, resume, accelerator)
+    is_main, device = accelerator.is_main_process, accelerator.device
+    if cfg.rl.init_from and resume is None:
+        cfg = adopt_parent(cfg, run_dir, is_main)
+        accelerator.wait_for_everyone()
+        cfg = load_run_config(run_dir)
+    set_seed(cfg.run.seed)
+    init_trackers(accelerator, cfg, run_dir)
+    weights = reward_weights(cfg)
+
+    # ---- data
+    data = prepare_split(cfg, run_dir, is_main)
+    train_samples = load_split_samples(cfg, data, "train", run_dir)
+    val_samples = load_split_samples(cfg, data, "val", run_dir, limit=cfg.train.max_eval_images)
+    check_readable(cfg, data)
+    dataset = TrainPatchDataset(train_samples, cfg.data, seed=cfg.run.seed)
+    order = sorted(range(len(train_samples)), key=lambda i: thinness(train_samples[i])) if cfg.rl.curriculum else None
+
+    def batches(start_step: int):
+        if order is not None:
+            sampler = CurriculumBatchSampler(order, cfg.data.patches_per_image, cfg.data.batch_size, cfg.run.seed,
+                                             start_step, cfg.optim.max_steps, accelerator.process_index,
+                                             accelerator.num_processes)
+        else:
+            sampler = StepBatchSampler(len(dataset), cfg.data.batch_size, cfg.run.seed, start_step,
+                                       accelerator.process_index, accelerator.num_processes)
+        return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers))
+
+    # ---- policy = base (or parent) + fresh LoRA; reference = the same model with adapters disabled
+    if cfg.finetune_mode() != "lora":
+        raise ValueError("objective: rl needs finetune: lora (the KL reference is the model with adapters disabled); "
+                         "set model.path or rl.init_from to a pretrained model")
+    model = build_model(cfg).to(device)
+    combo = ComboLoss(cfg.loss) if cfg.rl.sft_mix > 0 else None
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    state = TrainerState()
+    if resume is not None:
+        state = load_checkpoint(find_checkpoint(run_dir, "last"), model, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    reference = accelerator.unwrap_model(model)
+    use_box = cfg.model.prompt == "box"
+
+    # ---- preflight: a sampled mask is not differentiable; the gradient must come through the log-probs
+    if cfg.train.preflight and resume is None:
+        fixed = batch_to(next(batches(0)), device)
+        torch.manual_seed(cfg.run.seed)
+        fixed_roll = rollout(model, reference, fixed, cfg, weights, use_box)
+
+        def preflight_loss():
+            logits = model(fixed["image"], fixed["box"] if use_box else None)
+            return rl_loss(logits, fixed_roll, fixed, cfg, combo)[0]
+
+        report = run_preflight(model, optimizer, preflight_loss, backward=accelerator.backward,
+                               steps=cfg.train.preflight_steps)
+        if is_main:
+            (run_dir / "preflight.json").write_text(json.dumps(report.to_dict(), indent=2))
+
+    # ---- loop: one iteration = one rollout + inner_epochs clipped updates
+    stream = batches(state.step)
+    books = Bookkeeping(accelerator, cfg, run_dir, model, optimizer, scheduler, state, val_samples, resume is not None)
+    completed = True
+    while state.step < cfg.optim.max_steps:
+        model.train()
+        batch = batch_to(next(stream), device)
+        roll = rollout(model, reference, batch, cfg, weights, use_box)
+        logits = roll["logits"]
+        for epoch in range(cfg.rl.inner_epochs):
+            if epoch > 0:  # later epochs see the updated policy; the first reuses the sampling forward
+                logits = model(batch["image"], batch["box"] if use_box else None)
+            loss, stats = rl_loss(logits, roll, batch, cfg, combo)
+            accelerator.backward(loss)
+            grad_norm = (accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+                         if cfg.optim.clip_grad_norm else None)
+            global_loss = accelerator.reduce(loss.detach(), reduction="mean")
+            if books.update_allowed(global_loss, grad_norm):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state.step += 1
+        books.count_images(batch["image"].shape[0])
+        rewards = roll["rewards"]
+        record = {"loss": float(global_loss), **stats, "reward_mean": float(rewards.mean()),
+                  "reward_std": float(rewards.std(dim=1).mean()),
+                  **{f"reward_{k}": v for k, v in roll["components"].items()}}
+        if books.after_step(record):
+            completed = False
+            break
+    books.finish(completed)
+    return run_dir

@@ -1,0 +1,182 @@
+"""Building blocks both recipes share: data for a run, optimizer, schedule, validation."""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from transformers import get_cosine_schedule_with_warmup
+
+from medtune.config import Config
+from medtune.data.layouts import discover
+from medtune.data.loading import load_all, scale_factors
+from medtune.data.splits import check_split, load_split, make_split, save_split
+from medtune.data.types import LoadedSample, Sample
+from medtune.inference import predict_prob
+from medtune.metrics import pooled_metrics
+from medtune.train.runs import load_run_config, new_run_dir, write_run_files
+
+log = logging.getLogger("medtune")
+
+
+@dataclass
+class RunData:
+    samples: dict[str, Sample]
+    split: dict[str, list[str]]
+    target_scale: float | None  # scale normalisation target (FOV diameter), None when off
+
+
+def prepare_split(cfg: Config, run_dir: Path, is_main: bool = True) -> RunData:
+    """Discover samples and create (or reuse) RUN/split.json, so eval and resumes see the same split."""
+    samples = {s.id: s for s in discover(cfg.data)}
+    split_path = run_dir / "split.json"
+    if split_path.exists():
+        split = load_split(split_path)
+        check_split(split, list(samples.values()))
+    else:
+        seed = cfg.data.split.seed if cfg.data.split.seed is not None else cfg.run.seed
+        if cfg.data.split.folds:
+            from medtune.data.kfold import kfold_split
+
+            split = kfold_split(list(samples.values()), cfg.data.split, seed)
+        else:
+            split = make_split(list(samples.values()), cfg.data.split, seed)
+        if is_main:
+            save_split(split_path, split)
+    target = None
+    scale_path = run_dir / "scale.json"
+    if cfg.data.scale_norm.enabled and scale_path.exists():
+        target = json.loads(scale_path.read_text())["target_fov_diameter"]
+    return RunData(samples=samples, split=split, target_scale=target)
+
+
+def load_split_samples(cfg: Config, data: RunData, name: str, run_dir: Path | None = None,
+                       limit: int | None = None) -> list[LoadedSample]:
+    ids = data.split.get(name, [])[: limit or None]
+    samples = [data.samples[i] for i in ids]
+    loaded = load_all(samples, cfg.data)
+    if not cfg.data.scale_norm.enabled:
+        return loaded
+    # The target is fixed by the training set once and stored, so val/test and later evals resample identically.
+    if data.target_scale is None:
+        train = load_all([data.samples[i] for i in data.split["train"]], cfg.data) if name != "train" else loaded
+        data.target_scale, _ = scale_factors(train, cfg.data.scale_norm)
+        if run_dir is not None:
+            (run_dir / "scale.json").write_text(json.dumps({"target_fov_diameter": data.target_scale}))
+    _, scales = scale_factors(loaded, cfg.data.scale_norm, target=data.target_scale)
+    return load_all(samples, cfg.data, scales=scales)
+
+
+def check_readable(cfg: Config, data: RunData, names: tuple[str, ...] = ("test",)) -> None:
+    """Read the splits training does not load, so a broken test image fails now with every problem listed, not
+    after a night of training."""
+    ids = [i for name in names for i in data.split.get(name, [])]
+    load_all([data.samples[i] for i in ids], cfg.data)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=cfg.optim.betas)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config):
+    return get_cosine_schedule_with_warmup(optimizer, cfg.optim.warmup_steps, max(cfg.optim.max_steps, 1))
+
+
+def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict:
+    """Pooled Dice (threshold 0.5, inside the FOV) over the validation images: the metric `best` is chosen by."""
+    if not val:
+        return {}
+    probs = [predict_prob(model, s, cfg, device) for s in val]
+    m = pooled_metrics(probs, [s.mask for s in val], [s.fov for s in val], threshold=0.5)
+    return {"val_dice": float(m["dice"]), "val_auc": float(m.get("auc", float("nan")))}
+
+
+def frozen_metric_warning(history: list[float], window: int = 3) -> str | None:
+    """Pitfall 10: a validation metric identical over `window` evaluations means nothing trains or the evaluated
+    weights are not the trained ones."""
+    if len(history) >= window and len({round(v, 6) for v in history[-window:]}) == 1:
+        return (
+            f"validation metric identical ({history[-1]:.6f}) over the last {window} evaluations: either nothing "
+            "trains or the evaluated weights are not the trained ones"
+        )
+    return None
+
+
+def batch_to(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def warn(msg: str) -> None:
+    log.warning(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=2)
+
+
+def all_finite(values: list[float]) -> bool:
+    return bool(np.all(np.isfinite(values)))
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on purpose (too many non-finite losses); the last checkpoint was written first."""
+
+
+class StopFlag:
+    """SIGTERM -> finish the current step, write `last`, exit cleanly (a scheduler's pre-emption must lose nothing)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. inside a notebook worker): no handler, no harm
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """One accelerator for both recipes. Without a GPU, `cpu=True` is what makes accelerate honour torchrun's
+    environment (MULTI_CPU over gloo) instead of running every process as its own rank 0. The project dir is a
+    placeholder until the run folder is agreed between processes (start_run)."""
+    return Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=cfg.train.trackers or None, project_dir=".",
+                       cpu=not torch.cuda.is_available())
+
+
+def start_run(cfg: Config, resume: str | Path | None, accelerator: Accelerator) -> tuple[Config, Path]:
+    """New run: a fresh folder with the resolved config. Resume: the run's own config, so nothing drifts."""
+    if resume is not None:
+        run_dir = Path(resume)
+        cfg = load_run_config(run_dir)
+    else:
+        run_dir = new_run_dir(cfg) if accelerator.is_main_process else None
+        run_dir = Path(broadcast_object_list([str(run_dir) if run_dir else None])[0])
+        if accelerator.is_main_process:
+            write_run_files(run_dir, cfg)
+    accelerator.wait_for_everyone()
+    return cfg, run_dir
+
+
+def init_trackers(accelerator: Accelerator, cfg: Config, run_dir: Path) -> None:
+    """TensorBoard / MLflow through accelerate's trackers, logging into RUN/tb, with flat scalar hyper-parameters."""
+    accelerator.project_configuration.set_directories(str(run_dir))
+    flat = {
+        "lr": cfg.optim.lr, "max_steps": cfg.optim.max_steps, "batch_size": cfg.data.batch_size,
+        "lora_r": cfg.lora.resolved_r(), "family": cfg.model.family, "finetune": cfg.finetune_mode(),
+        "objective": cfg.objective,
+    }
+    accelerator.init_trackers("tb", config=flat)

@@ -1,0 +1,115 @@
+"""Supervised fine-tuning recipe: ComboLoss on patches, LoRA or full, run through accelerate.
+
+Read it top to bottom: set up the run folder -> data -> model -> optimizer -> preflight -> loop -> checkpoints.
+Runs unchanged on 1 CPU process, 2 CPU processes (``torchrun --nproc_per_node 2``, gloo) and GPUs
+(``accelerate launch``). ``data.batch_size`` is the global batch of one forward; each process takes its slice.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from medtune.config import Config
+from medtune.data.datasets import StepBatchSampler, TrainPatchDataset
+from medtune.losses import ComboLoss
+from medtune.models.registry import build_model
+from medtune.train.checkpoint import TrainerState, find_checkpoint, load_checkpoint
+from medtune.train.loop import Bookkeeping
+from medtune.train.preflight import run_preflight
+from medtune.train.setup import (batch_to, check_readable, init_trackers, load_split_samples, make_accelerator,
+                                 make_optimizer, make_scheduler, prepare_split, start_run)
+
+log = logging.getLogger("medtune")
+
+
+def supervised_loss(model, loss_fn: ComboLoss, batch: dict, use_box: bool):
+    logits = model(batch["image"], batch["box"] if use_box else None)
+    return loss_fn(logits, batch["mask"], batch["fov"])
+
+
+def train(cfg: Config, resume: str | Path | None = None) -> Path:
+    accelerator = make_accelerator(cfg)
+    cfg, run_dir = start_run(cfg, resume, accelerator)
+    is_main, device = accelerator.is_main_process, accelerator.device
+    set_seed(cfg.run.seed)
+    init_trackers(accelerator, cfg, run_dir)
+
+    # ---- data: the split is fixed in RUN/split.json; batches are a pure function of (seed, step)
+    data = prepare_split(cfg, run_dir, is_main)
+    train_samples = load_split_samples(cfg, data, "train", run_dir)
+    val_samples = load_split_samples(cfg, data, "val", run_dir, limit=cfg.train.max_eval_images)
+    check_readable(cfg, data)
+    dataset = TrainPatchDataset(train_samples, cfg.data, seed=cfg.run.seed)
+    accum = cfg.optim.grad_accum
+
+    def batches(start_micro_step: int):
+        sampler = StepBatchSampler(len(dataset), cfg.data.batch_size, cfg.run.seed, start_micro_step,
+                                   accelerator.process_index, accelerator.num_processes)
+        return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                               persistent_workers=False))
+
+    # ---- model, objective, optimizer
+    model = build_model(cfg).to(device)
+    loss_fn = ComboLoss(cfg.loss)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    state = TrainerState()
+    if resume is not None:
+        state = load_checkpoint(find_checkpoint(run_dir, "last"), model, optimizer, scheduler)
+        log.info("resumed %s at step %d", run_dir, state.step)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped once per optimizer step, by us
+    use_box = cfg.model.prompt == "box"
+
+    # ---- preflight: prove every trainable tensor learns before spending the night on it
+    if cfg.train.preflight and resume is None:
+        fixed = batch_to(next(batches(0)), device)
+        report = run_preflight(
+            model, optimizer,
+            compute_loss=lambda: supervised_loss(model, loss_fn, fixed, use_box)[0],
+            backward=accelerator.backward, steps=cfg.train.preflight_steps,
+        )
+        if is_main:
+            (run_dir / "preflight.json").write_text(json.dumps(report.to_dict(), indent=2))
+            log.info("preflight passed: %d trainable tensors (%d params) all receive gradient and move",
+                     report.n_trainable, report.n_trainable_params)
+
+    # ---- loop
+    stream = batches(state.step * accum)
+    books = Bookkeeping(accelerator, cfg, run_dir, model, optimizer, scheduler, state, val_samples, resume is not None)
+    completed = True
+    while state.step < cfg.optim.max_steps:
+        model.train()
+        loss_sum, parts_sum = torch.zeros((), device=device), {}
+        for micro in range(accum):
+            batch = batch_to(next(stream), device)
+            # gradients are all-reduced once per optimizer step, not once per micro-batch
+            sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
+            with sync:
+                loss, parts = supervised_loss(model, loss_fn, batch, use_box)
+                accelerator.backward(loss / accum)
+            loss_sum += loss.detach() / accum
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v / accum
+            books.count_images(batch["image"].shape[0])
+        grad_norm = (accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
+                     if cfg.optim.clip_grad_norm else None)
+        global_loss = accelerator.reduce(loss_sum, reduction="mean")
+        if books.update_allowed(global_loss, grad_norm):
+            optimizer.step()
+        # a skipped update still advances schedule and data position, so a resumed run stays exact
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        record = {"loss": float(global_loss), **{f"loss_{k}": v for k, v in parts_sum.items()},
+                  "grad_norm": float(grad_norm) if grad_norm is not None else None}
+        if books.after_step(record):
+            completed = False
+            break
+    books.finish(completed)
+    return run_dir

@@ -1,0 +1,102 @@
+"""Bad input gets one clear line naming the file and the fix, never a deep traceback."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import tiny_cfg, write_generic
+from medtune.cli import main
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def generic_cfg(tmp_path, data_dir, *overrides):
+    cfg = tiny_cfg(tmp_path, "data.layout=generic", f"data.path={data_dir}", "data.split.val_fraction=0.2",
+                   "data.split.test_fraction=0.2", *overrides, steps=2)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(cfg.to_yaml())
+    return path
+
+
+def expect_error(capsys, tmp_path, data_dir, *needles, overrides=()):
+    code, out, err = run_cli(capsys, "train", str(generic_cfg(tmp_path, data_dir, *overrides)))
+    assert code == 2, out + err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_missing_mask(tmp_path, capsys):
+    data = write_generic(tmp_path / "d", n=5)
+    (data / "masks" / "img3.png").unlink()
+    expect_error(capsys, tmp_path, data, "img3", "mask")
+
+
+def test_size_mismatch(tmp_path, capsys):
+    data = write_generic(tmp_path / "d", n=5)
+    Image.fromarray(np.zeros((20, 24), np.uint8)).save(data / "masks" / "img2.png")
+    expect_error(capsys, tmp_path, data, "img2", "20")
+
+
+def test_truncated_image(tmp_path, capsys):
+    data = write_generic(tmp_path / "d", n=5)
+    raw = (data / "images" / "img1.png").read_bytes()
+    (data / "images" / "img1.png").write_bytes(raw[: len(raw) // 2])
+    expect_error(capsys, tmp_path, data, "img1.png")
+
+
+def test_empty_dataset(tmp_path, capsys):
+    (tmp_path / "d" / "images").mkdir(parents=True)
+    (tmp_path / "d" / "masks").mkdir(parents=True)
+    expect_error(capsys, tmp_path, tmp_path / "d", str(tmp_path / "d"))
+
+
+def test_non_binary_mask_is_binarised_with_a_warning(tmp_path, capsys):
+    data = write_generic(tmp_path / "d", n=5)
+    mask = np.array(Image.open(data / "masks" / "img0.png"))
+    mask[mask > 0] = 200
+    mask[:2, :2] = 90
+    Image.fromarray(mask).save(data / "masks" / "img0.png")
+    with pytest.warns(Warning, match="img0"):
+        code, out, err = run_cli(capsys, "train", str(generic_cfg(tmp_path, data)))
+    assert code == 0, err
+
+
+def test_unknown_config_key(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  learning_rate: 0.1\n")
+    code, _, err = run_cli(capsys, "train", str(path))
+    assert code == 2 and "optim.learning_rate" in err and "optim.lr" in err and "Traceback" not in err
+
+
+def test_missing_model_path(tmp_path, capsys):
+    data = write_generic(tmp_path / "d", n=5)
+    expect_error(capsys, tmp_path, data, str(tmp_path / "nowhere"), overrides=(f"model.path={tmp_path / 'nowhere'}",))
+
+
+def test_remote_code_model_needs_the_flag(tmp_path, capsys):
+    from medtune.models.sam import tiny_sam_config
+
+    from transformers import SamModel
+
+    model_dir = tmp_path / "remote"
+    SamModel(tiny_sam_config()).save_pretrained(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_custom.CustomSam"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    data = write_generic(tmp_path / "d", n=5)
+    expect_error(capsys, tmp_path, data, "trust_remote_code",
+                 overrides=("model.family=sam", f"model.path={model_dir}"))
+
+
+def test_eval_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "eval", str(tmp_path))
+    assert code == 2 and "not a medtune run folder" in err

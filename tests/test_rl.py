@@ -1,0 +1,119 @@
+"""RL on masks: a toy problem with a known optimum, the KL pull, the reference path, and the recipe end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from helpers import tiny_cfg
+from medtune.config import build_config
+from medtune.models.base import SegModel
+from medtune.train.rl import rl_loss, rollout
+from medtune.train.runs import read_metrics
+
+
+class ToySeg(SegModel):
+    """One 3x3 conv: the optimum (reward 1) is a sharp identity filter on an image that equals the mask."""
+
+    family = "toy"
+
+    def __init__(self):
+        conv = nn.Conv2d(1, 1, 3, padding=1)
+        super().__init__(get_peft_model(nn.Sequential(conv), LoraConfig(r=2, lora_alpha=4, target_modules=["0"],
+                                                                         lora_dropout=0.0)), 1)
+
+    def forward_logits(self, image, box=None):
+        return self.net(image)
+
+
+def toy_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.rand(4, 1, 12, 12, generator=g) > 0.7).float()
+    return {"image": mask * 2 - 1, "mask": mask, "fov": torch.ones_like(mask), "box": torch.zeros(4, 4)}
+
+
+def run_toy(kl_coef: float, steps: int = 60, seed: int = 0):
+    torch.manual_seed(seed)
+    model = ToySeg()
+    cfg = build_config({}, ["rl.reward=dice", "rl.group_size=8", f"rl.kl_coef={kl_coef}", "rl.inner_epochs=2"])
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    batch = toy_batch()
+    history = []
+    for _ in range(steps):
+        roll = rollout(model, model, batch, cfg, {"dice": 1.0}, use_box=False)
+        logits = roll["logits"]
+        for epoch in range(cfg.rl.inner_epochs):
+            if epoch:
+                logits = model(batch["image"])
+            loss, stats = rl_loss(logits, roll, batch, cfg, None)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        history.append((float(roll["rewards"].mean()), stats["kl"]))
+    return history
+
+
+def test_rl_alone_raises_reward_on_a_toy_problem():
+    history = run_toy(kl_coef=0.0)
+    start = sum(r for r, _ in history[:5]) / 5
+    end = sum(r for r, _ in history[-5:]) / 5
+    # measured (seed 0): mean reward 0.44 over the first 5 iterations -> 1.00 over the last 5 (60 iterations)
+    assert start < 0.5
+    assert end > 0.85 and end - start > 0.4, (start, end)
+
+
+def test_large_kl_weight_pulls_toward_the_reference():
+    free = run_toy(kl_coef=0.0)
+    anchored = run_toy(kl_coef=20.0)
+    kl_free, kl_anchored = free[-1][1], anchored[-1][1]
+    reward_free, reward_anchored = free[-1][0], anchored[-1][0]
+    # measured (seed 0): KL 0.81 without the term, 4e-6 with weight 20; reward 1.00 vs 0.35
+    assert kl_anchored < 0.01 * kl_free, (kl_anchored, kl_free)
+    assert reward_anchored < reward_free
+
+
+def test_reference_runs_with_adapters_disabled_and_leaves_no_gradient():
+    torch.manual_seed(0)
+    model = ToySeg()
+    with torch.no_grad():  # give LoRA-B a value so adapted != reference
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.5)
+    batch = toy_batch()
+    cfg = build_config({}, ["rl.reward=dice", "rl.kl_coef=1.0"])
+    roll = rollout(model, model, batch, cfg, {"dice": 1.0}, use_box=False)
+    base_conv = model.net.get_base_model()[0].base_layer
+    with torch.no_grad():
+        expected = nn.functional.conv2d(batch["image"], base_conv.weight, base_conv.bias, padding=1)
+    assert torch.allclose(roll["ref_logits"], expected, atol=1e-6)
+    assert not torch.allclose(roll["logits"], roll["ref_logits"])
+    assert not roll["ref_logits"].requires_grad and roll["ref_logits"].grad_fn is None
+    loss, _ = rl_loss(roll["logits"], roll, batch, cfg, None)
+    loss.backward()
+    assert base_conv.weight.grad is None  # the frozen base received nothing, neither from the policy nor the KL
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_rl_recipe_from_a_supervised_parent(tmp_path):
+    from medtune.evaluate import evaluate_run
+    from medtune.train.rl import train as train_rl
+    from medtune.train.sft import train as train_sft
+
+    parent = train_sft(tiny_cfg(tmp_path, steps=4, name="parent"))
+    cfg = build_config({}, [
+        "objective=rl", "run.name=rl", f"run.output_dir={tmp_path / 'runs'}", f"rl.init_from={parent}",
+        "rl.group_size=4", "rl.reward=recall_focused", "optim.max_steps=4", "optim.warmup_steps=1",
+        "train.eval_every=2", "train.save_every=4", "train.log_every=1", "train.trackers=[]", "lora.r=4",
+        "data.batch_size=2", "eval.bootstrap=20",
+    ])
+    run = train_rl(cfg)
+    assert json.loads((run / "parent.json").read_text())["parent_run"] == str(parent)
+    assert json.loads((run / "split.json").read_text()) == json.loads((parent / "split.json").read_text())
+    assert json.loads((run / "preflight.json").read_text())["passed"]
+    records = [r for r in read_metrics(run) if "reward_mean" in r]
+    assert len(records) == 4 and {"kl", "clip_fraction", "entropy", "reward_recall"} <= set(records[0])
+    assert evaluate_run(run)["n_images"] == 2
