@@ -19,11 +19,18 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/medtune demo
 
-# Default suite: everything not marked slow, plus the real-data smoke tests (they skip without ../shared/data).
-test: $(STAMP)
+# Headless Chromium renders the HTML report in a test; installed here (Debian package) when missing and root.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
+	  echo "chromium not installed: the browser report test will skip"
+
+# Default suite: everything not marked slow, plus the slow tests marked ci (2-process run, RL recipe, browser).
+# Real-data tests skip with a reason when ../shared/data is absent.
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q -m "not slow or ci" tests
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-.PHONY: venv demo test test-all
+.PHONY: venv demo test test-all chromium

@@ -41,12 +41,13 @@ def medtune_images_per_s(cfg) -> float:
 
 def hand_images_per_s(cfg) -> float:
     """What a user writes by hand: same dataset, model, loss, AdamW, cosine schedule, clipping."""
+    from transformers import get_cosine_schedule_with_warmup
+
     from medtune.data.datasets import StepBatchSampler, TrainPatchDataset
     from medtune.data.layouts import discover
     from medtune.data.loading import load_all
     from medtune.losses import ComboLoss
     from medtune.models.registry import build_model
-    from transformers import get_cosine_schedule_with_warmup
 
     torch.manual_seed(0)
     samples = load_all(discover(cfg.data), cfg.data)

@@ -5,9 +5,9 @@ import json
 
 import numpy as np
 import pytest
+from helpers import tiny_cfg, write_generic
 from PIL import Image
 
-from helpers import tiny_cfg, write_generic
 from medtune.cli import main
 
 
@@ -83,9 +83,9 @@ def test_missing_model_path(tmp_path, capsys):
 
 
 def test_remote_code_model_needs_the_flag(tmp_path, capsys):
-    from medtune.models.sam import tiny_sam_config
-
     from transformers import SamModel
+
+    from medtune.models.sam import tiny_sam_config
 
     model_dir = tmp_path / "remote"
     SamModel(tiny_sam_config()).save_pretrained(model_dir)

@@ -47,3 +47,9 @@ def test_resolved_config_round_trips(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(cfg.to_yaml())
     assert load_config(path) == cfg
+
+
+def test_box_prompt_requires_whole_image_sampling():
+    with pytest.raises(ConfigError, match="whole_image"):
+        build_config({}, ["model.prompt=box"])
+    assert build_config({}, ["model.prompt=box", "data.sampling=whole_image"]).model.prompt == "box"

@@ -10,7 +10,12 @@ from torch import nn
 
 from medtune.config import LoraCfg, build_config
 from medtune.models.lora import (
-    adapter_summary, apply_lora, export_merged, load_trainable, save_trainable, verify_trainable,
+    adapter_summary,
+    apply_lora,
+    export_merged,
+    load_trainable,
+    save_trainable,
+    verify_trainable,
 )
 from medtune.models.registry import FAMILIES, build_model
 
@@ -20,7 +25,9 @@ transformers.utils.logging.set_verbosity_error()
 
 
 def _cfg(**model):
-    data = model.pop("data", {"channels": 3})
+    data = dict(model.pop("data", {"channels": 3}))
+    if model.get("prompt") == "box":  # box prompts see whole images (config rule)
+        data.setdefault("sampling", "whole_image")
     return build_config({"data": data, "model": model})
 
 

@@ -3,8 +3,7 @@ import math
 
 import torch
 
-from medtune.policy import (bernoulli_entropy, bernoulli_kl, clipped_objective, group_advantages, group_logprob,
-                            sample_group)
+from medtune.policy import bernoulli_entropy, bernoulli_kl, clipped_objective, group_advantages, group_logprob, sample_group
 
 
 def test_sample_group_shape_and_frequency():

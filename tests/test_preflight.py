@@ -185,8 +185,9 @@ def test_passes_on_every_real_family_and_mode(family, finetune, prompt):
 
     arch = {"sam": tiny_sam_config_dict(), "sam2": tiny_sam2_config_dict(),
             "unet": {"channels": [4, 8], "strides": [2], "num_res_units": 1}}[family]
+    sampling = "whole_image" if prompt == "box" else "random_crop"
     cfg = build_config({}, [f"model.family={family}", f"model.config={json.dumps(arch)}",
-                            f"model.finetune={finetune}", f"model.prompt={prompt}"])
+                            f"model.finetune={finetune}", f"model.prompt={prompt}", f"data.sampling={sampling}"])
     torch.manual_seed(0)
     model = build_model(cfg)
     x, y = torch.rand(2, 3, 40, 40), (torch.rand(2, 1, 40, 40) > 0.8).float()

@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
+from helpers import tiny_cfg
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from helpers import tiny_cfg
 from medtune.config import build_config
 from medtune.models.base import SegModel
 from medtune.train.rl import rl_loss, rollout
@@ -117,3 +117,20 @@ def test_rl_recipe_from_a_supervised_parent(tmp_path):
     records = [r for r in read_metrics(run) if "reward_mean" in r]
     assert len(records) == 4 and {"kl", "clip_fraction", "entropy", "reward_recall"} <= set(records[0])
     assert evaluate_run(run)["n_images"] == 2
+
+
+def test_reference_context_keeps_sam_trainable_set():
+    """PEFT's disable_adapter() re-enables every modules_to_save parameter on exit; SAM keeps some frozen by design."""
+    import json
+
+    from medtune.models.registry import build_model
+    from medtune.models.sam import tiny_sam_config_dict
+
+    cfg = build_config({}, ["model.family=sam", f"model.config={json.dumps(tiny_sam_config_dict())}",
+                            "model.finetune=lora"])
+    model = build_model(cfg)
+    before = {n for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad(), model.adapters_disabled():
+        model(torch.rand(1, 3, 32, 32))
+    after = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert after == before and not any("iou_prediction_head" in n for n in after)

@@ -81,7 +81,9 @@ def _report(args) -> None:
 def _compare(args) -> None:
     from medtune.report.compare import compare_runs
 
-    print(compare_runs([Path(r) for r in args.runs], out_dir=Path(args.out) if args.out else None, split=args.split))
+    at = {"calibrated": "cal", "0.5": "t050"}[args.threshold]
+    print(compare_runs([Path(r) for r in args.runs], out_dir=Path(args.out) if args.out else None, split=args.split,
+                       at=at))
 
 
 def _cv(args) -> None:
@@ -147,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+")
     p.add_argument("--out", default=None)
     p.add_argument("--split", default="test")
+    p.add_argument("--threshold", choices=["calibrated", "0.5"], default="calibrated",
+                   help="compare at each run's calibrated threshold, or all at 0.5")
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("cv", help="k-fold (group-aware) cross-validation")

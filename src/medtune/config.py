@@ -37,6 +37,8 @@ class SplitCfg(Section):
     # k-fold cross-validation: fold `fold` of `folds` is the test set, val is carved from the rest (medtune cv)
     folds: int | None = Field(None, ge=2)
     fold: int = Field(0, ge=0)
+    # near-duplicate images (perceptual hash within data.duplicate_hash_distance) always land in one split
+    keep_duplicates_together: bool = True
 
 
 class ScaleNormCfg(Section):
@@ -158,6 +160,7 @@ class EvalCfg(Section):
     overlap: float = 0.25
     sw_batch_size: int = 8
     bootstrap: int = 1000
+    tta: bool = False  # average logits over horizontal/vertical flips (semantic mode; 4x inference cost)
 
 
 class RLCfg(Section):
@@ -193,6 +196,9 @@ class Config(Section):
     def _check(self) -> "Config":
         if self.data.split.val_fraction + self.data.split.test_fraction >= 1.0:
             raise ValueError("data.split.val_fraction + data.split.test_fraction must be < 1")
+        if self.model.prompt == "box" and self.data.sampling != "whole_image":
+            raise ValueError("model.prompt=box needs data.sampling=whole_image (the box is drawn around the whole "
+                             "lesion, and evaluation sees the whole image); random crops would train on other inputs")
         return self
 
     def finetune_mode(self) -> Literal["lora", "full"]:

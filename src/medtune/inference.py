@@ -12,21 +12,23 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 
 from medtune.config import Config
+from medtune.data.datasets import mask_box
 from medtune.data.types import LoadedSample
 from medtune.models.base import SegModel
 
 
-def mask_box(mask: np.ndarray) -> np.ndarray:
-    """Tight (x1, y1, x2, y2) box of the mask; the whole image when the mask is empty."""
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
-        h, w = mask.shape
-        return np.array([0, 0, w - 1, h - 1], dtype=np.float32)
-    return np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
-
-
 def uses_whole_image(cfg: Config) -> bool:
     return cfg.data.sampling == "whole_image" or cfg.model.prompt == "box"
+
+
+def with_flips(predictor):
+    """Test-time augmentation: mean logits over the identity and three flips, each flipped back."""
+    def averaged(x: torch.Tensor) -> torch.Tensor:
+        total = predictor(x)
+        for dims in ((-1,), (-2,), (-2, -1)):
+            total = total + predictor(x.flip(dims)).flip(dims)
+        return total / 4
+    return averaged
 
 
 @torch.no_grad()
@@ -36,20 +38,29 @@ def predict_logits(model: SegModel, sample: LoadedSample, cfg: Config, device: t
     h, w = image.shape[-2:]
     if uses_whole_image(cfg):
         size = cfg.data.patch_size
-        resized = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
+        # the same resampling as training (datasets.py), so the model sees the same kind of input
+        resized = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False,
+                                antialias=(h > size or w > size))
         box = None
         if cfg.model.prompt == "box":
             # MedSAM protocol: the box comes from the ground truth at evaluation time too
-            box = torch.from_numpy(mask_box(sample.mask)).to(device)
+            box = mask_box(torch.from_numpy(sample.mask)).to(device)
             box = (box * torch.tensor([size / w, size / h, size / w, size / h], device=device)).unsqueeze(0)
-        logits = model.forward_logits(resized, box)
-        return F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+        def predictor(x):
+            return model.forward_logits(x, box).float()
+
+        if cfg.eval.tta and box is None:  # a flipped image would need a flipped box
+            predictor = with_flips(predictor)
+        return F.interpolate(predictor(resized), size=(h, w), mode="bilinear", align_corners=False)
     roi = cfg.eval.roi_size or cfg.data.patch_size
+    def predictor(x):
+        return model.forward_logits(x).float()
+
     return sliding_window_inference(
         image,
         roi_size=(roi, roi),
         sw_batch_size=cfg.eval.sw_batch_size,
-        predictor=lambda x: model.forward_logits(x).float(),
+        predictor=with_flips(predictor) if cfg.eval.tta else predictor,
         overlap=cfg.eval.overlap,
         mode="gaussian",
         padding_mode="constant",

@@ -8,10 +8,10 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from medtune.data.io import derive_fov, read_image
-from medtune.data.types import DataError, LoadedSample
+from medtune.data.loading import fov_diameter, load_sample, resample_to_native
+from medtune.data.types import DataError, Sample
 from medtune.evaluate import default_device, load_run_model
-from medtune.inference import predict_prob
+from medtune.inference import predict_prob, uses_whole_image
 
 
 def calibrated_threshold(run_dir: Path) -> tuple[float, str]:
@@ -38,19 +38,30 @@ def predict_images(run_dir: str | Path, images: list[str | Path], out_dir: str |
     if cfg.model.prompt == "box" and box is None:
         raise DataError("this run was trained with box prompts: pass --box x1,y1,x2,y2 (pixels of the input image)")
     thr, source = (threshold, "given") if threshold is not None else calibrated_threshold(run_dir)
+    target_diameter = None
+    if cfg.data.scale_norm.enabled:
+        scale_file = run_dir / "scale.json"
+        if not scale_file.exists():
+            raise DataError(f"{scale_file} missing: the run used scale normalisation but recorded no target")
+        target_diameter = float(json.loads(scale_file.read_text())["target_fov_diameter"])
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in tqdm([Path(p) for p in images], desc="predict", unit="img"):
         if not path.is_file():
             raise DataError(f"{path}: no such image file")
-        image = read_image(path, cfg.data.channels)
-        fov = derive_fov(image) if cfg.data.derive_fov else np.ones(image.shape[1:], np.uint8)
-        mask = np.zeros(image.shape[1:], np.uint8)
+        sample = load_sample(Sample(id=path.stem, image=path), cfg.data)  # FOV derived as in training
+        image, fov = sample.image, sample.fov
         if box is not None:  # inference takes the prompt box from the "mask"'s bounding box
             x1, y1, x2, y2 = (int(round(v)) for v in box)
-            mask[y1:y2 + 1, x1:x2 + 1] = 1
-        sample = LoadedSample(id=path.stem, image=image, mask=mask, fov=fov)
-        prob = predict_prob(model, sample, cfg, device) * fov
+            sample.mask[:] = 0
+            sample.mask[y1:y2, x1:x2] = 1
+        if target_diameter is not None and not uses_whole_image(cfg):
+            # the model learned vessel widths at the training scale: resample like training, map back
+            scaled = load_sample(Sample(id=path.stem, image=path), cfg.data,
+                                 scale=target_diameter / max(fov_diameter(fov), 1.0))
+            prob = resample_to_native(predict_prob(model, scaled, cfg, device), fov.shape) * fov
+        else:
+            prob = predict_prob(model, sample, cfg, device) * fov
         binary = (prob >= thr).astype(np.uint8)
         stem = out_dir / path.stem
         Image.fromarray(binary * 255).save(f"{stem}_mask.png")

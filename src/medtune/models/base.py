@@ -52,8 +52,15 @@ class SegModel(nn.Module):
         """The frozen reference policy: same weights, LoRA adapters off (no second copy in memory)."""
         if not self.is_peft:
             raise RuntimeError("adapters_disabled() needs a LoRA model (finetune: lora)")
-        with self.net.disable_adapter():
-            yield
+        # Leaving PEFT's disable_adapter() marks every modules_to_save parameter trainable again, including the ones
+        # the family keeps frozen by design; restore the flags exactly.
+        flags = [(p, p.requires_grad) for p in self.parameters()]
+        try:
+            with self.net.disable_adapter():
+                yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     def trainable_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]

@@ -7,10 +7,9 @@ gradient-checkpointed as asked. LoRA is attached here, after all of that, so no 
 """
 from __future__ import annotations
 
-import re
-
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Callable
 

@@ -41,7 +41,8 @@ def tiny_sam_config_dict() -> dict[str, Any]:
     return {
         "vision_config": {"hidden_size": 32, "output_channels": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
                           "image_size": 64, "patch_size": 8, "mlp_dim": 64, "window_size": 4,
-                          "global_attn_indexes": [1], "num_pos_feats": 16},
+                          "global_attn_indexes": [1], "num_pos_feats": 16,
+                          "initializer_range": 0.02},  # transformers' 1e-10 default: see _config_from_overrides
         "prompt_encoder_config": {"hidden_size": 32, "image_size": 64, "patch_size": 8, "mask_input_channels": 4},
         "mask_decoder_config": {"hidden_size": 32, "mlp_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                                 "iou_head_hidden_dim": 32},

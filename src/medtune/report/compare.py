@@ -137,16 +137,16 @@ def _unique_labels(evals: list[RunEval]) -> None:
             e.label = f"{e.label} ({n + 1})"
 
 
-def build_rows(evals: list[RunEval], common: list[str]) -> list[Row]:
+def build_rows(evals: list[RunEval], common: list[str], at: str = "cal") -> list[Row]:
     index = [{sid: k for k, sid in enumerate(e.ids)} for e in evals]
     rows = []
     for m in COMPARE_METRICS:
-        col = f"{m}@cal"
-        if not any(col in e.cols or m in (e.summary.get("per_image@cal") or {}) for e in evals):
+        col = f"{m}@{at}"
+        if not any(col in e.cols or m in (e.summary.get(f"per_image@{at}") or {}) for e in evals):
             continue
         per_run = []
         for e in evals:
-            c = (e.summary.get("per_image@cal") or {}).get(m) or {}
+            c = (e.summary.get(f"per_image@{at}") or {}).get(m) or {}
             per_run.append({"mean": _f(c.get("mean")), "lo": _f(c.get("lo")), "hi": _f(c.get("hi"))})
         comps: list[Comparison | None] = []
         base = evals[0]
@@ -159,7 +159,8 @@ def build_rows(evals: list[RunEval], common: list[str]) -> list[Row]:
             b = np.array([e.cols[col][index[j][i]] for i in common])
             comps.append(paired_test(a, b, m in LOWER_IS_BETTER))
         rows.append(Row(m, m in LOWER_IS_BETTER, per_run, comps))
-    pooled = [{"mean": _f((e.summary.get("pooled@cal") or {}).get("dice")), "lo": None, "hi": None} for e in evals]
+    pooled = [{"mean": _f((e.summary.get(f"pooled@{at}") or {}).get("dice")), "lo": None, "hi": None}
+              for e in evals]
     # A pooled metric has one value per run, not one per image: nothing to pair, so no test (the per-image Dice
     # row carries the evidence).
     rows.append(Row(POOLED_ROW, False, pooled, [None] * (len(evals) - 1)))
@@ -235,7 +236,8 @@ def _preamble(evals: list[RunEval], common: list[str], split: str) -> list[str]:
     return lines
 
 
-FOOTNOTE = (f"Per-image metrics at each run's calibrated threshold (fitted on its own validation split). Difference = "
+FOOTNOTE = (f"Per-image metrics at each run's calibrated threshold (fitted on its own validation split), or at 0.5 when "
+            f"the notes say so. Difference = "
             f"run − baseline, mean over paired images with a paired-bootstrap 95% CI ({N_BOOT} resamples); verdict "
             f"'better'/'worse' only when the Wilcoxon signed-rank p < {ALPHA} and the CI excludes 0 "
             "(↓: lower is better). "
@@ -321,8 +323,11 @@ def _html(evals, common, split, header, body, rows, notes, diffs) -> str:
     return page("medtune compare: " + " vs ".join(e.label for e in evals), "\n".join(parts))
 
 
-def compare_runs(runs: list[Path], out_dir: Path | None = None, split: str = "test") -> str:
-    """The comparison table as text; with ``out_dir`` also compare.{md,csv,html} there."""
+def compare_runs(runs: list[Path], out_dir: Path | None = None, split: str = "test", at: str = "cal") -> str:
+    """The comparison table as text; with ``out_dir`` also compare.{md,csv,html} there. ``at`` = "cal" (each run's
+    calibrated threshold) or "t050" (all runs at 0.5: a policy change is not re-absorbed by re-calibration)."""
+    if at not in ("cal", "t050"):
+        raise ValueError(f"threshold must be 'cal' or 't050', got {at!r}")
     if len(runs) < 2:
         raise ValueError("compare needs at least two run folders (the first is the baseline)")
     evals = [load_run_eval(Path(r), split) for r in runs]
@@ -335,7 +340,9 @@ def compare_runs(runs: list[Path], out_dir: Path | None = None, split: str = "te
         # same ids need not be the same pixels: pairing two data sets by file name would be meaningless
         notes.append(f"The runs read different data ({', '.join(differing)} differ): paired tests assume image "
                      "ids name the same images with the same ground truth in every run; check that they do.")
-    rows = build_rows(evals, common)
+    rows = build_rows(evals, common, at)
+    if at == "t050":
+        notes.append("All runs compared at threshold 0.5 (not their calibrated thresholds).")
     header, body = table_cells(evals, rows)
     diffs = config_differences([e.config for e in evals])
 

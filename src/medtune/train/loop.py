@@ -6,6 +6,7 @@ The recipes keep the optimisation itself (forward, loss, backward, step) visible
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -93,7 +94,7 @@ class Bookkeeping:
     def finish(self, completed: bool) -> None:
         if completed:
             self.checkpoint("last")
-            if not self.val_samples:  # nothing to choose `best` by: the final weights are the best we know
+            if self.state.best_step < 0:  # no (finite) validation to choose by: the final weights are the best known
                 self.checkpoint("best")
         self.progress.close()
         self.stop.__exit__(None, None, None)
@@ -115,7 +116,7 @@ class Bookkeeping:
         if message and self.is_main:
             warn(message)
             self.log({"step": self.state.step, "warning": message})
-        if val["val_dice"] > self.state.best_metric:
+        if math.isfinite(val["val_dice"]) and val["val_dice"] > self.state.best_metric:
             self.state.best_metric, self.state.best_step = val["val_dice"], self.state.step
             self.checkpoint("best", **val)
 

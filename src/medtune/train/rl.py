@@ -26,15 +26,23 @@ from medtune.data.types import LoadedSample
 from medtune.losses import ComboLoss
 from medtune.models.lora import export_merged
 from medtune.models.registry import build_model
-from medtune.policy import (bernoulli_entropy, bernoulli_kl, clipped_objective, group_advantages, group_logprob,
-                            sample_group)
+from medtune.policy import bernoulli_entropy, bernoulli_kl, clipped_objective, group_advantages, group_logprob, sample_group
 from medtune.rewards import combined_reward, load_reward, register_reward, resolve_weights
 from medtune.train.checkpoint import TrainerState, find_checkpoint, load_checkpoint
 from medtune.train.loop import Bookkeeping
 from medtune.train.preflight import run_preflight
 from medtune.train.runs import load_run_config, write_run_files
-from medtune.train.setup import (batch_to, check_readable, init_trackers, load_split_samples, make_accelerator,
-                                 make_optimizer, make_scheduler, prepare_split, start_run)
+from medtune.train.setup import (
+    batch_to,
+    check_readable,
+    init_trackers,
+    load_split_samples,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    prepare_split,
+    start_run,
+)
 
 log = logging.getLogger("medtune")
 
@@ -83,6 +91,8 @@ class CurriculumBatchSampler:
 
     def __init__(self, order: list[int], patches_per_image: int, global_batch: int, seed: int, start_step: int,
                  max_steps: int, rank: int, world: int):
+        if global_batch % world:
+            raise ValueError(f"data.batch_size {global_batch} must be a multiple of the {world} processes")
         self.order, self.ppi, self.batch = order, patches_per_image, global_batch
         self.seed, self.step, self.max_steps, self.rank, self.world = seed, start_step, max_steps, rank, world
 
@@ -100,13 +110,21 @@ class CurriculumBatchSampler:
 
 
 # ---- one RL loss -----------------------------------------------------------------------------------------------------
-def rollout(model, reference, batch: dict, cfg: Config, weights: dict[str, float], use_box: bool):
+def sampling_generator(device, seed: int, step: int, rank: int) -> torch.Generator:
+    """Mask samples depend on (seed, step, rank) only: a resumed run draws what the uninterrupted one drew, and
+    processes draw independent noise."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 10_007 + rank) % 2**63)
+
+
+def rollout(model, reference, batch: dict, cfg: Config, weights: dict[str, float], use_box: bool,
+            generator: torch.Generator | None = None):
     """Policy forward (with grad), reference forward (adapters off, no grad), G samples, rewards, advantages."""
     box = batch["box"] if use_box else None
     logits = model(batch["image"], box)
     with torch.no_grad(), reference.adapters_disabled():
-        ref_logits = reference.forward_logits(batch["image"], box)
-    masks = sample_group(logits, cfg.rl.group_size, cfg.rl.temperature)  # [B,G,1,H,W]
+        # through __call__, so mixed precision (accelerate's autocast wrapper) matches the policy's forward
+        ref_logits = reference(batch["image"], box)
+    masks = sample_group(logits, cfg.rl.group_size, cfg.rl.temperature, generator)  # [B,G,1,H,W]
     b, g = masks.shape[:2]
     flat = masks.flatten(0, 1)
     gt = batch["mask"].repeat_interleave(g, dim=0)
@@ -171,7 +189,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
         else:
             sampler = StepBatchSampler(len(dataset), cfg.data.batch_size, cfg.run.seed, start_step,
                                        accelerator.process_index, accelerator.num_processes)
-        return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers))
+        return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
+                               generator=torch.Generator()))
 
     # ---- policy = base (or parent) + fresh LoRA; reference = the same model with adapters disabled
     if cfg.finetune_mode() != "lora":
@@ -191,8 +210,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     # ---- preflight: a sampled mask is not differentiable; the gradient must come through the log-probs
     if cfg.train.preflight and resume is None:
         fixed = batch_to(next(batches(0)), device)
-        torch.manual_seed(cfg.run.seed)
-        fixed_roll = rollout(model, reference, fixed, cfg, weights, use_box)
+        fixed_roll = rollout(model, reference, fixed, cfg, weights, use_box,
+                             sampling_generator(device, cfg.run.seed, -1, accelerator.process_index))
 
         def preflight_loss():
             logits = model(fixed["image"], fixed["box"] if use_box else None)
@@ -210,18 +229,18 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     while state.step < cfg.optim.max_steps:
         model.train()
         batch = batch_to(next(stream), device)
-        roll = rollout(model, reference, batch, cfg, weights, use_box)
+        roll = rollout(model, reference, batch, cfg, weights, use_box,
+                       sampling_generator(device, cfg.run.seed, state.step, accelerator.process_index))
         logits = roll["logits"]
         for epoch in range(cfg.rl.inner_epochs):
             if epoch > 0:  # later epochs see the updated policy; the first reuses the sampling forward
                 logits = model(batch["image"], batch["box"] if use_box else None)
             loss, stats = rl_loss(logits, roll, batch, cfg, combo)
             accelerator.backward(loss)
-            grad_norm = (accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
-                         if cfg.optim.clip_grad_norm else None)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or float("inf"))
             global_loss = accelerator.reduce(loss.detach(), reduction="mean")
-            if books.update_allowed(global_loss, grad_norm):
-                optimizer.step()
+            if books.update_allowed(global_loss, grad_norm) or accelerator.scaler is not None:
+                optimizer.step()  # fp16: the loss scaler skips an inf step itself
             optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         state.step += 1

@@ -10,9 +10,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from medtune.config import Config, ConfigError, build_config
-
 import yaml
+
+from medtune.config import Config, ConfigError, build_config
 
 
 def new_run_dir(cfg: Config) -> Path:

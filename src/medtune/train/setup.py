@@ -5,6 +5,7 @@ import json
 import logging
 import signal
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from accelerate.utils import broadcast_object_list
 from transformers import get_cosine_schedule_with_warmup
 
 from medtune.config import Config
+from medtune.data.inspect import duplicate_groups, find_near_duplicates
 from medtune.data.layouts import discover
 from medtune.data.loading import load_all, scale_factors
 from medtune.data.splits import check_split, load_split, make_split, save_split
@@ -42,12 +44,13 @@ def prepare_split(cfg: Config, run_dir: Path, is_main: bool = True) -> RunData:
         check_split(split, list(samples.values()))
     else:
         seed = cfg.data.split.seed if cfg.data.split.seed is not None else cfg.run.seed
+        groups = duplicate_groups_for_split(cfg, list(samples.values()))
         if cfg.data.split.folds:
             from medtune.data.kfold import kfold_split
 
-            split = kfold_split(list(samples.values()), cfg.data.split, seed)
+            split = kfold_split(list(samples.values()), cfg.data.split, seed, duplicate_groups=groups)
         else:
-            split = make_split(list(samples.values()), cfg.data.split, seed)
+            split = make_split(list(samples.values()), cfg.data.split, seed, duplicate_groups=groups)
         if is_main:
             save_split(split_path, split)
     target = None
@@ -55,6 +58,30 @@ def prepare_split(cfg: Config, run_dir: Path, is_main: bool = True) -> RunData:
     if cfg.data.scale_norm.enabled and scale_path.exists():
         target = json.loads(scale_path.read_text())["target_fov_diameter"]
     return RunData(samples=samples, split=split, target_scale=target)
+
+
+def duplicate_groups_for_split(cfg: Config, samples: list[Sample]) -> dict[str, str] | None:
+    """Near-duplicate groups that must not straddle splits (a near-copy of a test image must not train), or None.
+
+    Not used when the layout ships its split (the published test set stays as published; `data inspect --split`
+    reports straddling pairs), nor when the hash chains a large share of the images into one group: in homogeneous
+    modalities (fundus photographs) distinct images hash as close as true copies do, and grouping them would
+    collapse the split."""
+    if not cfg.data.split.keep_duplicates_together:
+        return None
+    if cfg.data.split.use_layout_split and any(s.split for s in samples) and not cfg.data.split.folds:
+        return None
+    pairs = find_near_duplicates(samples, cfg.data.duplicate_hash_distance)
+    groups = duplicate_groups(pairs)
+    largest = max(Counter(groups.values()).values(), default=0)
+    if largest > max(3, 0.1 * len(samples)):
+        warn(f"near-duplicate grouping skipped: the perceptual hash (distance <= {cfg.data.duplicate_hash_distance}) "
+             f"chains {largest} of {len(samples)} images into one group, so it cannot tell these images apart; "
+             "check `medtune data inspect` and lower data.duplicate_hash_distance if copies are expected")
+        return None
+    if pairs:
+        log.info("%d near-duplicate pairs kept within one split", len(pairs))
+    return groups
 
 
 def load_split_samples(cfg: Config, data: RunData, name: str, run_dir: Path | None = None,

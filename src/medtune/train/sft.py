@@ -22,8 +22,17 @@ from medtune.models.registry import build_model
 from medtune.train.checkpoint import TrainerState, find_checkpoint, load_checkpoint
 from medtune.train.loop import Bookkeeping
 from medtune.train.preflight import run_preflight
-from medtune.train.setup import (batch_to, check_readable, init_trackers, load_split_samples, make_accelerator,
-                                 make_optimizer, make_scheduler, prepare_split, start_run)
+from medtune.train.setup import (
+    batch_to,
+    check_readable,
+    init_trackers,
+    load_split_samples,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    prepare_split,
+    start_run,
+)
 
 log = logging.getLogger("medtune")
 
@@ -51,8 +60,9 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     def batches(start_micro_step: int):
         sampler = StepBatchSampler(len(dataset), cfg.data.batch_size, cfg.run.seed, start_micro_step,
                                    accelerator.process_index, accelerator.num_processes)
+        # its own generator: creating the iterator must not draw from the global RNG restored by a resume
         return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                               persistent_workers=False))
+                               generator=torch.Generator()))
 
     # ---- model, objective, optimizer
     model = build_model(cfg).to(device)
@@ -97,17 +107,16 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / accum
             books.count_images(batch["image"].shape[0])
-        grad_norm = (accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm)
-                     if cfg.optim.clip_grad_norm else None)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or float("inf"))
         global_loss = accelerator.reduce(loss_sum, reduction="mean")
-        if books.update_allowed(global_loss, grad_norm):
-            optimizer.step()
+        if books.update_allowed(global_loss, grad_norm) or accelerator.scaler is not None:
+            optimizer.step()  # fp16: the loss scaler skips an inf step itself and must see it to lower its scale
         # a skipped update still advances schedule and data position, so a resumed run stays exact
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         record = {"loss": float(global_loss), **{f"loss_{k}": v for k, v in parts_sum.items()},
-                  "grad_norm": float(grad_norm) if grad_norm is not None else None}
+                  "grad_norm": float(grad_norm)}
         if books.after_step(record):
             completed = False
             break

@@ -1,0 +1,34 @@
+"""Near-duplicates never straddle train/val/test, and the guard for modalities the hash cannot separate."""
+import shutil
+
+import pytest
+
+from helpers import write_generic
+from medtune.config import build_config
+from medtune.train.setup import prepare_split
+
+
+def _cfg(data, tmp_path, *extra):
+    return build_config({}, [f"data.path={data}", "data.layout=generic", f"run.output_dir={tmp_path}",
+                             "data.split.val_fraction=0.2", "data.split.test_fraction=0.3", *extra])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_copy_lands_in_the_split_of_its_original(tmp_path, seed):
+    data = write_generic(tmp_path / "d", n=12, size=64, seed=1)
+    for name in ("images", "masks"):
+        shutil.copy(data / name / "img3.png", data / name / "zcopy.png")
+    run_dir = tmp_path / f"run{seed}"
+    run_dir.mkdir()
+    split = prepare_split(_cfg(data, tmp_path, f"data.split.seed={seed}"), run_dir).split
+    where = {i: name for name, ids in split.items() for i in ids}
+    assert where["images/zcopy"] == where["images/img3"]
+
+
+def test_grouping_skipped_when_the_hash_cannot_tell_images_apart(tmp_path):
+    data = write_generic(tmp_path / "d", n=10, size=64, seed=1)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with pytest.warns(RuntimeWarning, match="cannot tell these images apart"):
+        split = prepare_split(_cfg(data, tmp_path, "data.duplicate_hash_distance=64"), run_dir).split
+    assert split["train"] and split["test"]
