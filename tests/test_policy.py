@@ -70,3 +70,15 @@ def test_kl_zero_at_reference_positive_elsewhere_and_differentiable():
 def test_entropy_max_at_half():
     assert torch.allclose(bernoulli_entropy(torch.zeros(1, 1, 2, 2), None), torch.tensor(math.log(2)))
     assert bernoulli_entropy(torch.full((1, 1, 2, 2), 6.0), None) < 0.02
+
+
+def test_kl_and_entropy_are_means_of_per_sample_terms():
+    """Two processes holding half a batch each must average to the one-process value (FOV sizes differ)."""
+    logits, ref = torch.randn(4, 1, 6, 6), torch.randn(4, 1, 6, 6)
+    fov = torch.ones(4, 1, 6, 6)
+    fov[0, :, :3] = 0
+    fov[3, :, :, :1] = 0
+    for fn, args in ((bernoulli_kl, (logits, ref)), (bernoulli_entropy, (logits,))):
+        whole = fn(*args, fov)
+        halves = (fn(*(a[:2] for a in args), fov[:2]) + fn(*(a[2:] for a in args), fov[2:])) / 2
+        assert torch.allclose(whole, halves, atol=1e-6)

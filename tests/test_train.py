@@ -29,7 +29,6 @@ def test_unet_full_run_writes_the_run_folder_and_evaluates(tmp_path):
         assert (run / name).is_file(), name
     assert (run / "checkpoints" / "best" / "model" / "model.safetensors").is_file()
     assert (run / "checkpoints" / "last" / "trainer_state.pt").is_file()
-    assert list((run / "tb").rglob("events.out.tfevents*")) == [] or True  # trackers off in tests
     pre = json.loads((run / "preflight.json").read_text())
     assert pre["passed"] and pre["n_trainable"] > 0
     assert len(losses(run)) == 6 and all(map(lambda v: v == v, losses(run)))
@@ -38,6 +37,13 @@ def test_unet_full_run_writes_the_run_folder_and_evaluates(tmp_path):
     summary = evaluate_run(run)
     assert 0.0 <= summary["pooled@cal"]["dice"] <= 1.0 and summary["n_images"] == 2
     assert (run / "eval" / "test" / "per_image.csv").is_file()
+
+
+def test_tensorboard_logs_land_in_the_run_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = train(tiny_cfg(tmp_path, "train.trackers=[tensorboard]", steps=2, name="tb"))
+    assert list((run / "tb").rglob("events.out.tfevents*")), "no TensorBoard events in RUN/tb"
+    assert not (tmp_path / "tb").exists(), "TensorBoard events written to the working directory"
 
 
 def test_lora_on_saved_base_gives_peft_adapter_and_changes_output(tmp_path):

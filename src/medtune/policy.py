@@ -63,8 +63,11 @@ def clipped_objective(new_logprob: torch.Tensor, old_logprob: torch.Tensor, adva
 
 
 def _masked_mean(values: torch.Tensor, fov: torch.Tensor | None) -> torch.Tensor:
+    """Mean over each image's FOV pixels, then over images: a mean of per-sample terms, so data-parallel halves of
+    a batch average to the whole batch's value (as ComboLoss does)."""
     w = _fov_weights(fov, values)
-    return (values * w).sum() / w.sum().clamp(min=1.0)
+    per_sample = (values * w).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3)).clamp(min=1.0)
+    return per_sample.mean()
 
 
 def bernoulli_kl(logits: torch.Tensor, ref_logits: torch.Tensor, fov: torch.Tensor | None,

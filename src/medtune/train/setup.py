@@ -200,7 +200,9 @@ def start_run(cfg: Config, resume: str | Path | None, accelerator: Accelerator) 
 
 def init_trackers(accelerator: Accelerator, cfg: Config, run_dir: Path) -> None:
     """TensorBoard / MLflow through accelerate's trackers, logging into RUN/tb, with flat scalar hyper-parameters."""
+    # set_directories() keeps an already-set logging_dir (the placeholder "."), so set both explicitly
     accelerator.project_configuration.set_directories(str(run_dir))
+    accelerator.project_configuration.logging_dir = str(run_dir)
     flat = {
         "lr": cfg.optim.lr, "max_steps": cfg.optim.max_steps, "batch_size": cfg.data.batch_size,
         "lora_r": cfg.lora.resolved_r(), "family": cfg.model.family, "finetune": cfg.finetune_mode(),
