@@ -1,6 +1,7 @@
 """GPU benchmark (not a test; needs CUDA): SAM ViT-B at its real size (randomly initialised from SamConfig():
 speed does not depend on weight values) at 1024^2, bf16 autocast, LoRA r=32 (+ trained mask decoder) vs full
-fine-tuning, QLoRA (4-bit NF4 base) when bitsandbytes is available, and LoRA with activation checkpointing. Images/s and peak GPU memory.
+fine-tuning, QLoRA (4-bit NF4 base) when bitsandbytes is available, and LoRA with activation checkpointing.
+Images/s and peak GPU memory.
 
     python bench/gpu_sam.py [--batch 4] [--steps 20]
 """

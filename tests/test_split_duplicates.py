@@ -2,8 +2,8 @@
 import shutil
 
 import pytest
-
 from helpers import write_generic
+
 from medtune.config import build_config
 from medtune.train.setup import prepare_split
 
