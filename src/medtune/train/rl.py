@@ -232,6 +232,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
         roll = rollout(model, reference, batch, cfg, weights, use_box,
                        sampling_generator(device, cfg.run.seed, state.step, accelerator.process_index))
         logits = roll["logits"]
+        skipped = 0
         for epoch in range(cfg.rl.inner_epochs):
             if epoch > 0:  # later epochs see the updated policy; the first reuses the sampling forward
                 logits = model(batch["image"], batch["box"] if use_box else None)
@@ -239,14 +240,16 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or float("inf"))
             global_loss = accelerator.reduce(loss.detach(), reduction="mean")
-            if books.update_allowed(global_loss, grad_norm) or accelerator.scaler is not None:
+            allowed = books.update_allowed(global_loss, grad_norm)
+            skipped += not allowed
+            if allowed or accelerator.scaler is not None:
                 optimizer.step()  # fp16: the loss scaler skips an inf step itself
             optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         state.step += 1
         books.count_images(batch["image"].shape[0])
         rewards = roll["rewards"]
-        record = {"loss": float(global_loss), **stats, "reward_mean": float(rewards.mean()),
+        record = {"loss": float(global_loss), "skipped_updates": skipped, **stats, "reward_mean": float(rewards.mean()),
                   "reward_std": float(rewards.std(dim=1).mean()),
                   **{f"reward_{k}": v for k, v in roll["components"].items()}}
         if books.after_step(record):

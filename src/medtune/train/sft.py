@@ -109,14 +109,15 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             books.count_images(batch["image"].shape[0])
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or float("inf"))
         global_loss = accelerator.reduce(loss_sum, reduction="mean")
-        if books.update_allowed(global_loss, grad_norm) or accelerator.scaler is not None:
+        allowed = books.update_allowed(global_loss, grad_norm)
+        if allowed or accelerator.scaler is not None:
             optimizer.step()  # fp16: the loss scaler skips an inf step itself and must see it to lower its scale
         # a skipped update still advances schedule and data position, so a resumed run stays exact
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
         record = {"loss": float(global_loss), **{f"loss_{k}": v for k, v in parts_sum.items()},
-                  "grad_norm": float(grad_norm)}
+                  "grad_norm": float(grad_norm), "skipped": not allowed}
         if books.after_step(record):
             completed = False
             break
