@@ -100,3 +100,13 @@ def test_remote_code_model_needs_the_flag(tmp_path, capsys):
 def test_eval_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     code, _, err = run_cli(capsys, "eval", str(tmp_path))
     assert code == 2 and "not a medtune run folder" in err
+
+
+def test_resume_refuses_extra_settings(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--resume", str(tmp_path), "optim.max_steps=5")
+    assert code == 2 and "own config.yaml" in err
+
+
+def test_predict_rejects_a_malformed_box(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "predict", str(tmp_path), "x.png", "--out", str(tmp_path), "--box", "1,2,3")
+    assert code == 2 and "x1,y1,x2,y2" in err

@@ -53,3 +53,15 @@ def test_box_prompt_requires_whole_image_sampling():
     with pytest.raises(ConfigError, match="whole_image"):
         build_config({}, ["model.prompt=box"])
     assert build_config({}, ["model.prompt=box", "data.sampling=whole_image"]).model.prompt == "box"
+
+
+@pytest.mark.parametrize("override", ["train.log_every=0", "rl.group_size=1", "rl.temperature=0",
+                                      "rl.inner_epochs=0", "optim.max_steps=0", "data.batch_size=0"])
+def test_out_of_range_values_fail_at_load_time(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        build_config({}, [override])
+
+
+def test_rl_rejects_gradient_accumulation():
+    with pytest.raises(ConfigError, match="grad_accum"):
+        build_config({}, ["objective=rl", "optim.grad_accum=2"])

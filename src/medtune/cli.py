@@ -13,6 +13,9 @@ def _train(args) -> None:
     from medtune.config import load_config
 
     if args.resume:
+        if args.config or args.overrides:
+            raise ValueError("--resume continues a run with its own config.yaml; drop the CONFIG/overrides (start a "
+                             "new run to change settings)")
         run_dir = Path(args.resume)
         from medtune.train.runs import load_run_config
 
@@ -40,7 +43,14 @@ def _eval(args) -> None:
 def _predict(args) -> None:
     from medtune.predict import predict_images
 
-    box = tuple(float(v) for v in args.box.split(",")) if args.box else None
+    box = None
+    if args.box:
+        try:
+            box = tuple(float(v) for v in args.box.split(","))
+        except ValueError:
+            box = ()
+        if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
+            raise ValueError(f"--box {args.box!r}: give x1,y1,x2,y2 in pixels with x1 < x2 and y1 < y2")
     written = predict_images(args.run, args.images, args.out, checkpoint=args.checkpoint, threshold=args.threshold,
                              box=box)
     print(f"{len(written)} masks (+ probability maps, overlays) written to {args.out}")
@@ -67,7 +77,7 @@ def _export(args) -> None:
     from medtune.evaluate import load_run_model
     from medtune.models.lora import export_merged
 
-    _, model, ckpt = load_run_model(args.run, args.checkpoint, "cpu")
+    _, model, ckpt = load_run_model(args.run, args.checkpoint, "cpu", overrides=args.overrides)
     export_merged(model, Path(args.out))
     print(f"merged model from {ckpt} written to {args.out} (usable as model.path)")
 
@@ -122,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded default: adapt a vessel model to a new site with LoRA")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--fast", action="store_true", help="fewer steps (used by the tests)")
+    p.add_argument("--fast", action="store_true", help="fewer steps (a quick smoke run)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("data", help="data tools")
@@ -138,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--out", required=True)
     p.add_argument("--checkpoint", default="best")
+    p.add_argument("overrides", nargs="*", help="e.g. model.quantize_4bit=false to merge a QLoRA adapter into a "
+                                                "full-precision base")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("report", help="self-contained HTML report of a run")

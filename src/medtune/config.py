@@ -80,9 +80,9 @@ class DataCfg(Section):
     # random_crop: patches of patch_size (thin structures at native scale);
     # whole_image: the whole image resized to patch_size (lesions, box prompts).
     sampling: Literal["random_crop", "whole_image"] = "random_crop"
-    patch_size: int = 96
-    patches_per_image: int = 8  # per epoch, random_crop only
-    batch_size: int = 8  # global batch (split across processes)
+    patch_size: int = Field(96, ge=8)
+    patches_per_image: int = Field(8, ge=1)  # per epoch, random_crop only
+    batch_size: int = Field(8, ge=1)  # global batch (split across processes)
     num_workers: int = 0
     max_samples: int | None = None  # quick trial run on the first N samples
     derive_fov: bool = True  # threshold the dark border when a layout ships no FOV mask
@@ -130,20 +130,20 @@ class LossCfg(Section):
 
 
 class OptimCfg(Section):
-    lr: float = 1e-3
+    lr: float = Field(1e-3, ge=0)
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 50
-    max_steps: int = 1000
-    grad_accum: int = 1
+    max_steps: int = Field(1000, ge=1)
+    grad_accum: int = Field(1, ge=1)
     clip_grad_norm: float | None = 1.0
 
 
 class TrainCfg(Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    log_every: int = 10
-    eval_every: int = 100
-    save_every: int = 500
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(100, ge=1)
+    save_every: int = Field(500, ge=1)
     keep_last: int = 2  # step-N checkpoints kept besides best and last
     preflight: bool = True
     preflight_steps: int = 3
@@ -164,13 +164,13 @@ class EvalCfg(Section):
 
 
 class RLCfg(Section):
-    group_size: int = 8
-    temperature: float = 1.0
+    group_size: int = Field(8, ge=2)  # advantages are relative to the group: one sample carries no signal
+    temperature: float = Field(1.0, gt=0)
     logprob_reduction: Literal["sum", "mean"] = "mean"
     reward: str | dict[str, float] = "multi_objective"  # preset name or {component: weight}
     custom_rewards: dict[str, str] = Field(default_factory=dict)  # name -> "package.module:function"
-    clip_eps: float = 0.2
-    inner_epochs: int = 2
+    clip_eps: float = Field(0.2, gt=0)
+    inner_epochs: int = Field(2, ge=1)
     kl_coef: float = 0.05
     entropy_coef: float = 0.0
     sft_mix: float = 0.0  # lambda * ComboLoss added for stability
@@ -196,6 +196,9 @@ class Config(Section):
     def _check(self) -> "Config":
         if self.data.split.val_fraction + self.data.split.test_fraction >= 1.0:
             raise ValueError("data.split.val_fraction + data.split.test_fraction must be < 1")
+        if self.objective == "rl" and self.optim.grad_accum != 1:
+            raise ValueError("optim.grad_accum is not used by objective: rl (each rollout is its own update); "
+                             "raise data.batch_size or rl.group_size instead")
         if self.model.prompt == "box" and self.data.sampling != "whole_image":
             raise ValueError("model.prompt=box needs data.sampling=whole_image (the box is drawn around the whole "
                              "lesion, and evaluation sees the whole image); random crops would train on other inputs")

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medtune.calibration import calibrate
-from medtune.config import Config
+from medtune.config import Config, build_config
 from medtune.data.loading import load_all, resample_to_native
 from medtune.data.types import LoadedSample
 from medtune.inference import predict_prob
@@ -37,9 +37,12 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_run_model(run_dir: str | Path, checkpoint: str = "best", device=None) -> tuple[Config, SegModel, Path]:
+def load_run_model(run_dir: str | Path, checkpoint: str = "best", device=None,
+                   overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, SegModel, Path]:
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    if overrides:
+        cfg = build_config(cfg.model_dump(mode="json"), overrides, source=str(run_dir / "config.yaml"))
     ckpt = find_checkpoint(run_dir, checkpoint)
     model = build_model(cfg)
     load_checkpoint(ckpt, model, restore_rng=False)

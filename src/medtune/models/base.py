@@ -123,7 +123,7 @@ def load_safetensors_folder(net: nn.Module, folder: str | Path) -> None:
     loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
     really_missing = [k for k in missing if own[k].data_ptr() not in loaded_ptrs]
     if unexpected or really_missing:
-        raise RuntimeError(
+        raise ValueError(
             f"weights in {folder} do not fit this model (was it saved from a different architecture/config?): "
             f"missing {really_missing[:8]}{' ...' if len(really_missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"

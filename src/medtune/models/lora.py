@@ -16,7 +16,6 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from medtune.config import LoraCfg
@@ -172,7 +171,7 @@ def merged_copy(net: nn.Module) -> nn.Module:
     if not _is_peft_wrapped(net):
         return net
     if any("4bit" in type(m).__name__ or "8bit" in type(m).__name__ for m in net.modules()):
-        raise RuntimeError(
+        raise ValueError(
             "cannot export a merged model from a quantised (QLoRA) base: merging into 4-bit weights re-quantises "
             "and loses the adapter's precision. Build the model unquantised (model.quantize_4bit=false), "
             "load the adapter checkpoint with load_trainable, then export"
@@ -211,7 +210,7 @@ def load_trainable(seg_model: SegModel, ckpt_dir: str | Path) -> None:
         raise FileNotFoundError(f"{ckpt_dir} has neither {ADAPTER_DIR}/ nor {MODEL_DIR}/; not a medtune checkpoint")
     trainable, _ = seg_model.param_counts()
     if trainable == 0:
-        raise RuntimeError(f"after loading {ckpt_dir} no parameter is trainable (pitfall 4)")
+        raise ValueError(f"after loading {ckpt_dir} no parameter is trainable (pitfall 4)")
 
 
 def _load_adapter(seg_model: SegModel, adapter: Path) -> None:
@@ -239,16 +238,10 @@ def _load_adapter(seg_model: SegModel, adapter: Path) -> None:
     missing = [k for k in (getattr(result, "missing_keys", []) or [])
                if _is_lora_param(k) or _is_modules_to_save_param(k)]
     if unexpected or missing:
-        raise RuntimeError(f"adapter {weights} does not fit: unexpected {unexpected[:8]}, missing {missing[:8]}")
+        raise ValueError(f"adapter {weights} does not fit: unexpected {unexpected[:8]}, missing {missing[:8]}")
     verify_trainable(seg_model.net, seg_model.frozen_by_design())
 
 
 def export_merged(seg_model: SegModel, out_dir: str | Path) -> Path:
     """A standalone base-model folder (LoRA merged) that another run can use as ``model.path``."""
     return seg_model.save_base(out_dir)
-
-
-@torch.no_grad()
-def lora_b_norm(peft_model: nn.Module) -> float:
-    """Sum of |LoRA-B| norms; zero right after init (pitfall 2), so a preflight can see whether B moved."""
-    return float(sum(p.norm() for n, p in peft_model.named_parameters() if ".lora_B." in n))

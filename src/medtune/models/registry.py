@@ -103,5 +103,5 @@ def build_model(cfg: Config) -> SegModel:
     log.info("built %s (%s fine-tuning): %d / %d parameters trainable (%.2f%%)", family, mode, trainable, total,
              100.0 * trainable / max(total, 1))
     if trainable == 0:
-        raise RuntimeError(f"{family} built with 0 trainable parameters; nothing would train")
+        raise ValueError(f"{family} built with 0 trainable parameters; nothing would train")
     return seg

@@ -154,7 +154,7 @@ class SamSegModel(SegModel):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if getattr(self.base_network, "is_loaded_in_4bit", False):
-            raise RuntimeError("cannot save a 4-bit (QLoRA) base as a model folder; build the model unquantised "
+            raise ValueError("cannot save a 4-bit (QLoRA) base as a model folder; build the model unquantised "
                                "(model.quantize_4bit=false), load the adapter with load_trainable, then save")
         merged_copy(self.net).save_pretrained(str(out_dir), safe_serialization=True)
         return out_dir
@@ -190,12 +190,12 @@ def _config_from_overrides(family: str, overrides: dict[str, Any]):
 
 def _require_qlora_stack() -> None:
     if not torch.cuda.is_available():
-        raise RuntimeError("QLoRA (model.quantize_4bit=true) needs a CUDA GPU and bitsandbytes; this machine has no "
+        raise ValueError("QLoRA (model.quantize_4bit=true) needs a CUDA GPU and bitsandbytes; this machine has no "
                            "CUDA device. Set model.quantize_4bit=false to train LoRA on the unquantised model")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise RuntimeError("QLoRA needs a CUDA GPU and bitsandbytes: pip install 'medtune[gpu]'") from None
+        raise ValueError("QLoRA needs a CUDA GPU and bitsandbytes: pip install 'medtune[gpu]'") from None
 
 
 def _build(cfg: Config, cls: type[SamSegModel]) -> SamSegModel:

@@ -168,7 +168,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     if cfg.rl.init_from and resume is None:
         cfg = adopt_parent(cfg, run_dir, is_main)
         accelerator.wait_for_everyone()
-        cfg = load_run_config(run_dir)
+        cfg = load_run_config(run_dir)  # every process reads the config the main process just wrote
     set_seed(cfg.run.seed)
     init_trackers(accelerator, cfg, run_dir)
     weights = reward_weights(cfg)

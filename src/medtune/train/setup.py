@@ -9,7 +9,6 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
@@ -145,9 +144,6 @@ def warn(msg: str) -> None:
     log.warning(msg)
     warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
-
-def all_finite(values: list[float]) -> bool:
-    return bool(np.all(np.isfinite(values)))
 
 
 class TrainingStopped(RuntimeError):
