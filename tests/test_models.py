@@ -378,7 +378,7 @@ def test_family_must_match_checkpoint(sam_folder):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_qlora_refused_without_cuda(sam_folder):
-    with pytest.raises(RuntimeError, match="CUDA GPU and bitsandbytes"):
+    with pytest.raises(ValueError, match="CUDA GPU and bitsandbytes"):
         build_model(_cfg(family="sam", path=str(sam_folder), quantize_4bit=True))
     with pytest.raises(ValueError, match="finetune=lora"):
         build_model(_cfg(family="sam", config={"preset": "tiny"}, quantize_4bit=True))
