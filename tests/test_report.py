@@ -322,7 +322,7 @@ def test_kfold_errors():
 def test_prepare_split_uses_kfold(tmp_path, data_dir):
     """The data layer routes data.split.folds to kfold_split (fold i tests a different set)."""
     pytest.importorskip("accelerate")
-    from medtune.train.setup import prepare_split
+    from medtune.data.run_split import prepare_split
 
     tests = []
     for fold in range(2):

@@ -5,7 +5,7 @@ import pytest
 from helpers import write_generic
 
 from medtune.config import build_config
-from medtune.train.setup import prepare_split
+from medtune.data.run_split import prepare_split
 
 
 def _cfg(data, tmp_path, *extra):

@@ -24,10 +24,8 @@ def _train(args) -> None:
         if not args.config:
             raise SystemExit("medtune train: give a CONFIG file (or --resume RUN)")
         cfg = load_config(args.config, args.overrides)
-    if cfg.objective == "rl":
-        from medtune.train.rl import train
-    else:
-        from medtune.train.sft import train
+    from medtune.train import train
+
     run_dir = train(cfg, resume=args.resume)
     print(f"run folder: {run_dir}")
 

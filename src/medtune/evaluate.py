@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from medtune.calibration import calibrate
 from medtune.config import Config, build_config
 from medtune.data.loading import load_all, resample_to_native
+from medtune.data.run_split import RunData, load_split_samples, prepare_split
 from medtune.data.types import LoadedSample
 from medtune.inference import predict_prob
 from medtune.metrics import image_metrics, pooled_metrics
@@ -25,7 +26,6 @@ from medtune.models.registry import build_model
 from medtune.stats import aggregate
 from medtune.train.checkpoint import find_checkpoint, load_checkpoint
 from medtune.train.runs import load_run_config, write_text_atomic
-from medtune.train.setup import RunData, load_split_samples, prepare_split
 
 log = logging.getLogger("medtune")
 

@@ -51,10 +51,8 @@ def _finished_fold(cfg_i: Config, split: str = "test") -> Path | None:
 
 
 def _default_train(cfg: Config) -> Path:
-    if cfg.objective == "rl":
-        from medtune.train.rl import train
-    else:
-        from medtune.train.sft import train
+    from medtune.train import train
+
     return train(cfg)
 
 

@@ -1,0 +1,15 @@
+"""The training recipes: `sft.py` (objective: supervised) and `rl.py` (objective: rl)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from medtune.config import Config
+
+
+def train(cfg: Config, resume: str | Path | None = None) -> Path:
+    """Run the recipe of ``cfg.objective``; returns the run folder."""
+    if cfg.objective == "rl":
+        from medtune.train.rl import train as recipe
+    else:
+        from medtune.train.sft import train as recipe
+    return recipe(cfg, resume=resume)

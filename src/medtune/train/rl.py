@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from medtune.config import Config
 from medtune.data.datasets import StepBatchSampler, TrainPatchDataset
+from medtune.data.run_split import check_readable, load_split_samples, prepare_split
 from medtune.data.types import LoadedSample
 from medtune.losses import ComboLoss
 from medtune.models.lora import export_merged
@@ -32,17 +33,7 @@ from medtune.train.checkpoint import TrainerState, find_checkpoint, load_checkpo
 from medtune.train.loop import Bookkeeping
 from medtune.train.preflight import run_preflight
 from medtune.train.runs import load_run_config, write_run_files
-from medtune.train.setup import (
-    batch_to,
-    check_readable,
-    init_trackers,
-    load_split_samples,
-    make_accelerator,
-    make_optimizer,
-    make_scheduler,
-    prepare_split,
-    start_run,
-)
+from medtune.train.setup import batch_to, init_trackers, make_accelerator, make_optimizer, make_scheduler, start_run
 
 log = logging.getLogger("medtune")
 

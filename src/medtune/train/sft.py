@@ -17,22 +17,13 @@ from torch.utils.data import DataLoader
 
 from medtune.config import Config
 from medtune.data.datasets import StepBatchSampler, TrainPatchDataset
+from medtune.data.run_split import check_readable, load_split_samples, prepare_split
 from medtune.losses import ComboLoss
 from medtune.models.registry import build_model
 from medtune.train.checkpoint import TrainerState, find_checkpoint, load_checkpoint
 from medtune.train.loop import Bookkeeping
 from medtune.train.preflight import run_preflight
-from medtune.train.setup import (
-    batch_to,
-    check_readable,
-    init_trackers,
-    load_split_samples,
-    make_accelerator,
-    make_optimizer,
-    make_scheduler,
-    prepare_split,
-    start_run,
-)
+from medtune.train.setup import batch_to, init_trackers, make_accelerator, make_optimizer, make_scheduler, start_run
 
 log = logging.getLogger("medtune")
 
