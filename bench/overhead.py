@@ -31,7 +31,7 @@ def config(tmp: Path, steps: int, name: str):
 
 
 def medtune_images_per_s(cfg) -> float:
-    from medtune.train.runs import read_metrics
+    from medtune.runs.files import read_metrics
     from medtune.train.sft import train
 
     run = train(cfg)

@@ -17,7 +17,7 @@ from medtune.models.lora import (
     save_trainable,
     verify_trainable,
 )
-from medtune.models.registry import FAMILIES, build_model
+from medtune.models.registry import BUILDERS, build_model
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()
@@ -180,8 +180,18 @@ def test_unet_saved_base_vs_config(unet_base):
 def test_unknown_family_lists_registered():
     with pytest.raises(ValueError) as err:
         build_model(_cfg(family="nope"))
-    for name in ("unet", "sam", "sam2"):
-        assert name in str(err.value) and name in FAMILIES
+    for name in ("unet", "sam", "sam2", "segvlm"):
+        assert name in str(err.value) and name in BUILDERS
+
+
+def test_third_party_family_by_import_path():
+    # a builder given as "module:function" is used as is; nothing has to register itself on import
+    seg = build_model(_cfg(family="medtune.models.unet:build_unet", config={"channels": [8, 16], "strides": [2]}))
+    assert type(seg).__name__ == "UNetSegModel"
+    with pytest.raises(ValueError, match="no function"):
+        build_model(_cfg(family="medtune.models.unet:nope"))
+    with pytest.raises(ValueError, match="cannot import"):
+        build_model(_cfg(family="no_such_pkg.mod:build"))
 
 
 def test_missing_model_path_names_path_and_fix(tmp_path):

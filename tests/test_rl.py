@@ -11,8 +11,8 @@ from torch import nn
 
 from medtune.config import build_config
 from medtune.models.base import SegModel
+from medtune.runs.files import read_metrics
 from medtune.train.rl import rl_loss, rollout
-from medtune.train.runs import read_metrics
 
 
 class ToySeg(SegModel):

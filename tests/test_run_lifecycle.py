@@ -10,7 +10,7 @@ from PIL import Image
 
 from medtune.cli import main
 from medtune.losses import ComboLoss
-from medtune.train.runs import read_metrics
+from medtune.runs.files import read_metrics
 from medtune.train.setup import TrainingStopped
 from medtune.train.sft import train
 

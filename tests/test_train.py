@@ -15,7 +15,7 @@ from peft import PeftModel
 
 from medtune.evaluate import evaluate_run, load_run_model
 from medtune.models.lora import export_merged
-from medtune.train.runs import read_metrics
+from medtune.runs.files import read_metrics
 from medtune.train.sft import train
 
 

@@ -17,7 +17,7 @@ def _train(args) -> None:
             raise ValueError("--resume continues a run with its own config.yaml; drop the CONFIG/overrides (start a "
                              "new run to change settings)")
         run_dir = Path(args.resume)
-        from medtune.train.runs import load_run_config
+        from medtune.runs.files import load_run_config
 
         cfg = load_run_config(run_dir)
     else:
@@ -72,8 +72,8 @@ def _inspect(args) -> None:
 
 
 def _export(args) -> None:
-    from medtune.evaluate import load_run_model
     from medtune.models.lora import export_merged
+    from medtune.runs.load import load_run_model
 
     _, model, ckpt = load_run_model(args.run, args.checkpoint, "cpu", overrides=args.overrides)
     export_merged(model, Path(args.out))

@@ -11,43 +11,24 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from medtune.calibration import calibrate
-from medtune.config import Config, build_config
+from medtune.config import Config
 from medtune.data.loading import load_all, resample_to_native
 from medtune.data.run_split import RunData, load_split_samples, prepare_split
 from medtune.data.types import LoadedSample
 from medtune.inference import predict_prob
 from medtune.metrics import image_metrics, pooled_metrics
 from medtune.models.base import SegModel
-from medtune.models.registry import build_model
+from medtune.runs.files import write_text_atomic
+from medtune.runs.load import default_device, load_run_model
 from medtune.stats import aggregate
-from medtune.train.checkpoint import find_checkpoint, load_checkpoint
-from medtune.train.runs import load_run_config, write_text_atomic
 
 log = logging.getLogger("medtune")
 
 PER_IMAGE_METRICS = ["dice", "iou", "precision", "recall", "specificity", "accuracy", "auc", "cldice",
                      "betti0_error", "betti1_error", "hd95", "assd"]
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_run_model(run_dir: str | Path, checkpoint: str = "best", device=None,
-                   overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, SegModel, Path]:
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    if overrides:
-        cfg = build_config(cfg.model_dump(mode="json"), overrides, source=str(run_dir / "config.yaml"))
-    ckpt = find_checkpoint(run_dir, checkpoint)
-    model = build_model(cfg)
-    load_checkpoint(ckpt, model, restore_rng=False)
-    model.to(device or default_device()).eval()
-    return cfg, model, ckpt
 
 
 def probabilities(model: SegModel, samples: list[LoadedSample], cfg: Config, device, desc: str) -> list[np.ndarray]:

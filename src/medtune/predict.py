@@ -10,8 +10,8 @@ from tqdm.auto import tqdm
 
 from medtune.data.loading import fov_diameter, load_sample, resample_to_native
 from medtune.data.types import DataError, Sample
-from medtune.evaluate import default_device, load_run_model
 from medtune.inference import predict_prob, uses_whole_image
+from medtune.runs.load import default_device, load_run_model
 
 
 def calibrated_threshold(run_dir: Path) -> tuple[float, str]:

@@ -3,11 +3,26 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import nn
+
+
+@dataclass
+class ModelOutput:
+    """What one training/evaluation forward of any family returns; each task reads the parts it needs.
+
+    ``mask_logits`` [B, K, H, W] at the input resolution (K targets per image: 1 for U-Net/SAM, one per ``[SEG]`` for
+    a segmenting VLM); ``lm_loss`` the language-model cross-entropy on supervised tokens (a scalar) and
+    ``token_logits`` [B, T, V], for models that read and write text. Absent parts are None.
+    """
+
+    mask_logits: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    token_logits: torch.Tensor | None = None
 
 
 class SegModel(nn.Module):
@@ -33,7 +48,18 @@ class SegModel(nn.Module):
     def forward_logits(self, image: torch.Tensor, box: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError(f"{type(self).__name__} must implement forward_logits")
 
-    def forward(self, image: torch.Tensor, box: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_batch(self, batch: dict) -> ModelOutput:
+        """The one forward the recipes call, on a collated batch. Image-only families read ``image`` (and ``box``
+        in box-prompt mode); text families read their token tensors too."""
+        box = batch.get("box") if getattr(self, "prompt", "none") == "box" else None
+        return ModelOutput(mask_logits=self.forward_logits(batch["image"], box))
+
+    def forward(self, image: torch.Tensor | None = None, box: torch.Tensor | None = None, *,
+                batch: dict | None = None):
+        """``model(batch=batch)`` -> ``ModelOutput`` (the recipes' call, through DDP/autocast wrappers);
+        ``model(image, box)`` -> mask logits [B, 1, H, W] (image-only families)."""
+        if batch is not None:
+            return self.forward_batch(batch)
         return self.forward_logits(image, box)
 
     @property

@@ -7,85 +7,55 @@ gradient-checkpointed as asked. LoRA is attached here, after all of that, so no 
 """
 from __future__ import annotations
 
-import json
+import importlib
 import logging
 import re
-from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from medtune.config import Config
 from medtune.models.base import SegModel
 
 log = logging.getLogger(__name__)
 
-FAMILIES: dict[str, Callable[[Config], SegModel]] = {}
+# The built-in families, by "module:builder" so nothing is imported until a family is asked for (and no family
+# module has to import this one to register itself). A third-party family is given the same way in the config:
+# `model.family: "my_pkg.my_family:build"`, a function Config -> SegModel.
+BUILDERS: dict[str, str] = {
+    "unet": "medtune.models.unet:build_unet",
+    "sam": "medtune.models.sam:build_sam",
+    "sam2": "medtune.models.sam:build_sam2",
+    "segvlm": "medtune.models.segvlm:build_segvlm",
+}
 
 
-def register_family(name: str) -> Callable[[Callable[[Config], SegModel]], Callable[[Config], SegModel]]:
-    def deco(fn: Callable[[Config], SegModel]) -> Callable[[Config], SegModel]:
-        if name in FAMILIES and FAMILIES[name] is not fn:
-            raise ValueError(f"model family {name!r} is already registered (by {FAMILIES[name].__module__})")
-        FAMILIES[name] = fn
-        return fn
-
-    return deco
-
-
-def _load_builtin_families() -> None:
-    # Imported lazily: the family modules import this one to register themselves.
-    import medtune.models.sam  # noqa: F401
-    import medtune.models.unet  # noqa: F401
-
-
-def resolve_model_path(cfg: Config) -> Path | None:
-    """``model.path`` as a checked local folder, or None for random init.
-
-    Refuses a transformers folder whose config.json maps to custom code (``auto_map``) unless the user opted in
-    with ``model.trust_remote_code``: loading it would execute Python shipped inside the folder.
-    """
-    if cfg.model.path is None:
-        return None
-    path = Path(cfg.model.path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"model.path {cfg.model.path!r} does not exist. medtune loads only local folders (never downloads): "
-            f"point model.path at a folder written by save_pretrained / `save_base` (e.g. download a hub model first "
-            f"with `huggingface-cli download <repo> --local-dir <folder>`), or remove model.path to build "
-            f"family {cfg.model.family!r} from model.config with random weights"
-        )
-    if not path.is_dir():
-        raise ValueError(f"model.path {cfg.model.path!r} is a file; it must be the folder that holds the model files")
-    config_json = path / "config.json"
-    if config_json.is_file():
-        try:
-            data = json.loads(config_json.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{config_json} is not valid JSON ({err}); re-save the model") from None
-        if data.get("auto_map") and not cfg.model.trust_remote_code:
-            raise ValueError(
-                f"{config_json} declares custom model code (auto_map: {data['auto_map']}); loading it would run "
-                f"Python files from {path}. If you trust that folder, set model.trust_remote_code=true"
-            )
-    return path
-
-
-def remote_code_kwargs(cfg: Config) -> dict[str, Any]:
-    # Only passed when the user set it, so nothing in a plain run can opt into executing folder code.
-    return {"trust_remote_code": True} if cfg.model.trust_remote_code else {}
+def family_builder(family: str) -> Callable[[Config], SegModel]:
+    target = BUILDERS.get(family, family)
+    if ":" not in target:
+        raise ValueError(f"unknown model.family {family!r}; built in: {', '.join(sorted(BUILDERS))}, or a "
+                         "third-party builder as 'package.module:function'")
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"model.family {family!r}: cannot import {module_name!r} ({err})") from None
+    builder = getattr(module, attr, None)
+    if not callable(builder):
+        raise ValueError(f"model.family {family!r}: {module_name!r} has no function {attr!r}")
+    return builder
 
 
 def build_model(cfg: Config) -> SegModel:
-    _load_builtin_families()
     family = cfg.model.family
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model.family {family!r}; registered families: {', '.join(sorted(FAMILIES))}")
+    builder = family_builder(family)
     mode = cfg.finetune_mode()
     if cfg.model.quantize_4bit and mode != "lora":
         raise ValueError(
             "model.quantize_4bit (QLoRA) trains LoRA adapters on a frozen 4-bit base and cannot train it fully; "
             "set model.finetune=lora (or leave it auto with model.path set), or model.quantize_4bit=false"
         )
-    seg = FAMILIES[family](cfg)
+    seg = builder(cfg)
+    if not isinstance(seg, SegModel):
+        raise ValueError(f"model.family {family!r}: its builder returned {type(seg).__name__}, not a SegModel")
     if mode == "lora":
         from medtune.models.lora import apply_lora
 

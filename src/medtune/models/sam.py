@@ -11,7 +11,6 @@ attention layers are never hit), plus the whole mask decoder trained fully via `
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from torch import nn
 
 from medtune.config import Config
 from medtune.models.base import SegModel, load_safetensors_folder
-from medtune.models.registry import register_family, remote_code_kwargs, resolve_model_path
+from medtune.models.hf import load_kwargs, prepare_for_training, read_config_json, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -188,86 +187,39 @@ def _config_from_overrides(family: str, overrides: dict[str, Any]):
     return Sam2Config(**_deep_merge(base, overrides))
 
 
-def _require_qlora_stack() -> None:
-    if not torch.cuda.is_available():
-        raise ValueError("QLoRA (model.quantize_4bit=true) needs a CUDA GPU and bitsandbytes; this machine has no "
-                           "CUDA device. Set model.quantize_4bit=false to train LoRA on the unquantised model")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ValueError("QLoRA needs a CUDA GPU and bitsandbytes: pip install 'medtune[gpu]'") from None
-
-
 def _build(cfg: Config, cls: type[SamSegModel]) -> SamSegModel:
     from transformers import AutoModel, Sam2Model, SamModel
 
     model_cls = SamModel if cls.model_type == "sam" else Sam2Model
     path = resolve_model_path(cfg)
-    quantize = cfg.model.quantize_4bit
-    if quantize:
-        _require_qlora_stack()
     if path is None:
-        if quantize:
+        if cfg.model.quantize_4bit:
             raise ValueError("model.quantize_4bit quantises a pretrained model; set model.path to a local checkpoint")
         net = model_cls(_config_from_overrides(cls.family, cfg.model.config))
     else:
-        config_json = path / "config.json"
-        if not config_json.is_file():
-            raise FileNotFoundError(f"{path} has no config.json, so it is not a transformers checkpoint folder for "
-                                    f"family {cls.family} (save one with save_pretrained or medtune's save_base)")
+        meta = read_config_json(path)
         if cfg.model.config:
             # Not an error: a run seeded from a parent trained from scratch (rl.init_from) carries its model.config.
-            log.warning("model.config is ignored with model.path: the architecture comes from %s", config_json)
-        meta = json.loads(config_json.read_text())
+            log.warning("model.config is ignored with model.path: the architecture comes from %s/config.json", path)
         if not meta.get("auto_map") and meta.get("model_type") != cls.model_type:
             raise ValueError(f"{path} holds a {meta.get('model_type')!r} model, not {cls.model_type!r}; set "
                              f"model.family to match the checkpoint")
-        kwargs: dict[str, Any] = remote_code_kwargs(cfg)
-        if quantize:
-            from transformers import BitsAndBytesConfig
-
-            modules_to_save = (cfg.lora.modules_to_save if cfg.lora.modules_to_save is not None
-                               else cls.DEFAULT_MODULES_TO_SAVE)
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                # Modules trained as full copies must stay in a trainable dtype.
-                llm_int8_skip_modules=list(modules_to_save),
-            )
-            kwargs["device_map"] = {"": torch.cuda.current_device()}
-        else:
-            # fp32 master weights whatever the checkpoint's dtype; mixed precision is autocast's job.
-            kwargs["dtype"] = torch.float32
+        keep = cfg.lora.modules_to_save if cfg.lora.modules_to_save is not None else cls.DEFAULT_MODULES_TO_SAVE
         loader = AutoModel if cfg.model.trust_remote_code else model_cls
-        net = loader.from_pretrained(str(path), **kwargs)
+        net = loader.from_pretrained(str(path), **load_kwargs(cfg, keep))
     if cls.model_type == "sam2":
         # SAM 2 swaps in another mask token in eval mode when the first one looks unstable; training and
         # evaluation must run the same function, so always take the single-mask token.
         net.mask_decoder.dynamic_multimask_via_stability = False
-    if cfg.model.gradient_checkpointing and not getattr(net, "supports_gradient_checkpointing", False):
-        raise ValueError(f"transformers' {type(net).__name__} does not support gradient checkpointing; set "
-                         "model.gradient_checkpointing=false (lower data.batch_size or data.patch_size for memory)")
-    if quantize:
-        from peft import prepare_model_for_kbit_training
-
-        # Before LoRA is attached (registry.build_model does that later): afterwards it would freeze the adapter.
-        net = prepare_model_for_kbit_training(
-            net, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif cfg.model.gradient_checkpointing:
-        # Non-reentrant checkpointing back-propagates into LoRA even though the patch embedding's output does
-        # not require grad (pitfall 3), so enable_input_require_grads is not needed.
-        if hasattr(net, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed it
-            net.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Non-reentrant checkpointing back-propagates into LoRA even though the patch embedding's output does not
+    # require grad (pitfall 3), so input grads are not needed here.
+    net = prepare_for_training(net, cfg)
     return cls(net, cfg.data.channels, cfg.model.prompt)
 
 
-@register_family("sam")
 def build_sam(cfg: Config) -> SamSegModel:
     return _build(cfg, SamSegModel)
 
 
-@register_family("sam2")
 def build_sam2(cfg: Config) -> Sam2SegModel:
     return _build(cfg, Sam2SegModel)

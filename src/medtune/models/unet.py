@@ -23,7 +23,7 @@ from torch import nn
 
 from medtune.config import Config
 from medtune.models.base import SegModel, load_safetensors_folder
-from medtune.models.registry import register_family, resolve_model_path
+from medtune.models.hf import resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,6 @@ def read_arch(folder: Path) -> dict[str, Any]:
     return json.loads(config.read_text())
 
 
-@register_family("unet")
 def build_unet(cfg: Config) -> UNetSegModel:
     if cfg.model.quantize_4bit:
         raise ValueError("model.quantize_4bit (QLoRA) is for the transformers families (sam, sam2), not unet")

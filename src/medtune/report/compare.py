@@ -62,7 +62,7 @@ class Row:
 
 
 def load_run_eval(run: Path, split: str) -> RunEval:
-    from medtune.train.runs import read_metrics
+    from medtune.runs.files import read_metrics
 
     run = Path(run)
     ev = eval_dir(run, split)

@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 
 from medtune.config import Config
 from medtune.data.types import LoadedSample
-from medtune.train.checkpoint import TrainerState, rotate_step_checkpoints, save_checkpoint
-from medtune.train.runs import MetricsLog
+from medtune.runs.checkpoint import TrainerState, rotate_step_checkpoints, save_checkpoint
+from medtune.runs.files import MetricsLog
 from medtune.train.setup import StopFlag, TrainingStopped, frozen_metric_warning, validate, warn
 
 log = logging.getLogger("medtune")

@@ -29,10 +29,10 @@ from medtune.models.lora import export_merged
 from medtune.models.registry import build_model
 from medtune.policy import bernoulli_entropy, bernoulli_kl, clipped_objective, group_advantages, group_logprob, sample_group
 from medtune.rewards import combined_reward, load_reward, register_reward, resolve_weights
-from medtune.train.checkpoint import TrainerState, find_checkpoint, load_checkpoint
+from medtune.runs.checkpoint import TrainerState, find_checkpoint, load_checkpoint
+from medtune.runs.files import load_run_config, write_run_files
 from medtune.train.loop import Bookkeeping
 from medtune.train.preflight import run_preflight
-from medtune.train.runs import load_run_config, write_run_files
 from medtune.train.setup import batch_to, init_trackers, make_accelerator, make_optimizer, make_scheduler, start_run
 
 log = logging.getLogger("medtune")
@@ -47,7 +47,7 @@ def adopt_parent(cfg: Config, run_dir: Path, is_main: bool) -> Config:
     reference_dir = run_dir / "reference-model"
     parent_cfg = load_run_config(parent)
     if is_main and not (reference_dir / ".complete").exists():
-        from medtune.evaluate import load_run_model
+        from medtune.runs.load import load_run_model
 
         _, parent_model, ckpt = load_run_model(parent, "best", "cpu")
         export_merged(parent_model, reference_dir)

@@ -15,7 +15,7 @@ from medtune.config import Config
 from medtune.data.types import LoadedSample
 from medtune.inference import predict_prob
 from medtune.metrics import pooled_metrics
-from medtune.train.runs import load_run_config, new_run_dir, write_run_files
+from medtune.runs.files import load_run_config, new_run_dir, write_run_files
 
 log = logging.getLogger("medtune")
 

@@ -20,7 +20,7 @@ from medtune.data.datasets import StepBatchSampler, TrainPatchDataset
 from medtune.data.run_split import check_readable, load_split_samples, prepare_split
 from medtune.losses import ComboLoss
 from medtune.models.registry import build_model
-from medtune.train.checkpoint import TrainerState, find_checkpoint, load_checkpoint
+from medtune.runs.checkpoint import TrainerState, find_checkpoint, load_checkpoint
 from medtune.train.loop import Bookkeeping
 from medtune.train.preflight import run_preflight
 from medtune.train.setup import batch_to, init_trackers, make_accelerator, make_optimizer, make_scheduler, start_run
