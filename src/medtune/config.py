@@ -108,6 +108,19 @@ class LoraCfg(Section):
         return self.alpha if self.alpha is not None else 2.0 * self.resolved_r()
 
 
+class VLMCfg(Section):
+    """Vision-language parts: families ``segvlm`` (VLM + SAM through a [SEG] token) and ``vlm`` (instruction tuning)."""
+
+    vlm_path: str | None = None  # segvlm: local VLM folder (AutoModelForImageTextToText); model.path = a composed one
+    sam_path: str | None = None  # segvlm: local SamModel / Sam2Model folder
+    seg_token: str = "[SEG]"
+    train_projector: bool = False  # the VLM's multimodal projector trains (fully) too
+    vision_lora: bool = False  # LoRA also in the VLM's vision tower (default: language model only)
+    sam_encoder_lora: bool = False  # segvlm: LoRA in the SAM image encoder (default: frozen)
+    max_length: int | None = None  # token limit; a sample that would exceed it is refused, never truncated
+    chat_template: str | None = None  # Jinja template (file path or text) overriding the checkpoint's
+
+
 class ModelCfg(Section):
     family: str = "unet"
     path: str | None = None  # local checkpoint folder; None -> built from `config` (random init)
@@ -118,6 +131,7 @@ class ModelCfg(Section):
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     quantize_4bit: bool = False  # QLoRA (bitsandbytes, CUDA only)
+    vlm: VLMCfg = Field(default_factory=VLMCfg)
 
 
 class LossCfg(Section):
@@ -180,6 +194,22 @@ class RLCfg(Section):
     init_from: str | None = None  # supervised run folder whose weights become the frozen reference
 
 
+class TaskCfg(Section):
+    """What the model is asked to do with each sample (``auto``: from the family: segvlm -> segvlm, vlm -> instruct,
+    otherwise masks)."""
+
+    kind: Literal["auto", "masks", "segvlm", "instruct"] = "auto"
+    # segvlm, for data without referring expressions: the question asked and the teacher-forced answer
+    class_name: str = "object"
+    prompt: str = "Please segment the {class_name} in this image."
+    answer: str = "It is [SEG]."
+    lm_weight: float = Field(1.0, ge=0)  # lambda * LM cross-entropy on assistant tokens, added to the mask loss
+    # instruct: the label set answers are parsed into, and extra words that mean a label
+    labels: list[str] | None = None
+    synonyms: dict[str, list[str]] = Field(default_factory=dict)
+    max_new_tokens: int = Field(32, ge=1)
+
+
 class Config(Section):
     objective: Literal["supervised", "rl"] = "supervised"
     run: RunCfg = Field(default_factory=RunCfg)
@@ -191,6 +221,7 @@ class Config(Section):
     train: TrainCfg = Field(default_factory=TrainCfg)
     eval: EvalCfg = Field(default_factory=EvalCfg)
     rl: RLCfg = Field(default_factory=RLCfg)
+    task: TaskCfg = Field(default_factory=TaskCfg)
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
@@ -203,6 +234,11 @@ class Config(Section):
             raise ValueError("model.prompt=box needs data.sampling=whole_image (the box is drawn around the whole "
                              "lesion, and evaluation sees the whole image); random crops would train on other inputs")
         return self
+
+    def task_kind(self) -> Literal["masks", "segvlm", "instruct"]:
+        if self.task.kind != "auto":
+            return self.task.kind
+        return {"segvlm": "segvlm", "vlm": "instruct"}.get(self.model.family, "masks")
 
     def finetune_mode(self) -> Literal["lora", "full"]:
         if self.model.finetune != "auto":
