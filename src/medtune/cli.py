@@ -71,6 +71,14 @@ def _inspect(args) -> None:
     print(format_inspection(report))
 
 
+def _to_vqa(args) -> None:
+    from medtune.data.to_vqa import format_conversion, to_vqa
+
+    result = to_vqa(args.folder, args.out, seed=args.seed, drop_conflicting=args.drop_conflicting,
+                    duplicate_hash_distance=args.duplicate_hash_distance)
+    print(format_conversion(result, args.folder))
+
+
 def _export(args) -> None:
     from medtune.models.lora import export_merged
     from medtune.runs.load import load_run_model
@@ -141,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--split", default=None, help="a split.json to check for duplicates straddling splits")
     q.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.mask_suffixes=[_seg]")
     q.set_defaults(func=_inspect)
+    q = data_sub.add_parser("to-vqa", help="classification folder (one sub-folder per class) -> image + conversation "
+                                           "JSON (llava_json layout), near-duplicates grouped")
+    q.add_argument("folder")
+    q.add_argument("--out", required=True, help="JSON file to write")
+    q.add_argument("--seed", type=int, default=0, help="picks each image's question template")
+    q.add_argument("--duplicate-hash-distance", type=int, default=4)
+    q.add_argument("--drop-conflicting", action="store_true",
+                   help="leave out near-duplicate groups whose images are filed under different classes")
+    q.set_defaults(func=_to_vqa)
 
     p = sub.add_parser("export", help="merge the adapter into the base and save a loadable model folder")
     p.add_argument("run")

@@ -70,12 +70,14 @@ class SyntheticCfg(Section):
 
 class DataCfg(Section):
     path: str | None = None
-    layout: Literal["auto", "generic", "drive", "chase", "stare", "busi", "polygon_json", "synthetic"] = "auto"
+    layout: Literal["auto", "generic", "drive", "chase", "stare", "busi", "polygon_json", "llava_json",
+                    "synthetic"] = "auto"
     image_dir: str = "images"
     mask_dir: str = "masks"
     fov_dir: str | None = None
     mask_suffixes: list[str] = Field(default_factory=lambda: ["", "_mask", "_manual1", "_1stHO", "_seg"])
-    annotations: str = "annotations.json"  # polygon_json layout
+    annotations: str = "annotations.json"  # polygon_json / llava_json layouts (data.path may also be the JSON file)
+    image_root: str | None = None  # llava_json: folder image paths are relative to (default: the JSON's folder)
     channels: Literal[1, 3] = 3
     # random_crop: patches of patch_size (thin structures at native scale);
     # whole_image: the whole image resized to patch_size (lesions, box prompts).

@@ -17,7 +17,7 @@ from medtune.config import DataCfg
 from medtune.data.io import is_image_file, strip_image_extension
 from medtune.data.types import DataError, Sample
 
-LAYOUTS = ("generic", "drive", "chase", "stare", "busi", "polygon_json", "synthetic")
+LAYOUTS = ("generic", "drive", "chase", "stare", "busi", "polygon_json", "llava_json", "synthetic")
 SYNTHETIC_DEFAULT_ROOT = Path("~/.cache/medtune/synthetic")
 
 _DRIVE_SPLITS = {"training": "train", "train": "train", "test": "test"}
@@ -56,10 +56,12 @@ def detect_layout(root: str | Path, cfg: DataCfg | None = None) -> str:
     """Name of the layout a data folder follows, from its contents; DataError when none fits."""
     cfg = cfg or DataCfg()
     root = Path(root).expanduser()
+    if root.is_file() and root.suffix.lower() in (".json", ".jsonl"):
+        return "llava_json"
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found; set data.path to the folder that holds the images")
     if (root / cfg.annotations).is_file():
-        return "polygon_json"
+        return "llava_json" if _holds_conversations(root / cfg.annotations) else "polygon_json"
     subdirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
     has_drive_splits = "test" in subdirs and bool({"training", "train"} & subdirs.keys())
     if has_drive_splits and any((d / "images").is_dir() for n, d in subdirs.items() if n in _DRIVE_SPLITS):
@@ -341,6 +343,118 @@ def _discover_synthetic(cfg: DataCfg) -> Discovery:
     return found
 
 
+def _holds_conversations(path: Path) -> bool:
+    """Whether an annotations file is image + conversation data (its first entry has conversations / messages)."""
+    try:
+        entries = _read_json_entries(path)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    first = entries[0] if isinstance(entries, list) and entries else None
+    return isinstance(first, dict) and ("conversations" in first or "messages" in first)
+
+
+def _read_json_entries(path: Path):
+    """A JSON file's top-level value, or a JSONL file's lines as a list (ValueError naming the line when broken)."""
+    text = path.read_text()
+    if path.suffix.lower() != ".jsonl":
+        return json.loads(text)
+    entries = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"line {number}: {err}") from None
+    return entries
+
+
+def _inside(root: Path, rel: str) -> Path | None:
+    """``root / rel`` normalised lexically, or None when ``rel`` is absolute or climbs out of ``root``.
+
+    Lexical (not resolve()): a data set may legitimately symlink its image folder elsewhere, but an annotation must
+    not point outside the data folder with ../ or an absolute path."""
+    path = Path(os.path.normpath(root / rel))
+    if Path(rel).is_absolute() or not path.is_relative_to(root):
+        return None
+    return path
+
+
+def _discover_llava_json(cfg: DataCfg, root: Path) -> Discovery:
+    from medtune.data.conversations import parse_conversation
+
+    ann_path = root if root.is_file() else root / cfg.annotations
+    image_root = Path(os.path.normpath(Path(cfg.image_root or ann_path.parent).expanduser().absolute()))
+    found = Discovery("llava_json", image_root)
+    if not ann_path.is_file():
+        found.problems.append(f"{ann_path}: annotations file not found; point data.path at the JSON/JSONL file "
+                              "(or set data.annotations to its name inside data.path)")
+        return found
+    if not image_root.is_dir():
+        found.problems.append(f"{image_root}: image root not found; set data.image_root to the folder image paths "
+                              "are relative to")
+        return found
+    try:
+        entries = _read_json_entries(ann_path)
+    except (ValueError, UnicodeDecodeError) as err:
+        found.problems.append(f"{ann_path}: not valid JSON ({err}); fix or re-export the file")
+        return found
+    if not isinstance(entries, list):
+        found.problems.append(f"{ann_path}: top level must be a list of {{'image', 'conversations'}} entries")
+        return found
+    line_word = "line" if ann_path.suffix.lower() == ".jsonl" else "entry"
+    given_ids: Counter[str] = Counter()
+    auto_ids: Counter[str] = Counter()
+    for i, entry in enumerate(entries):
+        where = f"{ann_path} {line_word} {i + 1 if line_word == 'line' else i}"
+        if not isinstance(entry, dict):
+            found.problems.append(f"{where}: must be an object with 'image' and 'conversations'")
+            continue
+        images = entry.get("images", entry.get("image"))
+        images = [images] if isinstance(images, str) else images
+        if not images:
+            found.problems.append(f"{where}: no 'image'; text-only samples are not supported (give each entry the "
+                                  "image its question is about)")
+            continue
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            found.problems.append(f"{where}: 'image' must be a path string (or 'images' a list of them)")
+            continue
+        if len(images) > 1:
+            found.problems.append(f"{where}: {len(images)} images; multi-image samples are not supported yet (split "
+                                  "the entry into one entry per image)")
+            continue
+        image = _inside(image_root, images[0])
+        if image is None:
+            found.problems.append(f"{where}: image path '{images[0]}' escapes the image root {image_root}; use a path "
+                                  "relative to and inside it (or set data.image_root)")
+            continue
+        if not image.is_file():
+            found.problems.append(f"{where}: image '{images[0]}' not found under {image_root}; fix the path or add "
+                                  "the file")
+            continue
+        turns, problems = parse_conversation(entry, 1, where)
+        if problems:
+            found.problems += problems
+            continue
+        image_id = _rel_id(image, image_root)
+        if isinstance(entry.get("id"), (str, int)):
+            sample_id = str(entry["id"])
+            given_ids[sample_id] += 1
+        else:  # several questions about one image: image id, then image id#2, #3 ...
+            auto_ids[image_id] += 1
+            sample_id = image_id if auto_ids[image_id] == 1 else f"{image_id}#{auto_ids[image_id]}"
+        label = entry.get("label")
+        group = entry.get("group")
+        found.samples.append(Sample(
+            id=sample_id, image=image, label=label if isinstance(label, str) else None,
+            # questions about one image (or one near-duplicate group) never straddle two splits
+            group=str(group) if group is not None else image_id,
+            conversations=turns,
+        ))
+    for dup in sorted(i for i, n in given_ids.items() if n > 1):
+        found.problems.append(f"{ann_path}: id {dup!r} is used by {given_ids[dup]} entries; ids must be unique")
+    return found
+
+
 _DISCOVERERS = {
     "generic": _discover_generic,
     "drive": _discover_drive,
@@ -348,6 +462,7 @@ _DISCOVERERS = {
     "stare": _discover_stare,
     "busi": _discover_busi,
     "polygon_json": _discover_polygon_json,
+    "llava_json": _discover_llava_json,
 }
 
 
@@ -376,7 +491,8 @@ def scan(cfg: DataCfg) -> Discovery:
             hint = "data.path is not set; point it at the data folder or use data.layout=synthetic (built-in data)"
             return Discovery(cfg.layout, Path("."), problems=[hint])
         root = Path(cfg.path).expanduser()
-        if not root.is_dir():
+        is_json_file = root.is_file() and cfg.layout in ("auto", "llava_json")
+        if not root.is_dir() and not is_json_file:
             return Discovery(cfg.layout, root, problems=[f"{root}: data folder not found; check data.path"])
         layout = cfg.layout
         if layout == "auto":

@@ -96,6 +96,8 @@ def load_sample(sample: Sample, cfg: DataCfg, scale: float = 1.0) -> LoadedSampl
         fov=np.ascontiguousarray(fov, dtype=np.uint8),
         scale=float(scale),
         native_shape=native_shape,
+        conversations=sample.conversations,
+        label=sample.label,
     )
 
 

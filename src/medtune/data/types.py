@@ -21,6 +21,9 @@ class Sample:
     group: str | None = None  # patient / video id: never split across train/val/test
     split: str | None = None  # split shipped by the layout ("train" | "test"), e.g. DRIVE
     label: str | None = None  # class name where the layout has one (BUSI benign / malignant)
+    # llava_json: the conversation, turns {"role": "user" | "assistant" | "system", "content": str} with the image at
+    # an "<image>" placeholder (medtune.data.conversations)
+    conversations: list[dict[str, str]] | None = None
 
 
 @dataclass
@@ -31,3 +34,5 @@ class LoadedSample:
     fov: np.ndarray  # uint8 [H, W] in {0, 1}; all ones when there is no FOV
     scale: float = 1.0  # resampling factor applied (scale normalisation); predictions are mapped back by 1/scale
     native_shape: tuple[int, int] | None = None  # (H, W) before scale normalisation
+    conversations: list[dict[str, str]] | None = None  # Sample.conversations (instruction tuning)
+    label: str | None = None  # Sample.label
