@@ -25,6 +25,7 @@ BUILDERS: dict[str, str] = {
     "sam": "medtune.models.sam:build_sam",
     "sam2": "medtune.models.sam:build_sam2",
     "segvlm": "medtune.models.segvlm:build_segvlm",
+    "vlm": "medtune.models.vlm:build_vlm",
 }
 
 
@@ -60,6 +61,8 @@ def build_model(cfg: Config) -> SegModel:
         from medtune.models.lora import apply_lora
 
         seg.net = apply_lora(seg.net, cfg.lora, seg.default_lora_targets(), seg.default_modules_to_save())
+        if hasattr(seg, "after_lora"):  # a family's own checks / changes that need the wrapped model
+            seg.after_lora()
     else:
         for p in seg.net.parameters():
             if p.is_floating_point():

@@ -1,0 +1,529 @@
+"""Family ``vlm``: instruction tuning of a vision-language model (LLaVA / InternVL / Qwen-VL style, or a remote-code
+model such as Hulu-Med when ``model.trust_remote_code`` is set) on image + conversation data.
+
+The network is whatever ``from_pretrained`` builds from a local folder (``AutoModelForImageTextToText``, or
+``AutoModelForCausalLM`` for remote code), with the folder's processor; ``model.config: {preset: tiny, vlm: llava |
+internvl}`` builds the offline tiny models of ``tiny_vlm``. What this module adds is where things go wrong silently:
+
+* LoRA placement: vision towers reuse the language model's layer names (``q_proj`` ...), so the default targets are
+  one anchored regex over the *full* names of the language model's linear layers, and ``after_lora`` refuses any
+  adapter in the vision tower (unless ``model.vlm.vision_lora``) or the projector, and checks that the projector
+  trains exactly when ``model.vlm.train_projector`` asks (through ``modules_to_save``, after wrapping).
+* Labels: ``ChatCodec`` renders the conversation with the model's own chat template turn by turn and tokenises the
+  pieces separately, so exactly the assistant answers and their end-of-turn token are supervised, whatever the
+  template, and a generation prompt is token for token the training prompt.
+* Truncation: a sample longer than ``model.vlm.max_length`` is refused with its id (never cut: a cut through the
+  image tokens breaks the image-feature/token match, a cut answer teaches a wrong stop).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import InternVLProcessor
+
+from medtune.config import Config, VLMCfg
+from medtune.data.conversations import IMAGE_PLACEHOLDER, question_turns
+from medtune.data.types import DataError
+from medtune.models.base import ModelOutput, SegModel, load_safetensors_folder
+from medtune.models.hf import load_kwargs, prepare_for_training, read_config_json, remote_code_kwargs, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+# Last name part of the vision encoder / the multimodal projector in the VLM families transformers and the common
+# remote-code models use (LLaVA, InternVL, Qwen-VL, Idefics, Gemma3, PaliGemma, Hulu-Med / VideoLLaMA3 ...).
+VISION_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_encoder", "vpm")
+PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "mlp1", "merger", "connector", "aligner")
+# Batch keys that are not model inputs.
+NON_MODEL_KEYS = frozenset({"ids", "labels", "num_items_in_batch", "pad_token_id"})
+
+
+# ---- processors -----------------------------------------------------------------------------------------------------
+class ImageOnlyInternVLProcessor(InternVLProcessor):
+    """InternVL's processor without its video processor, which needs torchvision (absent on some platforms); images
+    are processed exactly as by ``InternVLProcessor``."""
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, image_seq_length=image_seq_length,
+                         chat_template=chat_template, **kwargs)
+
+
+# Processors that have an image-only stand-in when the full one cannot be built (no torchvision): model_type -> the
+# processor class name written to processor_config.json, so a machine with torchvision loads the standard one.
+_IMAGE_ONLY = {"internvl": "InternVLProcessor"}
+
+
+def save_processor(processor, folder: str | Path) -> None:
+    folder = Path(folder)
+    processor.save_pretrained(str(folder))
+    config = folder / "processor_config.json"
+    if isinstance(processor, ImageOnlyInternVLProcessor) and config.is_file():
+        data = json.loads(config.read_text())
+        data["processor_class"] = _IMAGE_ONLY["internvl"]
+        config.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def load_processor(path: Path, cfg: Config):
+    """The folder's processor (tokenizer + image processor + chat template) through ``AutoProcessor``; for InternVL
+    without torchvision, the image-only stand-in built from the same files."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, ProcessorMixin
+
+    processor, error = None, None
+    try:
+        processor = AutoProcessor.from_pretrained(str(path), **remote_code_kwargs(cfg))
+    except (ImportError, AttributeError, OSError, ValueError, TypeError, KeyError) as err:
+        error = err
+    if isinstance(processor, ProcessorMixin) and hasattr(processor, "tokenizer"):
+        return processor
+    model_type = read_config_json(path).get("model_type")
+    if model_type in _IMAGE_ONLY:
+        saved = json.loads((path / "processor_config.json").read_text()) if (path / "processor_config.json").is_file() \
+            else {}
+        template = path / "chat_template.jinja"
+        return ImageOnlyInternVLProcessor(
+            image_processor=AutoImageProcessor.from_pretrained(str(path)), tokenizer=AutoTokenizer.from_pretrained(str(path)),
+            image_seq_length=int(saved.get("image_seq_length", 256)),
+            chat_template=template.read_text() if template.is_file() else None)
+    got = f"{type(processor).__name__}" if processor is not None else f"{type(error).__name__}: {error}"
+    raise ValueError(f"{path}: no multimodal processor could be loaded (AutoProcessor gave {got}); a vlm folder "
+                     "needs the processor files saved next to the model (processor.save_pretrained(folder))")
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """``model.vlm.chat_template``: a file path or the Jinja text itself."""
+    if value is None:
+        return None
+    if "{%" in value or "{{" in value:
+        return value
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path.read_text()
+    raise ValueError(f"model.vlm.chat_template {value!r} is neither an existing file nor a Jinja template text")
+
+
+def to_pil(image: np.ndarray):
+    """LoadedSample image float [C, H, W] in [0, 1] -> RGB PIL image (what processors expect)."""
+    from PIL import Image
+
+    arr = np.asarray(image, dtype=np.float32)
+    if arr.ndim == 3:
+        arr = arr.transpose(1, 2, 0)
+        if arr.shape[-1] == 1:
+            arr = np.repeat(arr, 3, axis=-1)
+    else:
+        arr = np.repeat(arr[..., None], 3, axis=-1)
+    return Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="RGB")
+
+
+# ---- conversations -> tokens ----------------------------------------------------------------------------------------
+def _messages(turns: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Turns with ``<image>`` placeholders -> the content-part form chat templates render images from."""
+    out = []
+    for turn in turns:
+        parts: list[dict[str, str]] = []
+        pieces = turn["content"].split(IMAGE_PLACEHOLDER)
+        for i, piece in enumerate(pieces):
+            if i:
+                parts.append({"type": "image"})
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        out.append({"role": turn["role"], "content": parts})
+    return out
+
+
+class ChatCodec:
+    """Conversation + image -> model inputs with assistant-only labels, through the model's own chat template.
+
+    The conversation is rendered once per assistant turn: ``prompt_k`` (turns before answer k, with the generation
+    prompt) and ``full_k`` (with answer k). Each rendering must extend the previous one; the differences are the
+    pieces: prompt pieces (unsupervised; the first goes through the processor with the image) and answer pieces
+    (supervised up to and including the first special token after the answer text: the end-of-turn token). Pieces
+    are tokenised separately, so a generation prompt is exactly the training prompt and the model learns to emit
+    exactly the tokens it is trained on. Picklable (DataLoader workers).
+    """
+
+    def __init__(self, processor, chat_template: str | None = None, max_length: int | None = None):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.template = chat_template or getattr(processor, "chat_template", None) \
+            or getattr(self.tokenizer, "chat_template", None)
+        if not self.template:
+            raise ValueError("the model folder has no chat template (chat_template.jinja) and model.vlm.chat_template "
+                             "is not set; give the template the model was trained with (a file path or the Jinja text)")
+        self.max_length = max_length
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else self.tokenizer.eos_token_id
+        self.special_ids = set(self.tokenizer.all_special_ids) | {
+            i for i, t in getattr(self.tokenizer, "added_tokens_decoder", {}).items() if t.special}
+        ids = getattr(processor, "image_token_ids", None) or [getattr(processor, "image_token_id", None)]
+        self.image_token_ids = {i for i in ids if i is not None}
+        self.end_of_turn_id = self._end_of_turn()
+        eos = self.tokenizer.eos_token_id
+        self.stop_ids = sorted({i for i in (self.end_of_turn_id, eos) if i is not None})
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        text = self.processor.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+        return text[0] if isinstance(text, list) else text
+
+    def _end_of_turn(self) -> int | None:
+        """The special token the template closes an assistant turn with (e.g. <|im_end|>), if any."""
+        turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        prompt, full = self.render(_messages(turns[:1]), True), self.render(_messages(turns), False)
+        tail = self.tokenizer(full[len(prompt):], add_special_tokens=False).input_ids
+        return next((t for t in tail[1:] if t in self.special_ids), None)
+
+    def pieces(self, turns: list[dict[str, str]], sample_id: str) -> list[tuple[str, bool]]:
+        """(text, supervised) pieces; a conversation ending with a question ends with its generation prompt."""
+        messages = _messages(turns)
+        pieces, done = [], ""
+        answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        for k in answers:
+            prompt = self.render(messages[:k], True)
+            full = self.render(messages[:k + 1], False)
+            if not prompt.startswith(done) or not full.startswith(prompt):
+                raise DataError(
+                    f"sample {sample_id}: the chat template does not render this conversation turn by turn (a turn's "
+                    "text is not a prefix of the next), so the assistant tokens cannot be located; set "
+                    "model.vlm.chat_template to a template without look-ahead"
+                )
+            pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
+            done = full
+        if messages[-1]["role"] != "assistant":
+            prompt = self.render(messages, True)
+            if not prompt.startswith(done):
+                raise DataError(f"sample {sample_id}: the chat template's generation prompt does not extend the "
+                                "conversation; set model.vlm.chat_template")
+            pieces.append((prompt[len(done):], False))
+        return pieces
+
+    def encode(self, turns: list[dict[str, str]], image, sample_id: str, for_generation: bool = False,
+               check_length: bool = True) -> dict:
+        """Model inputs of one sample: sequence keys 1-D [T] (input_ids, attention_mask, labels, and any other
+        per-token key of the processor), every other processor key (pixel_values, image_grid_thw ...) as returned.
+        ``for_generation``: the prompt for the last answer (labels all ignored)."""
+        if for_generation and turns and turns[-1]["role"] == "assistant":
+            turns = question_turns(turns)
+        pieces = self.pieces(turns, sample_id)
+        first = self.processor(text=[pieces[0][0]], images=[image] if image is not None else None,
+                               return_tensors="pt", add_special_tokens=False)
+        t0 = first["input_ids"].shape[1]
+        token_keys = [k for k, v in first.items() if torch.is_tensor(v) and v.ndim == 2 and v.shape == (1, t0)]
+        ids = first["input_ids"][0].tolist()
+        labels = [IGNORE_INDEX] * t0
+        for text, supervised in pieces[1:]:
+            toks = self.tokenizer(text, add_special_tokens=False).input_ids
+            cut = 0
+            if supervised:
+                # the answer and the first special token after it (end of turn); what follows (a newline) is prompt
+                cut = next((i + 1 for i, t in enumerate(toks) if i > 0 and t in self.special_ids), len(toks))
+            ids += toks
+            labels += toks[:cut] + [IGNORE_INDEX] * (len(toks) - cut)
+        if check_length:
+            self._check_length(ids, labels, sample_id)
+        item: dict[str, Any] = {"id": sample_id, "pad_token_id": self.pad_token_id}
+        extra = len(ids) - t0
+        for key in token_keys:
+            fill = 1 if key == "attention_mask" else 0  # appended tokens are real text tokens
+            item[key] = torch.cat([first[key][0], torch.full((extra,), fill, dtype=first[key].dtype)])
+        item["input_ids"] = torch.tensor(ids, dtype=torch.long)
+        item["labels"] = torch.tensor(labels, dtype=torch.long)
+        for key, value in first.items():
+            if key not in token_keys and torch.is_tensor(value):
+                item[key] = value
+        return item
+
+    def _check_length(self, ids: list[int], labels: list[int], sample_id: str) -> None:
+        if self.max_length is None or len(ids) <= self.max_length:
+            return
+        image_pos = [i for i, t in enumerate(ids) if t in self.image_token_ids]
+        cut_images = sum(p >= self.max_length for p in image_pos)
+        cut_answer = sum(lab != IGNORE_INDEX for lab in labels[self.max_length:])
+        what = (f"{cut_images} of its {len(image_pos)} image tokens (the image features would no longer match the "
+                "image tokens)") if cut_images else f"{cut_answer} answer tokens" if cut_answer else "its last tokens"
+        raise DataError(f"sample {sample_id}: {len(ids)} tokens > model.vlm.max_length={self.max_length}; "
+                        f"truncation would cut {what}. Raise model.vlm.max_length or shorten the conversation")
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def collate(items: list[dict], padding_side: str = "right") -> dict:
+    """Pad the sequence keys (1-D) to the batch maximum, concatenate every other key along dim 0; ``ids`` = the
+    sample ids. Right padding for training, left padding for generation."""
+    batch: dict[str, Any] = {"ids": [it["id"] for it in items]}
+    pad_id = items[0].get("pad_token_id", 0)
+    keys = [k for k, v in items[0].items() if torch.is_tensor(v)]
+    length = max(len(it["input_ids"]) for it in items)
+    for key in keys:
+        values = [it[key] for it in items]
+        if values[0].ndim == 1:
+            fill = pad_id if key == "input_ids" else IGNORE_INDEX if key == "labels" else 0
+            padded = []
+            for v in values:
+                pad = torch.full((length - len(v),), fill, dtype=v.dtype)
+                padded.append(torch.cat([pad, v] if padding_side == "left" else [v, pad]))
+            batch[key] = torch.stack(padded)
+        else:
+            batch[key] = torch.cat(values, dim=0)
+    return batch
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, normaliser: torch.Tensor | float | None = None):
+    """Next-token cross-entropy summed over supervised positions / ``normaliser`` (default: their number here)."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:].to(logits.device)
+    total = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    if normaliser is None:
+        normaliser = (shift_labels != IGNORE_INDEX).sum()
+    if torch.is_tensor(normaliser):
+        normaliser = normaliser.to(total.device, total.dtype)
+    return total / (normaliser.clamp(min=1) if torch.is_tensor(normaliser) else max(float(normaliser), 1.0))
+
+
+# ---- where the parts are --------------------------------------------------------------------------------------------
+def _under(name: str, prefix: str | None) -> bool:
+    return prefix is not None and (name == prefix or name.startswith(prefix + "."))
+
+
+def _shortest(names: list[str], last_parts: tuple[str, ...]) -> str | None:
+    found = [n for n in names if n.split(".")[-1] in last_parts]
+    return min(found, key=lambda n: (n.count("."), n)) if found else None
+
+
+@dataclass
+class VLMParts:
+    vision: str | None  # full module name of the vision encoder
+    projector: str | None  # of the multimodal projector
+    output: str | None  # of the output embedding (lm_head): never a LoRA target by default
+
+    @classmethod
+    def find(cls, net: nn.Module) -> "VLMParts":
+        names = [n for n, _ in net.named_modules() if n]
+        out = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
+        output = next((n for n, m in net.named_modules() if out is not None and m is out), None)
+        return cls(vision=_shortest(names, VISION_NAMES), projector=_shortest(names, PROJECTOR_NAMES), output=output)
+
+
+def _name_pattern(name: str) -> str:
+    """Escaped full name with layer indices generalised: model.layers.3.mlp -> model\\.layers\\.\\d+\\.mlp."""
+    return re.sub(r"(?<=\\\.)\d+(?=\\\.)", r"\\d+", re.escape(name))
+
+
+def linear_regex(names: list[str]) -> str:
+    return "^(?:" + "|".join(sorted({_name_pattern(n) for n in names})) + ")$"
+
+
+# ---- the family -----------------------------------------------------------------------------------------------------
+class VLMModel(SegModel):
+    family = "vlm"
+
+    def __init__(self, net: nn.Module, processor, codec: ChatCodec, vlm_cfg: VLMCfg):
+        super().__init__(net, in_channels=3)
+        self.processor = processor
+        self.codec = codec
+        self.parts = VLMParts.find(net)
+        self.train_projector = vlm_cfg.train_projector
+        self.vision_lora = vlm_cfg.vision_lora
+        self._unused: str | None | bool = False  # computed once (frozen_by_design)
+
+    def text_codec(self) -> ChatCodec:
+        return self.codec
+
+    def forward_logits(self, image, box=None):
+        raise ValueError("family vlm answers in text and has no mask logits; use task.kind=instruct")
+
+    def model_inputs(self, batch: dict) -> dict:
+        return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
+
+    def forward_batch(self, batch: dict) -> ModelOutput:
+        """Teacher-forced forward: token logits and, with ``labels``, the LM loss on the supervised tokens (sum over
+        them / ``batch["num_items_in_batch"]`` when given, else their number in this batch)."""
+        out = self.net(**self.model_inputs(batch), use_cache=False)
+        labels = batch.get("labels")
+        loss = token_loss(out.logits, labels, batch.get("num_items_in_batch")) if labels is not None else None
+        return ModelOutput(lm_loss=loss, token_logits=out.logits)
+
+    @torch.no_grad()
+    def generate(self, batch: dict, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0):
+        """New tokens [B, <= max_new_tokens] for a left-padded prompt batch: greedy, or plain temperature sampling
+        (no top-k / top-p, so log-probabilities at that temperature are the sampling distribution)."""
+        inputs = self.model_inputs(batch)
+        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                                  "eos_token_id": self.codec.stop_ids, "pad_token_id": self.codec.pad_token_id}
+        if do_sample:
+            kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+        else:
+            kwargs.update(temperature=None, top_k=None, top_p=None)
+        out = self.net.generate(**inputs, **kwargs)
+        return out[:, inputs["input_ids"].shape[1]:]
+
+    # -- where LoRA goes ------------------------------------------------------------------------------------------
+    def _linear_names(self, inside: str | None = None) -> list[str]:
+        net = self.base_network
+        names = []
+        for name, module in net.named_modules():
+            parts = name.split(".")
+            if not isinstance(module, nn.Linear) or name == self.parts.output or "base_layer" in parts \
+                    or any(p.startswith("lora_") for p in parts):  # (the inside of an already attached adapter)
+                continue
+            in_vision = _under(name, self.parts.vision)
+            in_projector = _under(name, self.parts.projector)
+            if inside == "vision" and in_vision and not in_projector:
+                names.append(name)
+            elif inside is None and not in_vision and not in_projector:
+                names.append(name)
+        return names
+
+    def default_lora_targets(self) -> str:
+        if self.parts.vision is None:
+            raise ValueError(f"cannot find the vision encoder of {type(self.base_network).__name__} (no module named "
+                             f"{', '.join(VISION_NAMES)}); set lora.target_modules to an anchored regex over the "
+                             "language model's linear layers")
+        names = self._linear_names()
+        if self.vision_lora:
+            names += self._linear_names("vision")
+        if not names:
+            raise ValueError(f"no linear layer found in the language model of {type(self.base_network).__name__}; "
+                             "set lora.target_modules")
+        return linear_regex(names)
+
+    def default_modules_to_save(self) -> list[str] | None:
+        if not self.train_projector:
+            return None
+        if self.parts.projector is None:
+            raise ValueError(f"model.vlm.train_projector: no projector found in {type(self.base_network).__name__} "
+                             f"(no module named {', '.join(PROJECTOR_NAMES)}); list it in lora.modules_to_save")
+        return [self.parts.projector]
+
+    def after_lora(self) -> None:
+        """Refuse adapters where they were not asked for, and check the projector trains exactly when asked."""
+        from peft.tuners.lora import LoraLayer
+
+        base = self.base_network
+        landed = [n for n, m in base.named_modules() if isinstance(m, LoraLayer)]
+        in_projector = [n for n in landed if _under(n, self.parts.projector)]
+        in_vision = [n for n in landed if _under(n, self.parts.vision) and n not in in_projector]
+        if in_projector:
+            raise ValueError(f"LoRA landed in the multimodal projector ({', '.join(in_projector[:4])}); train the "
+                             "projector fully with model.vlm.train_projector=true and narrow lora.target_modules")
+        if in_vision and not self.vision_lora:
+            raise ValueError(
+                f"LoRA landed in the vision tower ({len(in_vision)} layers, e.g. {in_vision[0]}): its layers share "
+                "names with the language model's (q_proj ...). Narrow lora.target_modules (an anchored regex over full "
+                "module names; the default targets the language model only) or set model.vlm.vision_lora=true"
+            )
+        if self.vision_lora and not in_vision:
+            raise ValueError("model.vlm.vision_lora=true but no LoRA layer landed in the vision tower; include its "
+                             "linear layers in lora.target_modules")
+        trainable_projector = [n for n, p in base.named_parameters()
+                               if p.requires_grad and _under(n, self.parts.projector)]
+        if self.train_projector and not trainable_projector:
+            raise RuntimeError(f"model.vlm.train_projector: no parameter of {self.parts.projector} is trainable after "
+                               "wrapping (pitfall 6)")
+        if not self.train_projector and trainable_projector:
+            raise RuntimeError(f"projector parameters trainable although model.vlm.train_projector=false: "
+                               f"{trainable_projector[:4]}")
+        counts = {"language": len(landed) - len(in_vision), "vision": len(in_vision)}
+        log.info("vlm LoRA layers: %s; projector %s", counts,
+                 "trained fully (modules_to_save)" if self.train_projector else "frozen")
+
+    def frozen_by_design(self) -> str | None:
+        """Trainable parameters the forward never uses (e.g. CLIP's post-layernorm, vision layers after the feature
+        layer), found once by one probe forward/backward on a blank image: kept frozen, otherwise the preflight
+        rightly reports them dead."""
+        if self._unused is False:
+            self._unused = self._probe_unused()
+        return self._unused
+
+    def _probe_unused(self) -> str | None:
+        from PIL import Image
+
+        trainable = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
+        if not trainable:
+            return None
+        turns = [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\nprobe"}, {"role": "assistant", "content": "probe"}]
+        item = self.codec.encode(turns, Image.new("RGB", (32, 32)), "probe", check_length=False)
+        device = next(self.net.parameters()).device
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate([item]).items()}
+        saved = [(p, p.grad) for _, p in trainable]
+        for _, p in trainable:
+            p.grad = None
+        with torch.enable_grad():
+            self.forward_batch(batch).lm_loss.backward()
+        unused = [n for n, p in trainable if p.grad is None]
+        for p, grad in saved:
+            p.grad = grad
+        if unused:
+            log.info("vlm: %d parameters the forward never uses stay frozen, e.g. %s", len(unused), unused[:3])
+        return "^(?:" + "|".join(re.escape(n) for n in unused) + ")$" if unused else None
+
+    # -- folders --------------------------------------------------------------------------------------------------
+    def save_base(self, out_dir: str | Path) -> Path:
+        """Merged model (LoRA folded in, on a copy) + processor with the training chat template: a folder plain
+        ``from_pretrained`` loads, and ``model.path`` too."""
+        from medtune.models.lora import merged_copy
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if getattr(self.base_network, "is_loaded_in_4bit", False):
+            raise ValueError("cannot save a 4-bit (QLoRA) base as a model folder; export with "
+                             "model.quantize_4bit=false (`medtune export RUN --out DIR model.quantize_4bit=false`)")
+        merged_copy(self.net).save_pretrained(str(out_dir), safe_serialization=True)
+        self.processor.chat_template = self.codec.template
+        save_processor(self.processor, out_dir)
+        return out_dir
+
+    def load_base_weights(self, folder: str | Path) -> None:
+        load_safetensors_folder(self.base_network, folder)
+
+
+def _auto_class(meta: dict, path: Path):
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    auto_map = meta.get("auto_map") or {}
+    if auto_map:  # remote code (the caller checked model.trust_remote_code)
+        return AutoModelForImageTextToText if "AutoModelForImageTextToText" in auto_map else AutoModelForCausalLM
+    if meta.get("model_type") not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise ValueError(f"{path} holds a {meta.get('model_type')!r} model, which is not a vision-language model "
+                         "AutoModelForImageTextToText knows; model.family=vlm needs a VLM folder (or remote code with "
+                         "model.trust_remote_code=true)")
+    return AutoModelForImageTextToText
+
+
+def build_vlm(cfg: Config) -> VLMModel:
+    path = resolve_model_path(cfg)  # refuses remote code without model.trust_remote_code
+    if path is None:
+        if cfg.model.quantize_4bit:
+            raise ValueError("model.quantize_4bit quantises a pretrained model; set model.path to a local VLM folder")
+        overrides = dict(cfg.model.config)
+        preset, kind = overrides.pop("preset", None), overrides.pop("vlm", "llava")
+        if preset != "tiny":
+            raise ValueError("family vlm builds from model.config only the offline test models ({preset: tiny, vlm: "
+                             "llava | internvl}); for a real VLM set model.path to a local checkpoint folder")
+        from medtune.models.tiny_vlm import tiny_vlm
+
+        net, processor = tiny_vlm(kind, overrides)
+    else:
+        meta = read_config_json(path)
+        if cfg.model.config:
+            log.warning("model.config is ignored with model.path: the architecture comes from %s/config.json", path)
+        processor = load_processor(path, cfg)
+        # QLoRA: the projector (trained fully when asked) and lm_head stay unquantised
+        keep = list(PROJECTOR_NAMES) + ["lm_head"]
+        net = _auto_class(meta, path).from_pretrained(str(path), **load_kwargs(cfg, keep))
+    codec = ChatCodec(processor, read_chat_template(cfg.model.vlm.chat_template), cfg.model.vlm.max_length)
+    net = prepare_for_training(net, cfg, input_grads=True)
+    return VLMModel(net, processor, codec, cfg.model.vlm)

@@ -1,0 +1,303 @@
+"""Family vlm: LoRA placement, projector training, assistant-only labels, truncation refusal, batching, generation,
+adapter / merged parity, bad-input lines. Tiny LLaVA and tiny InternVL, built offline, CPU, seconds."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from medtune.config import build_config
+from medtune.data.types import DataError
+from medtune.models.registry import build_model
+
+transformers = pytest.importorskip("transformers")
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+
+KINDS = ("llava", "internvl")
+TURNS = [{"role": "user", "content": "<image>\nIs the lesion benign or malignant?"},
+         {"role": "assistant", "content": "benign"},
+         {"role": "user", "content": "Are you sure?"},
+         {"role": "assistant", "content": "Yes, it is benign."}]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    from medtune.models.tiny_vlm import save_tiny_vlm
+
+    root = tmp_path_factory.mktemp("vlm")
+    return {kind: save_tiny_vlm(root / kind, kind, seed=0) for kind in KINDS}
+
+
+def _cfg(folder, **vlm):
+    lora = vlm.pop("lora", {"r": 4})
+    model = {"family": "vlm", "path": str(folder), "vlm": vlm}
+    model.update(vlm.pop("model", {}))
+    return build_config({"model": model, "lora": lora})
+
+
+def _image(seed=0, h=40, w=50):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
+
+
+def _batch(seg, conversations, for_generation=False):
+    from medtune.models.vlm import collate
+
+    items = [seg.codec.encode(turns, _image(i), f"s{i}", for_generation=for_generation)
+             for i, turns in enumerate(conversations)]
+    return collate(items, "left" if for_generation else "right")
+
+
+def _lora_layers(seg):
+    from peft.tuners.lora import LoraLayer
+
+    return [n for n, m in seg.base_network.named_modules() if isinstance(m, LoraLayer)]
+
+
+def _perturb(seg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in seg.net.named_parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+# ------------------------------------------------------------------------------------------------- LoRA placement
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_lands_in_the_language_model_only_and_projector_trains_when_asked(folders, kind):
+    seg = build_model(_cfg(folders[kind]))
+    landed = _lora_layers(seg)
+    assert landed and all(n.startswith("model.language_model.layers.") for n in landed)
+    assert {n.rsplit(".", 1)[1] for n in landed} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                      "down_proj"}
+    trainable = [n for n, _ in seg.trainable_named_parameters()]
+    assert trainable and all(re.search(r"\.lora_[AB]\.", n) for n in trainable)
+
+    with_projector = build_model(_cfg(folders[kind], train_projector=True))
+    names = [n for n, _ in with_projector.trainable_named_parameters()]
+    projector = [n for n in names if "multi_modal_projector" in n]
+    assert projector and all(".modules_to_save." in n for n in projector)
+    assert not any("vision_tower" in n for n in names)
+    # trainable after wrapping, and it really learns: one step moves the projector copy, not the original
+    before = {n: p.detach().clone() for n, p in with_projector.net.named_parameters() if "multi_modal_projector" in n}
+    opt = torch.optim.SGD([p for _, p in with_projector.trainable_named_parameters()], lr=0.1)
+    with_projector(batch=_batch(with_projector, [TURNS])).lm_loss.backward()
+    opt.step()
+    after = dict(with_projector.net.named_parameters())
+    moved = [n for n, v in before.items() if not torch.equal(v, after[n].detach())]
+    assert moved and all(".modules_to_save." in n for n in moved)
+
+
+def test_suffix_targets_would_hit_the_vision_tower_and_are_refused(folders):
+    # PEFT's usual list of suffixes matches CLIP's attention too (pitfall 5): refused with one clear line
+    with pytest.raises(ValueError, match="LoRA landed in the vision tower") as err:
+        build_model(_cfg(folders["llava"], lora={"r": 4, "target_modules": r"^.*\.(?:q_proj|k_proj|v_proj)$"}))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="projector"):
+        build_model(_cfg(folders["llava"], lora={"r": 4, "target_modules": r"^.*(?:linear_1|q_proj)$"}))
+
+
+def test_vision_lora_on_request(folders):
+    seg = build_model(_cfg(folders["llava"], vision_lora=True))
+    landed = _lora_layers(seg)
+    assert any(n.startswith("model.vision_tower.") for n in landed)
+    assert any(n.startswith("model.language_model.") for n in landed)
+    assert not any("multi_modal_projector" in n for n in landed)
+
+
+def test_full_finetuning_freezes_exactly_the_parameters_the_forward_never_uses():
+    seg = build_model(build_config({"model": {"family": "vlm", "config": {"preset": "tiny", "vlm": "llava"}}}))
+    assert not seg.is_peft
+    frozen = [n for n, p in seg.net.named_parameters() if not p.requires_grad]
+    # LLaVA reads CLIP's hidden states before its final layer norm
+    assert frozen and all("post_layernorm" in n for n in frozen)
+    seg(batch=_batch(seg, [TURNS])).lm_loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in seg.trainable_named_parameters())
+
+
+# ------------------------------------------------------------------------------------------------ labels / batches
+@pytest.mark.parametrize("kind", KINDS)
+def test_only_assistant_answers_and_end_of_turn_are_supervised(folders, kind):
+    seg = build_model(_cfg(folders[kind]))
+    item = seg.codec.encode(TURNS, _image(), "s0")
+    labels, ids = item["labels"], item["input_ids"]
+    supervised = (labels != -100).nonzero().flatten().tolist()
+    assert torch.equal(labels[supervised], ids[supervised])
+    spans, current = [], [supervised[0]]
+    for pos in supervised[1:]:
+        if pos == current[-1] + 1:
+            current.append(pos)
+        else:
+            spans.append(current)
+            current = [pos]
+    spans.append(current)
+    decoded = [seg.codec.tokenizer.decode(ids[s]) for s in spans]
+    assert decoded == ["benign<|im_end|>", "Yes, it is benign.<|im_end|>"]
+    # no image token is ever a label, and every image token is in the input
+    image_ids = seg.codec.image_token_ids
+    assert not any(int(t) in image_ids for t in labels[supervised])
+    assert sum(int(t) in image_ids for t in ids) >= 4
+
+
+def test_labels_agree_with_transformers_assistant_mask(folders):
+    """Cross-check with transformers' own {% generation %} mask on a template that has the markers."""
+    from medtune.models.tiny_vlm import tiny_chat_template
+
+    template = tiny_chat_template().replace(
+        "{%- if message['content'] is string -%}",
+        "{%- if message['role'] == 'assistant' -%}{% generation %}{{ message['content'][0]['text'] + '<|im_end|>' }}"
+        "{% endgeneration %}{{ '\\n' }}{%- elif message['content'] is string -%}"
+    )
+    seg = build_model(_cfg(folders["llava"], chat_template=template))
+    from medtune.models.vlm import _messages
+
+    ref = seg.processor.apply_chat_template(
+        [_messages(TURNS)], chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+        images=[[_image()]], processor_kwargs={"add_special_tokens": False}, return_tensors="pt")
+    ours = seg.codec.encode(TURNS, _image(), "s0")
+    assert torch.equal(ref["input_ids"][0], ours["input_ids"])
+    assert torch.equal(ref["assistant_masks"][0].bool(), ours["labels"] != -100)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_truncation_is_refused_with_the_sample_id(folders, kind):
+    seg = build_model(_cfg(folders[kind]))
+    full = len(seg.codec.encode(TURNS, _image(), "s0")["input_ids"])
+    assert seg.codec.encode(TURNS, _image(), "fits") is not None
+    short = build_model(_cfg(folders[kind], max_length=6))
+    with pytest.raises(DataError, match=r"sample case-12: \d+ tokens > model.vlm.max_length=6; truncation would cut "
+                                        r"\d+ of its \d+ image tokens"):
+        short.codec.encode(TURNS, _image(), "case-12")
+    answer_cut = build_model(_cfg(folders[kind], max_length=full - 3))
+    with pytest.raises(DataError, match="answer tokens"):
+        answer_cut.codec.encode(TURNS, _image(), "case-13")
+
+
+def test_collate_keeps_every_processor_key_and_pads_sequence_keys(folders):
+    from medtune.models.vlm import collate
+
+    seg = build_model(_cfg(folders["llava"]))
+    processor = seg.codec.processor
+    original = type(processor).__call__
+
+    class ExtraKeys(type(processor)):
+        """A processor that, like Qwen2-VL's, also returns a per-token key and a per-image key."""
+
+        def __call__(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            out["mm_token_type_ids"] = (out["input_ids"] == self.image_token_id).long()
+            out["image_grid_thw"] = torch.tensor([[1, 4, 4]] * out["pixel_values"].shape[0])
+            return out
+
+    processor.__class__ = ExtraKeys
+    try:
+        a = seg.codec.encode(TURNS, _image(0), "a")
+        b = seg.codec.encode(TURNS[:2], _image(1), "b")
+    finally:
+        processor.__class__ = type(processor).__mro__[1]
+    assert {"mm_token_type_ids", "image_grid_thw", "pixel_values"} <= a.keys()
+    batch = collate([a, b])
+    n = len(a["input_ids"])
+    assert batch["ids"] == ["a", "b"] and batch["input_ids"].shape == (2, n)
+    assert batch["image_grid_thw"].shape == (2, 3) and batch["pixel_values"].shape[0] == 2
+    assert torch.equal(batch["mm_token_type_ids"][1, len(b["input_ids"]):], torch.zeros(n - len(b["input_ids"]),
+                                                                                        dtype=torch.long))
+    assert (batch["labels"][1, len(b["input_ids"]):] == -100).all()
+    assert (batch["attention_mask"][1, len(b["input_ids"]):] == 0).all()
+    left = collate([a, b], "left")
+    assert torch.equal(left["input_ids"][1, n - len(b["input_ids"]):], b["input_ids"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batched_greedy_generation_equals_one_by_one(folders, kind):
+    seg = build_model(_cfg(folders[kind])).eval()
+    _perturb(seg)
+    conversations = [TURNS, TURNS[:2], [{"role": "user", "content": "<image> Describe."},
+                                        {"role": "assistant", "content": "x"}]]
+    together = seg.generate(_batch(seg, conversations, for_generation=True), max_new_tokens=6)
+    for i, turns in enumerate(conversations):
+        from medtune.models.vlm import collate
+
+        alone = seg.generate(collate([seg.codec.encode(turns, _image(i), f"s{i}", for_generation=True)], "left"), 6)
+        assert seg.codec.decode(together[i]) == seg.codec.decode(alone[0])
+
+
+def test_generation_prompt_is_the_training_prompt(folders):
+    seg = build_model(_cfg(folders["llava"]))
+    train = seg.codec.encode(TURNS, _image(), "s0")
+    prompt = seg.codec.encode(TURNS, _image(), "s0", for_generation=True)
+    last_answer = (train["labels"] != -100).nonzero().flatten().tolist()
+    start = max(p for p in last_answer if p - 1 not in last_answer)
+    assert torch.equal(prompt["input_ids"], train["input_ids"][:start])
+
+
+# --------------------------------------------------------------------------------------- adapters / merged parity
+@pytest.mark.parametrize("kind", KINDS)
+def test_adapter_parity_disabled_is_base_peft_loads_and_merged_folder_answers_the_same(folders, kind, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from medtune.models.lora import load_trainable, save_trainable
+    from medtune.models.vlm import load_processor
+
+    cfg = _cfg(folders[kind], train_projector=True)
+    seg = build_model(cfg).eval()
+    batch = _batch(seg, [TURNS, TURNS[:2]])
+    prompts = _batch(seg, [TURNS, TURNS[:2]], for_generation=True)
+    base = AutoModelForImageTextToText.from_pretrained(str(folders[kind])).eval()
+    with torch.no_grad():
+        base_logits = base(**seg.model_inputs(batch)).logits
+        assert torch.allclose(seg(batch=batch).token_logits, base_logits, atol=1e-5)  # LoRA-B = 0 at init
+        _perturb(seg)
+        adapted = seg(batch=batch).token_logits
+        with seg.adapters_disabled():
+            assert torch.allclose(seg(batch=batch).token_logits, base_logits, atol=1e-5)
+    assert not torch.allclose(adapted, base_logits, atol=1e-3)
+    answers = seg.generate(prompts, max_new_tokens=6)
+
+    ckpt = save_trainable(seg, tmp_path / "ckpt")  # PEFT format: plain PEFT loads it onto the plain base
+    peft_model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(str(folders[kind])), ckpt).eval()
+    with torch.no_grad():
+        assert torch.allclose(peft_model(**seg.model_inputs(batch)).logits, adapted, atol=1e-5)
+    again = build_model(cfg).eval()
+    load_trainable(again, tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.allclose(again(batch=batch).token_logits, adapted, atol=1e-5)
+
+    merged_dir = seg.save_base(tmp_path / "merged")
+    assert seg.is_peft  # the live model keeps its adapters
+    merged = AutoModelForImageTextToText.from_pretrained(str(merged_dir)).eval()
+    processor = load_processor(merged_dir, cfg)
+    assert processor.chat_template == seg.codec.template
+    with torch.no_grad():
+        assert torch.allclose(merged(**seg.model_inputs(batch)).logits, adapted, atol=1e-4)
+    merged_seg = build_model(_cfg(merged_dir, model={"finetune": "full"})).eval()
+    merged_prompts = _batch(merged_seg, [TURNS, TURNS[:2]], for_generation=True)
+    assert torch.equal(merged_prompts["input_ids"], prompts["input_ids"])
+    assert torch.equal(merged_seg.generate(merged_prompts, max_new_tokens=6), answers)
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+def test_remote_code_folder_needs_opt_in_and_qlora_needs_cuda(folders, tmp_path):
+    import shutil
+
+    remote = tmp_path / "remote"
+    shutil.copytree(folders["llava"], remote)
+    meta = json.loads((remote / "config.json").read_text())
+    meta["auto_map"] = {"AutoModelForCausalLM": "modeling_hulu.HuluMedForCausalLM"}
+    (remote / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="model.trust_remote_code=true") as err:
+        build_model(_cfg(remote))
+    assert "\n" not in str(err.value)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA GPU") as err:
+            build_model(_cfg(folders["llava"], model={"quantize_4bit": True}))
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="preset: tiny"):
+        build_model(build_config({"model": {"family": "vlm"}}))
