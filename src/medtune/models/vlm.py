@@ -90,7 +90,8 @@ def load_processor(path: Path, cfg: Config):
             else {}
         template = path / "chat_template.jinja"
         return ImageOnlyInternVLProcessor(
-            image_processor=AutoImageProcessor.from_pretrained(str(path)), tokenizer=AutoTokenizer.from_pretrained(str(path)),
+            image_processor=AutoImageProcessor.from_pretrained(str(path)),
+            tokenizer=AutoTokenizer.from_pretrained(str(path)),
             image_seq_length=int(saved.get("image_seq_length", 256)),
             chat_template=template.read_text() if template.is_file() else None)
     got = f"{type(processor).__name__}" if processor is not None else f"{type(error).__name__}: {error}"
