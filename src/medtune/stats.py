@@ -108,6 +108,22 @@ def wilcoxon(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -
     return {"statistic": float(res.statistic), "p_value": 1.0 if not np.isfinite(p) else p, "n": int(d.size)}
 
 
+def mcnemar(a_correct: Sequence[float] | np.ndarray, b_correct: Sequence[float] | np.ndarray) -> dict[str, float | int]:
+    """McNemar's test of two classifiers on the same samples (exact: a two-sided binomial test on the discordant
+    pairs). ``a_correct`` / ``b_correct``: 1 where the answer was right, 0 where wrong (NaN pairs dropped).
+    Returns {n, a_only (A right, B wrong), b_only, p_value}; no discordant pair gives p = 1."""
+    from scipy.stats import binomtest
+
+    x, y = _floats(a_correct), _floats(b_correct)
+    if x.shape != y.shape:
+        raise ValueError(f"paired values must cover the same samples: got {x.size} and {y.size} values")
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep] > 0.5, y[keep] > 0.5
+    a_only, b_only = int((x & ~y).sum()), int((~x & y).sum())
+    p = 1.0 if a_only + b_only == 0 else float(binomtest(a_only, a_only + b_only, 0.5).pvalue)
+    return {"n": int(keep.sum()), "a_only": a_only, "b_only": b_only, "p_value": min(1.0, p)}
+
+
 def compare_metric(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray, alpha: float = 0.05,
                    higher_is_better: bool = True, n_boot: int = 1000, seed: int = 0) -> dict:
     """Paired comparison of run A and run B on one metric over the same images.

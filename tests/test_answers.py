@@ -1,0 +1,80 @@
+"""Answer parsing, classification metrics and McNemar's test, against hand-computed values."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from medtune.answers import answer_vocabulary, classification_metrics, parse_answer
+from medtune.stats import mcnemar
+
+LABELS = ["benign", "malignant", "normal"]
+VOCAB = answer_vocabulary(LABELS)
+
+
+@pytest.mark.parametrize("text, label", [
+    ("benign", "benign"),
+    ("Benign.", "benign"),
+    ("The lesion appears MALIGNANT", "malignant"),
+    ("malignant-looking mass", "malignant"),
+    ("It is non-cancerous.", "benign"),  # the longer phrase wins over "cancerous"
+    ("Findings consistent with cancer", "malignant"),
+    ("healthy tissue", "normal"),
+    ("benign or malignant", "benign"),  # several labels: the first mentioned
+    ("not malignant, rather benign", "benign"),  # a negated mention does not count
+    ("not malignant", None),  # ... and is never turned into a guess
+    ("I cannot tell", None),
+    ("benignity", None),  # whole words only
+    ("", None),
+])
+def test_parse_answer(text, label):
+    assert parse_answer(text, VOCAB).label == label
+
+
+def test_parse_reports_every_label_mentioned_and_configured_synonyms():
+    assert parse_answer("benign or malignant? malignant", VOCAB).mentioned == ["benign", "malignant"]
+    vocab = answer_vocabulary(["benign", "malignant"], {"malignant": ["suspicious"]})
+    assert parse_answer("Suspicious  for malignancy", vocab).label == "malignant"
+    with pytest.raises(ValueError, match="would mean both"):
+        answer_vocabulary(["benign", "malignant"], {"malignant": ["benign"]})
+    with pytest.raises(ValueError, match="not in task.labels"):
+        answer_vocabulary(["benign", "malignant"], {"normal": ["ok"]})
+    # a built-in synonym yields to a configured label of that name
+    assert answer_vocabulary(["cancer", "benign", "malignant"])["cancer"] == "cancer"
+
+
+def test_classification_metrics_by_hand():
+    refs = ["benign", "benign", "benign", "malignant", "malignant", "normal"]
+    preds = ["benign", "malignant", None, "malignant", "benign", "normal"]
+    m = classification_metrics(refs, preds, LABELS, n_boot=500, majority_label="benign")
+    assert m["n"] == 6 and m["n_invalid"] == 1
+    assert m["accuracy"]["mean"] == pytest.approx(3 / 6)
+    assert m["confusion"]["columns"] == LABELS + ["invalid answer"]
+    assert m["confusion"]["counts"] == [[1, 1, 0, 1], [1, 1, 0, 0], [0, 0, 1, 0]]
+    b, mal, n = (m["per_class"][k] for k in LABELS)
+    assert (b["precision"]["mean"], b["recall"]["mean"], b["f1"]["mean"]) == pytest.approx((1 / 2, 1 / 3, 2 / 5))
+    assert (mal["precision"]["mean"], mal["recall"]["mean"], mal["f1"]["mean"]) == pytest.approx((0.5, 0.5, 0.5))
+    assert (n["precision"]["mean"], n["recall"]["mean"], n["f1"]["mean"]) == pytest.approx((1.0, 1.0, 1.0))
+    assert b["support"] == 3 and n["support"] == 1
+    assert m["macro_f1"]["mean"] == pytest.approx((0.4 + 0.5 + 1.0) / 3)
+    assert m["majority_rate"] == pytest.approx(0.5)
+    for ci in (m["accuracy"], m["macro_f1"], b["recall"], mal["f1"]):
+        assert ci["lo"] <= ci["mean"] <= ci["hi"]
+    assert m["accuracy"]["hi"] - m["accuracy"]["lo"] > 0.2  # six samples: a wide interval
+    # a class never predicted has undefined precision (NaN), not 0
+    none_predicted = classification_metrics(["normal", "benign"], ["benign", "benign"], LABELS, n_boot=50)
+    assert math.isnan(none_predicted["per_class"]["normal"]["precision"]["mean"])
+    assert none_predicted["per_class"]["normal"]["recall"]["mean"] == 0.0
+
+
+def test_mcnemar_exact():
+    # 6 discordant pairs all in A's favour: p = 2 * 0.5**6
+    a = [1] * 6 + [1, 0, 1]
+    b = [0] * 6 + [1, 0, 1]
+    r = mcnemar(a, b)
+    assert (r["n"], r["a_only"], r["b_only"]) == (9, 6, 0)
+    assert r["p_value"] == pytest.approx(2 * 0.5 ** 6)
+    # 3 vs 2 discordant: symmetric, p = 1
+    assert mcnemar([1, 1, 1, 0, 0, 1], [0, 0, 0, 1, 1, 1])["p_value"] == pytest.approx(1.0)
+    assert mcnemar([1, 0], [1, 0])["p_value"] == 1.0
+    assert mcnemar([1, float("nan")], [0, 1])["n"] == 1
