@@ -1,0 +1,298 @@
+"""Task ``instruct``: instruction tuning of a vision-language model on image + conversation samples (llava_json).
+
+Training: the language-model loss on the assistant tokens only (``ChatCodec`` labels), normalised by the number of
+supervised tokens in the *global* batch, so 2 processes with half the batch each give the gradient of 1 process
+with the whole batch. Every training sample is encoded once when the dataset is built: a sample that would need
+truncation, or whose conversation the chat template cannot render turn by turn, is refused then, with its id.
+
+Validation and evaluation: greedy, batched generation of each sample's last answer from the conversation before it,
+parsed into a label (``medtune.answers``): accuracy (``val_accuracy`` picks `best`), macro-F1, per-class
+precision / recall / F1, the confusion matrix with its "invalid answer" column, bootstrap CIs, and the majority-class
+rate of the training split to read them against.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from medtune.answers import INVALID, answer_vocabulary, classification_metrics, format_classification, parse_answer
+from medtune.config import Config
+from medtune.data.conversations import final_answer, question_turns
+from medtune.data.layouts import format_problems
+from medtune.data.types import DataError, LoadedSample, Sample
+from medtune.models.vlm import IGNORE_INDEX, ChatCodec, collate, to_pil
+from medtune.tasks.base import LossFn, Task
+
+log = logging.getLogger("medtune")
+
+# Without task.labels, distinct reference answers become the label set only when there are this few of them
+# (a classification-style data set); free-text answers need task.labels.
+MAX_AUTO_LABELS = 20
+
+
+def _codec(model) -> ChatCodec:
+    seg = model.module if hasattr(model, "module") else model
+    if not hasattr(seg, "text_codec"):
+        raise ValueError("task instruct needs a vision-language model family (model.family: vlm)")
+    return seg.text_codec()
+
+
+def _require_conversations(samples: list[LoadedSample]) -> None:
+    missing = [s.id for s in samples if not s.conversations]
+    if missing:
+        raise DataError(f"task instruct needs image + conversation samples (data.layout llava_json); {len(missing)} "
+                        f"sample(s) have none, e.g. {missing[0]}")
+
+
+# ---- training ------------------------------------------------------------------------------------------------------
+class InstructDataset(Dataset):
+    """Items = ``ChatCodec.encode`` of each sample (tensors only, plus its id); keys may be ``(index, epoch)``."""
+
+    def __init__(self, samples: list[LoadedSample], codec: ChatCodec):
+        _require_conversations(samples)
+        self.samples, self.codec = samples, codec
+        problems = []
+        for s in samples:  # refuse now, with every offending id, rather than at step 5000
+            try:
+                codec.encode(s.conversations, to_pil(s.image), s.id)
+            except DataError as err:
+                problems.append(str(err))
+        if problems:
+            raise DataError(format_problems(problems, f"{len(samples)} training conversations"))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key) -> dict:
+        s = self.samples[key[0] if isinstance(key, (tuple, list)) else key]
+        return self.codec.encode(s.conversations, to_pil(s.image), s.id)
+
+
+def train_dataset(samples: list[LoadedSample], cfg: Config, model) -> InstructDataset:
+    return InstructDataset(samples, _codec(model))
+
+
+def train_collate(items: list[dict]) -> dict:
+    return collate(items, padding_side="right")
+
+
+def global_token_count(labels: torch.Tensor) -> torch.Tensor:
+    """Supervised (shifted) tokens in this process's batch, summed over all processes."""
+    n = (labels[:, 1:] != IGNORE_INDEX).sum().to(torch.float32)
+    if dist.is_available() and dist.is_initialized():
+        n = n.clone()
+        dist.all_reduce(n)
+    return n
+
+
+def make_loss(cfg: Config) -> LossFn:
+    def loss(model, batch: dict):
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        # sum over this process's tokens / (global tokens / world): averaged over processes by DDP, this is the
+        # mean over the global batch's tokens, whatever the split of tokens between processes
+        normaliser = global_token_count(batch["labels"]) / world
+        out = model(batch={**batch, "num_items_in_batch": normaliser})
+        return out.lm_loss, {"lm": float(out.lm_loss.detach())}
+
+    return loss
+
+
+# ---- answers -------------------------------------------------------------------------------------------------------
+def generate_answers(model, samples: list[LoadedSample], cfg: Config, device, desc: str = "answers",
+                     batch_size: int | None = None) -> list[str]:
+    """Greedy answer to each sample's last question (the conversation before its last answer), in batches."""
+    seg = model.module if hasattr(model, "module") else model
+    codec = _codec(seg)
+    batch_size = batch_size or cfg.data.batch_size
+    was_training = seg.training
+    seg.eval()
+    answers: list[str] = []
+    try:
+        for start in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch", leave=False,
+                          disable=len(samples) <= batch_size):
+            chunk = samples[start:start + batch_size]
+            items = [codec.encode(s.conversations, to_pil(s.image), s.id, for_generation=True, check_length=False)
+                     for s in chunk]
+            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate(items, "left").items()}
+            new = seg.generate(batch, max_new_tokens=cfg.task.max_new_tokens)
+            answers += [codec.decode(row) for row in new]
+    finally:
+        seg.train(was_training)
+    return answers
+
+
+def resolve_labels(cfg: Config, samples: list[LoadedSample] | list[Sample]) -> list[str]:
+    """task.labels, else the samples' class labels (llava_json "label"), else their distinct reference answers when
+    there are few of them."""
+    if cfg.task.labels:
+        return list(cfg.task.labels)
+    labels = sorted({s.label for s in samples if s.label})
+    if labels:
+        return labels
+    answers = sorted({" ".join(final_answer(s.conversations).lower().split()) for s in samples if s.conversations})
+    if 0 < len(answers) <= MAX_AUTO_LABELS:
+        return answers
+    raise ValueError(f"cannot tell the answer labels: the samples carry no 'label' and have {len(answers)} distinct "
+                     "answers; set task.labels (e.g. task.labels=[benign,malignant])")
+
+
+def reference_label(sample: LoadedSample | Sample, vocab: dict[str, str], labels: list[str]) -> str | None:
+    if sample.label in labels:
+        return sample.label
+    return parse_answer(final_answer(sample.conversations), vocab).label if sample.conversations else None
+
+
+def score(samples: list[LoadedSample], answers: list[str], labels: list[str], cfg: Config) -> list[dict]:
+    """One row per sample: question, reference, answer, their labels and whether the answer is right."""
+    vocab = answer_vocabulary(labels, cfg.task.synonyms)
+    rows = []
+    for s, answer in zip(samples, answers):
+        ref = reference_label(s, vocab, labels)
+        pred = parse_answer(answer, vocab).label
+        question = question_turns(s.conversations)[-1]["content"] if s.conversations else ""
+        rows.append({"id": s.id, "question": question.replace("<image>", "").strip(),
+                     "reference": final_answer(s.conversations), "answer": answer,
+                     "reference_label": ref or "", "answer_label": pred or INVALID,
+                     "correct": "" if ref is None else int(pred == ref)})
+    return rows
+
+
+def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict[str, float]:
+    _require_conversations(val)
+    labels = resolve_labels(cfg, val)
+    rows = score(val, generate_answers(model, val, cfg, device, "val answers"), labels, cfg)
+    scored = [r for r in rows if r["reference_label"]]
+    if not scored:
+        return {}
+    m = classification_metrics([r["reference_label"] for r in scored],
+                               [None if r["answer_label"] == INVALID else r["answer_label"] for r in scored],
+                               labels, n_boot=1)
+    return {"val_accuracy": m["accuracy"]["mean"], "val_macro_f1": m["macro_f1"]["mean"],
+            "val_invalid_rate": m["n_invalid"] / m["n"]}
+
+
+# ---- evaluation of a run -------------------------------------------------------------------------------------------
+def evaluate_model(model, cfg: Config, run_dir: Path, split: str = "test", device=None,
+                   checkpoint_name: str = "-") -> tuple[dict, list[dict]]:
+    from medtune.data.run_split import load_split_samples, prepare_split
+
+    data = prepare_split(cfg, run_dir)
+    if not data.split.get(split):
+        raise ValueError(f"split '{split}' of {run_dir / 'split.json'} is empty; choose one of "
+                         f"{[k for k, v in data.split.items() if v]}")
+    all_samples = list(data.samples.values())
+    labels = resolve_labels(cfg, all_samples)
+    vocab = answer_vocabulary(labels, cfg.task.synonyms)
+    train_refs = Counter(reference_label(data.samples[i], vocab, labels) for i in data.split.get("train", []))
+    train_refs.pop(None, None)
+    majority = min(train_refs, key=lambda k: (-train_refs[k], k)) if train_refs else None
+
+    samples = load_split_samples(cfg, data, split, run_dir)
+    _require_conversations(samples)
+    rows = score(samples, generate_answers(model, samples, cfg, device, split), labels, cfg)
+    scored = [r for r in rows if r["reference_label"]]
+    metrics = classification_metrics([r["reference_label"] for r in scored],
+                                     [None if r["answer_label"] == INVALID else r["answer_label"] for r in scored],
+                                     labels, n_boot=cfg.eval.bootstrap, majority_label=majority)
+    summary = {"task": "instruct", "run": str(run_dir), "checkpoint": checkpoint_name, "split": split,
+               "n_samples": len(rows), "n_without_reference_label": len(rows) - len(scored),
+               "generation": {"greedy": True, "max_new_tokens": cfg.task.max_new_tokens},
+               "classification": metrics}
+    return summary, rows
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    keys = list(rows[0]) if rows else ["id"]
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", device=None) -> dict:
+    """RUN/eval/<split>/{answers.csv, per_image.csv (id, correct), summary.json}."""
+    from medtune.evaluate import _jsonable
+    from medtune.runs.files import write_text_atomic
+    from medtune.runs.load import default_device, load_run_model
+
+    run_dir = Path(run_dir)
+    device = device or default_device()
+    cfg, model, ckpt = load_run_model(run_dir, checkpoint, device)
+    summary, rows = evaluate_model(model, cfg, run_dir, split, device, ckpt.name)
+    out = run_dir / "eval" / split
+    out.mkdir(parents=True, exist_ok=True)
+    write_rows(out / "answers.csv", rows)
+    # the per-sample score, paired by id in `medtune compare`
+    write_rows(out / "per_image.csv", [{"id": r["id"], "correct": r["correct"]} for r in rows])
+    write_text_atomic(out / "summary.json", json.dumps(_jsonable(summary), indent=2))
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    head = (f"{summary['run']}  [{summary['split']}, {summary['n_samples']} samples, checkpoint "
+            f"{summary['checkpoint']}, greedy answers]")
+    lines = [head] + format_classification(summary["classification"])
+    if summary.get("n_without_reference_label"):
+        lines.append(f"  {summary['n_without_reference_label']} sample(s) whose reference answer names no label were "
+                     "not scored")
+    return "\n".join(lines)
+
+
+def _evaluated_labels(run_dir: Path) -> list[str] | None:
+    """The label set an earlier `medtune eval` of the run resolved, if any."""
+    for summary in sorted(run_dir.glob("eval/*/summary.json")):
+        labels = json.loads(summary.read_text()).get("classification", {}).get("labels")
+        if labels:
+            return labels
+    return None
+
+
+def predict_answers(run_dir: str | Path, images: list[str | Path], question: str, out_dir: str | Path,
+                    checkpoint: str = "best", device=None) -> list[dict]:
+    """`medtune predict RUN IMAGES --question "..."`: the greedy answer (and its label) for each image, saved to
+    OUT/answers.json and OUT/answers.csv."""
+    from medtune.data.io import read_image
+    from medtune.runs.load import default_device, load_run_model
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    device = device or default_device()
+    cfg, model, ckpt = load_run_model(run_dir, checkpoint, device)
+    if cfg.task_kind() != "instruct":
+        raise ValueError(f"{run_dir} is a {cfg.task_kind()} run; --question is for instruction-tuned VLM runs")
+    missing = [str(p) for p in images if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: no such image file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
+                                                               else ""))
+    text = question if "<image>" in question else "<image>\n" + question
+    samples = [LoadedSample(id=Path(p).stem, image=read_image(Path(p), cfg.data.channels), mask=None, fov=None,
+                            conversations=[{"role": "user", "content": text}]) for p in images]
+    answers = generate_answers(model, samples, cfg, device, "predict")
+    labels = cfg.task.labels or _evaluated_labels(run_dir)
+    vocab = answer_vocabulary(labels, cfg.task.synonyms) if labels else None
+    rows = [{"image": str(p), "question": question, "answer": a,
+             "label": (parse_answer(a, vocab).label or INVALID) if vocab else ""} for p, a in zip(images, answers)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "answers.json").write_text(json.dumps({"run": str(run_dir), "checkpoint": str(ckpt),
+                                                      "answers": rows}, indent=2) + "\n")
+    write_rows(out_dir / "answers.csv", rows)
+    return rows
+
+
+TASK = Task(
+    name="instruct",
+    train_dataset=train_dataset,
+    make_loss=make_loss,
+    validate=validate,
+    selection_metric="val_accuracy",
+    collate=train_collate,
+)

@@ -1,0 +1,99 @@
+"""Task instruct: dataset refusal, global-token loss normalisation, generation-based validation / evaluation."""
+from __future__ import annotations
+
+import pytest
+import torch
+from vlm_helpers import instruct_cfg, write_vqa
+
+from medtune.data.layouts import discover
+from medtune.data.loading import load_all
+from medtune.data.types import DataError
+from medtune.models.registry import build_model
+
+transformers = pytest.importorskip("transformers")
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from medtune.models.tiny_vlm import save_tiny_vlm
+
+    root = tmp_path_factory.mktemp("instruct")
+    data = write_vqa(root / "data", n=8)
+    folder = save_tiny_vlm(root / "llava", "llava", seed=0)
+    cfg = instruct_cfg(root, data=data, model=folder)
+    samples = load_all(discover(cfg.data), cfg.data)
+    return root, data, folder, cfg, samples
+
+
+def test_dataset_refuses_every_sample_that_would_be_truncated(setup):
+    from medtune.tasks.instruct import train_dataset
+
+    root, data, folder, cfg, samples = setup
+    short = instruct_cfg(root, "model.vlm.max_length=10", data=data, model=folder)
+    with pytest.raises(DataError) as err:
+        train_dataset(samples[:3], short, build_model(short))
+    message = str(err.value)
+    assert message.startswith("3 problem(s)") and all(f"sample case{i}:" in message for i in range(3))
+    assert "image tokens" in message
+    dataset = train_dataset(samples, cfg, build_model(cfg))
+    item = dataset[(5, 0)]
+    assert item["id"] == "case5" and item["input_ids"].ndim == 1
+
+
+def test_loss_is_normalised_by_the_global_number_of_supervised_tokens(setup):
+    from medtune.models.vlm import token_loss
+    from medtune.tasks.instruct import make_loss, train_collate, train_dataset
+
+    _, _, _, cfg, samples = setup
+    model = build_model(cfg)
+    dataset = train_dataset(samples, cfg, model)
+    long = dataset[0]
+    long["labels"][:-3] = -100  # fewer supervised tokens in one sample: per-sample means would differ
+    items = [long, dataset[1], dataset[2], dataset[3]]
+    full = train_collate(items)
+    loss, parts = make_loss(cfg)(model, full)
+    logits = model(batch=full).token_logits
+    n = (full["labels"][:, 1:] != -100).sum()
+    assert torch.allclose(loss, token_loss(logits, full["labels"], n), atol=1e-6)
+    # what two processes with half the batch each contribute: sum_i / (n_global / 2), averaged by DDP
+    halves = [train_collate(items[:2]), train_collate(items[2:])]
+    two = sum(token_loss(model(batch=h).token_logits, h["labels"], n / 2) for h in halves) / 2
+    assert torch.allclose(two, loss, atol=1e-5)
+    per_process_mean = sum(token_loss(model(batch=h).token_logits, h["labels"]) for h in halves) / 2
+    assert not torch.allclose(per_process_mean, loss, atol=1e-4)  # the naive average is a different loss
+    assert parts["lm"] == pytest.approx(float(loss))
+
+
+def test_validation_answers_by_generation_and_counts_invalid_answers(setup):
+    from medtune.tasks.instruct import generate_answers, validate
+
+    _, _, _, cfg, samples = setup
+    model = build_model(cfg)
+    answers = generate_answers(model, samples[:3], cfg, "cpu", batch_size=2)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    val = validate(model, samples, cfg, "cpu")
+    assert set(val) == {"val_accuracy", "val_macro_f1", "val_invalid_rate"}
+    # an untrained model writes noise: every answer is invalid and none is guessed into a label
+    assert val["val_invalid_rate"] == 1.0 and val["val_accuracy"] == 0.0
+    assert model.training  # validation restores the mode
+
+
+def test_score_rows_and_labels(setup):
+    from medtune.tasks.instruct import resolve_labels, score
+
+    _, _, _, cfg, samples = setup
+    assert resolve_labels(cfg, samples) == ["benign", "malignant"]
+    rows = score(samples[:3], ["Benign.", "It looks benign", "no idea"], ["benign", "malignant"], cfg)
+    assert [r["answer_label"] for r in rows] == ["benign", "benign", "invalid answer"]
+    assert [r["correct"] for r in rows] == [1, 0, 0]
+    assert rows[0]["question"] == "Is the lesion benign or malignant?" and rows[1]["reference"] == "malignant"
+    no_labels = [s for s in samples]
+    for s in no_labels:
+        s.label = None
+    try:
+        assert resolve_labels(cfg, no_labels) == ["benign", "malignant"]  # few distinct answers: they are the labels
+    finally:
+        for i, s in enumerate(no_labels):
+            s.label = "benign" if i % 2 == 0 else "malignant"
