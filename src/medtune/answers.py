@@ -163,3 +163,40 @@ def format_classification(m: dict) -> list[str]:
     for label, row in zip(m["confusion"]["rows"], m["confusion"]["counts"]):
         lines.append(f"    {label:<12} " + "  ".join(f"{v:>5d}" for v in row))
     return lines
+
+
+# ---- rewards for sampled answers (GRPO) -------------------------------------------------------------------------------
+ANSWER_REWARDS = ("correct", "format")
+ANSWER_PRESETS: dict[str, dict[str, float]] = {
+    "answer": {"correct": 1.0, "format": 0.25},
+    "correct": {"correct": 1.0},
+}
+
+
+def resolve_answer_weights(reward: str | dict[str, float]) -> dict[str, float]:
+    """``rl.reward`` for answers: a preset name or {component: weight} over ``ANSWER_REWARDS``."""
+    if isinstance(reward, str):
+        if reward not in ANSWER_PRESETS:
+            raise ValueError(f"rl.reward {reward!r} is not an answer reward preset; for task instruct use one of "
+                             f"{sorted(ANSWER_PRESETS)} or {{component: weight}} over {list(ANSWER_REWARDS)}")
+        return dict(ANSWER_PRESETS[reward])
+    unknown = sorted(set(reward) - set(ANSWER_REWARDS))
+    if unknown or not reward:
+        raise ValueError(f"rl.reward components {unknown or '{}'} unknown; for task instruct use {list(ANSWER_REWARDS)}")
+    return dict(reward)
+
+
+def answer_rewards(answers: Sequence[str], finished: Sequence[bool], references: Sequence[str | None],
+                   vocab: Mapping[str, str], weights: Mapping[str, float]) -> tuple[list[float], dict[str, list[float]]]:
+    """Reward of each sampled answer: ``correct`` = 1 when its parsed label is the reference label; ``format`` = 1
+    when it finished (a stop token before max_new_tokens) and names exactly one label. Returns (weighted totals,
+    {component: values})."""
+    components: dict[str, list[float]] = {k: [] for k in weights}
+    for answer, done, ref in zip(answers, finished, references):
+        parsed = parse_answer(answer, vocab)
+        values = {"correct": float(ref is not None and parsed.label == ref),
+                  "format": float(bool(done) and len(parsed.mentioned) == 1)}
+        for k in weights:
+            components[k].append(values[k])
+    totals = [sum(weights[k] * components[k][i] for k in weights) for i in range(len(answers))]
+    return totals, components

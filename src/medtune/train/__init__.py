@@ -8,7 +8,9 @@ from medtune.config import Config
 
 def train(cfg: Config, resume: str | Path | None = None) -> Path:
     """Run the recipe of ``cfg.objective``; returns the run folder."""
-    if cfg.objective == "rl":
+    if cfg.objective == "rl" and cfg.task_kind() == "instruct":
+        from medtune.train.rl_answers import train as recipe  # GRPO on sampled answers
+    elif cfg.objective == "rl":
         from medtune.train.rl import train as recipe
     else:
         from medtune.train.sft import train as recipe
