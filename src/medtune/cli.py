@@ -50,7 +50,7 @@ def _predict(args) -> None:
         if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
             raise ValueError(f"--box {args.box!r}: give x1,y1,x2,y2 in pixels with x1 < x2 and y1 < y2")
     written = predict_images(args.run, args.images, args.out, checkpoint=args.checkpoint, threshold=args.threshold,
-                             box=box)
+                             box=box, prompt=args.prompt)
     print(f"{len(written)} masks (+ probability maps, overlays) written to {args.out}")
 
 
@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best")
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--box", default=None, help="x1,y1,x2,y2 for box-prompted runs")
+    p.add_argument("--prompt", default=None, help="segmenting VLM runs: the question asked (default: the run's "
+                                                  "task.prompt); the answer and one mask per [SEG] are written")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", help="the embedded default: adapt a vessel model to a new site with LoRA")

@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 from medtune.config import build_config
-from medtune.evaluate import default_device, evaluate_model, evaluate_run, format_summary, load_run_model
+from medtune.evaluate import evaluate_model, evaluate_run, format_summary
 from medtune.models.lora import export_merged
 from medtune.models.registry import build_model
+from medtune.runs.load import default_device, load_run_model
 from medtune.train.sft import train
 
 
