@@ -74,7 +74,8 @@ def test_validation_answers_by_generation_and_counts_invalid_answers(setup):
     answers = generate_answers(model, samples[:3], cfg, "cpu", batch_size=2)
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
     val = validate(model, samples, cfg, "cpu")
-    assert set(val) == {"val_accuracy", "val_macro_f1", "val_invalid_rate"}
+    assert set(val) == {"val_accuracy", "val_macro_f1", "val_invalid_rate", "val_lm_loss"}
+    assert 0 < val["val_lm_loss"] < 20
     # an untrained model writes noise: every answer is invalid and none is guessed into a label
     assert val["val_invalid_rate"] == 1.0 and val["val_accuracy"] == 0.0
     assert model.training  # validation restores the mode

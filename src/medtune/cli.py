@@ -40,6 +40,19 @@ def _eval(args) -> None:
 
 def _predict(args) -> None:
     from medtune.predict import predict_images
+    from medtune.runs.files import load_run_config
+
+    if args.question is not None or load_run_config(args.run).task_kind() == "instruct":
+        from medtune.tasks.instruct import predict_answers
+
+        if args.question is None:
+            raise ValueError(f"{args.run} is an instruction-tuned VLM run: pass --question \"...\" (asked about each "
+                             "image)")
+        rows = predict_answers(args.run, args.images, args.question, args.out, checkpoint=args.checkpoint)
+        for row in rows:
+            print(f"{row['image']}: {row['answer']}" + (f"  [{row['label']}]" if row["label"] else ""))
+        print(f"answers written to {Path(args.out) / 'answers.json'} and answers.csv")
+        return
 
     box = None
     if args.box:
@@ -127,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", choices=["max_dice", "max_fbeta", "target_recall"], default=None)
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("predict", help="masks, probability maps and overlays for images")
+    p = sub.add_parser("predict", help="masks, probability maps and overlays for images (VLM runs: answers to "
+                                       "--question)")
     p.add_argument("run")
     p.add_argument("images", nargs="+")
     p.add_argument("--out", required=True)
@@ -136,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--box", default=None, help="x1,y1,x2,y2 for box-prompted runs")
     p.add_argument("--prompt", default=None, help="segmenting VLM runs: the question asked (default: the run's "
                                                   "task.prompt); the answer and one mask per [SEG] are written")
+    p.add_argument("--question", default=None, help="instruction-tuned VLM runs: the question asked about each "
+                                                    "image; answers are printed and saved")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("demo", help="the embedded default: adapt a vessel model to a new site with LoRA")

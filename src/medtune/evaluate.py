@@ -20,7 +20,7 @@ from medtune.data.run_split import RunData, load_split_samples, prepare_split
 from medtune.data.types import LoadedSample
 from medtune.metrics import image_metrics, pooled_metrics
 from medtune.models.base import SegModel
-from medtune.runs.files import write_text_atomic
+from medtune.runs.files import load_run_config, write_text_atomic
 from medtune.runs.load import default_device, load_run_model
 from medtune.stats import aggregate
 from medtune.tasks import TargetPrediction, Task, task_for
@@ -108,6 +108,10 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
                  strategy: str | None = None) -> dict:
     run_dir = Path(run_dir)
     device = device or default_device()
+    if load_run_config(run_dir).task_kind() == "instruct":  # answers, not masks: no threshold to calibrate
+        from medtune.tasks.instruct import evaluate_run as evaluate_answers
+
+        return evaluate_answers(run_dir, split, checkpoint, device)
     cfg, model, ckpt = load_run_model(run_dir, checkpoint, device)
     summary, rows, calib, probs = evaluate_model(model, cfg, run_dir, split, device, strategy, ckpt.name)
     out = run_dir / "eval" / split
@@ -147,6 +151,10 @@ def _jsonable(obj):
 
 
 def format_summary(summary: dict) -> str:
+    if summary.get("task") == "instruct":
+        from medtune.tasks.instruct import format_summary as format_answers
+
+        return format_answers(summary)
     lines = [f"{summary['run']}  [{summary['split']}, {summary['n_images']} images, checkpoint {summary['checkpoint']}]",
              f"calibrated threshold {summary['threshold']:.3f} ({summary['calibration'].get('strategy')}, fitted on val)"]
     for tag in ("t050", "cal"):

@@ -27,10 +27,19 @@ def completion_mask(completion_ids: torch.Tensor, stop_ids: list[int]) -> tuple[
     return (positions <= first[:, None]).float(), finished
 
 
-def token_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def sampling_logprobs(logits: torch.Tensor, temperature: float = 1.0, suppress_ids: list[int] | None = None):
+    """Log-probabilities [..., V] of the sampling distribution: logits / temperature, suppressed tokens removed."""
+    scaled = logits.float() / temperature
+    if suppress_ids:
+        scaled = scaled.index_fill(-1, torch.tensor(suppress_ids, device=scaled.device), float("-inf"))
+    return F.log_softmax(scaled, dim=-1)
+
+
+def token_logprobs(logits: torch.Tensor, completion_ids: torch.Tensor, temperature: float = 1.0,
+                   suppress_ids: list[int] | None = None) -> torch.Tensor:
     """logits [N, T, V] where logits[:, t] predicts completion_ids[:, t] -> log-probabilities [N, T] at
-    ``temperature`` (the distribution the answers were sampled from)."""
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    ``temperature`` with ``suppress_ids`` never sampled (the distribution the answers were drawn from)."""
+    logp = sampling_logprobs(logits, temperature, suppress_ids)
     return logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
 
 
@@ -62,6 +71,8 @@ def token_kl(new: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, normalise
     return _masked_sum(torch.exp(r) - r - 1.0, mask, normaliser)
 
 
-def token_entropy(logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0, normaliser=None) -> torch.Tensor:
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return _masked_sum(-(logp.exp() * logp).sum(-1), mask, normaliser)
+def token_entropy(logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0, normaliser=None,
+                  suppress_ids: list[int] | None = None) -> torch.Tensor:
+    logp = sampling_logprobs(logits, temperature, suppress_ids)
+    plogp = torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp))
+    return _masked_sum(-plogp.sum(-1), mask, normaliser)

@@ -38,6 +38,8 @@ class Discovery:
 
 
 def format_problems(problems: list[str], where: str) -> str:
+    if len(problems) == 1:  # one line: the problem names its file and the fix
+        return f"problem with the data in {where}: {problems[0]}"
     head = f"{len(problems)} problem(s) with the data in {where}:"
     return "\n".join([head] + [f"  - {p}" for p in problems])
 

@@ -170,6 +170,9 @@ class ChatCodec:
         self.end_of_turn_id = self._end_of_turn()
         eos = self.tokenizer.eos_token_id
         self.stop_ids = sorted({i for i in (self.end_of_turn_id, eos) if i is not None})
+        # never sampled: an image token in an answer would break the teacher-forced re-forward of GRPO (image
+        # features and image tokens would no longer match), and other special tokens are no answer either
+        self.suppress_ids = sorted((self.special_ids | self.image_token_ids) - set(self.stop_ids))
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         text = self.processor.apply_chat_template(messages, chat_template=self.template, tokenize=False,
@@ -359,12 +362,13 @@ class VLMModel(SegModel):
     @torch.no_grad()
     def generate(self, batch: dict, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0):
         """New tokens [B, <= max_new_tokens] for a left-padded prompt batch: greedy, or plain temperature sampling
-        (no top-k / top-p, so log-probabilities at that temperature are the sampling distribution)."""
+        (no top-k / top-p; special tokens but the stop tokens suppressed: ``text_policy.token_logprobs`` with
+        ``codec.suppress_ids`` is exactly the sampling distribution)."""
         inputs = self.model_inputs(batch)
         kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
                                   "eos_token_id": self.codec.stop_ids, "pad_token_id": self.codec.pad_token_id}
         if do_sample:
-            kwargs.update(temperature=temperature, top_k=0, top_p=1.0)
+            kwargs.update(temperature=temperature, top_k=0, top_p=1.0, suppress_tokens=self.codec.suppress_ids)
         else:
             kwargs.update(temperature=None, top_k=None, top_p=None)
         out = self.net.generate(**inputs, **kwargs)

@@ -330,6 +330,10 @@ def compare_runs(runs: list[Path], out_dir: Path | None = None, split: str = "te
         raise ValueError(f"threshold must be 'cal' or 't050', got {at!r}")
     if len(runs) < 2:
         raise ValueError("compare needs at least two run folders (the first is the baseline)")
+    from medtune.report.answers import compare_answer_runs, is_answer_run
+
+    if any(is_answer_run(Path(r), split) for r in runs):  # answers: paired by sample id, McNemar
+        return compare_answer_runs([Path(r) for r in runs], out_dir, split)
     evals = [load_run_eval(Path(r), split) for r in runs]
     _unique_labels(evals)
     common, notes = image_set_notes(evals)

@@ -369,6 +369,10 @@ def write_report(run_dir: str | Path, split: str = "test") -> Path:
 
     run_dir = Path(run_dir)
     ev = eval_dir(run_dir, split)
+    if (read_json(ev / "summary.json") or {}).get("task") == "instruct":  # answers, not masks
+        from medtune.report.answers import write_answers_report
+
+        return write_answers_report(run_dir, split)
     cfg = load_run_config(run_dir)
     summary = read_json(ev / "summary.json")
     calib = read_json(ev / "calibration.json")

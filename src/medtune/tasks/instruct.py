@@ -165,18 +165,41 @@ def score(samples: list[LoadedSample], answers: list[str], labels: list[str], cf
     return rows
 
 
+@torch.no_grad()
+def teacher_forced_loss(model, samples: list[LoadedSample], cfg: Config, device) -> float:
+    """Mean LM loss over the answer tokens of ``samples``: a continuous companion to the accuracy."""
+    seg = model.module if hasattr(model, "module") else model
+    codec = _codec(seg)
+    total, count = 0.0, 0
+    was_training = seg.training
+    seg.eval()
+    try:
+        for start in range(0, len(samples), cfg.data.batch_size):
+            items = [codec.encode(s.conversations, to_pil(s.image), s.id, check_length=False)
+                     for s in samples[start:start + cfg.data.batch_size]]
+            batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in train_collate(items).items()}
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            total += float(seg(batch={**batch, "num_items_in_batch": 1.0}).lm_loss)
+            count += n
+    finally:
+        seg.train(was_training)
+    return total / max(count, 1)
+
+
 def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict[str, float]:
+    """val_accuracy (picks `best`), val_macro_f1, val_invalid_rate from greedy answers; val_lm_loss teacher-forced."""
     _require_conversations(val)
     labels = resolve_labels(cfg, val)
     rows = score(val, generate_answers(model, val, cfg, device, "val answers"), labels, cfg)
     scored = [r for r in rows if r["reference_label"]]
-    if not scored:
-        return {}
-    m = classification_metrics([r["reference_label"] for r in scored],
-                               [None if r["answer_label"] == INVALID else r["answer_label"] for r in scored],
-                               labels, n_boot=1)
-    return {"val_accuracy": m["accuracy"]["mean"], "val_macro_f1": m["macro_f1"]["mean"],
-            "val_invalid_rate": m["n_invalid"] / m["n"]}
+    out = {"val_lm_loss": teacher_forced_loss(model, val, cfg, device)}
+    if scored:
+        m = classification_metrics([r["reference_label"] for r in scored],
+                                   [None if r["answer_label"] == INVALID else r["answer_label"] for r in scored],
+                                   labels, n_boot=1)
+        out.update(val_accuracy=m["accuracy"]["mean"], val_macro_f1=m["macro_f1"]["mean"],
+                   val_invalid_rate=m["n_invalid"] / m["n"])
+    return out
 
 
 # ---- evaluation of a run -------------------------------------------------------------------------------------------

@@ -116,8 +116,9 @@ def rollout(policy, prompts: dict, references: list[str | None], cfg: Config, vo
     g = cfg.rl.group_size
     rewards = torch.tensor(totals, dtype=torch.float32, device=completions.device).view(-1, g)
     with torch.no_grad(), policy.adapters_disabled():
-        ref = token_logprobs(completion_logits(policy, prompts, completions, mask), completions, cfg.rl.temperature)
-    return {"completions": completions, "mask": mask, "rewards": rewards,
+        ref = token_logprobs(completion_logits(policy, prompts, completions, mask), completions, cfg.rl.temperature,
+                             codec.suppress_ids)
+    return {"completions": completions, "mask": mask, "rewards": rewards, "suppress_ids": codec.suppress_ids,
             "advantages": group_advantages(rewards).flatten(), "ref_logprob": ref, "answers": answers,
             "components": {k: sum(v) / max(len(v), 1) for k, v in components.items()},
             "finished": float(finished.float().mean())}
@@ -126,8 +127,9 @@ def rollout(policy, prompts: dict, references: list[str | None], cfg: Config, vo
 def grpo_loss(model, prompts: dict, roll: dict, cfg: Config, old: torch.Tensor | None = None,
               advantages: torch.Tensor | None = None):
     """(loss, new token log-probs, stats) for one clipped update; ``old`` None = on-policy (old = new, detached)."""
+    suppress = roll["suppress_ids"]
     logits = completion_logits(model, prompts, roll["completions"], roll["mask"])
-    new = token_logprobs(logits, roll["completions"], cfg.rl.temperature)
+    new = token_logprobs(logits, roll["completions"], cfg.rl.temperature, suppress)
     old = new.detach() if old is None else old
     mask, norm = roll["mask"], _normaliser(roll["mask"])
     adv = roll["advantages"] if advantages is None else advantages
@@ -136,7 +138,7 @@ def grpo_loss(model, prompts: dict, roll: dict, cfg: Config, old: torch.Tensor |
     loss = pg + cfg.rl.kl_coef * kl
     entropy = None
     if cfg.rl.entropy_coef > 0:
-        entropy = token_entropy(logits, mask, cfg.rl.temperature, norm)
+        entropy = token_entropy(logits, mask, cfg.rl.temperature, norm, suppress)
         loss = loss - cfg.rl.entropy_coef * entropy
     stats = {"pg_loss": float(pg.detach()), "kl": float(kl.detach()), "clip_fraction": float(clip_fraction),
              "ratio": float(ratio)}

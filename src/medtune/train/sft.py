@@ -95,7 +95,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             loss_sum += loss.detach() / accum
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / accum
-            books.count_images(batch["image"].shape[0])
+            books.count_images(len(batch["ids"]) if "ids" in batch else batch["image"].shape[0])  # instruct: no image key
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or float("inf"))
         global_loss = accelerator.reduce(loss_sum, reduction="mean")
         allowed = books.update_allowed(global_loss, grad_norm)

@@ -1,0 +1,224 @@
+"""Instruction tuning end to end, from the shipped configs, on tiny LLaVA and tiny InternVL (CPU, seconds):
+preflight, training, exact resume, generation-based eval, report, compare, export parity, predict, GRPO, and the
+bad-input lines of `medtune train`."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from helpers import REPO
+from vlm_helpers import write_vqa
+
+from medtune.cli import main
+from medtune.config import load_config
+from medtune.runs.files import read_metrics
+from medtune.train import train
+
+transformers = pytest.importorskip("transformers")
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+
+KINDS = ("llava", "internvl")
+SFT_STEPS = 16
+
+
+def sft_cfg(root, kind, *overrides, name=None):
+    return load_config(REPO / "configs" / f"vlm_{kind}_tiny.yaml", [
+        f"run.name={name or kind}", f"run.output_dir={root / 'runs'}", f"data.path={root / 'data' / 'train.json'}",
+        f"model.path={root / f'base-{kind}'}", "model.config={}", f"optim.max_steps={SFT_STEPS}", "optim.lr=0.02",
+        "train.eval_every=8", "train.save_every=8", "train.keep_last=5", "train.log_every=1",
+        "train.trackers=[]", "eval.bootstrap=100", "task.max_new_tokens=4", *overrides,
+    ])
+
+
+def grpo_cfg(root, parent, *overrides, name="grpo"):
+    return load_config(REPO / "configs" / "vlm_grpo.yaml", [
+        f"run.name={name}", f"run.output_dir={root / 'runs'}", f"rl.init_from={parent}", "optim.max_steps=4",
+        "optim.warmup_steps=1", "train.eval_every=4", "train.save_every=2", "train.keep_last=5", "train.log_every=1",
+        "train.trackers=[]", "rl.group_size=4", "lora.r=4", *overrides,
+    ])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One supervised LoRA run per tiny VLM, from the shipped configs, on bright (benign) / dark (malignant) images."""
+    from medtune.models.tiny_vlm import save_tiny_vlm
+
+    root = tmp_path_factory.mktemp("instruct-runs")
+    write_vqa(root / "data", n=12)
+    out = {"root": root}
+    for kind in KINDS:
+        save_tiny_vlm(root / f"base-{kind}", kind, seed=0)
+        out[kind] = train(sft_cfg(root, kind))
+    return out
+
+
+def _swap_in_checkpoint(run, step, name):
+    copy = run.parent / name
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoints" / "last")
+    shutil.copytree(run / "checkpoints" / f"step-{step}", copy / "checkpoints" / "last")
+    return copy
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_supervised_run_preflight_learning_and_exact_resume(runs, kind):
+    run = runs[kind]
+    pre = json.loads((run / "preflight.json").read_text())
+    assert pre["passed"] and all("lora_A" in n for n in pre["zero_grad_first_step"])
+    assert (run / "checkpoints" / "best" / "adapter" / "adapter_model.safetensors").is_file()
+    records = read_metrics(run)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == SFT_STEPS and losses[-1] < losses[0]
+    val = [r for r in records if "val_accuracy" in r]
+    assert len(val) == 2 and all(0.0 <= r["val_accuracy"] <= 1.0 for r in val)
+    if kind == "llava":  # bright vs dark is learnt in 16 steps
+        assert val[-1]["val_accuracy"] == 1.0 and val[-1]["val_invalid_rate"] == 0.0
+
+    resumed = _swap_in_checkpoint(run, 8, f"{kind}-resumed")
+    train(load_config(resumed / "config.yaml"), resume=resumed)
+    keys = ("loss", "grad_norm")
+    expected = [r[k] for r in records if "loss" in r for k in keys]
+    got = [r[k] for r in read_metrics(resumed) if "loss" in r for k in keys]
+    assert [r["step"] for r in read_metrics(resumed) if "loss" in r] == list(range(1, SFT_STEPS + 1))
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_eval_report_export_parity_and_predict(runs, kind, tmp_path, capsys):
+    from transformers import AutoModelForImageTextToText
+
+    from medtune.models.vlm import collate, load_processor, to_pil
+    from medtune.runs.load import load_run_model
+
+    run = runs[kind]
+    assert main(["eval", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "majority class" in out and "confusion" in out
+    summary = json.loads((run / "eval" / "test" / "summary.json").read_text())
+    split = json.loads((run / "split.json").read_text())
+    assert summary["task"] == "instruct" and summary["n_samples"] == len(split["test"])
+    assert summary["classification"]["labels"] == ["benign", "malignant"]
+    answers = (run / "eval" / "test" / "answers.csv").read_text()
+    assert answers.startswith("id,question,reference,answer,reference_label,answer_label,correct")
+    assert main(["report", str(run)]) == 0
+    html = (run / "report.html").read_text()
+    assert "Confusion matrix" in html and "majority class" in html and "PASSED" in html
+
+    # export: a standalone folder that plain from_pretrained loads and that answers like the adapter does
+    merged_dir = tmp_path / "merged"
+    assert main(["export", str(run), "--out", str(merged_dir)]) == 0
+    cfg, model, _ = load_run_model(run, "best", "cpu")
+    assert model.is_peft
+    merged = AutoModelForImageTextToText.from_pretrained(str(merged_dir)).eval()
+    processor = load_processor(merged_dir, cfg)
+    if kind == "llava":  # InternVL's own processor needs torchvision (absent here); load_processor stands in
+        from transformers import AutoProcessor
+
+        assert type(AutoProcessor.from_pretrained(str(merged_dir))).__name__ == "LlavaProcessor"
+    from medtune.data.layouts import discover
+    from medtune.data.loading import load_all
+
+    samples = load_all([s for s in discover(cfg.data) if s.id in split["test"] + split["val"]], cfg.data)
+    items = [model.codec.encode(s.conversations, to_pil(s.image), s.id, for_generation=True) for s in samples]
+    prompts = collate(items, "left")
+    from medtune.models.vlm import ChatCodec
+
+    merged_codec = ChatCodec(processor)
+    merged_prompts = collate([merged_codec.encode(s.conversations, to_pil(s.image), s.id, for_generation=True)
+                              for s in samples], "left")
+    assert torch.equal(merged_prompts["input_ids"], prompts["input_ids"])
+    with torch.no_grad():
+        adapter_logits = model(batch=prompts).token_logits
+        merged_logits = merged(**model.model_inputs(prompts)).logits
+        assert torch.allclose(adapter_logits, merged_logits, atol=1e-4)
+        adapter_answers = model.generate(prompts, 4)
+        merged_answers = merged.generate(**model.model_inputs(prompts), max_new_tokens=4, do_sample=False,
+                                         eos_token_id=merged_codec.stop_ids, pad_token_id=merged_codec.pad_token_id)
+    assert torch.equal(adapter_answers, merged_answers[:, prompts["input_ids"].shape[1]:])
+
+    image = run.parents[1] / "data" / "images" / "case0.png"
+    assert main(["predict", str(run), str(image), "--question", "Is the lesion benign or malignant?",
+                 "--out", str(tmp_path / "pred")]) == 0
+    printed = capsys.readouterr().out
+    saved = json.loads((tmp_path / "pred" / "answers.json").read_text())["answers"]
+    assert saved[0]["image"] == str(image) and saved[0]["answer"] in printed
+    if kind == "llava":
+        assert saved[0]["label"] == "benign"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_grpo_from_the_supervised_run_and_compare(runs, kind, capsys):
+    from medtune.evaluate import evaluate_run
+
+    parent = runs[kind]
+    run = train(grpo_cfg(runs["root"], parent, name=f"grpo-{kind}"))
+    assert json.loads((run / "parent.json").read_text())["parent_run"] == str(parent)
+    assert json.loads((run / "split.json").read_text()) == json.loads((parent / "split.json").read_text())
+    assert json.loads((run / "preflight.json").read_text())["passed"]
+    records = [r for r in read_metrics(run) if "reward_mean" in r]
+    assert len(records) == 4
+    assert {"kl", "clip_fraction", "reward_correct", "reward_format", "answers_finished"} <= set(records[0])
+    cfg = load_config(run / "config.yaml")
+    assert cfg.task.labels == ["benign", "malignant"] and cfg.model.path.endswith("reference-model")
+    summary = evaluate_run(run)
+    assert summary["task"] == "instruct"
+    if not (parent / "eval" / "test" / "summary.json").is_file():
+        evaluate_run(parent)
+    capsys.readouterr()
+    assert main(["compare", str(parent), str(run)]) == 0
+    text = capsys.readouterr().out
+    assert "McNemar p" in text and "paired over the" in text
+
+    if kind == "llava":  # exact resume of GRPO: same sampled answers, rewards and losses after step 2
+        resumed = _swap_in_checkpoint(run, 2, "grpo-resumed")
+        train(load_config(resumed / "config.yaml"), resume=resumed)
+        keys = ("loss", "reward_mean", "kl", "pg_loss")
+        assert [r[k] for r in read_metrics(resumed) if "reward_mean" in r for k in keys] == pytest.approx(
+            [r[k] for r in records for k in keys], rel=1e-6, abs=1e-7)
+
+
+def _train_error(capsys, *argv) -> str:
+    assert main(["train", *map(str, argv)]) == 2
+    err = capsys.readouterr().err.replace("\r", "\n")  # progress bars and log lines may come before the error
+    assert err.count("medtune train: error: ") == 1, err
+    message = err.split("medtune train: error: ", 1)[1].strip()
+    assert message and "\n" not in message, err
+    return message
+
+
+def test_bad_input_is_one_clear_line(runs, tmp_path, capsys):
+    root = runs["root"]
+    config = REPO / "configs" / "vlm_llava_tiny.yaml"
+    base = [f"run.output_dir={tmp_path}", f"model.path={root / 'base-llava'}", "model.config={}"]
+
+    def data(entries, name):
+        path = root / "data" / name
+        path.write_text(json.dumps(entries))
+        return f"data.path={path}"
+
+    turn = {"from": "human", "value": "Benign or malignant?"}
+    answer = {"from": "gpt", "value": "benign"}
+    err = _train_error(capsys, config, *base, data([{"image": "images/case0.png", "conversations": [turn, answer]}],
+                                                   "noimage.json"))
+    assert "no '<image>' placeholder" in err
+    err = _train_error(capsys, config, *base, data([{"image": "images/case0.png", "conversations": [
+        {"from": "human", "value": "<image>\nBenign?"}]}], "noanswer.json"))
+    assert "no assistant turn" in err
+    err = _train_error(capsys, config, *base, data([{"image": "../../escape.png", "conversations": [
+        {"from": "human", "value": "<image>\nBenign?"}, answer]}], "escape.json"))
+    assert "escapes the image root" in err
+
+    remote = tmp_path / "remote"
+    shutil.copytree(root / "base-llava", remote)
+    meta = json.loads((remote / "config.json").read_text())
+    meta["auto_map"] = {"AutoModelForCausalLM": "modeling_hulu.HuluMedForCausalLM"}
+    (remote / "config.json").write_text(json.dumps(meta))
+    good = f"data.path={root / 'data' / 'train.json'}"
+    err = _train_error(capsys, config, f"run.output_dir={tmp_path}", f"model.path={remote}", good)
+    assert "model.trust_remote_code=true" in err
+    if not torch.cuda.is_available():
+        err = _train_error(capsys, config, *base, good, "model.quantize_4bit=true")
+        assert "needs a CUDA GPU" in err
