@@ -222,3 +222,55 @@ def test_bad_input_is_one_clear_line(runs, tmp_path, capsys):
     if not torch.cuda.is_available():
         err = _train_error(capsys, config, *base, good, "model.quantize_4bit=true")
         assert "needs a CUDA GPU" in err
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_two_process_instruction_tuning_equals_one_process(runs, tmp_path):
+    """Same global batch on 1 and on 2 gloo processes: same losses and the same adapter. The answers differ in length
+    (1 to 9 tokens), so this holds only because the loss is normalised by the global number of answer tokens."""
+    import os
+    import subprocess
+    import sys
+
+    from medtune.runs.load import load_run_model
+
+    root = runs["root"]
+    entries = json.loads((root / "data" / "train.json").read_text())
+    for i, e in enumerate(entries):
+        if i % 3 == 1:
+            e["conversations"][1]["value"] = f"The lesion is {e['label']}, I think, on this image."
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(entries))
+
+    def cfg(name):
+        return sft_cfg(root, "llava", f"run.output_dir={tmp_path / 'runs'}", f"data.path={data}",
+                       f"data.image_root={root / 'data'}", "lora.dropout=0.0", "train.preflight=false",
+                       "optim.max_steps=3", "train.eval_every=100", "train.save_every=3", name=name)
+
+    one = train(cfg("one"))
+    cfg_path = tmp_path / "two.yaml"
+    cfg_path.write_text(cfg("two").to_yaml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29531", "-m", "medtune.cli", "train", str(cfg_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = tmp_path / "runs" / "two"
+    losses = [[r["loss"] for r in read_metrics(run) if "loss" in r] for run in (one, two)]
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-5)
+    m1, m2 = load_run_model(one, "last", "cpu")[1], load_run_model(two, "last", "cpu")[1]
+    for (n1, p1), (n2, p2) in zip(m1.trainable_named_parameters(), m2.trainable_named_parameters()):
+        assert n1 == n2 and torch.allclose(p1, p2, atol=1e-5), n1
+
+
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("deepspeed_zero2", "DEEPSPEED"), ("fsdp", "FSDP")])
+def test_shipped_accelerate_configs_load_with_accelerate(name, kind):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    config = ClusterConfig.from_yaml_file(str(REPO / "configs" / "accelerate" / f"{name}.yaml"))
+    assert config.distributed_type.value == kind and config.num_processes >= 2
+    if kind == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == 2
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
