@@ -111,14 +111,25 @@ def test_vision_lora_on_request(folders):
     assert not any("multi_modal_projector" in n for n in landed)
 
 
-def test_full_finetuning_freezes_exactly_the_parameters_the_forward_never_uses():
-    seg = build_model(build_config({"model": {"family": "vlm", "config": {"preset": "tiny", "vlm": "llava"}}}))
+def test_full_finetuning_freezes_exactly_the_parameters_the_forward_never_uses(tmp_path):
+    from medtune.models.lora import load_trainable, save_trainable
+
+    cfg = build_config({"model": {"family": "vlm", "config": {"preset": "tiny", "vlm": "llava"}}})
+    seg = build_model(cfg)
     assert not seg.is_peft
     frozen = [n for n, p in seg.net.named_parameters() if not p.requires_grad]
     # LLaVA reads CLIP's hidden states before its final layer norm
     assert frozen and all("post_layernorm" in n for n in frozen)
     seg(batch=_batch(seg, [TURNS])).lm_loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in seg.trainable_named_parameters())
+    # a full checkpoint round trip (save_pretrained writes LLaVA under its legacy key names)
+    _perturb(seg)
+    save_trainable(seg, tmp_path / "ckpt")
+    other = build_model(cfg).eval()
+    load_trainable(other, tmp_path / "ckpt")
+    batch = _batch(seg, [TURNS])
+    with torch.no_grad():
+        assert torch.allclose(other(batch=batch).token_logits, seg.eval()(batch=batch).token_logits, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ labels / batches

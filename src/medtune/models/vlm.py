@@ -33,7 +33,7 @@ from transformers import InternVLProcessor
 from medtune.config import Config, VLMCfg
 from medtune.data.conversations import IMAGE_PLACEHOLDER, question_turns
 from medtune.data.types import DataError
-from medtune.models.base import ModelOutput, SegModel, load_safetensors_folder
+from medtune.models.base import ModelOutput, SegModel
 from medtune.models.hf import load_kwargs, prepare_for_training, read_config_json, remote_code_kwargs, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -491,7 +491,15 @@ class VLMModel(SegModel):
         return out_dir
 
     def load_base_weights(self, folder: str | Path) -> None:
-        load_safetensors_folder(self.base_network, folder)
+        """Through ``from_pretrained``: ``save_pretrained`` may write a model's weights under other names (LLaVA keeps
+        its legacy key layout on disk), and only transformers' loader maps them back."""
+        net = self.base_network
+        kwargs = {"trust_remote_code": True} if getattr(net.config, "auto_map", None) else {}
+        loaded = type(net).from_pretrained(str(folder), dtype=torch.float32, **kwargs)
+        missing, unexpected = net.load_state_dict(loaded.state_dict(), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"weights in {folder} do not fit this model (saved from another architecture?): missing "
+                             f"{missing[:8]}, unexpected {unexpected[:8]}")
 
 
 def _auto_class(meta: dict, path: Path):
