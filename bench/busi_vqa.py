@@ -157,15 +157,21 @@ def main(argv: list[str]) -> None:
     def ci(c):
         return f"{c['mean']:.3f} [{c['lo']:.3f}, {c['hi']:.3f}]"
 
-    print(f"""
-| BUSI test ({result['split']['test']} images) | accuracy [95% CI] | macro-F1 | notes |
-|---|---|---|---|
-| majority class ('{result['majority_label']}') | {result['majority_rate']:.3f} | – | always the training split's most frequent class |
-| tiny VLM, {cfg.optim.max_steps} steps ({result['vlm_train_minutes']} min) | {ci(vlm['accuracy'])} | {vlm['macro_f1']['mean']:.3f} | greedy answers, {vlm['n_invalid']} invalid |
-| small CNN, same {result['vlm_train_minutes']} min ({cnn['epochs']} epochs) | {ci(result['cnn_accuracy'])} | {cnn_metrics['macro_f1']['mean']:.3f} | best epoch {cnn['best_epoch']} by val accuracy |
-
-VLM - CNN accuracy {paired['mean_diff']:+.3f} [{paired['lo']:+.3f}, {paired['hi']:+.3f}], McNemar p = {test['p_value']:.3g} \
-({test['a_only']} right only by the VLM, {test['b_only']} only by the CNN).""")
+    minutes = result["vlm_train_minutes"]
+    rows = [
+        f"| BUSI test ({result['split']['test']} images) | accuracy [95% CI] | macro-F1 | notes |",
+        "|---|---|---|---|",
+        f"| majority class ('{result['majority_label']}') | {result['majority_rate']:.3f} | – | always the training "
+        "split's most frequent class |",
+        f"| tiny VLM, {cfg.optim.max_steps} steps ({minutes} min) | {ci(vlm['accuracy'])} | "
+        f"{vlm['macro_f1']['mean']:.3f} | greedy answers, {vlm['n_invalid']} invalid |",
+        f"| small CNN, same {minutes} min ({cnn['epochs']} epochs) | {ci(result['cnn_accuracy'])} | "
+        f"{cnn_metrics['macro_f1']['mean']:.3f} | best epoch {cnn['best_epoch']} by val accuracy |",
+        "",
+        f"VLM - CNN accuracy {paired['mean_diff']:+.3f} [{paired['lo']:+.3f}, {paired['hi']:+.3f}], McNemar p = "
+        f"{test['p_value']:.3g} ({test['a_only']} right only by the VLM, {test['b_only']} only by the CNN).",
+    ]
+    print("\n" + "\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -103,6 +103,15 @@ def test_suffix_targets_would_hit_the_vision_tower_and_are_refused(folders):
         build_model(_cfg(folders["llava"], lora={"r": 4, "target_modules": r"^.*(?:linear_1|q_proj)$"}))
 
 
+def test_gradient_checkpointing_still_reaches_every_adapter(folders):
+    """Non-reentrant checkpointing with input grads enabled: frozen embeddings do not cut the graph (pitfall 3)."""
+    seg = build_model(_cfg(folders["llava"], model={"gradient_checkpointing": True}, train_projector=True))
+    _perturb(seg)  # LoRA-B away from 0 so that LoRA-A gets gradient too
+    seg.train()(batch=_batch(seg, [TURNS])).lm_loss.backward()
+    grads = {n: p.grad for n, p in seg.trainable_named_parameters()}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
 def test_vision_lora_on_request(folders):
     seg = build_model(_cfg(folders["llava"], vision_lora=True))
     landed = _lora_layers(seg)
@@ -204,6 +213,7 @@ def test_collate_keeps_every_processor_key_and_pads_sequence_keys(folders):
             out = original(self, *args, **kwargs)
             out["mm_token_type_ids"] = (out["input_ids"] == self.image_token_id).long()
             out["image_grid_thw"] = torch.tensor([[1, 4, 4]] * out["pixel_values"].shape[0])
+            out["modals"] = ["image"] * out["pixel_values"].shape[0]  # Hulu-Med's processor returns such a list
             return out
 
     processor.__class__ = ExtraKeys
@@ -212,8 +222,9 @@ def test_collate_keeps_every_processor_key_and_pads_sequence_keys(folders):
         b = seg.codec.encode(TURNS[:2], _image(1), "b")
     finally:
         processor.__class__ = type(processor).__mro__[1]
-    assert {"mm_token_type_ids", "image_grid_thw", "pixel_values"} <= a.keys()
+    assert {"mm_token_type_ids", "image_grid_thw", "pixel_values", "modals"} <= a.keys()
     batch = collate([a, b])
+    assert batch["modals"] == ["image", "image"]
     n = len(a["input_ids"])
     assert batch["ids"] == ["a", "b"] and batch["input_ids"].shape == (2, n)
     assert batch["image_grid_thw"].shape == (2, 3) and batch["pixel_values"].shape[0] == 2

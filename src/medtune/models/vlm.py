@@ -242,7 +242,7 @@ class ChatCodec:
         item["input_ids"] = torch.tensor(ids, dtype=torch.long)
         item["labels"] = torch.tensor(labels, dtype=torch.long)
         for key, value in first.items():
-            if key not in token_keys and torch.is_tensor(value):
+            if key not in token_keys and key not in item:  # every other processor output, tensor or not
                 item[key] = value
         return item
 
@@ -263,11 +263,16 @@ class ChatCodec:
 
 
 def collate(items: list[dict], padding_side: str = "right") -> dict:
-    """Pad the sequence keys (1-D) to the batch maximum, concatenate every other key along dim 0; ``ids`` = the
-    sample ids. Right padding for training, left padding for generation."""
+    """Pad the sequence keys (1-D) to the batch maximum, concatenate every other tensor along dim 0 and every list
+    (non-tensor processor outputs) in sample order; ``ids`` = the sample ids. Right padding for training, left
+    padding for generation."""
     batch: dict[str, Any] = {"ids": [it["id"] for it in items]}
     pad_id = items[0].get("pad_token_id", 0)
     keys = [k for k, v in items[0].items() if torch.is_tensor(v)]
+    for key in [k for k, v in items[0].items() if not torch.is_tensor(v) and k not in ("id", "pad_token_id")]:
+        # non-tensor processor outputs (e.g. a list of modalities per sample) are joined in sample order
+        values = [it[key] for it in items]
+        batch[key] = [v for vs in values for v in vs] if all(isinstance(v, list) for v in values) else values
     length = max(len(it["input_ids"]) for it in items)
     for key in keys:
         values = [it[key] for it in items]
