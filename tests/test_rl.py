@@ -117,7 +117,25 @@ def test_rl_recipe_from_a_supervised_parent(tmp_path):
     assert json.loads((run / "preflight.json").read_text())["passed"]
     records = [r for r in read_metrics(run) if "reward_mean" in r]
     assert len(records) == 4 and {"kl", "clip_fraction", "entropy", "reward_recall"} <= set(records[0])
+    # `best` is chosen by what RL optimises (its reward on validation), not by Dice
+    validations = [r for r in read_metrics(run) if "val_reward" in r]
+    assert len(validations) == 2 and "val_dice" in validations[0]
+    best = json.loads((run / "checkpoints" / "best" / "meta.json").read_text())
+    assert best["val_reward"] == max(r["val_reward"] for r in validations)
     assert evaluate_run(run)["n_images"] == 2
+
+
+def test_selection_metric_follows_the_objective_unless_configured():
+    from medtune.tasks import selection, task_for
+
+    supervised = build_config({}, [])
+    rl = build_config({}, ["objective=rl"])
+    assert selection(supervised, task_for(supervised)) == ("val_dice", True)
+    assert selection(rl, task_for(rl)) == ("val_reward", True)
+    chosen = build_config({}, ["objective=rl", "train.selection_metric=val_auc"])
+    assert selection(chosen, task_for(chosen)) == ("val_auc", True)
+    lower = build_config({}, ["train.selection_metric=val_loss", "train.selection_mode=min"])
+    assert selection(lower, task_for(lower)) == ("val_loss", False)
 
 
 def test_reference_context_keeps_sam_trainable_set():

@@ -68,9 +68,12 @@ def _predict(args) -> None:
 
 
 def _demo(args) -> None:
-    from medtune.demo import run_demo
+    from medtune.demo import run_demo, run_segvlm_demo
 
-    run_demo(Path(args.out), fast=args.fast)
+    if args.which == "segvlm":
+        run_segvlm_demo(Path(args.out if args.out != "runs/demo" else "runs/demo-segvlm"), fast=args.fast)
+    else:
+        run_demo(Path(args.out), fast=args.fast)
 
 
 def _inspect(args) -> None:
@@ -154,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "image; answers are printed and saved")
     p.set_defaults(func=_predict)
 
-    p = sub.add_parser("demo", help="the embedded default: adapt a vessel model to a new site with LoRA")
+    p = sub.add_parser("demo", help="the embedded default: adapt a vessel model to a new site with LoRA; "
+                                    "`demo segvlm`: a tiny segmenting VLM learns vessels from a text prompt")
+    p.add_argument("which", nargs="?", choices=["unet", "segvlm"], default="unet")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--fast", action="store_true", help="fewer steps (a quick smoke run)")
     p.set_defaults(func=_demo)
