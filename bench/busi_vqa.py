@@ -10,7 +10,8 @@ against the two numbers an accuracy means nothing without.
 3. the majority class of the training split, always answered;
 4. a small CNN (4 conv blocks, 64 px grey, the same split) trained for the same wall-clock time as the VLM, best
    epoch by validation accuracy;
-5. the VLM and the CNN paired on the test images: accuracy difference with a paired-bootstrap CI and McNemar's test.
+5. the VLM and the CNN paired on the test images: accuracy difference with a paired-bootstrap CI and McNemar's test;
+6. GRPO on answers from the supervised VLM (``--grpo-steps``), compared with it on the same test images.
 Prints a markdown block for bench/RESULTS.md and writes OUT/busi_vqa_result.json.
 """
 from __future__ import annotations
@@ -108,6 +109,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="/tmp/busi-vqa")
     parser.add_argument("--data", default=str(BUSI))
+    parser.add_argument("--grpo-steps", type=int, default=100, help="GRPO on answers from the supervised run (0: skip)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     if not Path(args.data).is_dir():
@@ -152,6 +154,21 @@ def main(argv: list[str]) -> None:
         "vlm_minus_cnn": paired, "mcnemar": test,
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
     }
+    if args.grpo_steps:
+        from medtune.report.answers import compare_answer_runs
+
+        grpo_cfg = load_config(REPO / "configs" / "vlm_grpo.yaml", [
+            f"rl.init_from={run}", f"run.output_dir={out / 'runs'}", "run.name=busi-vqa-grpo",
+            f"optim.max_steps={args.grpo_steps}", "train.eval_every=50", "train.save_every=100", "train.trackers=[]",
+            "data.batch_size=4"])
+        started = time.perf_counter()
+        grpo_run = train(grpo_cfg)
+        result["grpo_minutes"] = round((time.perf_counter() - started) / 60, 2)
+        grpo_summary = evaluate_run(grpo_run)
+        result["grpo_accuracy"] = grpo_summary["classification"]["accuracy"]
+        result["grpo_invalid"] = grpo_summary["classification"]["n_invalid"]
+        result["grpo_vs_sft"] = compare_answer_runs([run, grpo_run])
+        print(result["grpo_vs_sft"])
     (out / "busi_vqa_result.json").write_text(json.dumps(result, indent=2))
 
     def ci(c):

@@ -50,6 +50,19 @@ def test_clipped_token_loss_by_hand():
     assert float(sum(halves) / 2) == pytest.approx(float(whole))
 
 
+def test_padding_with_impossible_tokens_gives_finite_loss_and_gradients():
+    """Padding after a stop token may hold a suppressed token (log-prob -inf under the sampling distribution)."""
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    ids = torch.tensor([[1, 2, 0], [1, 1, 1]])  # row 0: stop token 2, then padding id 0
+    mask, _ = completion_mask(ids, [2])
+    new = token_logprobs(logits, ids, suppress_ids=[0])
+    assert torch.isinf(new[0, 2])
+    ref = new.detach() - 0.1
+    loss = clipped_token_loss(new, new.detach(), torch.tensor([1.0, -1.0]), mask, 0.2)[0] + token_kl(new, ref, mask)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
 def test_token_kl_and_entropy():
     mask = torch.ones(1, 2)
     same = torch.tensor([[-0.5, -1.0]])

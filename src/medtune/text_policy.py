@@ -53,11 +53,19 @@ def _masked_sum(values: torch.Tensor, mask: torch.Tensor, normaliser) -> torch.T
     return (values * mask).sum() / normaliser
 
 
+def _active(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Values with the inactive positions set to 0 *before* any arithmetic: padding after a stop token may hold a
+    token the policy never samples (log-prob -inf), and -inf - -inf = NaN would poison the gradient even when
+    masked afterwards."""
+    return values.masked_fill(mask == 0, 0.0)
+
+
 def clipped_token_loss(new: torch.Tensor, old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                        clip_eps: float, normaliser=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO loss to minimise over [N, T] token log-probs with one advantage [N] per answer; returns (loss, fraction of
     active tokens whose ratio was clipped, mean ratio over active tokens)."""
-    ratio = torch.exp(new - old.detach())
+    new, old = _active(new, mask), _active(old.detach(), mask)
+    ratio = torch.exp(new - old)
     adv = advantages.detach()[:, None]
     per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * adv)
     active = mask.sum().clamp(min=1.0)
@@ -67,7 +75,7 @@ def clipped_token_loss(new: torch.Tensor, old: torch.Tensor, advantages: torch.T
 
 def token_kl(new: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, normaliser=None) -> torch.Tensor:
     """k3 estimate of KL(pi || pi_ref) on the sampled tokens: unbiased, always >= 0, exact 0 where pi = pi_ref."""
-    r = ref.detach() - new
+    r = _active(ref.detach(), mask) - _active(new, mask)
     return _masked_sum(torch.exp(r) - r - 1.0, mask, normaliser)
 
 

@@ -111,6 +111,9 @@ def rollout(policy, prompts: dict, references: list[str | None], cfg: Config, vo
                                       temperature=cfg.rl.temperature)
     policy.train(was_training)
     mask, finished = completion_mask(completions, codec.stop_ids)
+    # generate() pads finished answers with the pad token, which is never sampled (log-prob -inf): put a stop token
+    # there instead (those positions are masked out of the loss and the attention either way)
+    completions = torch.where(mask > 0, completions, torch.full_like(completions, codec.stop_ids[0]))
     answers = [codec.decode(row[m > 0]) for row, m in zip(completions, mask)]
     totals, components = answer_rewards(answers, finished.tolist(), references, vocab, weights)
     g = cfg.rl.group_size
