@@ -38,13 +38,18 @@ def _resample(arr: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray
 
 
 def load_sample(sample: Sample, cfg: DataCfg, scale: float = 1.0) -> LoadedSample:
-    """Read one sample's image, mask (union of mask files / polygons) and FOV; resample by ``scale`` if != 1."""
-    image = read_image(sample.image, cfg.channels)
+    """Read one sample's image, mask (union of mask files / polygons) and FOV; resample by ``scale`` if != 1.
+
+    The FOV comes from the image alone (a shipped FOV mask, or derived from the dark border), never from the mask:
+    evaluation and scale normalisation must see what ``predict`` sees on an unlabelled image. Training adds the
+    annotated foreground to its loss region itself (``datasets.loss_region``).
+    """
+    image = read_image(sample.image, cfg.channels, cfg.image_max)
     shape = image.shape[-2:]
     problems: list[str] = []
     mask = np.zeros(shape, dtype=np.uint8)
     for mask_path in sample.masks:
-        part, warning = read_mask(mask_path)
+        part, warning = read_mask(mask_path, cfg.mask_labels)
         if warning:
             warnings.warn(warning, MaskWarning, stacklevel=2)
             log.warning(warning)
@@ -60,7 +65,6 @@ def load_sample(sample: Sample, cfg: DataCfg, scale: float = 1.0) -> LoadedSampl
             mask |= rasterize_polygons(sample.polygons, shape)
         except ValueError as err:
             problems.append(f"{sample.image}: bad polygon annotation ({err}); fix the annotations file")
-    derived = False
     if sample.fov is not None:
         fov, warning = read_mask(sample.fov)
         if warning:
@@ -72,15 +76,10 @@ def load_sample(sample: Sample, cfg: DataCfg, scale: float = 1.0) -> LoadedSampl
             )
     elif cfg.derive_fov:
         fov = derive_fov(image)
-        derived = True
     else:
         fov = np.ones(shape, dtype=np.uint8)
     if problems:
         raise DataError("\n".join(problems))
-    if derived:
-        # Annotated foreground is by definition in view: a dark lesion at the edge of an ultrasound fan must not be
-        # cut out of the loss by an imperfect threshold.
-        fov = fov | mask
     native_shape = (int(shape[0]), int(shape[1]))
     if scale != 1.0:
         if not (scale > 0 and np.isfinite(scale)):
