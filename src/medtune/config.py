@@ -78,7 +78,7 @@ class DataCfg(Section):
     annotations: str = "annotations.json"  # polygon_json layout
     channels: Literal[1, 3] = 3
     # Integer images wider than 8 bits are divided by this (e.g. 4095 for 12-bit data). None: the smallest 8/12/16-bit
-    # full scale that holds the training images' maximum, decided once per run and recorded in RUN/intensity.json.
+    # full scale that holds the data set's maximum, decided once per run and recorded in RUN/intensity.json.
     image_max: float | None = Field(None, gt=0)
     # Masks that are label maps (0/1/2/3 ...): these labels are the foreground. None refuses label maps.
     mask_labels: list[int] | None = Field(None, min_length=1)

@@ -84,10 +84,7 @@ def inspect_dataset(cfg: DataCfg, split: dict[str, list[str]] | None = None) -> 
     warnings_seen: list[str] = list(found.warnings)
     image_max, observed_max = cfg.image_max, None
     if image_max is None:
-        try:
-            image_max, observed_max = dataset_image_max([s.image for s in found.samples])
-        except DataError as err:
-            problems.extend(str(err).splitlines())
+        image_max, observed_max = dataset_image_max([s.image for s in found.samples], skip_unreadable=True)
         cfg = cfg.model_copy(update={"image_max": image_max})  # read images as a training run on all of them would
     fg_total = fg_outside = 0
     sizes: list[tuple[int, int]] = []

@@ -122,13 +122,21 @@ def wide_integer_max(path: str | Path) -> int | None:
     return int(arr.max()) if arr.size else 0
 
 
-def dataset_image_max(paths: list[Path]) -> tuple[float | None, int | None]:
+def dataset_image_max(paths: list[Path], skip_unreadable: bool = False) -> tuple[float | None, int | None]:
     """(full scale, observed maximum) of the integer images wider than 8 bits among ``paths``; (None, None) if none.
 
     One scale per data set: dividing each image by its own maximum (or its own bit-depth tier) would make one
-    scanner's images differ up to 16x in brightness depending on their content.
+    scanner's images differ up to 16x in brightness depending on their content. ``skip_unreadable`` leaves broken
+    files to the caller's own report instead of raising for the first one.
     """
-    tops = [t for t in (wide_integer_max(p) for p in paths) if t is not None]
+    tops = []
+    for path in paths:
+        try:
+            tops.append(wide_integer_max(path))
+        except DataError:
+            if not skip_unreadable:
+                raise
+    tops = [t for t in tops if t is not None]
     if not tops:
         return None, None
     return full_scale(max(tops)), max(tops)

@@ -63,7 +63,7 @@ def prepare_split(cfg: Config, run_dir: Path, is_main: bool = True,
         check_split(split, list(samples.values()))
     intensity_path = run_dir / INTENSITY_FILE
     recorded = _read_json(intensity_path) if intensity_path.exists() else None
-    intensity = _intensity_record(cfg, recorded, samples, split)
+    intensity = _intensity_record(cfg, recorded, samples)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if new_split:
@@ -95,22 +95,21 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _intensity_record(cfg: Config, recorded: dict | None, samples: dict[str, Sample],
-                      split: dict[str, list[str]]) -> dict:
+def _intensity_record(cfg: Config, recorded: dict | None, samples: dict[str, Sample]) -> dict:
     """How integer images wider than 8 bits are scaled to [0, 1] in this run: one full scale for the data set, from
-    the config, else as recorded, else from the training images."""
+    the config, else as recorded, else the bit depth of the data set's images (all splits: a property of the
+    acquisition, not of one split, so the k runs of a cross-validation read images alike)."""
     if cfg.data.image_max is not None:
         if recorded is not None and recorded.get("image_max") == cfg.data.image_max:
             return recorded
         return {"image_max": cfg.data.image_max, "source": "data.image_max"}
     if recorded is not None:
         return recorded
-    train = split.get("train") or [i for ids in split.values() for i in ids]
-    image_max, observed = dataset_image_max([samples[i].image for i in train])
+    image_max, observed = dataset_image_max([s.image for s in samples.values()])
     if image_max is None:
-        return {"image_max": None, "source": f"{len(train)} training images: all 8-bit (or float), no scale needed"}
+        return {"image_max": None, "source": f"the data set's {len(samples)} images are 8-bit (or float): /255"}
     return {"image_max": image_max, "observed_max": observed,
-            "source": f"smallest 8/12/16-bit full scale holding the maximum of {len(train)} training images"}
+            "source": f"smallest 8/12/16-bit full scale holding the maximum of the data set's {len(samples)} images"}
 
 
 def use_recorded_image_max(cfg: Config, run_dir: str | Path) -> None:
