@@ -64,7 +64,8 @@ def _decode(path: Path) -> np.ndarray:
             return _decode_pil(Image.open(payload))
         if path.suffix.lower() in (".tif", ".tiff"):
             try:
-                return _decode_pil(Image.open(path))
+                with Image.open(path) as img:
+                    return _decode_pil(img)
             except (OSError, UnidentifiedImageError, ValueError):
                 # PIL cannot read multi-channel 16-bit or compressed scientific TIFFs; tifffile can.
                 import tifffile
@@ -73,7 +74,8 @@ def _decode(path: Path) -> np.ndarray:
                 if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
                     arr = np.moveaxis(arr, 0, -1)  # planar [C,H,W] -> interleaved
                 return arr
-        return _decode_pil(Image.open(path))
+        with Image.open(path) as img:  # closed at once: no ResourceWarning per file in `data inspect`
+            return _decode_pil(img)
     except DataError:
         raise
     # PIL raises OSError, SyntaxError, ValueError, struct.error, zlib.error ... for broken files: all mean the same.
