@@ -77,6 +77,11 @@ class DataCfg(Section):
     mask_suffixes: list[str] = Field(default_factory=lambda: ["", "_mask", "_manual1", "_1stHO", "_seg"])
     annotations: str = "annotations.json"  # polygon_json layout
     channels: Literal[1, 3] = 3
+    # Integer images wider than 8 bits are divided by this (e.g. 4095 for 12-bit data). None: the smallest 8/12/16-bit
+    # full scale that holds the data set's maximum, decided once per run and recorded in RUN/intensity.json.
+    image_max: float | None = Field(None, gt=0)
+    # Masks that are label maps (0/1/2/3 ...): these labels are the foreground. None refuses label maps.
+    mask_labels: list[int] | None = Field(None, min_length=1)
     # random_crop: patches of patch_size (thin structures at native scale);
     # whole_image: the whole image resized to patch_size (lesions, box prompts).
     sampling: Literal["random_crop", "whole_image"] = "random_crop"

@@ -18,7 +18,6 @@ from medtune.models.registry import build_model
 from medtune.runs.load import default_device, load_run_model
 from medtune.train.sft import train
 
-
 # enough steps for the tiny model to learn the answer and the vessels on 2 CPU cores within the 3-minute budget
 SEGVLM_DEMO_STEPS = 300
 
