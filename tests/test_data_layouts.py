@@ -10,7 +10,7 @@ from PIL import Image
 
 from medtune.config import DataCfg
 from medtune.data.io import derive_fov, rasterize_polygons, read_image, read_mask
-from medtune.data.layouts import detect_layout, discover
+from medtune.data.layouts import DataWarning, detect_layout, discover
 from medtune.data.loading import load_all, load_sample
 from medtune.data.types import DataError
 
@@ -80,6 +80,33 @@ def test_drive_layout(tmp_path):
     assert ls.mask.sum() == 64 and ls.fov.sum() == 28 * 28
 
 
+def test_drive_folders_with_chase_and_stare_names(tmp_path):
+    """CHASE_DB1 / STARE redistributed in DRIVE's training/test folders pair by their own names and keep groups."""
+    chase = tmp_path / "chase"
+    for split, name in (("training", "Image_01L"), ("training", "Image_01R"), ("training", "Image_02L"),
+                        ("test", "Image_03L")):
+        write_image(chase / split / "images" / f"{name}.jpg")
+        write_mask(chase / split / "1st_manual" / f"{name}_1stHO.png")
+    assert detect_layout(chase) == "drive"
+    samples = discover(DataCfg(path=str(chase)))
+    assert {s.id: (s.split, s.group, s.masks[0].name) for s in samples} == {
+        "training/images/Image_01L": ("train", "01", "Image_01L_1stHO.png"),
+        "training/images/Image_01R": ("train", "01", "Image_01R_1stHO.png"),
+        "training/images/Image_02L": ("train", "02", "Image_02L_1stHO.png"),
+        "test/images/Image_03L": ("test", "03", "Image_03L_1stHO.png"),
+    }
+    stare = tmp_path / "stare"
+    for split, stem in (("training", "im0001"), ("training", "im0002"), ("test", "im0003")):
+        write_image(stare / split / "images" / f"{stem}.ppm")
+        write_mask(stare / split / "1st_manual" / f"{stem}.ah.ppm")
+    samples = discover(DataCfg(path=str(stare)))
+    assert [(s.split, s.masks[0].name) for s in samples] == [
+        ("test", "im0003.ah.ppm"), ("train", "im0001.ah.ppm"), ("train", "im0002.ah.ppm")]
+    (stare / "test" / "1st_manual" / "im0003.ah.ppm").unlink()
+    with pytest.raises(DataError, match=r"im0003.ppm: no vessel mask .*im0003.ah"):
+        discover(DataCfg(path=str(stare)))
+
+
 def test_chase_groups_left_and_right_eye(tmp_path):
     for name in ("Image_01L", "Image_01R", "Image_02L"):
         write_image(tmp_path / f"{name}.jpg")
@@ -146,10 +173,33 @@ def test_max_samples_keeps_first_ids_and_group_by(tmp_path):
     for name in ("p1_a", "p1_b", "p2_a", "zz"):
         write_image(tmp_path / "images" / f"{name}.png")
         write_mask(tmp_path / "masks" / f"{name}.png")
-    samples = discover(DataCfg(path=str(tmp_path), split={"group_by": r"^(p\d+)_"}))
+    # a file the regex misses is its own group, but never silently: it could be a patient the regex spreads out
+    with pytest.warns(DataWarning, match=r"does not match 1 of 4 image file names \(e.g. zz.png\)"):
+        samples = discover(DataCfg(path=str(tmp_path), split={"group_by": r"^(p\d+)_"}))
     assert {s.id: s.group for s in samples} == {
         "images/p1_a": "p1", "images/p1_b": "p1", "images/p2_a": "p2", "images/zz": "images/zz"}
     assert [s.id for s in discover(DataCfg(path=str(tmp_path), max_samples=2))] == ["images/p1_a", "images/p1_b"]
+
+
+def test_group_by_matching_no_file_is_an_error(tmp_path):
+    for name in ("p1_a", "p1_b", "p2_a"):
+        write_image(tmp_path / "images" / f"{name}.png")
+        write_mask(tmp_path / "masks" / f"{name}.png")
+    with pytest.raises(DataError) as err:
+        discover(DataCfg(path=str(tmp_path), split={"group_by": r"^(P\d+)_"}))  # typo: capital P
+    text = problems_of(err)
+    assert r"group_by='^(P\d+)_' matches none of the 3 image file names (e.g. p1_a.png, p1_b.png, p2_a.png)" in text
+
+
+def test_group_by_keeps_the_layouts_own_groups(tmp_path):
+    # CHASE groups one child's two eyes; a user regex grouping by eye must not split a child across splits
+    for name in ("Image_01L", "Image_01R", "Image_02L", "Image_03R"):
+        write_image(tmp_path / f"{name}.jpg")
+        write_mask(tmp_path / f"{name}_1stHO.png")
+    samples = discover(DataCfg(path=str(tmp_path), split={"group_by": r"\d+([LR])"}))
+    groups = {s.id: s.group for s in samples}
+    assert groups["Image_01L"] == groups["Image_01R"]  # same child, different eye
+    assert groups["Image_01L"] == groups["Image_02L"] == groups["Image_03R"]  # ... and the user's eye groups hold
 
 
 # ---------------------------------------------------------------- bad input
@@ -199,6 +249,33 @@ def test_non_binary_mask_is_binarised_with_warning(tmp_path):
     with pytest.warns(UserWarning, match="a.png: mask has 3 grey levels"):
         ls = load_sample(discover(cfg)[0], cfg)
     assert set(np.unique(ls.mask)) == {0, 1} and ls.mask.sum() == 8 * SIZE
+
+
+def test_jpeg_noise_mask_is_still_binarised(tmp_path):
+    arr = np.zeros((SIZE, SIZE), np.uint8)
+    arr[:, SIZE // 2:] = 255
+    rng = np.random.default_rng(0)
+    noisy = np.clip(arr.astype(int) + rng.integers(-20, 21, arr.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(noisy).save(tmp_path / "m.png")
+    mask, warning = read_mask(tmp_path / "m.png")
+    assert "grey levels" in warning and mask.sum() == SIZE * SIZE // 2
+
+
+def test_label_map_mask_is_refused_unless_labels_are_chosen(tmp_path):
+    write_image(tmp_path / "images" / "a.png")
+    arr = np.zeros((SIZE, SIZE), np.uint8)
+    arr[:, 8:16], arr[:, 16:24], arr[:, 24:] = 1, 2, 3  # background + three classes
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(arr).save(tmp_path / "masks" / "a.png")
+    cfg = DataCfg(path=str(tmp_path))
+    with pytest.raises(DataError) as err:
+        load_sample(discover(cfg)[0], cfg)
+    text = problems_of(err)
+    assert "a.png: mask is a label map with values [0, 1, 2, 3]" in text
+    assert "data.mask_labels=[1, 2, 3]" in text and "\n" not in text
+    chosen = DataCfg(path=str(tmp_path), mask_labels=[2, 3])
+    ls = load_sample(discover(chosen)[0], chosen)
+    assert ls.mask.sum() == 16 * SIZE and ls.mask[:, 16:].all() and not ls.mask[:, :16].any()
 
 
 def test_truncated_image_raises_data_error(tmp_path):

@@ -79,6 +79,11 @@ class DataCfg(Section):
     annotations: str = "annotations.json"  # polygon_json / llava_json layouts (data.path may also be the JSON file)
     image_root: str | None = None  # llava_json: folder image paths are relative to (default: the JSON's folder)
     channels: Literal[1, 3] = 3
+    # Integer images wider than 8 bits are divided by this (e.g. 4095 for 12-bit data). None: the smallest 8/12/16-bit
+    # full scale that holds the data set's maximum, decided once per run and recorded in RUN/intensity.json.
+    image_max: float | None = Field(None, gt=0)
+    # Masks that are label maps (0/1/2/3 ...): these labels are the foreground. None refuses label maps.
+    mask_labels: list[int] | None = Field(None, min_length=1)
     # random_crop: patches of patch_size (thin structures at native scale);
     # whole_image: the whole image resized to patch_size (lesions, box prompts).
     sampling: Literal["random_crop", "whole_image"] = "random_crop"

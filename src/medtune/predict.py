@@ -10,6 +10,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from medtune.data.loading import fov_diameter, load_sample, resample_to_native
+from medtune.data.run_split import use_recorded_image_max
 from medtune.data.types import DataError, Sample
 from medtune.inference import predict_prob, uses_whole_image
 from medtune.runs.load import default_device, load_run_model
@@ -39,6 +40,7 @@ def predict_images(run_dir: str | Path, images: list[str | Path], out_dir: str |
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     device = default_device()
     cfg, model, _ = load_run_model(run_dir, checkpoint, device)
+    use_recorded_image_max(cfg, run_dir)  # 16-bit images scaled like the training data
     if cfg.task_kind() == "segvlm":
         return predict_segvlm(cfg, model, run_dir, images, out_dir, threshold, prompt, device)
     if prompt is not None:

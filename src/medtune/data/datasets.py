@@ -63,6 +63,13 @@ def _build_augment(aug: AugmentCfg) -> Compose | None:
     return Compose(transforms) if transforms else None
 
 
+def loss_region(fov: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Pixels the training loss sees: the FOV plus the annotated foreground, which is in view by definition (a dark
+    lesion at the edge of an ultrasound fan must not be cut out of the loss by an imperfect derived FOV). Training
+    only: evaluation uses the FOV alone, which is all ``predict`` has on an unlabelled image."""
+    return fov | mask
+
+
 def _plain(x) -> torch.Tensor:
     """MONAI returns MetaTensors; a plain tensor keeps the default collate and pin_memory simple."""
     if isinstance(x, MetaTensor):
@@ -94,7 +101,10 @@ def mask_box(mask: torch.Tensor, rng: np.random.Generator | None = None) -> torc
 
 
 class TrainPatchDataset(Dataset):
-    """Patches (random_crop) or resized whole images (whole_image), augmented, keyed by ``(index, epoch)``."""
+    """Patches (random_crop) or resized whole images (whole_image), augmented, keyed by ``(index, epoch)``.
+
+    An item's "fov" is the training loss region, ``loss_region(fov, mask)``.
+    """
 
     def __init__(self, samples: list[LoadedSample], cfg: DataCfg, seed: int):
         if not samples:
@@ -122,13 +132,14 @@ class TrainPatchDataset(Dataset):
             y, x = int(rng.integers(0, h - p + 1)), int(rng.integers(0, w - p + 1))
             if fov[y:y + p, x:x + p].any():
                 break
-        return image[:, y:y + p, x:x + p], mask[y:y + p, x:x + p], fov[y:y + p, x:x + p]
+        crop_mask = mask[y:y + p, x:x + p]
+        return image[:, y:y + p, x:x + p], crop_mask, loss_region(fov[y:y + p, x:x + p], crop_mask)
 
     def _resize_whole(self, ls: LoadedSample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         size = (self.patch, self.patch)
         image = torch.from_numpy(ls.image)[None]
         image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-        labels = torch.from_numpy(np.stack([ls.mask, ls.fov]).astype(np.float32))[None]
+        labels = torch.from_numpy(np.stack([ls.mask, loss_region(ls.fov, ls.mask)]).astype(np.float32))[None]
         labels = F.interpolate(labels, size=size, mode="nearest-exact")[0]
         return image.clamp(0.0, 1.0), labels[:1], labels[1:]
 

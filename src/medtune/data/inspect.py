@@ -11,7 +11,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from medtune.config import DataCfg
-from medtune.data.io import read_image
+from medtune.data.io import dataset_image_max, read_image
 from medtune.data.layouts import scan
 from medtune.data.loading import load_sample
 from medtune.data.splits import SPLIT_NAMES, _UnionFind, check_split
@@ -19,6 +19,8 @@ from medtune.data.types import DataError, LoadedSample, Sample
 
 # Rows of the pairwise Hamming-distance matrix computed at once: bounds memory to ~chunk × n bytes.
 _HASH_CHUNK = 1024
+# Above this share of annotated foreground outside the FOV, the FOV hides part of what is to be found.
+_OUTSIDE_FOV_WARN = 0.01
 
 
 def phash64(image: np.ndarray) -> int:
@@ -79,7 +81,12 @@ def inspect_dataset(cfg: DataCfg, split: dict[str, list[str]] | None = None) -> 
     started = time.perf_counter()
     found = scan(cfg)
     problems = list(found.problems)
-    warnings_seen: list[str] = []
+    warnings_seen: list[str] = list(found.warnings)
+    image_max, observed_max = cfg.image_max, None
+    if image_max is None:
+        image_max, observed_max = dataset_image_max([s.image for s in found.samples], skip_unreadable=True)
+        cfg = cfg.model_copy(update={"image_max": image_max})  # read images as a training run on all of them would
+    fg_total = fg_outside = 0
     sizes: list[tuple[int, int]] = []
     fg_fractions: dict[str, float] = {}
     fov_kinds: Counter = Counter()
@@ -96,6 +103,8 @@ def inspect_dataset(cfg: DataCfg, split: dict[str, list[str]] | None = None) -> 
         sizes.append(ls.mask.shape)
         inside = ls.fov.astype(bool)
         fg_fractions[sample.id] = float(ls.mask[inside].mean()) if inside.any() else 0.0
+        fg_total += int(ls.mask.sum())
+        fg_outside += int(ls.mask[~inside].sum())
         if sample.fov is not None:
             fov_kinds["shipped"] += 1
         elif cfg.derive_fov and not ls.fov.all():
@@ -119,11 +128,19 @@ def inspect_dataset(cfg: DataCfg, split: dict[str, list[str]] | None = None) -> 
         "foreground_fraction_in_fov": _stats(list(fg_fractions.values())),
         "empty_masks": sorted(i for i, f in fg_fractions.items() if f == 0.0),
         "fov": dict(fov_kinds),
+        "foreground_outside_fov": fg_outside / fg_total if fg_total else 0.0,
+        "image_max": {"full_scale": image_max, "observed_max": observed_max},
         "near_duplicates": {"max_distance": cfg.duplicate_hash_distance, "n_pairs": len(pairs),
                             "pairs": [list(p) for p in pairs]},
         "problems": problems,
         "warnings": warnings_seen,
     }
+    if report["foreground_outside_fov"] > _OUTSIDE_FOV_WARN:
+        warnings_seen.append(
+            f"{100 * report['foreground_outside_fov']:.1f}% of the annotated foreground lies outside the FOV: "
+            "evaluation ignores it and predict zeroes it there; check the FOV masks (or set data.derive_fov=false "
+            "when the derived FOV cuts into the objects)"
+        )
     if sizes:
         hs, ws = np.array([s[0] for s in sizes]), np.array([s[1] for s in sizes])
         report["image_size"] = {
@@ -172,7 +189,12 @@ def format_inspection(report: dict, max_listed: int = 20) -> str:
     lines.append(f"  foreground inside FOV: {_fmt_stats(report['foreground_fraction_in_fov'], pct=True)}")
     if report["empty_masks"]:
         lines.append(f"  empty masks: {len(report['empty_masks'])} (e.g. {', '.join(report['empty_masks'][:3])})")
-    lines.append("  FOV: " + (", ".join(f"{k} {v}" for k, v in report["fov"].items()) or "n/a"))
+    lines.append("  FOV: " + (", ".join(f"{k} {v}" for k, v in report["fov"].items()) or "n/a")
+                 + f"; foreground outside it: {100 * report['foreground_outside_fov']:.1f}%")
+    if report["image_max"]["full_scale"] is not None:
+        lines.append(f"  integer images wider than 8 bits: divided by {report['image_max']['full_scale']:g}"
+                     + (f" (largest value {report['image_max']['observed_max']})"
+                        if report["image_max"]["observed_max"] is not None else ""))
     dup = report["near_duplicates"]
     lines.append(f"  near-duplicate pairs (phash distance <= {dup['max_distance']}): {dup['n_pairs']}")
     for a, b, d in dup["pairs"][:max_listed]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,15 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".
 # ITU-R BT.601 weights: the conventional luminance for RGB -> grey.
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
-# A 16-bit container whose maximum fits in 12 bits almost always holds 12-bit detector data (CT, X-ray, OCT);
-# dividing it by 65535 would leave the image nearly black.
-_TWELVE_BIT_MAX = 4095
+# Full scales of the usual bit depths (8, 12, 16). A 16-bit container whose maximum fits in 12 bits almost always
+# holds 12-bit detector data (CT, X-ray, OCT); dividing it by 65535 would leave the image nearly black.
+_FULL_SCALES = (255, 4095, 65535)
+# PIL modes with 8-bit samples: always divided by 255, so a data-set scan need not decode them.
+_EIGHT_BIT_MODES = frozenset({"1", "L", "P", "LA", "PA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB",
+                              "HSV"})
+# A mask whose values are three or more distinct integers no larger than this is a label map (classes 0/1/2/3 ...),
+# not a binary mask with grey edges: binarising it at half its maximum would silently merge classes.
+_LABEL_MAP_MAX_VALUE = 31
 
 _FIX_REEXPORT = "re-export the file (e.g. open and save it again as PNG/TIFF) or remove it from the data folder"
 
@@ -57,7 +64,8 @@ def _decode(path: Path) -> np.ndarray:
             return _decode_pil(Image.open(payload))
         if path.suffix.lower() in (".tif", ".tiff"):
             try:
-                return _decode_pil(Image.open(path))
+                with Image.open(path) as img:
+                    return _decode_pil(img)
             except (OSError, UnidentifiedImageError, ValueError):
                 # PIL cannot read multi-channel 16-bit or compressed scientific TIFFs; tifffile can.
                 import tifffile
@@ -66,7 +74,8 @@ def _decode(path: Path) -> np.ndarray:
                 if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
                     arr = np.moveaxis(arr, 0, -1)  # planar [C,H,W] -> interleaved
                 return arr
-        return _decode_pil(Image.open(path))
+        with Image.open(path) as img:  # closed at once: no ResourceWarning per file in `data inspect`
+            return _decode_pil(img)
     except DataError:
         raise
     # PIL raises OSError, SyntaxError, ValueError, struct.error, zlib.error ... for broken files: all mean the same.
@@ -94,21 +103,59 @@ def _decode_pil(img: Image.Image) -> np.ndarray:
     return np.asarray(img)
 
 
-def _to_unit_range(arr: np.ndarray) -> np.ndarray:
+def full_scale(top: float) -> float:
+    """The smallest 8/12/16-bit full scale that holds ``top`` (``top`` itself beyond 16 bits)."""
+    return float(next((s for s in _FULL_SCALES if top <= s), top))
+
+
+def wide_integer_max(path: str | Path) -> int | None:
+    """Largest pixel value of an integer image wider than 8 bits; None for 8-bit and float images."""
+    path = Path(path)
+    if not path.name.lower().endswith(".gz"):
+        try:
+            with Image.open(path) as img:  # lazy: reads the header only
+                if img.mode in _EIGHT_BIT_MODES:
+                    return None
+        except Exception:  # noqa: BLE001 - PIL cannot open it (scientific TIFF, broken file): _decode decides
+            pass
+    arr = _decode(path)
+    if arr.dtype in (np.uint8, np.bool_) or not np.issubdtype(arr.dtype, np.integer):
+        return None
+    return int(arr.max()) if arr.size else 0
+
+
+def dataset_image_max(paths: list[Path], skip_unreadable: bool = False) -> tuple[float | None, int | None]:
+    """(full scale, observed maximum) of the integer images wider than 8 bits among ``paths``; (None, None) if none.
+
+    One scale per data set: dividing each image by its own maximum (or its own bit-depth tier) would make one
+    scanner's images differ up to 16x in brightness depending on their content. ``skip_unreadable`` leaves broken
+    files to the caller's own report instead of raising for the first one.
+    """
+    tops = []
+    for path in paths:
+        try:
+            tops.append(wide_integer_max(path))
+        except DataError:
+            if not skip_unreadable:
+                raise
+    tops = [t for t in tops if t is not None]
+    if not tops:
+        return None, None
+    return full_scale(max(tops)), max(tops)
+
+
+def _to_unit_range(arr: np.ndarray, image_max: float | None = None, path: Path | None = None) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / 255.0
     if arr.dtype == np.bool_:
         return arr.astype(np.float32)
     if np.issubdtype(arr.dtype, np.integer):
         top = float(arr.max()) if arr.size else 0.0
-        if top <= 255:
-            denom = 255.0  # 8-bit data stored in a wider container
-        elif top <= _TWELVE_BIT_MAX:
-            denom = float(_TWELVE_BIT_MAX)
-        elif top <= 65535:
-            denom = 65535.0
-        else:
-            denom = top
+        # Without a data-set scale (a lone image), the image's own bit-depth tier is the best guess.
+        denom = float(image_max) if image_max is not None else full_scale(top)
+        if top > denom:
+            warnings.warn(f"{path}: pixel values up to {top:g} exceed data.image_max={denom:g} and are clipped; set "
+                          "data.image_max to the data's full scale (e.g. 65535 for 16-bit)", stacklevel=3)
         return np.clip(arr.astype(np.float32) / denom, 0.0, 1.0)
     arr = arr.astype(np.float32)
     lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
@@ -119,8 +166,12 @@ def _to_unit_range(arr: np.ndarray) -> np.ndarray:
     return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
 
 
-def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
-    """Image file -> float32 [channels, H, W] in [0, 1]; grey is repeated to 3 channels, colour -> luminance for 1."""
+def read_image(path: str | Path, channels: int = 3, image_max: float | None = None) -> np.ndarray:
+    """Image file -> float32 [channels, H, W] in [0, 1]; grey is repeated to 3 channels, colour -> luminance for 1.
+
+    8-bit data is divided by 255; wider integer data by ``image_max`` (the data set's full scale, ``data.image_max``),
+    or, when None, by the image's own bit-depth tier (255 / 4095 / 65535).
+    """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     arr = _decode(Path(path))
@@ -135,7 +186,7 @@ def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
             f"{path}: unsupported image shape {arr.shape} (expected H×W grey or H×W×3 colour); "
             "export a 2-D slice as PNG/TIFF"
         )
-    unit = _to_unit_range(arr)
+    unit = _to_unit_range(arr, image_max, Path(path))
     if unit.ndim == 2:
         chw = unit[None]
         if channels == 3:
@@ -147,10 +198,12 @@ def read_image(path: str | Path, channels: int = 3) -> np.ndarray:
     return np.ascontiguousarray(chw, dtype=np.float32)
 
 
-def read_mask(path: str | Path) -> tuple[np.ndarray, str | None]:
+def read_mask(path: str | Path, labels: list[int] | None = None) -> tuple[np.ndarray, str | None]:
     """Mask file -> (uint8 [H, W] in {0, 1}, warning or None).
 
-    Two-level masks ({0,1}, {0,255}, palette GIFs) map the higher level to 1. Anything with more levels (JPEG
+    With ``labels`` (``data.mask_labels``) the mask is a label map and those values are the foreground. Otherwise
+    two-level masks ({0,1}, {0,255}, palette GIFs) map the higher level to 1; a label map (three or more small
+    integer values) is refused, since any binarisation would merge classes; anything else with more levels (JPEG
     artefacts, anti-aliased edges) is binarised at half its maximum and a warning naming the file is returned.
     """
     arr = _decode(Path(path))
@@ -159,12 +212,21 @@ def read_mask(path: str | Path) -> tuple[np.ndarray, str | None]:
         arr = arr[..., :3].max(axis=-1) if arr.shape[-1] >= 3 else arr[..., 0]
     if arr.ndim != 2:
         raise DataError(f"{path}: unsupported mask shape {arr.shape}; save the mask as a single-channel PNG")
+    if labels is not None:
+        return np.isin(arr, labels).astype(np.uint8), None
     levels = np.unique(arr)
     if levels.size == 1:
         value = 1 if levels[0] > 0 else 0
         return np.full(arr.shape, value, dtype=np.uint8), None
     if levels.size == 2:
         return (arr == levels[1]).astype(np.uint8), None
+    if np.issubdtype(arr.dtype, np.integer) and levels[-1] <= _LABEL_MAP_MAX_VALUE:
+        values = levels.tolist()
+        raise DataError(
+            f"{path}: mask is a label map with values {values} (several classes, not a binary mask); set "
+            f"data.mask_labels to the foreground label(s), e.g. data.mask_labels={[v for v in values if v]} for all "
+            "non-zero labels"
+        )
     top = float(levels[-1])
     binary = (arr.astype(np.float64) > top / 2.0).astype(np.uint8)
     warning = (

@@ -7,24 +7,39 @@ one ``DataError``, so a user fixes a data folder in one pass instead of one erro
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from medtune.config import DataCfg
 from medtune.data.io import is_image_file, strip_image_extension
+from medtune.data.splits import sample_groups
 from medtune.data.types import DataError, Sample, Target
+
+log = logging.getLogger(__name__)
 
 LAYOUTS = ("generic", "drive", "chase", "stare", "busi", "polygon_json", "llava_json", "synthetic")
 SYNTHETIC_DEFAULT_ROOT = Path("~/.cache/medtune/synthetic")
 
 _DRIVE_SPLITS = {"training": "train", "train": "train", "test": "test"}
+_DRIVE_IMAGE = re.compile(r"^(\d+)_(training|test)$", re.IGNORECASE)
+# Retina sets redistributed in DRIVE's folders keep their own names: CHASE_DB1 Image_01L + Image_01L_1stHO,
+# STARE im0001 + im0001.ah; a mask is <image stem><one of these> (or of data.mask_suffixes) in <split>/1st_manual/.
+_DRIVE_STYLE_MASK_SUFFIXES = ("_manual1", "_1stHO", ".ah")
 _CHASE_IMAGE = re.compile(r"^Image_(\d+)([LR])$", re.IGNORECASE)
 _STARE_IMAGE = re.compile(r"^(im\d{4})$", re.IGNORECASE)
 _BUSI_CLASSES = ("benign", "malignant", "normal")
 _BUSI_MASK = re.compile(r"^(?P<stem>.+)_mask(?:_\d+)?$")
+# File names quoted as examples in a group_by message.
+_GROUP_EXAMPLES = 3
+
+
+class DataWarning(UserWarning):
+    """The data is usable but probably not what the user meant (e.g. a group_by regex that misses some files)."""
 
 
 @dataclass
@@ -35,6 +50,7 @@ class Discovery:
     root: Path
     samples: list[Sample] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
 
 def format_problems(problems: list[str], where: str) -> str:
@@ -160,17 +176,24 @@ def _discover_drive(cfg: DataCfg, root: Path) -> Discovery:
             continue
         claimed: set[Path] = set()
         for image in _image_files(images_dir):
-            stem = strip_image_extension(image.name)  # 21_training, 01_test
-            number = stem.split("_")[0]
-            mask = _first_existing(split_dir / "1st_manual", [f"{number}_manual1"])
-            fov = _first_existing(split_dir / "mask", [f"{stem}_mask", f"{number}_{split_dir.name}_mask"])
+            stem = strip_image_extension(image.name)  # 21_training, 01_test; or another set's own name
+            drive_name = _DRIVE_IMAGE.match(stem)
+            mask_stems = [stem + s for s in dict.fromkeys([*_DRIVE_STYLE_MASK_SUFFIXES, *cfg.mask_suffixes])]
+            fov_stems = [f"{stem}_mask", stem]
+            if drive_name:
+                mask_stems.insert(0, f"{drive_name.group(1)}_manual1")
+                fov_stems.insert(1, f"{drive_name.group(1)}_{split_dir.name}_mask")
+            mask = _first_existing(split_dir / "1st_manual", mask_stems)
+            fov = _first_existing(split_dir / "mask", fov_stems)
             if mask is None:
                 found.problems.append(
-                    f"{image}: no vessel mask {split_dir / '1st_manual' / (number + '_manual1.gif')}; "
-                    "add it (the DRIVE release ships one per image) or remove the image"
+                    f"{image}: no vessel mask in {split_dir / '1st_manual'} (looked for {', '.join(mask_stems[:4])} "
+                    "...); add it (the DRIVE release ships one per image), remove the image, or add its suffix to "
+                    "data.mask_suffixes"
                 )
                 continue
             claimed.add(mask)
+            chase_name = _CHASE_IMAGE.match(stem)
             found.samples.append(
                 Sample(
                     id=_rel_id(image, root),
@@ -178,6 +201,8 @@ def _discover_drive(cfg: DataCfg, root: Path) -> Discovery:
                     masks=[mask],
                     fov=fov,
                     split=_DRIVE_SPLITS[split_dir.name.lower()],
+                    # CHASE_DB1 in DRIVE's folders: the left and right eye of one child stay in one split.
+                    group=chase_name.group(1) if chase_name else None,
                 )
             )
         manual_dir = split_dir / "1st_manual"
@@ -489,20 +514,51 @@ _DISCOVERERS = {
 }
 
 
-def _apply_groups(samples: list[Sample], pattern: str | None) -> list[str]:
-    if not pattern:
-        return []
+def _apply_groups(found: Discovery, pattern: str | None) -> None:
+    """Group samples by ``data.split.group_by``, a regex searched in each image file name (first group or whole match).
+
+    A regex that matches no file is an error and one that misses some files a warning: either way a typo would
+    otherwise make every file its own group and spread one patient across train/val/test. The layout's own groups
+    (CHASE: one child's two eyes) are kept: samples sharing either group end up in one.
+    """
+    if not pattern or not found.samples:
+        return
     try:
         regex = re.compile(pattern)
     except re.error as err:
-        return [f"data.split.group_by={pattern!r} is not a valid regex ({err}); fix the pattern"]
-    for s in samples:
+        found.problems.append(f"data.split.group_by={pattern!r} is not a valid regex ({err}); fix the pattern")
+        return
+    keys: dict[str, str] = {}
+    unmatched: list[Sample] = []
+    for s in found.samples:
         match = regex.search(s.image.name)
         if match is None:
-            s.group = s.id
+            unmatched.append(s)
         else:
-            s.group = match.group(1) if regex.groups and match.group(1) is not None else match.group(0)
-    return []
+            keys[s.id] = match.group(1) if regex.groups and match.group(1) is not None else match.group(0)
+    total = len(found.samples)
+    if not keys:
+        examples = ", ".join(s.image.name for s in found.samples[:_GROUP_EXAMPLES])
+        found.problems.append(
+            f"data.split.group_by='{pattern}' matches none of the {total} image file names (e.g. {examples}); fix "
+            "the regex (it is searched in the file name, its first group is the patient / video id) or unset it"
+        )
+        return
+    if unmatched:
+        examples = ", ".join(s.image.name for s in unmatched[:_GROUP_EXAMPLES])
+        found.warnings.append(
+            f"data.split.group_by='{pattern}' does not match {len(unmatched)} of {total} image file names (e.g. "
+            f"{examples}): each of those is its own group and may straddle train/val/test; fix the regex if they "
+            "belong to a patient / video"
+        )
+    # One component per set of samples linked by a layout group or a group_by key, named by the keys it joins.
+    if any(s.group is not None for s in found.samples):
+        log.info("data.split.group_by is combined with the %s layout's own groups", found.layout)
+    by_id = {s.id: s for s in found.samples}
+    for members in sample_groups(found.samples, {i: f"group_by:{k}" for i, k in keys.items()}).values():
+        names = sorted({keys[i] for i in members if i in keys} | {by_id[i].group for i in members if by_id[i].group})
+        for i in members:
+            by_id[i].group = "+".join(names) if names else i
 
 
 def scan(cfg: DataCfg) -> Discovery:
@@ -524,7 +580,7 @@ def scan(cfg: DataCfg) -> Discovery:
             except DataError as err:
                 return Discovery("auto", root, problems=[str(err)])
         found = _DISCOVERERS[layout](cfg, root)
-    found.problems += _apply_groups(found.samples, cfg.split.group_by)
+    _apply_groups(found, cfg.split.group_by)
     found.samples.sort(key=lambda s: s.id)
     id_counts = Counter(s.id for s in found.samples)
     for dup in sorted(i for i, n in id_counts.items() if n > 1):
@@ -543,4 +599,7 @@ def discover(cfg: DataCfg) -> list[Sample]:
     found = scan(cfg)
     if found.problems:
         raise DataError(format_problems(found.problems, str(found.root)))
+    for message in found.warnings:
+        log.warning(message)
+        warnings.warn(message, DataWarning, stacklevel=2)
     return found.samples

@@ -38,13 +38,18 @@ def _resample(arr: np.ndarray, shape: tuple[int, int], order: int) -> np.ndarray
 
 
 def load_sample(sample: Sample, cfg: DataCfg, scale: float = 1.0) -> LoadedSample:
-    """Read one sample's image, mask (union of mask files / polygons) and FOV; resample by ``scale`` if != 1."""
-    image = read_image(sample.image, cfg.channels)
+    """Read one sample's image, mask (union of mask files / polygons) and FOV; resample by ``scale`` if != 1.
+
+    The FOV comes from the image alone (a shipped FOV mask, or derived from the dark border), never from the mask:
+    evaluation and scale normalisation must see what ``predict`` sees on an unlabelled image. Training adds the
+    annotated foreground to its loss region itself (``datasets.loss_region``).
+    """
+    image = read_image(sample.image, cfg.channels, cfg.image_max)
     shape = image.shape[-2:]
     problems: list[str] = []
     mask = np.zeros(shape, dtype=np.uint8)
     for mask_path in sample.masks:
-        part, warning = read_mask(mask_path)
+        part, warning = read_mask(mask_path, cfg.mask_labels)
         if warning:
             warnings.warn(warning, MaskWarning, stacklevel=2)
             log.warning(warning)
@@ -60,8 +65,7 @@ def load_sample(sample: Sample, cfg: DataCfg, scale: float = 1.0) -> LoadedSampl
             mask |= rasterize_polygons(sample.polygons, shape)
         except ValueError as err:
             problems.append(f"{sample.image}: bad polygon annotation ({err}); fix the annotations file")
-    targets = _load_targets(sample, shape, problems) if sample.targets else None
-    derived = False
+    targets = _load_targets(sample, shape, problems, cfg.mask_labels) if sample.targets else None
     if sample.fov is not None:
         fov, warning = read_mask(sample.fov)
         if warning:
@@ -73,15 +77,10 @@ def load_sample(sample: Sample, cfg: DataCfg, scale: float = 1.0) -> LoadedSampl
             )
     elif cfg.derive_fov:
         fov = derive_fov(image)
-        derived = True
     else:
         fov = np.ones(shape, dtype=np.uint8)
     if problems:
         raise DataError("\n".join(problems))
-    if derived:
-        # Annotated foreground is by definition in view: a dark lesion at the edge of an ultrasound fan must not be
-        # cut out of the loss by an imperfect threshold.
-        fov = fov | mask
     native_shape = (int(shape[0]), int(shape[1]))
     if scale != 1.0:
         if not (scale > 0 and np.isfinite(scale)):
@@ -106,12 +105,12 @@ def load_sample(sample: Sample, cfg: DataCfg, scale: float = 1.0) -> LoadedSampl
     )
 
 
-def _load_targets(sample: Sample, shape: tuple[int, int], problems: list[str]) -> np.ndarray:
+def _load_targets(sample: Sample, shape: tuple[int, int], problems: list[str], mask_labels) -> np.ndarray:
     """uint8 [K, H, W]: each referring expression's own mask (its mask files and polygons unioned)."""
     out = np.zeros((len(sample.targets), *shape), dtype=np.uint8)
     for k, target in enumerate(sample.targets):
         for mask_path in target.masks:
-            part, _ = read_mask(mask_path)
+            part, _ = read_mask(mask_path, mask_labels)
             if part.shape != shape:
                 problems.append(f"image {sample.image} is {_shape_text(shape)} but mask {mask_path} is "
                                 f"{_shape_text(part.shape)}; re-export the mask at the image size")

@@ -1,7 +1,8 @@
-"""The data of one run folder: samples, RUN/split.json (and RUN/scale.json), loaded per split.
+"""The data of one run folder: samples, RUN/split.json, RUN/intensity.json (and RUN/scale.json), loaded per split.
 
 Training, evaluation, reports and RL's `init_from` all read a run's data through these functions, so every consumer
-sees the same split and the same scale normalisation.
+sees the same split, the same image intensity scale and the same scale normalisation. The run files are written
+by the main process only, atomically; with ``wait_for_main`` the other processes re-read them after a barrier.
 """
 from __future__ import annotations
 
@@ -9,17 +10,22 @@ import json
 import logging
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from medtune.config import Config
 from medtune.data.inspect import duplicate_groups, find_near_duplicates
+from medtune.data.io import dataset_image_max
 from medtune.data.layouts import discover
 from medtune.data.loading import load_all, scale_factors
 from medtune.data.splits import check_split, load_split, make_split, save_split
-from medtune.data.types import LoadedSample, Sample
+from medtune.data.types import DataError, LoadedSample, Sample
+from medtune.runs.files import write_text_atomic
 
 log = logging.getLogger("medtune")
+
+INTENSITY_FILE = "intensity.json"
 
 
 @dataclass
@@ -27,16 +33,23 @@ class RunData:
     samples: dict[str, Sample]
     split: dict[str, list[str]]
     target_scale: float | None  # scale normalisation target (FOV diameter), None when off
+    is_main: bool = True  # only the main process writes run files
 
 
-def prepare_split(cfg: Config, run_dir: Path, is_main: bool = True) -> RunData:
-    """Discover samples and create (or reuse) RUN/split.json, so eval and resumes see the same split."""
+def prepare_split(cfg: Config, run_dir: Path, is_main: bool = True,
+                  wait_for_main: Callable[[], None] | None = None) -> RunData:
+    """Discover samples and create (or reuse) RUN/split.json and RUN/intensity.json, so eval and resumes see the same
+    split and read images the same way.
+
+    Sets ``cfg.data.image_max`` (when the config leaves it open) to the data set's intensity scale, so every later
+    load with ``cfg.data`` reads images like training did. Only the main process writes the files (atomically);
+    pass ``wait_for_main`` (``accelerator.wait_for_everyone``) from multi-process recipes so the others then re-read
+    the main process's files instead of trusting their own copy.
+    """
     samples = {s.id: s for s in discover(cfg.data)}
     split_path = run_dir / "split.json"
-    if split_path.exists():
-        split = load_split(split_path)
-        check_split(split, list(samples.values()))
-    else:
+    new_split = not split_path.exists()
+    if new_split:
         seed = cfg.data.split.seed if cfg.data.split.seed is not None else cfg.run.seed
         groups = duplicate_groups_for_split(cfg, list(samples.values()))
         if cfg.data.split.folds:
@@ -45,13 +58,66 @@ def prepare_split(cfg: Config, run_dir: Path, is_main: bool = True) -> RunData:
             split = kfold_split(list(samples.values()), cfg.data.split, seed, duplicate_groups=groups)
         else:
             split = make_split(list(samples.values()), cfg.data.split, seed, duplicate_groups=groups)
-        if is_main:
+    else:
+        split = load_split(split_path)
+        check_split(split, list(samples.values()))
+    intensity_path = run_dir / INTENSITY_FILE
+    recorded = _read_json(intensity_path) if intensity_path.exists() else None
+    intensity = _intensity_record(cfg, recorded, samples)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if new_split:
             save_split(split_path, split)
+        if intensity != recorded:
+            write_text_atomic(intensity_path, json.dumps(intensity, indent=1) + "\n")
+    if wait_for_main is not None:
+        wait_for_main()
+        if not is_main:
+            split = load_split(split_path)
+            check_split(split, list(samples.values()))
+            intensity = _read_json(intensity_path)
+    if cfg.data.image_max is None:
+        cfg.data.image_max = intensity.get("image_max")
     target = None
     scale_path = run_dir / "scale.json"
     if cfg.data.scale_norm.enabled and scale_path.exists():
-        target = json.loads(scale_path.read_text())["target_fov_diameter"]
-    return RunData(samples=samples, split=split, target_scale=target)
+        target = _read_json(scale_path)["target_fov_diameter"]
+    return RunData(samples=samples, split=split, target_scale=target, is_main=is_main)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot be read ({err}); delete it to have it made again") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object; delete it to have it made again")
+    return data
+
+
+def _intensity_record(cfg: Config, recorded: dict | None, samples: dict[str, Sample]) -> dict:
+    """How integer images wider than 8 bits are scaled to [0, 1] in this run: one full scale for the data set, from
+    the config, else as recorded, else the bit depth of the data set's images (all splits: a property of the
+    acquisition, not of one split, so the k runs of a cross-validation read images alike)."""
+    if cfg.data.image_max is not None:
+        if recorded is not None and recorded.get("image_max") == cfg.data.image_max:
+            return recorded
+        return {"image_max": cfg.data.image_max, "source": "data.image_max"}
+    if recorded is not None:
+        return recorded
+    image_max, observed = dataset_image_max([s.image for s in samples.values()])
+    if image_max is None:
+        return {"image_max": None, "source": f"the data set's {len(samples)} images are 8-bit (or float): /255"}
+    return {"image_max": image_max, "observed_max": observed,
+            "source": f"smallest 8/12/16-bit full scale holding the maximum of the data set's {len(samples)} images"}
+
+
+def use_recorded_image_max(cfg: Config, run_dir: str | Path) -> None:
+    """Set ``cfg.data.image_max`` from RUN/intensity.json (when the config leaves it open), so predictions and
+    reports read images like training did."""
+    path = Path(run_dir) / INTENSITY_FILE
+    if cfg.data.image_max is None and path.exists():
+        cfg.data.image_max = _read_json(path).get("image_max")
 
 
 def duplicate_groups_for_split(cfg: Config, samples: list[Sample]) -> dict[str, str] | None:
@@ -89,8 +155,8 @@ def load_split_samples(cfg: Config, data: RunData, name: str, run_dir: Path | No
     if data.target_scale is None:
         train = load_all([data.samples[i] for i in data.split["train"]], cfg.data) if name != "train" else loaded
         data.target_scale, _ = scale_factors(train, cfg.data.scale_norm)
-        if run_dir is not None:
-            (run_dir / "scale.json").write_text(json.dumps({"target_fov_diameter": data.target_scale}))
+        if run_dir is not None and data.is_main:
+            write_text_atomic(run_dir / "scale.json", json.dumps({"target_fov_diameter": data.target_scale}))
     _, scales = scale_factors(loaded, cfg.data.scale_norm, target=data.target_scale)
     return load_all(samples, cfg.data, scales=scales)
 

@@ -123,9 +123,11 @@ def make_split(
 
 
 def save_split(path: str | Path, split: dict[str, list[str]]) -> None:
+    from medtune.runs.files import write_text_atomic  # a reader in another process never sees half a file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({name: list(split.get(name, [])) for name in SPLIT_NAMES}, indent=1) + "\n")
+    write_text_atomic(path, json.dumps({name: list(split.get(name, [])) for name in SPLIT_NAMES}, indent=1) + "\n")
 
 
 def load_split(path: str | Path) -> dict[str, list[str]]:

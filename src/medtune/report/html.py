@@ -365,6 +365,7 @@ def sort_worst_first(values: np.ndarray, ids: list[str]) -> list[int]:
 
 def write_report(run_dir: str | Path, split: str = "test") -> Path:
     """Write RUN/report.html and return its path. FileNotFoundError when the split was not evaluated yet."""
+    from medtune.data.run_split import use_recorded_image_max
     from medtune.runs.files import load_run_config, read_metrics, write_text_atomic
 
     run_dir = Path(run_dir)
@@ -374,6 +375,7 @@ def write_report(run_dir: str | Path, split: str = "test") -> Path:
 
         return write_answers_report(run_dir, split)
     cfg = load_run_config(run_dir)
+    use_recorded_image_max(cfg, run_dir)  # 16-bit images shown as training scaled them
     summary = read_json(ev / "summary.json")
     calib = read_json(ev / "calibration.json")
     ids, cols = read_per_image(ev / "per_image.csv")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from medtune.config import Config, LossCfg
-from medtune.data.datasets import _build_augment, _plain
+from medtune.data.datasets import _build_augment, _plain, loss_region
 from medtune.data.types import DataError, LoadedSample
 from medtune.losses import ComboLoss
 from medtune.tasks.base import LossFn, TargetPrediction, Task
@@ -68,7 +68,8 @@ class SegVLMDataset(Dataset):
         rng = np.random.default_rng([self.seed, int(epoch), int(index)])
         ls = self.samples[int(index) % len(self.samples)]
         targets = ls.target_masks()
-        image, labels = _resize(ls.image, np.concatenate([targets, ls.fov[None]]), self.size)
+        region = loss_region(ls.fov, ls.mask)  # training only: annotated foreground is in view by definition
+        image, labels = _resize(ls.image, np.concatenate([targets, region[None]]), self.size)
         mask, fov = labels[:-1], labels[-1:]
         if self._augment is not None and all(t is None for t in ls.target_texts()):
             self._augment.set_random_state(seed=int(rng.integers(0, _SEED_BOUND)))

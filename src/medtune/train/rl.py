@@ -191,7 +191,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     weights = reward_weights(cfg)
 
     # ---- data
-    data = prepare_split(cfg, run_dir, is_main)
+    data = prepare_split(cfg, run_dir, is_main, accelerator.wait_for_everyone)
     train_samples = load_split_samples(cfg, data, "train", run_dir)
     val_samples = load_split_samples(cfg, data, "val", run_dir, limit=cfg.train.max_eval_images)
     check_readable(cfg, data)

@@ -37,7 +37,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     init_trackers(accelerator, cfg, run_dir)
 
     # ---- data: the split is fixed in RUN/split.json; batches are a pure function of (seed, step)
-    data = prepare_split(cfg, run_dir, is_main)
+    data = prepare_split(cfg, run_dir, is_main, accelerator.wait_for_everyone)
     train_samples = load_split_samples(cfg, data, "train", run_dir)
     val_samples = load_split_samples(cfg, data, "val", run_dir, limit=cfg.train.max_eval_images)
     check_readable(cfg, data)
