@@ -38,11 +38,20 @@ def _eval(args) -> None:
     print(f"written: {Path(args.run) / 'eval' / args.split}")
 
 
-def _predict(args) -> None:
-    from medtune.predict import predict_images
+def _is_instruct_run(run: str) -> bool:
+    from medtune.config import ConfigError
     from medtune.runs.files import load_run_config
 
-    if args.question is not None or load_run_config(args.run).task_kind() == "instruct":
+    try:
+        return load_run_config(run).task_kind() == "instruct"
+    except ConfigError:  # not a run folder: the mask path below says so
+        return False
+
+
+def _predict(args) -> None:
+    from medtune.predict import predict_images
+
+    if args.question is not None or (not args.box and _is_instruct_run(args.run)):
         from medtune.tasks.instruct import predict_answers
 
         if args.question is None:

@@ -452,9 +452,11 @@ class VLMModel(SegModel):
     def frozen_by_design(self) -> str | None:
         """Trainable parameters the forward never uses (e.g. CLIP's post-layernorm, vision layers after the feature
         layer), found once by one probe forward/backward on a blank image: kept frozen, otherwise the preflight
-        rightly reports them dead."""
+        rightly reports them dead. Only needed when something in the vision tower trains (full fine-tuning, vision
+        LoRA): the default LoRA on every language-model layer plus the projector is on the forward path by
+        construction, and a large model is not run once more on the CPU for nothing."""
         if self._unused is False:
-            self._unused = self._probe_unused()
+            self._unused = None if self.is_peft and not self.vision_lora else self._probe_unused()
         return self._unused
 
     def _probe_unused(self) -> str | None:

@@ -45,7 +45,7 @@ def _codec(model) -> ChatCodec:
     return seg.text_codec()
 
 
-def _require_conversations(samples: list[LoadedSample]) -> None:
+def require_conversations(samples: list[LoadedSample]) -> None:
     missing = [s.id for s in samples if not s.conversations]
     if missing:
         raise DataError(f"task instruct needs image + conversation samples (data.layout llava_json); {len(missing)} "
@@ -57,7 +57,7 @@ class InstructDataset(Dataset):
     """Items = ``ChatCodec.encode`` of each sample (tensors only, plus its id); keys may be ``(index, epoch)``."""
 
     def __init__(self, samples: list[LoadedSample], codec: ChatCodec):
-        _require_conversations(samples)
+        require_conversations(samples)
         self.samples, self.codec = samples, codec
         problems = []
         for s in samples:  # refuse now, with every offending id, rather than at step 5000
@@ -188,7 +188,7 @@ def teacher_forced_loss(model, samples: list[LoadedSample], cfg: Config, device)
 
 def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict[str, float]:
     """val_accuracy (picks `best`), val_macro_f1, val_invalid_rate from greedy answers; val_lm_loss teacher-forced."""
-    _require_conversations(val)
+    require_conversations(val)
     labels = resolve_labels(cfg, val)
     rows = score(val, generate_answers(model, val, cfg, device, "val answers"), labels, cfg)
     scored = [r for r in rows if r["reference_label"]]
@@ -219,7 +219,7 @@ def evaluate_model(model, cfg: Config, run_dir: Path, split: str = "test", devic
     majority = min(train_refs, key=lambda k: (-train_refs[k], k)) if train_refs else None
 
     samples = load_split_samples(cfg, data, split, run_dir)
-    _require_conversations(samples)
+    require_conversations(samples)
     rows = score(samples, generate_answers(model, samples, cfg, device, split), labels, cfg)
     scored = [r for r in rows if r["reference_label"]]
     metrics = classification_metrics([r["reference_label"] for r in scored],

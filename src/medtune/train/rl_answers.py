@@ -35,7 +35,7 @@ from medtune.policy import group_advantages
 from medtune.runs.checkpoint import TrainerState, find_checkpoint, load_checkpoint
 from medtune.runs.files import load_run_config, write_run_files
 from medtune.tasks import selection, task_for
-from medtune.tasks.instruct import _require_conversations, reference_label, resolve_labels
+from medtune.tasks.instruct import reference_label, require_conversations, resolve_labels
 from medtune.text_policy import clipped_token_loss, completion_mask, token_entropy, token_kl, token_logprobs
 from medtune.train.loop import Bookkeeping
 from medtune.train.preflight import run_preflight
@@ -49,7 +49,7 @@ class PromptDataset(Dataset):
     """The generation prompt of each training conversation's last answer (keys may be ``(index, epoch)``)."""
 
     def __init__(self, samples: list[LoadedSample], codec: ChatCodec):
-        _require_conversations(samples)
+        require_conversations(samples)
         self.samples, self.codec = samples, codec
 
     def __len__(self) -> int:
