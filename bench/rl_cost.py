@@ -36,6 +36,7 @@ def build(tmp: Path, args, device):
 def main() -> None:
     from medtune.losses import ComboLoss
     from medtune.rewards import resolve_weights
+    from medtune.tasks.masks import TASK as MASKS
     from medtune.train.rl import rl_loss, rollout
 
     parser = argparse.ArgumentParser()
@@ -59,12 +60,12 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
 
     def rl_iteration(inner_epochs: int):
-        roll = rollout(model, model, batch, cfg, weights, use_box=False)
+        roll = rollout(model, model, MASKS, batch, cfg, weights)
         logits = roll["logits"]
         for epoch in range(inner_epochs):
             if epoch:
                 logits = model(batch["image"])
-            loss, _ = rl_loss(logits, roll, batch, cfg, None)
+            loss, _ = rl_loss(logits, roll, cfg, None)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

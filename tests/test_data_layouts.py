@@ -275,3 +275,26 @@ def test_synthetic_layout_calls_generator_lazily(tmp_path, monkeypatch):
     samples = discover(DataCfg(path=str(tmp_path), layout="synthetic", synthetic={"n_images": 3}))
     assert calls == [(3, tmp_path)]
     assert [s.id for s in samples] == ["images/img0", "images/img1", "images/img2"]
+
+
+def test_polygon_json_keeps_each_expression_as_its_own_target(tmp_path):
+    # Sa2VA's annotations.json: one entry per image, one mask (a list of polygons) per referring expression
+    root = tmp_path / "data"
+    write_image(root / "a.png")
+    left, right = [[2, 2, 10, 2, 10, 10, 2, 10]], [[20, 20, 28, 20, 28, 28, 20, 28]]
+    entries = [{"image": "a.png", "mask": [left, right], "text": ["the left box", "the right box"]}]
+    (root / "annotations.json").write_text(json.dumps(entries))
+    cfg = DataCfg(path=str(root))
+    [sample] = discover(cfg)
+    assert [t.text for t in sample.targets] == ["the left box", "the right box"]
+    loaded = load_sample(sample, cfg)
+    targets = loaded.target_masks()
+    assert targets.shape[0] == 2 and loaded.target_texts() == ["the left box", "the right box"]
+    assert targets[0][5, 5] == 1 and targets[0][24, 24] == 0  # not a union
+    assert targets[1][24, 24] == 1 and targets[1][5, 5] == 0
+    assert (loaded.mask == (targets[0] | targets[1])).all()  # the union stays for mask-only tasks
+
+    entries[0]["text"] = ["only one", "two", "three"]
+    (root / "annotations.json").write_text(json.dumps(entries))
+    with pytest.raises(DataError, match="3 expressions in 'text' but 2 masks"):
+        discover(cfg)

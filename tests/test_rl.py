@@ -12,6 +12,7 @@ from torch import nn
 from medtune.config import build_config
 from medtune.models.base import SegModel
 from medtune.runs.files import read_metrics
+from medtune.tasks.masks import TASK as MASKS
 from medtune.train.rl import rl_loss, rollout
 
 
@@ -43,12 +44,12 @@ def run_toy(kl_coef: float, steps: int = 60, seed: int = 0):
     batch = toy_batch()
     history = []
     for _ in range(steps):
-        roll = rollout(model, model, batch, cfg, {"dice": 1.0}, use_box=False)
+        roll = rollout(model, model, MASKS, batch, cfg, {"dice": 1.0})
         logits = roll["logits"]
         for epoch in range(cfg.rl.inner_epochs):
             if epoch:
                 logits = model(batch["image"])
-            loss, stats = rl_loss(logits, roll, batch, cfg, None)
+            loss, stats = rl_loss(logits, roll, cfg, None)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -84,14 +85,14 @@ def test_reference_runs_with_adapters_disabled_and_leaves_no_gradient():
                 p.fill_(0.5)
     batch = toy_batch()
     cfg = build_config({}, ["rl.reward=dice", "rl.kl_coef=1.0"])
-    roll = rollout(model, model, batch, cfg, {"dice": 1.0}, use_box=False)
+    roll = rollout(model, model, MASKS, batch, cfg, {"dice": 1.0})
     base_conv = model.net.get_base_model()[0].base_layer
     with torch.no_grad():
         expected = nn.functional.conv2d(batch["image"], base_conv.weight, base_conv.bias, padding=1)
     assert torch.allclose(roll["ref_logits"], expected, atol=1e-6)
     assert not torch.allclose(roll["logits"], roll["ref_logits"])
     assert not roll["ref_logits"].requires_grad and roll["ref_logits"].grad_fn is None
-    loss, _ = rl_loss(roll["logits"], roll, batch, cfg, None)
+    loss, _ = rl_loss(roll["logits"], roll, cfg, None)
     loss.backward()
     assert base_conv.weight.grad is None  # the frozen base received nothing, neither from the policy nor the KL
 
@@ -116,7 +117,25 @@ def test_rl_recipe_from_a_supervised_parent(tmp_path):
     assert json.loads((run / "preflight.json").read_text())["passed"]
     records = [r for r in read_metrics(run) if "reward_mean" in r]
     assert len(records) == 4 and {"kl", "clip_fraction", "entropy", "reward_recall"} <= set(records[0])
+    # `best` is chosen by what RL optimises (its reward on validation), not by Dice
+    validations = [r for r in read_metrics(run) if "val_reward" in r]
+    assert len(validations) == 2 and "val_dice" in validations[0]
+    best = json.loads((run / "checkpoints" / "best" / "meta.json").read_text())
+    assert best["val_reward"] == max(r["val_reward"] for r in validations)
     assert evaluate_run(run)["n_images"] == 2
+
+
+def test_selection_metric_follows_the_objective_unless_configured():
+    from medtune.tasks import selection, task_for
+
+    supervised = build_config({}, [])
+    rl = build_config({}, ["objective=rl"])
+    assert selection(supervised, task_for(supervised)) == ("val_dice", True)
+    assert selection(rl, task_for(rl)) == ("val_reward", True)
+    chosen = build_config({}, ["objective=rl", "train.selection_metric=val_auc"])
+    assert selection(chosen, task_for(chosen)) == ("val_auc", True)
+    lower = build_config({}, ["train.selection_metric=val_loss", "train.selection_mode=min"])
+    assert selection(lower, task_for(lower)) == ("val_loss", False)
 
 
 def test_reference_context_keeps_sam_trainable_set():

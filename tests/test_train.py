@@ -13,9 +13,10 @@ import torch
 from helpers import REPO, tiny_cfg
 from peft import PeftModel
 
-from medtune.evaluate import evaluate_run, load_run_model
+from medtune.evaluate import evaluate_run
 from medtune.models.lora import export_merged
 from medtune.runs.files import read_metrics
+from medtune.runs.load import load_run_model
 from medtune.train.sft import train
 
 

@@ -50,14 +50,17 @@ def _predict(args) -> None:
         if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
             raise ValueError(f"--box {args.box!r}: give x1,y1,x2,y2 in pixels with x1 < x2 and y1 < y2")
     written = predict_images(args.run, args.images, args.out, checkpoint=args.checkpoint, threshold=args.threshold,
-                             box=box)
+                             box=box, prompt=args.prompt)
     print(f"{len(written)} masks (+ probability maps, overlays) written to {args.out}")
 
 
 def _demo(args) -> None:
-    from medtune.demo import run_demo
+    from medtune.demo import run_demo, run_segvlm_demo
 
-    run_demo(Path(args.out), fast=args.fast)
+    if args.which == "segvlm":
+        run_segvlm_demo(Path(args.out if args.out != "runs/demo" else "runs/demo-segvlm"), fast=args.fast)
+    else:
+        run_demo(Path(args.out), fast=args.fast)
 
 
 def _inspect(args) -> None:
@@ -126,9 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best")
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--box", default=None, help="x1,y1,x2,y2 for box-prompted runs")
+    p.add_argument("--prompt", default=None, help="segmenting VLM runs: the question asked (default: the run's "
+                                                  "task.prompt); the answer and one mask per [SEG] are written")
     p.set_defaults(func=_predict)
 
-    p = sub.add_parser("demo", help="the embedded default: adapt a vessel model to a new site with LoRA")
+    p = sub.add_parser("demo", help="the embedded default: adapt a vessel model to a new site with LoRA; "
+                                    "`demo segvlm`: a tiny segmenting VLM learns vessels from a text prompt")
+    p.add_argument("which", nargs="?", choices=["unet", "segvlm"], default="unet")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--fast", action="store_true", help="fewer steps (a quick smoke run)")
     p.set_defaults(func=_demo)

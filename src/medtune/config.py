@@ -164,6 +164,11 @@ class TrainCfg(Section):
     max_nonfinite: int = 10  # consecutive non-finite losses before stopping with a checkpoint
     trackers: list[str] = Field(default_factory=lambda: ["tensorboard"])
     max_eval_images: int | None = None  # cap validation images during training (speed)
+    # the validation metric that picks `best` (e.g. val_dice, val_reward, val_accuracy); None -> the objective's
+    # own (rl: val_reward, the run's reward on validation) or the task's (masks/segvlm: val_dice, instruct:
+    # val_accuracy)
+    selection_metric: str | None = None
+    selection_mode: Literal["max", "min"] = "max"
 
 
 class EvalCfg(Section):

@@ -18,12 +18,12 @@ from medtune.config import Config
 from medtune.data.loading import load_all, resample_to_native
 from medtune.data.run_split import RunData, load_split_samples, prepare_split
 from medtune.data.types import LoadedSample
-from medtune.inference import predict_prob
 from medtune.metrics import image_metrics, pooled_metrics
 from medtune.models.base import SegModel
 from medtune.runs.files import write_text_atomic
 from medtune.runs.load import default_device, load_run_model
 from medtune.stats import aggregate
+from medtune.tasks import TargetPrediction, Task, task_for
 
 log = logging.getLogger("medtune")
 
@@ -31,15 +31,18 @@ PER_IMAGE_METRICS = ["dice", "iou", "precision", "recall", "specificity", "accur
                      "betti0_error", "betti1_error", "hd95", "assd"]
 
 
-def probabilities(model: SegModel, samples: list[LoadedSample], cfg: Config, device, desc: str) -> list[np.ndarray]:
-    """Probability maps at each sample's native resolution (undoing scale normalisation)."""
-    probs = []
-    for s in tqdm(samples, desc=desc, unit="img", leave=False):
-        p = predict_prob(model, s, cfg, device)
-        if s.native_shape is not None and tuple(p.shape) != tuple(s.native_shape):
-            p = resample_to_native(p, s.native_shape)
-        probs.append(p)
-    return probs
+def predictions(model: SegModel, task: Task, samples: list[LoadedSample], natives: list[LoadedSample], cfg: Config,
+                device, desc: str) -> list[TargetPrediction]:
+    """One prediction per target (per image, or per referring expression), at each sample's native resolution
+    (undoing scale normalisation), paired with its native ground truth."""
+    out = []
+    for s, nat in tqdm(list(zip(samples, natives)), desc=desc, unit="img", leave=False):
+        for p in task.target_probabilities(model, s, cfg, device):
+            prob = p.prob
+            if tuple(prob.shape) != tuple(nat.mask.shape):
+                prob = resample_to_native(prob, nat.mask.shape)
+            out.append(TargetPrediction(p.id, prob, p.ground_truth(nat), nat.fov, nat, p.target))
+    return out
 
 
 def native(cfg: Config, data: RunData, split: str, loaded: list[LoadedSample]) -> list[LoadedSample]:
@@ -60,12 +63,14 @@ def evaluate_model(model: SegModel, cfg: Config, run_dir: Path, split: str = "te
                          f"{[k for k, v in data.split.items() if v]}")
 
     # 1. threshold from val only
+    task = task_for(cfg)
+    if task.target_probabilities is None:
+        raise ValueError(f"task {task.name!r} has no masks to calibrate; it is evaluated by its own evaluation")
     val = load_split_samples(cfg, data, "val", run_dir)
     if val and split != "val":
-        val_native = native(cfg, data, "val", val)
-        val_probs = probabilities(model, val, cfg, device, "val")
-        calib = calibrate(val_probs, [s.mask for s in val_native], [s.fov for s in val_native], strategy=strategy,
-                          beta=cfg.eval.beta, target_recall=cfg.eval.target_recall)
+        val_preds = predictions(model, task, val, native(cfg, data, "val", val), cfg, device, "val")
+        calib = calibrate([p.prob for p in val_preds], [p.mask for p in val_preds], [p.fov for p in val_preds],
+                          strategy=strategy, beta=cfg.eval.beta, target_recall=cfg.eval.target_recall)
     else:
         calib = {"threshold": 0.5, "strategy": "none", "note": "no validation split: threshold 0.5"}
         log.warning("no validation images: the calibrated threshold is 0.5")
@@ -73,17 +78,17 @@ def evaluate_model(model: SegModel, cfg: Config, run_dir: Path, split: str = "te
 
     # 2. the split at 0.5 and at the calibrated threshold
     test = load_split_samples(cfg, data, split, run_dir)
-    test_native = native(cfg, data, split, test)
-    probs = probabilities(model, test, cfg, device, split)
-    gts, fovs = [s.mask for s in test_native], [s.fov for s in test_native]
+    preds = predictions(model, task, test, native(cfg, data, split, test), cfg, device, split)
+    probs, gts, fovs = [p.prob for p in preds], [p.mask for p in preds], [p.fov for p in preds]
     rows = []
-    for s, p in zip(test_native, probs):
-        row = {"id": s.id}
+    for p in preds:
+        row = {"id": p.id}
         for tag, thr in (("t050", 0.5), ("cal", threshold)):
-            m = image_metrics(p, s.mask, s.fov, threshold=thr)
+            m = image_metrics(p.prob, p.mask, p.fov, threshold=thr)
             row.update({f"{k}@{tag}": v for k, v in m.items()})
         rows.append(row)
 
+    generation = task.generation_metrics(model, test, cfg, device) if task.generation_metrics else None
     summary = {
         "run": str(run_dir), "checkpoint": checkpoint_name, "split": split, "n_images": len(rows),
         "threshold": threshold, "calibration": {k: v for k, v in calib.items() if k != "curve"},
@@ -94,7 +99,9 @@ def evaluate_model(model: SegModel, cfg: Config, run_dir: Path, split: str = "te
         "per_image@cal": aggregate([{k[:-4]: v for k, v in r.items() if k.endswith("@cal")} for r in rows],
                                    PER_IMAGE_METRICS, n_boot=cfg.eval.bootstrap),
     }
-    return summary, rows, calib, [(s.id, p) for s, p in zip(test_native, probs)]
+    if generation is not None:
+        summary["generation"] = generation
+    return summary, rows, calib, [(p.id, p.prob) for p in preds]
 
 
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", device=None,
@@ -153,4 +160,8 @@ def format_summary(summary: dict) -> str:
                 c = per[k]
                 lines.append(f"      per-image {k:<13} {c['mean']:.4f}  95% CI [{c['lo']:.4f}, {c['hi']:.4f}]"
                              + (f"  ({c['n_nan']} NaN)" if c.get("n_nan") else ""))
+    gen = summary.get("generation")
+    if gen:
+        lines.append(f"  free generation ({gen['n']} images): answers without {gen['seg_token']} "
+                     f"{gen['no_seg_rate']:.1%}, wrong {gen['seg_token']} count {gen['wrong_seg_count_rate']:.1%}")
     return "\n".join(lines)

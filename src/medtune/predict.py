@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,8 @@ from medtune.data.loading import fov_diameter, load_sample, resample_to_native
 from medtune.data.types import DataError, Sample
 from medtune.inference import predict_prob, uses_whole_image
 from medtune.runs.load import default_device, load_run_model
+
+log = logging.getLogger("medtune")
 
 
 def calibrated_threshold(run_dir: Path) -> tuple[float, str]:
@@ -31,10 +34,16 @@ def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def predict_images(run_dir: str | Path, images: list[str | Path], out_dir: str | Path, checkpoint: str = "best",
-                   threshold: float | None = None, box: tuple[float, float, float, float] | None = None) -> list[Path]:
+                   threshold: float | None = None, box: tuple[float, float, float, float] | None = None,
+                   prompt: str | None = None) -> list[Path]:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     device = default_device()
     cfg, model, _ = load_run_model(run_dir, checkpoint, device)
+    if cfg.task_kind() == "segvlm":
+        return predict_segvlm(cfg, model, run_dir, images, out_dir, threshold, prompt, device)
+    if prompt is not None:
+        raise DataError(f"--prompt is for segmenting VLM runs (family segvlm); {run_dir} is a "
+                        f"{cfg.model.family} run")
     if cfg.model.prompt == "box" and box is None:
         raise DataError("this run was trained with box prompts: pass --box x1,y1,x2,y2 (pixels of the input image)")
     thr, source = (threshold, "given") if threshold is not None else calibrated_threshold(run_dir)
@@ -70,4 +79,55 @@ def predict_images(run_dir: str | Path, images: list[str | Path], out_dir: str |
         written.append(Path(f"{stem}_mask.png"))
     (out_dir / "predict.json").write_text(json.dumps({"run": str(run_dir), "threshold": thr, "threshold_source": source,
                                                        "images": [str(p) for p in images]}, indent=2))
+    return written
+
+
+def generated_masks(model, cfg, image: np.ndarray, question: str, device) -> tuple[str, np.ndarray]:
+    """(answer, probabilities [K, H, W] at the image's resolution): greedy generation, then one mask per [SEG] of
+    the generated answer, decoded from the hidden states of a forward over the generated sequence."""
+    import torch
+    import torch.nn.functional as F
+
+    size = int(cfg.data.patch_size)
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
+    h, w = x.shape[-2:]
+    resized = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    answer, logits = model.generate_masks(resized, question, max_new_tokens=cfg.task.max_new_tokens)
+    if logits.shape[0] == 0:
+        return answer, np.zeros((0, h, w), dtype=np.float32)
+    logits = F.interpolate(logits[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
+    return answer, torch.sigmoid(logits).cpu().numpy()
+
+
+def predict_segvlm(cfg, model, run_dir: Path, images: list[str | Path], out_dir: Path, threshold: float | None,
+                   prompt: str | None, device) -> list[Path]:
+    """Generated answers with one mask per [SEG]: `STEM_answer.txt`, `STEM_seg{k}_{mask,prob,overlay}.png`, and
+    predict.json listing every answer and the images whose answer held no [SEG]."""
+    thr, source = (threshold, "given") if threshold is not None else calibrated_threshold(run_dir)
+    question = prompt or cfg.task.prompt.format(class_name=cfg.task.class_name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, answers, without_seg = [], {}, []
+    for path in tqdm([Path(p) for p in images], desc="predict", unit="img"):
+        if not path.is_file():
+            raise DataError(f"{path}: no such image file")
+        sample = load_sample(Sample(id=path.stem, image=path), cfg.data)
+        answer, probs = generated_masks(model, cfg, sample.image, question, device)
+        answers[str(path)] = answer
+        stem = out_dir / path.stem
+        Path(f"{stem}_answer.txt").write_text(answer + "\n")
+        if probs.shape[0] == 0:
+            without_seg.append(str(path))
+        for k, prob in enumerate(probs):
+            binary = (prob >= thr).astype(np.uint8)
+            Image.fromarray(binary * 255).save(f"{stem}_seg{k}_mask.png")
+            Image.fromarray((prob * 255).round().astype(np.uint8)).save(f"{stem}_seg{k}_prob.png")
+            Image.fromarray(overlay(sample.image, binary)).save(f"{stem}_seg{k}_overlay.png")
+            written.append(Path(f"{stem}_seg{k}_mask.png"))
+    if without_seg:
+        log.warning("%d of %d answers hold no %s, so no mask: %s", len(without_seg), len(answers),
+                    cfg.model.vlm.seg_token, without_seg[:5])
+    (out_dir / "predict.json").write_text(json.dumps({
+        "run": str(run_dir), "question": question, "threshold": thr, "threshold_source": source,
+        "answers": answers, "answers_without_seg": without_seg,
+        "no_seg_rate": len(without_seg) / max(len(answers), 1)}, indent=2))
     return written

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from medtune.config import DataCfg
 from medtune.data.io import is_image_file, strip_image_extension
-from medtune.data.types import DataError, Sample
+from medtune.data.types import DataError, Sample, Target
 
 LAYOUTS = ("generic", "drive", "chase", "stare", "busi", "polygon_json", "synthetic")
 SYNTHETIC_DEFAULT_ROOT = Path("~/.cache/medtune/synthetic")
@@ -277,6 +277,28 @@ def _flatten_polygons(node) -> list[list[float]] | None:
     return out
 
 
+def _expressions(entry: dict) -> list[tuple[str | None, list[list[float]]]] | str:
+    """Sa2VA's entry {"mask": [mask_1, ...], "text": ["expression 1", ...]} (mask_i: polygons [[x1, y1, ...], ...]
+    or one flat polygon) -> [(text, polygons)], one per expression. One text (a string, or a one-element list) or
+    none -> a single target holding every polygon. Returns the problem as a string when malformed."""
+    masks, text = entry.get("mask", []), entry.get("text")
+    texts = text if isinstance(text, list) else [text]
+    if not all(t is None or isinstance(t, str) for t in texts):
+        return "'text' must be a string or a list of strings (one referring expression per mask); fix it"
+    if not isinstance(masks, list):
+        masks = None
+    if len(texts) > 1 or (len(texts) == 1 and masks is not None and len(masks) == 1):
+        if masks is None or len(masks) != len(texts):
+            return (f"{len(texts)} expressions in 'text' but {len(masks) if masks is not None else 'no'} masks in "
+                    "'mask'; give one mask (a list of polygons) per expression")
+        groups = [(t, _flatten_polygons(m)) for t, m in zip(texts, masks)]
+    else:
+        groups = [(texts[0] if texts else None, _flatten_polygons(masks))]
+    if any(polygons is None or any(len(p) < 6 or len(p) % 2 for p in polygons) for _, polygons in groups):
+        return "'mask' must be a list of polygons [x1, y1, x2, y2, ...] with >= 3 points each; fix it"
+    return groups
+
+
 def _discover_polygon_json(cfg: DataCfg, root: Path) -> Discovery:
     found = Discovery("polygon_json", root)
     ann_path = root / cfg.annotations
@@ -310,18 +332,17 @@ def _discover_polygon_json(cfg: DataCfg, root: Path) -> Discovery:
         if not image.is_file():
             found.problems.append(f"{where}: image '{rel}' not found under {root}; fix the path or add the file")
             continue
-        polygons = _flatten_polygons(entry.get("mask", []))
-        bad = polygons is None or any(len(p) < 6 or len(p) % 2 for p in polygons)
-        if bad:
-            found.problems.append(
-                f"{where}: 'mask' must be a list of polygons [x1, y1, x2, y2, ...] with >= 3 points each; fix it"
-            )
+        parsed = _expressions(entry)
+        if isinstance(parsed, str):
+            found.problems.append(f"{where}: {parsed}")
             continue
         sample_id = _rel_id(image, norm_root)
-        if sample_id in by_image:
-            by_image[sample_id].polygons.extend(polygons)  # repeated image: its objects are one union
-        else:
-            by_image[sample_id] = Sample(id=sample_id, image=image, polygons=list(polygons))
+        if sample_id not in by_image:
+            by_image[sample_id] = Sample(id=sample_id, image=image, polygons=[])
+        for text, polygons in parsed:
+            # the union serves mask-only tasks; each expression stays its own target (its text, its own mask)
+            by_image[sample_id].polygons.extend(polygons)
+            by_image[sample_id].targets.append(Target(text=text, polygons=polygons))
     found.samples = list(by_image.values())
     return found
 

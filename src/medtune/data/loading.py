@@ -60,6 +60,7 @@ def load_sample(sample: Sample, cfg: DataCfg, scale: float = 1.0) -> LoadedSampl
             mask |= rasterize_polygons(sample.polygons, shape)
         except ValueError as err:
             problems.append(f"{sample.image}: bad polygon annotation ({err}); fix the annotations file")
+    targets = _load_targets(sample, shape, problems) if sample.targets else None
     derived = False
     if sample.fov is not None:
         fov, warning = read_mask(sample.fov)
@@ -89,6 +90,8 @@ def load_sample(sample: Sample, cfg: DataCfg, scale: float = 1.0) -> LoadedSampl
         image = np.clip(_resample(image, new_shape, order=1), 0.0, 1.0).astype(np.float32)
         mask = _resample(mask, new_shape, order=0)
         fov = _resample(fov, new_shape, order=0)
+        if targets is not None:
+            targets = _resample(targets, new_shape, order=0)
     return LoadedSample(
         id=sample.id,
         image=np.ascontiguousarray(image, dtype=np.float32),
@@ -96,7 +99,28 @@ def load_sample(sample: Sample, cfg: DataCfg, scale: float = 1.0) -> LoadedSampl
         fov=np.ascontiguousarray(fov, dtype=np.uint8),
         scale=float(scale),
         native_shape=native_shape,
+        targets=None if targets is None else np.ascontiguousarray(targets, dtype=np.uint8),
+        texts=[t.text for t in sample.targets],
     )
+
+
+def _load_targets(sample: Sample, shape: tuple[int, int], problems: list[str]) -> np.ndarray:
+    """uint8 [K, H, W]: each referring expression's own mask (its mask files and polygons unioned)."""
+    out = np.zeros((len(sample.targets), *shape), dtype=np.uint8)
+    for k, target in enumerate(sample.targets):
+        for mask_path in target.masks:
+            part, _ = read_mask(mask_path)
+            if part.shape != shape:
+                problems.append(f"image {sample.image} is {_shape_text(shape)} but mask {mask_path} is "
+                                f"{_shape_text(part.shape)}; re-export the mask at the image size")
+                continue
+            out[k] |= part
+        if target.polygons:
+            try:
+                out[k] |= rasterize_polygons(target.polygons, shape)
+            except ValueError as err:
+                problems.append(f"{sample.image}: bad polygon annotation ({err}); fix the annotations file")
+    return out
 
 
 def fov_diameter(fov: np.ndarray) -> float:

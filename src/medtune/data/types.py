@@ -12,6 +12,16 @@ class DataError(ValueError):
 
 
 @dataclass
+class Target:
+    """One referring expression of an image and what it refers to (Sa2VA-style annotations): its own mask, never
+    unioned with the image's other expressions."""
+
+    text: str | None = None
+    polygons: list[list[float]] = field(default_factory=list)
+    masks: list[Path] = field(default_factory=list)
+
+
+@dataclass
 class Sample:
     id: str  # unique and stable across runs (relative path without extension)
     image: Path
@@ -21,6 +31,9 @@ class Sample:
     group: str | None = None  # patient / video id: never split across train/val/test
     split: str | None = None  # split shipped by the layout ("train" | "test"), e.g. DRIVE
     label: str | None = None  # class name where the layout has one (BUSI benign / malignant)
+    # Per-expression targets (polygon_json with "text"): K >= 1 masks for one image. Empty: one target, the union
+    # of masks/polygons above, asked for with the task's default prompt.
+    targets: list[Target] = field(default_factory=list)
 
 
 @dataclass
@@ -31,3 +44,12 @@ class LoadedSample:
     fov: np.ndarray  # uint8 [H, W] in {0, 1}; all ones when there is no FOV
     scale: float = 1.0  # resampling factor applied (scale normalisation); predictions are mapped back by 1/scale
     native_shape: tuple[int, int] | None = None  # (H, W) before scale normalisation
+    targets: np.ndarray | None = None  # uint8 [K, H, W] per-expression masks; None -> one target, ``mask``
+    texts: list[str | None] = field(default_factory=list)  # K expressions (None -> the task's default prompt)
+
+    def target_masks(self) -> np.ndarray:
+        """uint8 [K, H, W]: the per-expression masks, or the union mask as the single target."""
+        return self.targets if self.targets is not None else self.mask[None]
+
+    def target_texts(self) -> list[str | None]:
+        return list(self.texts) if self.targets is not None else [None]

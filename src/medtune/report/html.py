@@ -174,16 +174,28 @@ def training_curves(records: list[dict]) -> list[tuple[str, str]]:
 
 def _load_ground_truth(cfg, ids: list[str]) -> dict:
     """{id: LoadedSample} at native resolution, like evaluate.native(): probs.npz holds native-resolution maps, so
-    scale normalisation must not be applied here."""
+    scale normalisation must not be applied here. An id ``image#k`` (the k-th referring expression of an image) gets
+    that expression's own mask."""
+    from dataclasses import replace
+
     from medtune.data.layouts import discover
     from medtune.data.loading import load_all
 
     samples = {s.id: s for s in discover(cfg.data)}
-    missing = [i for i in ids if i not in samples]
+
+    def split_id(i: str) -> tuple[str, int | None]:
+        base, _, k = i.rpartition("#")
+        return (base, int(k)) if base in samples and k.isdigit() else (i, None)
+
+    wanted = {i: split_id(i) for i in ids}
+    missing = [i for i, (base, _) in wanted.items() if base not in samples]
     if missing:
         raise FileNotFoundError(f"{len(missing)} evaluated image(s) are not in data.path={cfg.data.path} "
                                 f"(e.g. {missing[0]}); point data.path at the data the run was evaluated on")
-    return {s.id: s for s in load_all([samples[i] for i in ids], cfg.data)}
+    bases = sorted({base for base, _ in wanted.values()})
+    loaded = {s.id: s for s in load_all([samples[b] for b in bases], cfg.data)}
+    return {i: loaded[base] if k is None else replace(loaded[base], mask=loaded[base].target_masks()[k])
+            for i, (base, k) in wanted.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -9,27 +9,31 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from medtune.config import Config
-from medtune.data.types import LoadedSample
 from medtune.runs.checkpoint import TrainerState, rotate_step_checkpoints, save_checkpoint
 from medtune.runs.files import MetricsLog
-from medtune.train.setup import StopFlag, TrainingStopped, frozen_metric_warning, validate, warn
+from medtune.train.setup import StopFlag, TrainingStopped, frozen_metric_warning, warn
 
 log = logging.getLogger("medtune")
 
 
 class Bookkeeping:
     def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path, model, optimizer, scheduler,
-                 state: TrainerState, val_samples: list[LoadedSample], resumed: bool):
+                 state: TrainerState, resumed: bool, validate: Callable[[torch.nn.Module], dict[str, float]],
+                 select: tuple[str, bool]):
+        """``validate(model) -> {"val_*": value}`` (empty when there is no validation data); ``select`` = (the key
+        of it that picks `best`, whether higher is better)."""
         self.acc, self.cfg, self.run_dir = accelerator, cfg, run_dir
         self.model, self.optimizer, self.scheduler, self.state = model, optimizer, scheduler, state
         self.unwrapped = accelerator.unwrap_model(model)
-        self.val_samples = val_samples
+        self.validate_fn = validate
+        self.select_key, self.higher_is_better = select
         self.ckpt_root = run_dir / "checkpoints"
         self.is_main = accelerator.is_main_process
         self.metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resumed else None) \
@@ -75,7 +79,7 @@ class Bookkeeping:
                 f"checkpoint in {self.ckpt_root / 'last'}. Lower optim.lr, use mixed_precision=bf16 instead of fp16, "
                 "or check the data for NaNs"
             )
-        if self.val_samples and (state.step % cfg.train.eval_every == 0 or state.step == cfg.optim.max_steps):
+        if state.step % cfg.train.eval_every == 0 or state.step == cfg.optim.max_steps:
             self.validate()
         if state.step % cfg.train.save_every == 0:
             self.checkpoint(f"step-{state.step}")
@@ -109,15 +113,23 @@ class Bookkeeping:
         self.acc.log(scalars, step=self.state.step)
 
     def validate(self) -> None:
-        val = validate(self.unwrapped, self.val_samples, self.cfg, self.acc.device)
-        self.state.val_history.append(val["val_dice"])
+        val = self.validate_fn(self.unwrapped)
+        if not val:
+            return
+        if self.select_key not in val:
+            raise KeyError(f"train.selection_metric {self.select_key!r} is not among the validation metrics "
+                           f"{sorted(val)}; set train.selection_metric to one of them")
+        score = val[self.select_key]
+        self.state.val_history.append(score)
         self.log({"step": self.state.step, **val})
         message = frozen_metric_warning(self.state.val_history)
         if message and self.is_main:
             warn(message)
             self.log({"step": self.state.step, "warning": message})
-        if math.isfinite(val["val_dice"]) and val["val_dice"] > self.state.best_metric:
-            self.state.best_metric, self.state.best_step = val["val_dice"], self.state.step
+        # best_metric is stored as "higher is better" so one comparison (and one resume format) serves both modes
+        signed = score if self.higher_is_better else -score
+        if math.isfinite(score) and signed > self.state.best_metric:
+            self.state.best_metric, self.state.best_step = signed, self.state.step
             self.checkpoint("best", **val)
 
     def checkpoint(self, name: str, **meta) -> None:

@@ -21,7 +21,7 @@ from skimage.morphology import skeletonize
 from torch.utils.data import DataLoader
 
 from medtune.config import Config
-from medtune.data.datasets import StepBatchSampler, TrainPatchDataset
+from medtune.data.datasets import StepBatchSampler
 from medtune.data.run_split import check_readable, load_split_samples, prepare_split
 from medtune.data.types import LoadedSample
 from medtune.losses import ComboLoss
@@ -31,6 +31,8 @@ from medtune.policy import bernoulli_entropy, bernoulli_kl, clipped_objective, g
 from medtune.rewards import combined_reward, load_reward, register_reward, resolve_weights
 from medtune.runs.checkpoint import TrainerState, find_checkpoint, load_checkpoint
 from medtune.runs.files import load_run_config, write_run_files
+from medtune.tasks import Task, selection, task_for
+from medtune.tasks.masks import pooled_validation
 from medtune.train.loop import Bookkeeping
 from medtune.train.preflight import run_preflight
 from medtune.train.setup import batch_to, init_trackers, make_accelerator, make_optimizer, make_scheduler, start_run
@@ -107,38 +109,44 @@ def sampling_generator(device, seed: int, step: int, rank: int) -> torch.Generat
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step * 10_007 + rank) % 2**63)
 
 
-def rollout(model, reference, batch: dict, cfg: Config, weights: dict[str, float], use_box: bool,
+def policy_logits(model, task: Task, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mask logits, target, FOV), each [N, 1, H, W] over the batch's N targets: the task decides what a target is
+    (one mask per image, or one per [SEG] of a segmenting VLM, whose policy gradient then reaches the language
+    model through the [SEG] hidden state)."""
+    return task.mask_targets(model(batch=batch), batch)
+
+
+def rollout(model, reference, task: Task, batch: dict, cfg: Config, weights: dict[str, float],
             generator: torch.Generator | None = None):
     """Policy forward (with grad), reference forward (adapters off, no grad), G samples, rewards, advantages."""
-    box = batch["box"] if use_box else None
-    logits = model(batch["image"], box)
+    logits, target, fov = policy_logits(model, task, batch)
     with torch.no_grad(), reference.adapters_disabled():
         # through __call__, so mixed precision (accelerate's autocast wrapper) matches the policy's forward
-        ref_logits = reference(batch["image"], box)
-    masks = sample_group(logits, cfg.rl.group_size, cfg.rl.temperature, generator)  # [B,G,1,H,W]
-    b, g = masks.shape[:2]
+        ref_logits = policy_logits(reference, task, batch)[0]
+    masks = sample_group(logits, cfg.rl.group_size, cfg.rl.temperature, generator)  # [N,G,1,H,W]
+    n, g = masks.shape[:2]
     flat = masks.flatten(0, 1)
-    gt = batch["mask"].repeat_interleave(g, dim=0)
-    fov = batch["fov"].repeat_interleave(g, dim=0)
-    total, components = combined_reward(flat, gt, fov, weights, precision_floor=cfg.rl.precision_floor,
+    total, components = combined_reward(flat, target.repeat_interleave(g, dim=0), fov.repeat_interleave(g, dim=0),
+                                        weights, precision_floor=cfg.rl.precision_floor,
                                         precision_floor_k=cfg.rl.precision_floor_k)
-    rewards = total.view(b, g)
-    old_logprob = group_logprob(logits.detach(), masks, batch["fov"], cfg.rl.temperature, cfg.rl.logprob_reduction)
+    rewards = total.view(n, g)
+    old_logprob = group_logprob(logits.detach(), masks, fov, cfg.rl.temperature, cfg.rl.logprob_reduction)
     return {
-        "logits": logits, "ref_logits": ref_logits, "masks": masks, "rewards": rewards,
-        "advantages": group_advantages(rewards), "old_logprob": old_logprob,
+        "logits": logits, "ref_logits": ref_logits, "masks": masks, "rewards": rewards, "target": target,
+        "fov": fov, "advantages": group_advantages(rewards), "old_logprob": old_logprob,
         "components": {k: float(v.mean()) for k, v in components.items()},
     }
 
 
-def rl_loss(logits, roll: dict, batch: dict, cfg: Config, combo: ComboLoss | None):
-    new_logprob = group_logprob(logits, roll["masks"], batch["fov"], cfg.rl.temperature, cfg.rl.logprob_reduction)
+def rl_loss(logits, roll: dict, cfg: Config, combo: ComboLoss | None):
+    fov = roll["fov"]
+    new_logprob = group_logprob(logits, roll["masks"], fov, cfg.rl.temperature, cfg.rl.logprob_reduction)
     pg, clip_fraction, ratio = clipped_objective(new_logprob, roll["old_logprob"], roll["advantages"], cfg.rl.clip_eps)
-    kl = bernoulli_kl(logits, roll["ref_logits"], batch["fov"], cfg.rl.temperature)
-    entropy = bernoulli_entropy(logits, batch["fov"], cfg.rl.temperature)
+    kl = bernoulli_kl(logits, roll["ref_logits"], fov, cfg.rl.temperature)
+    entropy = bernoulli_entropy(logits, fov, cfg.rl.temperature)
     loss = pg + cfg.rl.kl_coef * kl - cfg.rl.entropy_coef * entropy
     if combo is not None and cfg.rl.sft_mix > 0:
-        loss = loss + cfg.rl.sft_mix * combo(logits, batch["mask"], batch["fov"])[0]
+        loss = loss + cfg.rl.sft_mix * combo(logits, roll["target"], fov)[0]
     stats = {"pg_loss": float(pg.detach()), "kl": float(kl.detach()), "entropy": float(entropy.detach()),
              "clip_fraction": float(clip_fraction),
              "ratio": float(ratio)}
@@ -149,6 +157,24 @@ def reward_weights(cfg: Config) -> dict[str, float]:
     for name, path in cfg.rl.custom_rewards.items():
         register_reward(name, load_reward(path))
     return resolve_weights(cfg.rl.reward)
+
+
+def validate_with_reward(model, task: Task, val: list[LoadedSample], cfg: Config, device,
+                         weights: dict[str, float]) -> dict[str, float]:
+    """The task's validation metrics plus ``val_reward``: the run's own reward of the 0.5-thresholded prediction,
+    averaged over validation targets. RL picks `best` by what it optimises, not by Dice."""
+    predictions = [p for s in val for p in task.target_probabilities(model, s, cfg, device)]
+    if not predictions:
+        return {}
+    rewards = []
+    for p in predictions:
+        pred = torch.from_numpy(p.prob >= 0.5).float()[None, None]
+        gt = torch.from_numpy(p.mask).float()[None, None]
+        fov = torch.from_numpy(p.fov).float()[None, None]
+        total, _ = combined_reward(pred, gt, fov, weights, precision_floor=cfg.rl.precision_floor,
+                                   precision_floor_k=cfg.rl.precision_floor_k)
+        rewards.append(float(total[0]))
+    return {**pooled_validation(predictions), "val_reward": float(np.mean(rewards))}
 
 
 # ---- the recipe ------------------------------------------------------------------------------------------------------
@@ -169,7 +195,10 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     train_samples = load_split_samples(cfg, data, "train", run_dir)
     val_samples = load_split_samples(cfg, data, "val", run_dir, limit=cfg.train.max_eval_images)
     check_readable(cfg, data)
-    dataset = TrainPatchDataset(train_samples, cfg.data, seed=cfg.run.seed)
+    task = task_for(cfg)
+    if task.mask_targets is None:
+        raise ValueError(f"objective: rl samples masks; task {task.name!r} produces none (for answers use the "
+                         "instruct task's GRPO)")
     order = sorted(range(len(train_samples)), key=lambda i: thinness(train_samples[i])) if cfg.rl.curriculum else None
 
     def batches(start_step: int):
@@ -181,13 +210,14 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             sampler = StepBatchSampler(len(dataset), cfg.data.batch_size, cfg.run.seed, start_step,
                                        accelerator.process_index, accelerator.num_processes)
         return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                               generator=torch.Generator()))
+                               collate_fn=task.collate, generator=torch.Generator()))
 
     # ---- policy = base (or parent) + fresh LoRA; reference = the same model with adapters disabled
     if cfg.finetune_mode() != "lora":
         raise ValueError("objective: rl needs finetune: lora (the KL reference is the model with adapters disabled); "
                          "set model.path or rl.init_from to a pretrained model")
     model = build_model(cfg).to(device)
+    dataset = task.train_dataset(train_samples, cfg, model)
     combo = ComboLoss(cfg.loss) if cfg.rl.sft_mix > 0 else None
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
@@ -196,17 +226,15 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
         state = load_checkpoint(find_checkpoint(run_dir, "last"), model, optimizer, scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
     reference = accelerator.unwrap_model(model)
-    use_box = cfg.model.prompt == "box"
 
     # ---- preflight: a sampled mask is not differentiable; the gradient must come through the log-probs
     if cfg.train.preflight and resume is None:
         fixed = batch_to(next(batches(0)), device)
-        fixed_roll = rollout(model, reference, fixed, cfg, weights, use_box,
+        fixed_roll = rollout(model, reference, task, fixed, cfg, weights,
                              sampling_generator(device, cfg.run.seed, -1, accelerator.process_index))
 
         def preflight_loss():
-            logits = model(fixed["image"], fixed["box"] if use_box else None)
-            return rl_loss(logits, fixed_roll, fixed, cfg, combo)[0]
+            return rl_loss(policy_logits(model, task, fixed)[0], fixed_roll, cfg, combo)[0]
 
         report = run_preflight(model, optimizer, preflight_loss, backward=accelerator.backward,
                                steps=cfg.train.preflight_steps)
@@ -215,19 +243,21 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
 
     # ---- loop: one iteration = one rollout + inner_epochs clipped updates
     stream = batches(state.step)
-    books = Bookkeeping(accelerator, cfg, run_dir, model, optimizer, scheduler, state, val_samples, resume is not None)
+    books = Bookkeeping(accelerator, cfg, run_dir, model, optimizer, scheduler, state, resume is not None,
+                        validate=lambda m: validate_with_reward(m, task, val_samples, cfg, device, weights),
+                        select=selection(cfg, task))
     completed = True
     while state.step < cfg.optim.max_steps:
         model.train()
         batch = batch_to(next(stream), device)
-        roll = rollout(model, reference, batch, cfg, weights, use_box,
+        roll = rollout(model, reference, task, batch, cfg, weights,
                        sampling_generator(device, cfg.run.seed, state.step, accelerator.process_index))
         logits = roll["logits"]
         skipped = 0
         for epoch in range(cfg.rl.inner_epochs):
             if epoch > 0:  # later epochs see the updated policy; the first reuses the sampling forward
-                logits = model(batch["image"], batch["box"] if use_box else None)
-            loss, stats = rl_loss(logits, roll, batch, cfg, combo)
+                logits = policy_logits(model, task, batch)[0]
+            loss, stats = rl_loss(logits, roll, cfg, combo)
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or float("inf"))
             global_loss = accelerator.reduce(loss.detach(), reduction="mean")

@@ -12,9 +12,6 @@ from accelerate.utils import broadcast_object_list
 from transformers import get_cosine_schedule_with_warmup
 
 from medtune.config import Config
-from medtune.data.types import LoadedSample
-from medtune.inference import predict_prob
-from medtune.metrics import pooled_metrics
 from medtune.runs.files import load_run_config, new_run_dir, write_run_files
 
 log = logging.getLogger("medtune")
@@ -27,15 +24,6 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: Config):
     return get_cosine_schedule_with_warmup(optimizer, cfg.optim.warmup_steps, max(cfg.optim.max_steps, 1))
-
-
-def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict:
-    """Pooled Dice (threshold 0.5, inside the FOV) over the validation images: the metric `best` is chosen by."""
-    if not val:
-        return {}
-    probs = [predict_prob(model, s, cfg, device) for s in val]
-    m = pooled_metrics(probs, [s.mask for s in val], [s.fov for s in val], threshold=0.5)
-    return {"val_dice": float(m["dice"]), "val_auc": float(m.get("auc", float("nan")))}
 
 
 def frozen_metric_warning(history: list[float], window: int = 3) -> str | None:

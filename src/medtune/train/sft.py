@@ -1,4 +1,5 @@
-"""Supervised fine-tuning recipe: ComboLoss on patches, LoRA or full, run through accelerate.
+"""Supervised fine-tuning recipe: the task's loss (ComboLoss on masks; mask loss + LM loss for a segmenting VLM),
+LoRA or full, run through accelerate.
 
 Read it top to bottom: set up the run folder -> data -> model -> optimizer -> preflight -> loop -> checkpoints.
 Runs unchanged on 1 CPU process, 2 CPU processes (``torchrun --nproc_per_node 2``, gloo) and GPUs
@@ -16,21 +17,16 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from medtune.config import Config
-from medtune.data.datasets import StepBatchSampler, TrainPatchDataset
+from medtune.data.datasets import StepBatchSampler
 from medtune.data.run_split import check_readable, load_split_samples, prepare_split
-from medtune.losses import ComboLoss
 from medtune.models.registry import build_model
 from medtune.runs.checkpoint import TrainerState, find_checkpoint, load_checkpoint
+from medtune.tasks import selection, task_for
 from medtune.train.loop import Bookkeeping
 from medtune.train.preflight import run_preflight
 from medtune.train.setup import batch_to, init_trackers, make_accelerator, make_optimizer, make_scheduler, start_run
 
 log = logging.getLogger("medtune")
-
-
-def supervised_loss(model, loss_fn: ComboLoss, batch: dict, use_box: bool):
-    logits = model(batch["image"], batch["box"] if use_box else None)
-    return loss_fn(logits, batch["mask"], batch["fov"])
 
 
 def train(cfg: Config, resume: str | Path | None = None) -> Path:
@@ -45,7 +41,9 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     train_samples = load_split_samples(cfg, data, "train", run_dir)
     val_samples = load_split_samples(cfg, data, "val", run_dir, limit=cfg.train.max_eval_images)
     check_readable(cfg, data)
-    dataset = TrainPatchDataset(train_samples, cfg.data, seed=cfg.run.seed)
+    task = task_for(cfg)
+    model = build_model(cfg).to(device)
+    dataset = task.train_dataset(train_samples, cfg, model)
     accum = cfg.optim.grad_accum
 
     def batches(start_micro_step: int):
@@ -53,11 +51,10 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
                                    accelerator.process_index, accelerator.num_processes)
         # its own generator: creating the iterator must not draw from the global RNG restored by a resume
         return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                               generator=torch.Generator()))
+                               collate_fn=task.collate, generator=torch.Generator()))
 
-    # ---- model, objective, optimizer
-    model = build_model(cfg).to(device)
-    loss_fn = ComboLoss(cfg.loss)
+    # ---- objective, optimizer
+    loss_fn = task.make_loss(cfg)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     state = TrainerState()
@@ -65,14 +62,13 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
         state = load_checkpoint(find_checkpoint(run_dir, "last"), model, optimizer, scheduler)
         log.info("resumed %s at step %d", run_dir, state.step)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped once per optimizer step, by us
-    use_box = cfg.model.prompt == "box"
 
     # ---- preflight: prove every trainable tensor learns before spending the night on it
     if cfg.train.preflight and resume is None:
         fixed = batch_to(next(batches(0)), device)
         report = run_preflight(
             model, optimizer,
-            compute_loss=lambda: supervised_loss(model, loss_fn, fixed, use_box)[0],
+            compute_loss=lambda: loss_fn(model, fixed)[0],
             backward=accelerator.backward, steps=cfg.train.preflight_steps,
         )
         if is_main:
@@ -82,7 +78,9 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
 
     # ---- loop
     stream = batches(state.step * accum)
-    books = Bookkeeping(accelerator, cfg, run_dir, model, optimizer, scheduler, state, val_samples, resume is not None)
+    books = Bookkeeping(accelerator, cfg, run_dir, model, optimizer, scheduler, state, resume is not None,
+                        validate=lambda m: task.validate(m, val_samples, cfg, device) if val_samples else {},
+                        select=selection(cfg, task))
     completed = True
     while state.step < cfg.optim.max_steps:
         model.train()
@@ -92,7 +90,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
             # gradients are all-reduced once per optimizer step, not once per micro-batch
             sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
             with sync:
-                loss, parts = supervised_loss(model, loss_fn, batch, use_box)
+                loss, parts = loss_fn(model, batch)
                 accelerator.backward(loss / accum)
             loss_sum += loss.detach() / accum
             for k, v in parts.items():

@@ -1,0 +1,66 @@
+"""The task contract: a dataclass of plain functions, no class hierarchy."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torch.utils.data.dataloader import default_collate
+
+from medtune.config import Config
+from medtune.data.types import LoadedSample
+
+
+@dataclass
+class TargetPrediction:
+    """One evaluated target: a probability map at the sample's (possibly scale-normalised) resolution and its ground
+    truth. ``id`` is the sample id, with ``#k`` appended for the k-th referring expression of a multi-target image."""
+
+    id: str
+    prob: np.ndarray  # float32 [H, W]
+    mask: np.ndarray  # uint8 [H, W]
+    fov: np.ndarray  # uint8 [H, W]
+    sample: LoadedSample
+    target: int | None = None  # index into sample.target_masks(); None: the sample's (union) mask
+
+    def ground_truth(self, sample: LoadedSample) -> np.ndarray:
+        """This target's mask in another loading of the same sample (e.g. at native resolution)."""
+        return sample.mask if self.target is None else sample.target_masks()[self.target]
+
+
+# loss_fn(model, batch) -> (scalar loss, {part: float}); built once per run by Task.make_loss(cfg)
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    # training data: items are dicts of tensors (never PIL images) plus "id"; collate turns them into one batch
+    train_dataset: Callable[[list[LoadedSample], Config, torch.nn.Module], Dataset]
+    make_loss: Callable[[Config], LossFn]
+    # validation during training: {"val_<metric>": value}; `selection_metric` among them picks `best`
+    validate: Callable[[torch.nn.Module, list[LoadedSample], Config, torch.device], dict[str, float]]
+    selection_metric: str
+    higher_is_better: bool = True
+    collate: Callable[[list[dict]], dict] = default_collate
+    # mask tasks: per-target probability maps for calibration / evaluation / RL validation (None: not a mask task)
+    target_probabilities: Callable[[torch.nn.Module, LoadedSample, Config, torch.device],
+                                   list[TargetPrediction]] | None = None
+    # mask tasks: (ModelOutput, batch) -> (logits, target, fov), each [N, 1, H, W] over the N real targets of the
+    # batch; what the losses and the RL policy see
+    mask_targets: Callable | None = None
+    # text-generating tasks: metrics of free generation on an evaluated split (e.g. the rate of answers without
+    # [SEG]), reported next to the teacher-forced mask metrics
+    generation_metrics: Callable[[torch.nn.Module, list[LoadedSample], Config, torch.device], dict] | None = None
+
+
+def selection(cfg: Config, task: Task) -> tuple[str, bool]:
+    """(metric key, higher is better) that picks the `best` checkpoint: ``train.selection_metric`` when set, else the
+    objective's own (RL: the validation reward of the run's reward), else the task's."""
+    if cfg.train.selection_metric:
+        return cfg.train.selection_metric, cfg.train.selection_mode == "max"
+    if cfg.objective == "rl" and task.target_probabilities is not None:
+        return "val_reward", True
+    return task.selection_metric, task.higher_is_better
