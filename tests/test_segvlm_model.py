@@ -226,7 +226,7 @@ def test_mask_path_alone_reaches_every_language_model_lora(parts):
 
 def test_gradient_checkpointing_still_trains_lora(internvl_parts):
     seg = build_model(_parts_cfg(internvl_parts, gradient_checkpointing=True)).train()
-    assert seg.base_network.vlm.is_gradient_checkpointing
+    assert seg.base_network.vlm.is_activation_checkpointing
     out = seg(batch=_batch(seg, [(QUESTION, ANSWER)]))
     (out.mask_logits.mean() + out.lm_loss).backward()
     lora_b = [p.grad for n, p in seg.trainable_named_parameters() if ".lora_B." in n]
@@ -396,6 +396,14 @@ def test_seg_token_split_into_several_ids_is_refused(internvl_parts, tmp_path):
     with pytest.raises(ValueError, match=r"tokenises to \d+ ids") as err:
         build_model(_parts_cfg((splitting, sam_path)))
     assert str(splitting) in str(err.value) and "seg_token" in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_qlora_refused_without_cuda(internvl_parts):
+    with pytest.raises(ValueError, match="CUDA GPU and bitsandbytes"):
+        build_model(_parts_cfg(internvl_parts, quantize_4bit=True))
+    with pytest.raises(ValueError, match="quantises a pretrained VLM"):
+        build_model(_cfg(config={"preset": "tiny"}, quantize_4bit=True, finetune="lora"))
 
 
 def test_sam2_video_checkpoint_is_a_valid_sam_path(internvl_parts, tmp_path):
