@@ -419,3 +419,171 @@ def test_sam2_video_checkpoint_is_a_valid_sam_path(internvl_parts, tmp_path):
     ref = Sam2VideoModel.from_pretrained(video)
     assert torch.equal(seg.base_network.sam.vision_encoder.neck.convs[0].weight,
                        ref.vision_encoder.neck.convs[0].weight)
+
+
+# ------------------------------------------------------------------------------------------------ Sa2VA import
+# Checkpoint key names of the original modules, from public code that reads real SAM 2 / InternVL / InternLM2
+# checkpoints: the fake Sa2VA state dict below must contain them, so the importer is tested against real names.
+SAM2_ANCHORS = ["image_encoder.trunk.pos_embed", "image_encoder.trunk.pos_embed_window",
+                "image_encoder.trunk.patch_embed.proj.weight", "image_encoder.neck.convs.0.conv.weight", "no_mem_embed",
+                "sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
+                "sam_mask_decoder.transformer.norm_final_attn.weight", "sam_mask_decoder.conv_s0.weight",
+                "sam_mask_decoder.mask_tokens.weight", "sam_mask_decoder.output_upscaling.0.weight",
+                "sam_mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight"]
+INTERNVL_ANCHORS = ["vision_model.embeddings.class_embedding", "vision_model.embeddings.patch_embedding.weight",
+                    "vision_model.embeddings.position_embedding", "vision_model.encoder.layers.0.attn.qkv.weight",
+                    "vision_model.encoder.layers.0.attn.proj.weight", "vision_model.encoder.layers.0.ls1",
+                    "vision_model.encoder.layers.0.norm1.weight", "vision_model.encoder.layers.0.mlp.fc1.weight",
+                    "mlp1.0.weight", "mlp1.1.weight", "mlp1.3.weight", "text_hidden_fcs.0.weight",
+                    "text_hidden_fcs.2.weight"]
+INTERNLM2_ANCHORS = ["language_model.model.tok_embeddings.weight", "language_model.model.layers.0.attention.wqkv.weight",
+                     "language_model.model.layers.0.attention.wo.weight",
+                     "language_model.model.layers.0.feed_forward.w1.weight",
+                     "language_model.model.layers.0.attention_norm.weight",
+                     "language_model.model.layers.0.ffn_norm.weight", "language_model.output.weight"]
+# memory / video parts of Sa2VA's SAM 2 that a single-image segvlm does not use
+SAM2_VIDEO_KEYS = ["memory_attention.layers.0.linear1.weight", "maskmem_tpos_enc", "no_obj_ptr", "no_mem_pos_enc",
+                   "obj_ptr_proj.layers.0.weight", "mask_downsample.weight", "memory_encoder.fuser.layers.0.pwconv2.bias"]
+
+
+def _original_vision(name: str) -> str:
+    """transformers InternVL vision name -> InternViT's (written out, not inverted from the importer's map)."""
+    n = name.replace("model.vision_tower.", "vision_model.").replace("encoder.layer.", "encoder.layers.")
+    n = n.replace("embeddings.cls_token", "embeddings.class_embedding")
+    n = n.replace("embeddings.position_embeddings", "embeddings.position_embedding")
+    n = n.replace("embeddings.patch_embeddings.projection", "embeddings.patch_embedding")
+    n = re.sub(r"\.lambda_(\d)", r".ls\1", n).replace("attention.projection_layer", "attn.proj")
+    return n.replace("attention.", "attn.").replace("layernorm_before", "norm1").replace("layernorm_after", "norm2")
+
+
+def _original_sam2(name: str) -> str:
+    """Sam2Model name -> the SAM 2 repository's."""
+    rules = [(r"^vision_encoder\.backbone\.", "image_encoder.trunk."),
+             (r"^vision_encoder\.neck\.convs\.(\d+)\.", r"image_encoder.neck.convs.\1.conv."),
+             (r"^prompt_encoder\.", "sam_prompt_encoder."), (r"^mask_decoder\.", "sam_mask_decoder."),
+             (r"^no_memory_embedding$", "no_mem_embed"),
+             (r"shared_embedding\.positional_embedding", "pe_layer.positional_encoding_gaussian_matrix"),
+             (r"mask_embed\.conv1", "mask_downscaling.0"), (r"mask_embed\.layer_norm1", "mask_downscaling.1"),
+             (r"mask_embed\.conv2", "mask_downscaling.3"), (r"mask_embed\.layer_norm2", "mask_downscaling.4"),
+             (r"mask_embed\.conv3", "mask_downscaling.6"), (r"patch_embed\.projection", "patch_embed.proj"),
+             (r"upscale_conv1", "output_upscaling.0"), (r"upscale_layer_norm", "output_upscaling.1"),
+             (r"upscale_conv2", "output_upscaling.3"),
+             (r"\.mlp\.proj_in\.", ".mlp.layers.0."), (r"\.mlp\.proj_out\.", ".mlp.layers.1."),
+             (r"(head|mlps\.\d+)\.layers\.0\.", r"\1.layers.1."), (r"(head|mlps\.\d+)\.proj_in\.", r"\1.layers.0."),
+             (r"(head|mlps\.\d+)\.proj_out\.", r"\1.layers.2."),
+             (r"\.layer_norm", ".norm"), (r"\.o_proj\.", ".out_proj.")]
+    for pattern, replacement in rules:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def _fake_sa2va(vlm, sam, projection, llama: bool) -> dict:
+    """A Sa2VA-named state dict holding the given parts' weights, in the original modules' layouts."""
+    state, text = {}, vlm.config.text_config
+    sd = {k: v.clone() for k, v in vlm.state_dict().items()}
+    head_dim = text.hidden_size // text.num_attention_heads
+    groups = text.num_attention_heads // text.num_key_value_heads
+    for name in list(sd):
+        if ".attention.q_proj." in name and name.startswith("model.vision_tower."):  # InternViT fuses q, k, v
+            q, k, v = (sd.pop(name.replace("q_proj", p)) for p in ("q_proj", "k_proj", "v_proj"))
+            state[_original_vision(name.replace("attention.q_proj", "attention.qkv"))] = torch.cat([q, k, v])
+        elif name.startswith("model.vision_tower.") and name in sd and not re.search(r"\.[kv]_proj\.", name):
+            state[_original_vision(name)] = sd.pop(name)
+    projector = {"layer_norm": "mlp1.0", "linear_1": "mlp1.1", "linear_2": "mlp1.3"}
+    for name in [n for n in sd if n.startswith("model.multi_modal_projector.")]:
+        part, rest = name.split(".")[2], ".".join(name.split(".")[3:])
+        state[f"{projector[part]}.{rest}"] = sd.pop(name)
+    for name in [n for n in sd if n.startswith("model.language_model.") or n == "lm_head.weight"]:
+        if name not in sd:
+            continue
+        value = sd.pop(name)
+        if not llama:
+            state["language_model.lm_head.weight" if name == "lm_head.weight"
+                  else name.replace("model.language_model.", "language_model.model.")] = value
+            continue
+        if ".self_attn.q_proj." in name:  # InternLM2 wqkv: per KV head, its query heads then its key and value
+            q, k, v = value, sd.pop(name.replace("q_proj", "k_proj")), sd.pop(name.replace("q_proj", "v_proj"))
+            rows = []
+            for h in range(text.num_key_value_heads):
+                rows += [q[(h * groups + g) * head_dim:(h * groups + g + 1) * head_dim] for g in range(groups)]
+                rows += [k[h * head_dim:(h + 1) * head_dim], v[h * head_dim:(h + 1) * head_dim]]
+            name, value = name.replace("self_attn.q_proj", "attention.wqkv"), torch.cat(rows)
+        for new, old in (("tok_embeddings", "embed_tokens"), ("attention.wo", "self_attn.o_proj"),
+                         ("feed_forward.w1", "mlp.gate_proj"), ("feed_forward.w2", "mlp.down_proj"),
+                         ("feed_forward.w3", "mlp.up_proj"), ("attention_norm", "input_layernorm"),
+                         ("ffn_norm", "post_attention_layernorm")):
+            name = name.replace(old, new)
+        state["language_model.output.weight" if name == "lm_head.weight"
+              else name.replace("model.language_model.", "language_model.model.")] = value
+    assert not sd, sorted(sd)
+    for name, value in sam.state_dict().items():
+        if name == "shared_image_embedding.positional_embedding":
+            continue  # the original has one copy, in the prompt encoder
+        if name == "prompt_encoder.point_embed.weight":
+            for i in range(value.shape[0]):
+                state[f"grounding_encoder.sam2_model.sam_prompt_encoder.point_embeddings.{i}.weight"] = value[i:i + 1]
+            continue
+        state[f"grounding_encoder.sam2_model.{_original_sam2(name)}"] = value.clone()
+    for key in SAM2_VIDEO_KEYS:
+        state[f"grounding_encoder.sam2_model.{key}"] = torch.zeros(2)
+    for name, value in projection.state_dict().items():
+        state[f"text_hidden_fcs.{name}"] = value.clone()
+    state["vp_extractor.weight"] = torch.zeros(2)  # a part segvlm has no place for: reported, not loaded
+    return state
+
+
+@pytest.mark.parametrize("llm", ["qwen2", "internlm2"])
+def test_sa2va_import_maps_every_weight(llm, tmp_path):
+    from safetensors.torch import save_file
+    from transformers import AutoModelForImageTextToText, LlamaConfig
+
+    from medtune.models.sa2va_import import import_sa2va
+    from medtune.models.segvlm.model import new_projection
+    from medtune.models.segvlm.tiny import TINY_TEXT, tiny_sam, tiny_tokenizer, tiny_vlm_config
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer("internvl")
+    tokenizer.add_tokens(["[SEG]"], special_tokens=True)
+    config = tiny_vlm_config("internvl", tokenizer, tie_word_embeddings=False)
+    if llm == "internlm2":
+        config.text_config = LlamaConfig(**TINY_TEXT, vocab_size=len(tokenizer), tie_word_embeddings=False)
+    config.vision_config.attention_bias = True  # InternViT-300M has qkv biases
+    vlm = AutoModelForImageTextToText.from_config(config)
+    sam, projection = tiny_sam("sam2"), new_projection(TINY_TEXT["hidden_size"], 32)
+    # SAM 2 has one positional Gaussian matrix (the prompt encoder's pe_layer); transformers keeps two equal copies
+    sam.shared_image_embedding.positional_embedding.copy_(sam.prompt_encoder.shared_embedding.positional_embedding)
+    state = _fake_sa2va(vlm, sam, projection, llama=llm == "internlm2")
+    sam_keys = [k.removeprefix("grounding_encoder.sam2_model.") for k in state]
+    assert set(SAM2_ANCHORS) <= set(sam_keys) and set(INTERNVL_ANCHORS) <= set(state)
+    assert llm != "internlm2" or set(INTERNLM2_ANCHORS) <= set(state)
+
+    src = tmp_path / "Sa2VA-tiny"
+    tokenizer.save_pretrained(src)
+    save_file(state, str(src / "model.safetensors"))
+    vision = config.vision_config
+    llm_config = {**config.text_config.to_dict(), "architectures": [
+        "InternLM2ForCausalLM" if llm == "internlm2" else "Qwen2ForCausalLM"]}
+    (src / "config.json").write_text(json.dumps({
+        "architectures": ["Sa2VAChatModel"], "auto_map": {"AutoModel": "modeling_sa2va_chat.Sa2VAChatModel"},
+        "vision_config": {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_size": 32,
+                          "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+                          "image_size": 56, "patch_size": 14, "qkv_bias": True, "qk_normalization": False,
+                          "norm_type": "layer_norm", "layer_norm_eps": vision.layer_norm_eps, "drop_path_rate": 0.0,
+                          "use_flash_attn": False, "hidden_act": "gelu", "initializer_factor": 0.1},
+        "llm_config": llm_config, "downsample_ratio": 0.5, "select_layer": -1, "ps_version": "v2",
+        "template": "qwen_chat", "force_image_size": 56,
+    }))
+    out = import_sa2va(src, tmp_path / "composed", sam_config=sam.config)
+    meta = json.loads((out / "segvlm.json").read_text())
+    assert meta["unused_keys"] == ["vp_extractor.weight"]
+
+    seg = build_model(_cfg(path=str(out), finetune="full")).eval()
+    net = seg.base_network
+    for got, want in ((net.vlm, vlm), (net.sam, sam), (net.seg_projection, projection)):
+        got_sd, want_sd = got.state_dict(), want.state_dict()
+        assert set(got_sd) == set(want_sd)
+        assert all(torch.equal(got_sd[k], want_sd[k]) for k in want_sd), [k for k in want_sd
+                                                                           if not torch.equal(got_sd[k], want_sd[k])]
+    assert seg.text_codec().decode(seg.text_codec().encode(QUESTION, ANSWER)["input_ids"]).count("<IMG_CONTEXT>") == 4
+    with torch.no_grad():
+        assert seg(batch=_batch(seg, [(QUESTION, ANSWER)])).mask_logits.shape == (1, 1, 40, 48)

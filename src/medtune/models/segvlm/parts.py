@@ -143,6 +143,9 @@ def prepare_sam(net: nn.Module) -> None:
 def load_vlm(path: Path, key: str, cfg: Config) -> nn.Module:
     from transformers import AutoModelForImageTextToText
 
+    if (path / SEGVLM_JSON).is_file():
+        raise ValueError(f"{key} {str(path)!r} is a composed segvlm folder (it has {SEGVLM_JSON}); set model.path to "
+                         "it instead of model.vlm.vlm_path / sam_path")
     meta = read_config_json(path)
     model_type = meta.get("model_type")
     if model_type in SAM_MODEL_TYPES:
