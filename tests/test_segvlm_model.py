@@ -137,7 +137,7 @@ def test_llava_codec_uses_the_real_processor_expansion(llava_parts):
 
 
 # ------------------------------------------------------------------------------------------------ LoRA placement
-def test_lora_only_on_the_language_model_and_only_adapters_train(parts):
+def test_lora_only_on_the_language_model_and_the_mask_path_alone_reaches_it(parts):
     seg = build_model(_parts_cfg(parts))
     assert seg.is_peft
     net = seg.base_network
@@ -167,6 +167,21 @@ def test_lora_only_on_the_language_model_and_only_adapters_train(parts):
     assert not [n for n in trainable if re.search(unused, n)]
     assert any(re.search(unused, n) for n, _ in seg.named_parameters() if "iou_prediction_head" in n)
 
+    # gradient through the MASK path alone (lm loss weight 0) reaches every adapter of the language model
+    seg.train()
+    out = seg(batch=_batch(seg, [(QUESTION, ANSWER), (QUESTION, TWO_SEG)]))
+    out.mask_logits[out.mask_valid].sigmoid().mean().backward()  # lm loss weight 0: masks only
+    grads = {n: p.grad for n, p in seg.trainable_named_parameters()}
+    lora_b = {n: g for n, g in grads.items() if ".lora_B." in n}
+    assert len(lora_b) == 2 * 7 and all(g is not None and g.abs().sum() > 0 for g in lora_b.values())
+    # LoRA-A gets nothing on the first step (B = 0), pitfall 2: a preflight must look at B
+    assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if ".lora_A." in n)
+    reached = [n for n, g in grads.items() if g is not None and g.abs().sum() > 0]
+    for part in ("mask_decoder.modules_to_save", "seg_projection.modules_to_save", "embed_tokens.token_adapter"):
+        assert any(part in n for n in reached), part
+    # untied: the lm_head's [SEG] row learns from the LM loss only
+    assert all("lm_head" in n for n in grads if n not in reached and ".lora_A." not in n)
+
 
 def test_vision_lora_projector_flags_and_stray_adapters_refused(internvl_parts):
     seg = build_model(_parts_cfg(internvl_parts, vlm={"vision_lora": True, "train_projector": True}))
@@ -182,11 +197,9 @@ def test_vision_lora_projector_flags_and_stray_adapters_refused(internvl_parts):
 
 
 # ------------------------------------------------------------------------------------------------ forward
-@pytest.mark.parametrize("channels", [3, 1])
-def test_forward_masks_valid_slots_and_lm_loss(internvl_parts, channels):
-    torch.manual_seed(0)
-    seg = build_model(_parts_cfg(internvl_parts, channels=channels)).eval()
-    batch = _batch(seg, [(QUESTION, ANSWER), (QUESTION, TWO_SEG)], size=(40, 48), channels=channels)
+def test_forward_masks_valid_slots_and_lm_loss(internvl_lora):
+    seg = internvl_lora
+    batch = _batch(seg, [(QUESTION, ANSWER), (QUESTION, TWO_SEG)], size=(40, 48))
     with torch.no_grad():
         out = seg(batch=batch)
     assert out.mask_logits.shape == (2, 2, 40, 48)  # K = most [SEG] in one sequence, at the input resolution
@@ -204,30 +217,16 @@ def test_forward_masks_valid_slots_and_lm_loss(internvl_parts, channels):
         alone = seg(batch={k: v[:1, : int(batch["attention_mask"][0].sum())] if k != "image" else v[:1]
                            for k, v in batch.items()})
     assert torch.allclose(alone.mask_logits[0, 0], out.mask_logits[0, 0], atol=1e-4)
-    no_seg = seg(batch=_batch(seg, [(QUESTION, "There is no object.")], channels=channels))
+    with torch.no_grad():
+        no_seg = seg(batch=_batch(seg, [(QUESTION, "There is no object.")]))
     assert no_seg.mask_logits.shape == (1, 0, 40, 48) and no_seg.mask_valid.shape == (1, 0)
 
 
-def test_mask_path_alone_reaches_every_language_model_lora(parts):
-    seg = build_model(_parts_cfg(parts)).train()
-    out = seg(batch=_batch(seg, [(QUESTION, ANSWER), (QUESTION, TWO_SEG)]))
-    out.mask_logits[out.mask_valid].sigmoid().mean().backward()  # lm loss weight 0: masks only
-    grads = {n: p.grad for n, p in seg.trainable_named_parameters()}
-    lora_b = {n: g for n, g in grads.items() if ".lora_B." in n}
-    assert len(lora_b) == 2 * 7 and all(g is not None and g.abs().sum() > 0 for g in lora_b.values())
-    # LoRA-A gets nothing on the first step (B = 0), pitfall 2: a preflight must look at B
-    assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if ".lora_A." in n)
-    reached = [n for n, g in grads.items() if g is not None and g.abs().sum() > 0]
-    for part in ("mask_decoder.modules_to_save", "seg_projection.modules_to_save", "embed_tokens.token_adapter"):
-        assert any(part in n for n in reached), part
-    # untied: the lm_head's [SEG] row learns from the LM loss only
-    assert all("lm_head" in n for n in grads if n not in reached and ".lora_A." not in n)
-
-
-def test_gradient_checkpointing_still_trains_lora(internvl_parts):
-    seg = build_model(_parts_cfg(internvl_parts, gradient_checkpointing=True)).train()
+def test_gradient_checkpointing_and_grayscale_still_train_lora(internvl_parts):
+    seg = build_model(_parts_cfg(internvl_parts, channels=1, gradient_checkpointing=True)).train()
     assert seg.base_network.vlm.is_activation_checkpointing
-    out = seg(batch=_batch(seg, [(QUESTION, ANSWER)]))
+    out = seg(batch=_batch(seg, [(QUESTION, ANSWER)], size=(30, 50), channels=1))
+    assert out.mask_logits.shape == (1, 1, 30, 50)
     (out.mask_logits.mean() + out.lm_loss).backward()
     lora_b = [p.grad for n, p in seg.trainable_named_parameters() if ".lora_B." in n]
     assert lora_b and all(g is not None and g.abs().sum() > 0 for g in lora_b)
@@ -296,8 +295,7 @@ def test_noop_reference_adapter_round_trips_and_merged_export(kind, internvl_par
         out = merged(batch=batch)
     assert torch.allclose(out.mask_logits, adapted.mask_logits, atol=1e-4)
     assert torch.allclose(out.token_logits, adapted.token_logits, atol=1e-4)
-    relora = build_model(_cfg(path=str(merged_dir)))  # a composed folder is pretrained: auto -> LoRA
-    assert relora.is_peft and relora.text_codec().seg_token_id == seg_id
+    assert _cfg(path=str(merged_dir)).finetune_mode() == "lora"  # a composed folder is pretrained: auto -> LoRA
 
 
 def test_full_finetune_tiny_preset_trains_everything_reachable(tmp_path):
