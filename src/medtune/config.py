@@ -253,7 +253,8 @@ class Config(Section):
     def finetune_mode(self) -> Literal["lora", "full"]:
         if self.model.finetune != "auto":
             return self.model.finetune
-        pretrained = self.model.path is not None or self.rl.init_from is not None
+        pretrained = (self.model.path is not None or self.rl.init_from is not None
+                      or self.model.vlm.vlm_path is not None)  # segvlm composed from pretrained parts
         return "lora" if pretrained else "full"
 
     def to_yaml(self) -> str:
