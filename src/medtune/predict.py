@@ -94,7 +94,8 @@ def generated_masks(model, cfg, image: np.ndarray, question: str, device) -> tup
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
     h, w = x.shape[-2:]
     resized = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    answer, logits = model.generate_masks(resized, question, max_new_tokens=cfg.task.max_new_tokens)
+    with torch.no_grad():  # inference: the model's own mask forward is differentiable for training's sake
+        answer, logits = model.generate_masks(resized, question, max_new_tokens=cfg.task.max_new_tokens)
     if logits.shape[0] == 0:
         return answer, np.zeros((0, h, w), dtype=np.float32)
     logits = F.interpolate(logits[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]

@@ -90,4 +90,6 @@ def build_segvlm(cfg: Config) -> SegVLMModel:
     net = SegVLMNet(vlm, sam, projection)
     # LLM LoRA behind frozen embeddings under checkpointing needs the embeddings' output to require grad (pitfall 3).
     net.vlm = prepare_for_training(net.vlm, cfg, input_grads=True)
-    return SegVLMModel(net, cfg.data.channels, processing, codec, vcfg)
+    seg = SegVLMModel(net, cfg.data.channels, processing, codec, vcfg)
+    seg.lm_loss_trained = cfg.task.lm_weight > 0
+    return seg

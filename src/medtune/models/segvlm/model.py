@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,8 @@ class SegVLMModel(SegModel):
         self.processing = processing
         self.codec = codec
         self.vcfg = vcfg
+        # set by the builder from task.lm_weight: whether any loss reaches the VLM's output head
+        self.lm_loss_trained = True
         self.sam_kind = sam_kind(net.sam)
         image_processor = processing.image_processor
         self.vlm_size = _square(net.vlm.config.vision_config.image_size)
@@ -266,7 +269,8 @@ class SegVLMModel(SegModel):
         net = self.base_network
         tokens = {module_name(net, net.vlm.get_input_embeddings()): [self.seg_token_id]}
         out = net.vlm.get_output_embeddings()
-        if out is not None and not embeddings_tied(net.vlm):
+        # untied, the lm_head row learns only from the LM loss: with task.lm_weight=0 it would be dead weight
+        if out is not None and not embeddings_tied(net.vlm) and self.lm_loss_trained:
             tokens[module_name(net, out)] = [self.seg_token_id]
         return tokens
 
@@ -305,6 +309,10 @@ class SegVLMModel(SegModel):
                   r"sam\.prompt_encoder\.mask_embed\.", r"sam\.prompt_encoder\.point_embed\."]
         if self.sam_kind == "sam":
             unused.append(r"sam\.prompt_encoder\.not_a_point_embed\.")
+        out = self.base_network.vlm.get_output_embeddings()
+        if not self.lm_loss_trained and out is not None and not embeddings_tied(self.base_network.vlm):
+            # without the LM loss (task.lm_weight=0) nothing reaches an untied output head
+            unused.append(re.escape(module_name(self.base_network, out)) + r"\.")
         vision = vision_unused_regex(self.base_network.vlm, self._names()["vision"])
         if vision:
             unused.append(vision)
