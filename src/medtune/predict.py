@@ -115,6 +115,7 @@ def predict_segvlm(cfg, model, run_dir: Path, images: list[str | Path], out_dir:
             raise DataError(f"{path}: no such image file")
         sample = load_sample(Sample(id=path.stem, image=path), cfg.data)
         answer, probs = generated_masks(model, cfg, sample.image, question, device)
+        probs = probs * sample.fov  # as for the other families: nothing outside the field of view
         answers[str(path)] = answer
         stem = out_dir / path.stem
         Path(f"{stem}_answer.txt").write_text(answer + "\n")
