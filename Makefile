@@ -19,6 +19,10 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/medtune demo
 
+# A tiny segmenting VLM (LLM + SAM 2 decoder through [SEG]) learns the embedded vessels from a text prompt.
+demo-segvlm: $(STAMP)
+	$(BIN)/medtune demo segvlm
+
 # Headless Chromium renders the HTML report in a test; installed here (Debian package) when missing and root.
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
@@ -33,4 +37,4 @@ test: $(STAMP) chromium
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
-.PHONY: venv demo test test-all chromium
+.PHONY: venv demo demo-segvlm test test-all chromium

@@ -141,6 +141,10 @@ class ModelCfg(Section):
     vlm: VLMCfg = Field(default_factory=VLMCfg)
 
 
+# Sa2VA / LISA mask-loss weights: the segmenting VLM's default when the config sets no `loss`.
+SEGVLM_LOSS = {"bce": 2.0, "dice": 0.5, "focal": 0.0}
+
+
 class LossCfg(Section):
     dice: float = 1.0
     focal: float = 1.0
@@ -237,6 +241,9 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
+        if self.task_kind() == "segvlm" and not self.loss.model_fields_set:
+            # resolved here, so config.yaml records the weights the run really trains with
+            object.__setattr__(self, "loss", LossCfg(**SEGVLM_LOSS))
         if self.data.split.val_fraction + self.data.split.test_fraction >= 1.0:
             raise ValueError("data.split.val_fraction + data.split.test_fraction must be < 1")
         if self.objective == "rl" and self.optim.grad_accum != 1:
@@ -255,7 +262,8 @@ class Config(Section):
     def finetune_mode(self) -> Literal["lora", "full"]:
         if self.model.finetune != "auto":
             return self.model.finetune
-        pretrained = self.model.path is not None or self.rl.init_from is not None
+        pretrained = (self.model.path is not None or self.rl.init_from is not None
+                      or self.model.vlm.vlm_path is not None)  # segvlm composed from pretrained parts
         return "lora" if pretrained else "full"
 
     def to_yaml(self) -> str:

@@ -93,7 +93,7 @@ def run_segvlm_demo(out: Path, fast: bool = False) -> dict:
         "data.synthetic.n_images=24", "data.synthetic.size=128", "data.sampling=whole_image", "data.patch_size=64",
         "data.batch_size=4", "data.split.val_fraction=0.17", "data.split.test_fraction=0.25",
         "model.family=segvlm", "model.config={preset: tiny, vlm: internvl}", "model.finetune=full",
-        "task.class_name=blood vessel", "optim.lr=1e-3", "optim.warmup_steps=20", f"optim.max_steps={steps}",
+        "task.class_name=blood vessel", "optim.lr=3e-3", "optim.warmup_steps=20", f"optim.max_steps={steps}",
         f"train.eval_every={max(steps // 4, 1)}", f"train.save_every={steps}", "train.log_every=20",
         "train.trackers=[]", "eval.bootstrap=200", "task.max_new_tokens=8",
     ])

@@ -94,7 +94,8 @@ def generated_masks(model, cfg, image: np.ndarray, question: str, device) -> tup
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
     h, w = x.shape[-2:]
     resized = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    answer, logits = model.generate_masks(resized, question, max_new_tokens=cfg.task.max_new_tokens)
+    with torch.no_grad():  # inference: the model's own mask forward is differentiable for training's sake
+        answer, logits = model.generate_masks(resized, question, max_new_tokens=cfg.task.max_new_tokens)
     if logits.shape[0] == 0:
         return answer, np.zeros((0, h, w), dtype=np.float32)
     logits = F.interpolate(logits[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
@@ -114,6 +115,7 @@ def predict_segvlm(cfg, model, run_dir: Path, images: list[str | Path], out_dir:
             raise DataError(f"{path}: no such image file")
         sample = load_sample(Sample(id=path.stem, image=path), cfg.data)
         answer, probs = generated_masks(model, cfg, sample.image, question, device)
+        probs = probs * sample.fov  # as for the other families: nothing outside the field of view
         answers[str(path)] = answer
         stem = out_dir / path.stem
         Path(f"{stem}_answer.txt").write_text(answer + "\n")

@@ -17,12 +17,15 @@ class ModelOutput:
 
     ``mask_logits`` [B, K, H, W] at the input resolution (K targets per image: 1 for U-Net/SAM, one per ``[SEG]`` for
     a segmenting VLM); ``lm_loss`` the language-model cross-entropy on supervised tokens (a scalar) and
-    ``token_logits`` [B, T, V], for models that read and write text. Absent parts are None.
+    ``token_logits`` [B, T, V], for models that read and write text; ``mask_valid`` [B, K] bool: which of the K mask
+    slots hold a real ``[SEG]`` mask (sequences with fewer ``[SEG]`` than the batch maximum leave slots empty; their
+    logits are zero). Absent parts are None.
     """
 
     mask_logits: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     token_logits: torch.Tensor | None = None
+    mask_valid: torch.Tensor | None = None
 
 
 class SegModel(nn.Module):
@@ -105,6 +108,11 @@ class SegModel(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must say where LoRA goes by default")
 
     def default_modules_to_save(self) -> list[str] | None:
+        return None
+
+    def default_trainable_tokens(self) -> dict[str, list[int]] | None:
+        """Embedding rows trained under LoRA as PEFT trainable tokens ({module name: token ids}), e.g. an added
+        ``[SEG]`` token's row, instead of a full embedding copy in ``modules_to_save``."""
         return None
 
     def frozen_by_design(self) -> str | None:

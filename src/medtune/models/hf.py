@@ -21,23 +21,29 @@ log = logging.getLogger(__name__)
 
 
 def resolve_model_path(cfg: Config) -> Path | None:
-    """``model.path`` as a checked local folder, or None for random init.
+    """``model.path`` as a checked local folder, or None for random init (see ``resolve_local_folder``)."""
+    if cfg.model.path is None:
+        return None
+    return resolve_local_folder(cfg.model.path, "model.path", cfg)
+
+
+def resolve_local_folder(value: str, key: str, cfg: Config) -> Path:
+    """A model folder named by config key ``key`` (``model.path``, ``model.vlm.vlm_path`` ...), checked.
 
     Refuses a transformers folder whose config.json maps to custom code (``auto_map``) unless the user opted in
     with ``model.trust_remote_code``: loading it would execute Python shipped inside the folder.
     """
-    if cfg.model.path is None:
-        return None
-    path = Path(cfg.model.path).expanduser()
+    path = Path(value).expanduser()
     if not path.exists():
+        fallback = (f"or remove model.path to build family {cfg.model.family!r} from model.config with random weights"
+                    if key == "model.path" else f"or fix {key}")
         raise FileNotFoundError(
-            f"model.path {cfg.model.path!r} does not exist. medtune loads only local folders (never downloads): "
-            f"point model.path at a folder written by save_pretrained / `save_base` (e.g. download a hub model first "
-            f"with `huggingface-cli download <repo> --local-dir <folder>`), or remove model.path to build "
-            f"family {cfg.model.family!r} from model.config with random weights"
+            f"{key} {value!r} does not exist. medtune loads only local folders (never downloads): "
+            f"point {key} at a folder written by save_pretrained / `save_base` (e.g. download a hub model first "
+            f"with `huggingface-cli download <repo> --local-dir <folder>`), {fallback}"
         )
     if not path.is_dir():
-        raise ValueError(f"model.path {cfg.model.path!r} is a file; it must be the folder that holds the model files")
+        raise ValueError(f"{key} {value!r} is a file; it must be the folder that holds the model files")
     config_json = path / "config.json"
     if config_json.is_file():
         try:
@@ -46,8 +52,8 @@ def resolve_model_path(cfg: Config) -> Path | None:
             raise ValueError(f"{config_json} is not valid JSON ({err}); re-save the model") from None
         if data.get("auto_map") and not cfg.model.trust_remote_code:
             raise ValueError(
-                f"{config_json} declares custom model code (auto_map: {data['auto_map']}); loading it would run "
-                f"Python files from {path}. If you trust that folder, set model.trust_remote_code=true"
+                f"{config_json} ({key}) declares custom model code (auto_map: {data['auto_map']}); loading it would "
+                f"run Python files from {path}. If you trust that folder, set model.trust_remote_code=true"
             )
     return path
 

@@ -56,6 +56,11 @@ def _is_modules_to_save_param(name: str) -> bool:
     return ".modules_to_save." in f".{name}"
 
 
+def _is_token_param(name: str) -> bool:
+    # PEFT trainable tokens (LoraConfig.trainable_token_indices): the rows being trained, e.g. an added [SEG]
+    return ".trainable_tokens_delta." in f".{name}"
+
+
 def adapter_summary(peft_model: nn.Module, depth: int = 1) -> dict[str, int]:
     """Number of LoRA-wrapped layers per submodule prefix (first ``depth`` name parts, relative to the base net)."""
     from peft.tuners.lora import LoraLayer
@@ -80,7 +85,7 @@ def verify_trainable(peft_model: nn.Module, frozen_by_design: str | None = None)
     family's parameters that cannot influence the mask logits)."""
     wrong_on, wrong_off = [], []
     for name, p in peft_model.named_parameters():
-        expected = _is_lora_param(name) or _is_modules_to_save_param(name)
+        expected = _is_lora_param(name) or _is_modules_to_save_param(name) or _is_token_param(name)
         if frozen_by_design and re.search(frozen_by_design, name):
             expected = False
         if p.requires_grad and not expected:
@@ -89,7 +94,7 @@ def verify_trainable(peft_model: nn.Module, frozen_by_design: str | None = None)
             wrong_off.append(name)
     if wrong_on or wrong_off:
         raise RuntimeError(
-            "LoRA trainable set is not LoRA + modules_to_save: "
+            "LoRA trainable set is not LoRA + modules_to_save (+ trainable tokens): "
             f"unexpectedly trainable {wrong_on[:8]}{' ...' if len(wrong_on) > 8 else ''}; "
             f"unexpectedly frozen {wrong_off[:8]}{' ...' if len(wrong_off) > 8 else ''}"
         )
@@ -98,10 +103,13 @@ def verify_trainable(peft_model: nn.Module, frozen_by_design: str | None = None)
 
 
 def apply_lora(net: nn.Module, lora_cfg: LoraCfg, default_targets: str,
-               default_modules_to_save: list[str] | None) -> nn.Module:
+               default_modules_to_save: list[str] | None,
+               trainable_tokens: dict[str, list[int]] | None = None) -> nn.Module:
     """Wrap ``net`` in a fresh ``PeftModel`` with LoRA on the modules whose full name matches the target regex.
 
-    ``lora_cfg.target_modules`` / ``modules_to_save`` override the family defaults. Returns the ``PeftModel``.
+    ``lora_cfg.target_modules`` / ``modules_to_save`` override the family defaults. ``trainable_tokens``
+    ({embedding module name: token ids}) trains those rows only (PEFT ``trainable_token_indices``). Returns the
+    ``PeftModel``.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -150,6 +158,7 @@ def apply_lora(net: nn.Module, lora_cfg: LoraCfg, default_targets: str,
         lora_dropout=lora_cfg.dropout,
         target_modules=targets,
         modules_to_save=modules_to_save or None,
+        trainable_token_indices=trainable_tokens or None,
         bias="none",
     )
     peft_model = get_peft_model(net, config)
@@ -223,9 +232,11 @@ def _load_adapter(seg_model: SegModel, adapter: Path) -> None:
     saved_cfg = json.loads((adapter / "adapter_config.json").read_text())
     live_cfg = seg_model.net.peft_config["default"]
     live = {"r": live_cfg.r, "target_modules": live_cfg.target_modules,
-            "modules_to_save": sorted(live_cfg.modules_to_save or [])}
+            "modules_to_save": sorted(live_cfg.modules_to_save or []),
+            "trainable_token_indices": live_cfg.trainable_token_indices or None}
     saved = {"r": saved_cfg.get("r"), "target_modules": saved_cfg.get("target_modules"),
-             "modules_to_save": sorted(saved_cfg.get("modules_to_save") or [])}
+             "modules_to_save": sorted(saved_cfg.get("modules_to_save") or []),
+             "trainable_token_indices": saved_cfg.get("trainable_token_indices") or None}
     if isinstance(saved["target_modules"], list):
         saved["target_modules"] = set(saved["target_modules"])
     if saved != live:
@@ -236,7 +247,11 @@ def _load_adapter(seg_model: SegModel, adapter: Path) -> None:
     result = set_peft_model_state_dict(seg_model.net, state)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     missing = [k for k in (getattr(result, "missing_keys", []) or [])
-               if _is_lora_param(k) or _is_modules_to_save_param(k)]
+               if _is_lora_param(k) or _is_modules_to_save_param(k) or _is_token_param(k)]
+    if missing:  # a tied copy (e.g. lm_head's trainable tokens tied to the embedding's) loads with its source
+        own = seg_model.net.state_dict(keep_vars=True)
+        loaded = {v.data_ptr() for k, v in own.items() if k not in set(missing)}
+        missing = [k for k in missing if k not in own or own[k].data_ptr() not in loaded]
     if unexpected or missing:
         raise ValueError(f"adapter {weights} does not fit: unexpected {unexpected[:8]}, missing {missing[:8]}")
     verify_trainable(seg_model.net, seg_model.frozen_by_design())

@@ -60,8 +60,9 @@ def build_model(cfg: Config) -> SegModel:
     if mode == "lora":
         from medtune.models.lora import apply_lora
 
-        seg.net = apply_lora(seg.net, cfg.lora, seg.default_lora_targets(), seg.default_modules_to_save())
-        if hasattr(seg, "after_lora"):  # a family's own checks / changes that need the wrapped model
+        seg.net = apply_lora(seg.net, cfg.lora, seg.default_lora_targets(), seg.default_modules_to_save(),
+                             trainable_tokens=seg.default_trainable_tokens())
+        if hasattr(seg, "after_lora"):  # a family's own check / set-up once the adapter is attached
             seg.after_lora()
     else:
         for p in seg.net.parameters():

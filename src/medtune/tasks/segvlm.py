@@ -4,7 +4,7 @@ answer becomes a mask (Sa2VA / LISA style).
 Training is teacher-forced: the question (the referring expression, or ``task.prompt`` with ``task.class_name`` for
 data without text) and the answer (``task.answer``, "It is [SEG].", once per target) are tokenised by the model's
 own text codec, and one forward gives the answer's LM loss and one mask per ``[SEG]``. The loss is ComboLoss on the
-masks (default BCE 2 / Dice 0.5, as Sa2VA and LISA use, unless the config sets ``loss``) + ``task.lm_weight`` x the
+masks (default BCE 2 / Dice 0.5, as Sa2VA and LISA use: ``config.SEGVLM_LOSS``, unless the config sets ``loss``) + ``task.lm_weight`` x the
 LM cross-entropy on the answer tokens. Evaluation uses the same teacher-forced prompt, so the masks are probabilities
 and calibration, metrics, CIs, reports and compare work as for the other families.
 """
@@ -15,15 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from medtune.config import Config, LossCfg
+from medtune.config import Config
 from medtune.data.datasets import _build_augment, _plain, loss_region
 from medtune.data.types import DataError, LoadedSample
 from medtune.losses import ComboLoss
 from medtune.tasks.base import LossFn, TargetPrediction, Task
 from medtune.tasks.masks import pooled_validation
 
-# Sa2VA / LISA mask-loss weights; used when the config leaves `loss` at its defaults.
-SA2VA_LOSS = {"bce": 2.0, "dice": 0.5, "focal": 0.0}
 IGNORE_INDEX = -100
 _SEED_BOUND = 2**31 - 1
 
@@ -141,12 +139,8 @@ def mask_targets(out, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return logits, target, fov
 
 
-def loss_config(cfg: Config) -> LossCfg:
-    return cfg.loss if cfg.loss.model_fields_set else LossCfg(**SA2VA_LOSS)
-
-
 def make_loss(cfg: Config) -> LossFn:
-    combo = ComboLoss(loss_config(cfg))
+    combo = ComboLoss(cfg.loss)  # Sa2VA's BCE 2 / Dice 0.5 unless the config sets `loss`
     lm_weight = cfg.task.lm_weight
 
     def loss(model, batch: dict):

@@ -1,0 +1,366 @@
+"""Opt-in importer: a Sa2VA checkpoint (InternVL-based Sa2VA-1B / 4B / 8B) -> a composed segvlm folder.
+
+    python -m medtune.models.sa2va_import <Sa2VA folder> <out folder>      # then model.path=<out folder>
+
+A Sa2VA release (ByteDance/Sa2VA-*) is remote code: ``Sa2VAChatModel`` = ``vision_model`` (InternViT) + ``mlp1``
+(LayerNorm, Linear, GELU, Linear) + ``language_model`` (Qwen2ForCausalLM for 1B/4B, InternLM2ForCausalLM for 8B) +
+``grounding_encoder.sam2_model`` (the original SAM 2 code, Hiera-L) + ``text_hidden_fcs`` (Linear, ReLU, Linear,
+Dropout). The weights are renamed onto the segvlm parts with the key maps of transformers' own conversion scripts,
+``models/internvl/convert_internvl_weights_to_hf.py`` (vision, mlp1, InternLM2 -> Llama incl. the grouped ``wqkv``
+split) and ``models/sam2/convert_sam2_to_hf.py`` (``replace_keys``). Those scripts are not part of the transformers
+wheel, so their maps are transcribed here (``INTERNVL_*`` and ``SAM2_*`` below, same order and patterns).
+
+Checked offline (tests/test_segvlm_model.py): a fake tiny state dict with Sa2VA's key names - written from the
+original module layouts (InternViT ``attn.qkv``/``ls1``/``norm1``, Qwen2 / InternLM2 ``wqkv``, SAM 2 ``image_encoder.
+trunk`` ...) and anchored on checkpoint key names seen in public code that reads real SAM 2 checkpoints - converts
+with every key used or reported, loads into the composed model through transformers' own loader with no missing
+key, and reproduces every tensor of the model it was generated from. Not checkable offline: a real Sa2VA
+checkpoint (its exact key set, dtypes, config fields), numerical equivalence with Sa2VA's own forward, and the 8B
+InternLM2 tokenizer (remote code; it needs transformers' converted Llama tokenizer, which this importer does not
+build). Known behavioural differences from Sa2VA's own inference, by design of the segvlm forward: one image tile
+(Sa2VA tiles dynamically), single-mask decoder output (Sa2VA lets SAM 2 choose among 3 by predicted IoU) and no
+object-score gating of the logits.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from medtune.models.segvlm.parts import FORMAT_VERSION, PROJECTION_FILE, SAM_DIR, SEGVLM_JSON, VLM_DIR
+
+# --- transcribed from transformers models/internvl/convert_internvl_weights_to_hf.py -----------------------------
+INTERNVL_VISION_MAP = {
+    r"vision_model": r"vision_tower",
+    r"layers": r"layer",
+    r"class_embedding": r"cls_token",
+    r"position_embedding": r"position_embeddings",
+    r"patch_embedding": r"patch_embeddings.projection",
+    r"ls(\d+)": r"lambda_\1",
+    r"attn.proj": r"attention.projection_layer",
+    r"attn.dropout": r"attention.projection_dropout",
+    r"attn": r"attention",
+    r"norm1": r"layernorm_before",
+    r"norm2": r"layernorm_after",
+}
+INTERNVL_TEXT_LLAMA_MAP = {
+    r"tok_embeddings": r"embed_tokens",
+    r"attention.wo": r"self_attn.o_proj",
+    r"feed_forward.w1": r"mlp.gate_proj",
+    r"feed_forward.w2": r"mlp.down_proj",
+    r"feed_forward.w3": r"mlp.up_proj",
+    r"attention_norm": r"input_layernorm",
+    r"ffn_norm": r"post_attention_layernorm",
+    r"output": r"lm_head",
+}
+INTERNVL_MULTI_MAP = {
+    r"mlp1.0": r"multi_modal_projector.layer_norm",
+    r"mlp1.1": r"multi_modal_projector.linear_1",
+    r"mlp1.3": r"multi_modal_projector.linear_2",
+}
+INTERNVL_UNNECESSARY_CONFIG_KEYS = [
+    "_name_or_path", "_attn_implementation_autoset", "auto_map", "use_bfloat16", "use_flash_attn", "bias",
+    "laux_allreduce", "moe_coeff_ratio", "moe_intermediate_size", "moe_output_scale", "noisy_gate_policy",
+    "shared_expert_intermediate_size", "use_residual", "use_moe", "use_rts", "use_weighted_residual", "moe_config",
+    "num_experts", "num_routed_experts", "num_shared_experts", "capacity_factor", "eval_capacity_factor",
+    "drop_path_rate",
+]
+# --- transcribed from transformers models/sam2/convert_sam2_to_hf.py (replace_keys) ------------------------------
+SAM2_KEYS_TO_MODIFY = {
+    "iou_prediction_head.layers.0": "iou_prediction_head.proj_in",
+    "iou_prediction_head.layers.1": "iou_prediction_head.layers.0",
+    "iou_prediction_head.layers.2": "iou_prediction_head.proj_out",
+    "mask_decoder.output_upscaling.0": "mask_decoder.upscale_conv1",
+    "mask_decoder.output_upscaling.1": "mask_decoder.upscale_layer_norm",
+    "mask_decoder.output_upscaling.3": "mask_decoder.upscale_conv2",
+    "mask_downscaling.0": "mask_embed.conv1",
+    "mask_downscaling.1": "mask_embed.layer_norm1",
+    "mask_downscaling.3": "mask_embed.conv2",
+    "mask_downscaling.4": "mask_embed.layer_norm2",
+    "mask_downscaling.6": "mask_embed.conv3",
+    "dwconv": "depthwise_conv",
+    "pwconv": "pointwise_conv",
+    "fuser": "memory_fuser",
+    "point_embeddings": "point_embed",
+    "pe_layer.positional_encoding_gaussian_matrix": "shared_embedding.positional_embedding",
+    "obj_ptr_tpos_proj": "temporal_positional_encoding_projection_layer",
+    "no_obj_embed_spatial": "occlusion_spatial_embedding_parameter",
+    "sam_prompt_encoder": "prompt_encoder",
+    "sam_mask_decoder": "mask_decoder",
+    "maskmem_tpos_enc": "memory_temporal_positional_encoding",
+    "gamma": "scale",
+    "image_encoder.neck": "vision_encoder.neck",
+    "image_encoder": "vision_encoder.backbone",
+    "neck.0": "neck.conv1",
+    "neck.1": "neck.layer_norm1",
+    "neck.2": "neck.conv2",
+    "neck.3": "neck.layer_norm2",
+    "pix_feat_proj": "feature_projection",
+    "patch_embed.proj": "patch_embed.projection",
+    "no_mem_embed": "no_memory_embedding",
+    "no_mem_pos_enc": "no_memory_positional_encoding",
+    "obj_ptr": "object_pointer",
+    ".norm": ".layer_norm",
+    "trunk.": "",
+    "out_proj": "o_proj",
+}
+_SAM2_RULES = [  # (pattern, group holding the layer number, {layer: (old, new)})
+    (r"vision_encoder.backbone.blocks.(\d+).mlp.layers.(\d+).*", 2,
+     {0: ("layers.0", "proj_in"), 1: ("layers.1", "proj_out")}),
+    (r"mask_decoder.transformer.layers.(\d+).mlp.layers.(\d+).*", 2,
+     {0: ("mlp.layers.0", "mlp.proj_in"), 1: ("mlp.layers.1", "mlp.proj_out")}),
+    (r"mask_decoder.pred_obj_score_head.layers.(\d+).*", 1,
+     {0: ("layers.0", "proj_in"), 1: ("layers.1", "layers.0"), 2: ("layers.2", "proj_out")}),
+    (r".*.output_hypernetworks_mlps.(\d+).layers.(\d+).*", 2,
+     {0: ("layers.0", "proj_in"), 1: ("layers.1", "layers.0"), 2: ("layers.2", "proj_out")}),
+    (r"object_pointer_proj.layers.(\d+).*", 1,
+     {0: ("layers.0", "proj_in"), 1: ("layers.1", "layers.0"), 2: ("layers.2", "proj_out")}),
+]
+SAM2_POINT_EMBEDDINGS = 4
+
+# Sa2VA's module prefixes
+SAM_PREFIX = "grounding_encoder.sam2_model."
+PROJECTION_PREFIX = "text_hidden_fcs."
+LLM_TYPES = {"Qwen2ForCausalLM": "qwen2", "InternLM2ForCausalLM": "llama", "LlamaForCausalLM": "llama"}
+IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"}
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+# transformers' InternVL chat template (the conversion script's), with the image rendered as the context token the
+# segvlm codec expands to <img> + n x <IMG_CONTEXT> + </img>: the layout Sa2VA's own prompts use.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>\n'}}{% endfor %}{% if add_generation_prompt %}{{'<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass
+class ConvertedState:
+    vlm: dict[str, torch.Tensor] = field(default_factory=dict)  # transformers' InternVL checkpoint key names
+    sam: dict[str, torch.Tensor] = field(default_factory=dict)  # Sam2Model names
+    projection: dict[str, torch.Tensor] = field(default_factory=dict)  # seg_projection names ("0.weight" ...)
+    unused: list[str] = field(default_factory=list)  # Sa2VA keys with no place in segvlm
+
+
+def _apply(key: str, mapping: dict[str, str]) -> str:
+    for pattern, replacement in mapping.items():
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def sam2_key(key: str) -> str:
+    """An original SAM 2 key (``image_encoder.trunk.blocks.0.norm1.weight``) -> ``Sam2Model``'s."""
+    for old, new in SAM2_KEYS_TO_MODIFY.items():
+        if old in key:
+            key = key.replace(old, new)
+    for pattern, group, renames in _SAM2_RULES:
+        match = re.match(pattern, key)
+        if match and int(match.group(group)) in renames:
+            old, new = renames[int(match.group(group))]
+            key = key.replace(old, new)
+    if re.match(r"vision_encoder.neck.convs.(\d+).conv", key):
+        key = key.replace(".conv.", ".")
+    if re.match(r"memory_encoder.o_proj.*", key):
+        key = key.replace(".o_proj.", ".projection.")
+    return key
+
+
+def _split_wqkv(weight: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int):
+    """InternLM2's fused ``wqkv`` rows are grouped per KV head: [q x groups, k, v] (rearrange "(h gs d) z")."""
+    groups = num_heads // num_kv_heads
+    rows = weight.view(num_kv_heads, groups + 2, head_dim, weight.shape[-1])
+    q = rows[:, :groups].reshape(-1, weight.shape[-1])
+    return q.contiguous(), rows[:, -2].reshape(-1, weight.shape[-1]).contiguous(), \
+        rows[:, -1].reshape(-1, weight.shape[-1]).contiguous()
+
+
+def convert_sa2va_state_dict(state: dict[str, torch.Tensor], llm_type: str, text_config, vision_hidden_size: int
+                             ) -> ConvertedState:
+    """Rename (and split) a Sa2VA state dict onto the segvlm parts; nothing is dropped silently (``unused``)."""
+    out = ConvertedState()
+    for key, value in state.items():
+        if key.startswith("vision_model."):
+            new = _apply(key, INTERNVL_VISION_MAP)
+            if "attn.qkv" in key:  # InternViT fused qkv -> q/k/v, rows in that order
+                dim = vision_hidden_size
+                for part, rows in (("q_proj", value[:dim]), ("k_proj", value[dim:2 * dim]), ("v_proj", value[-dim:])):
+                    out.vlm[new.replace("attention.qkv", f"attention.{part}")] = rows.contiguous()
+                continue
+            out.vlm[new] = value
+        elif key.startswith("language_model."):
+            new = _apply(key, INTERNVL_TEXT_LLAMA_MAP) if llm_type == "llama" else key
+            if "attention.wqkv" in key:
+                head_dim = getattr(text_config, "head_dim", None) or \
+                    text_config.hidden_size // text_config.num_attention_heads
+                q, k, v = _split_wqkv(value, text_config.num_attention_heads, text_config.num_key_value_heads,
+                                      head_dim)
+                for part, rows in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                    out.vlm[new.replace("attention.wqkv", f"self_attn.{part}")] = rows
+                continue
+            out.vlm[new] = value
+        elif key.startswith("mlp1."):
+            out.vlm[_apply(key, INTERNVL_MULTI_MAP)] = value
+        elif key.startswith(SAM_PREFIX):
+            out.sam[sam2_key(key[len(SAM_PREFIX):])] = value
+        elif key.startswith(PROJECTION_PREFIX):
+            out.projection[key[len(PROJECTION_PREFIX):]] = value
+        else:
+            out.unused.append(key)
+    point = [f"prompt_encoder.point_embed.{i}.weight" for i in range(SAM2_POINT_EMBEDDINGS)]
+    if all(p in out.sam for p in point):
+        out.sam["prompt_encoder.point_embed.weight"] = torch.cat([out.sam.pop(p) for p in point], dim=0)
+    shared = "prompt_encoder.shared_embedding.positional_embedding"
+    if shared in out.sam:
+        out.sam["shared_image_embedding.positional_embedding"] = out.sam[shared]
+    return out
+
+
+def internvl_config(meta: dict, image_token_id: int, tie_word_embeddings: bool):
+    """``InternVLConfig`` from a Sa2VA config.json (the conversion script's ``get_internvl_config``)."""
+    from transformers import InternVLConfig, InternVLVisionConfig, LlamaConfig, Qwen2Config
+
+    llm = {k: v for k, v in meta["llm_config"].items()
+           if k not in INTERNVL_UNNECESSARY_CONFIG_KEYS and k not in ("model_type", "architectures")}
+    llm["use_cache"] = True
+    llm["tie_word_embeddings"] = tie_word_embeddings
+    vision = {k: v for k, v in meta["vision_config"].items()
+              if k not in INTERNVL_UNNECESSARY_CONFIG_KEYS and k not in ("model_type", "architectures")}
+    vision["use_absolute_position_embeddings"] = True
+    if "attention_probs_dropout_prob" in vision:
+        vision["attention_dropout"] = vision["projection_dropout"] = vision.pop("attention_probs_dropout_prob")
+    if "qk_normalization" in vision:
+        vision["use_qk_norm"] = vision.pop("qk_normalization")
+    if "qkv_bias" in vision:
+        vision["attention_bias"] = vision.pop("qkv_bias")
+    text_cls = Qwen2Config if LLM_TYPES[meta["llm_config"]["architectures"][0]] == "qwen2" else LlamaConfig
+    image_size = meta.get("force_image_size") or vision.get("image_size")
+    if image_size:
+        vision["image_size"] = image_size
+    vision_config = InternVLVisionConfig(**vision)
+    grid = vision_config.image_size[0] // vision_config.patch_size[0]
+    ratio = meta.get("downsample_ratio", 0.5)
+    return InternVLConfig(
+        text_config=text_cls(**llm), vision_config=vision_config, image_token_id=image_token_id,
+        downsample_ratio=ratio, image_seq_length=int(grid * grid * ratio * ratio),
+        vision_feature_layer=meta.get("select_layer", -1), tie_word_embeddings=tie_word_embeddings,
+    )
+
+
+def sam2_hiera_large_config():
+    """The SAM 2 (2.0) Hiera-L configuration Sa2VA's grounding encoder uses (``get_config("sam2_hiera_large")``)."""
+    from transformers import Sam2Config, Sam2HieraDetConfig, Sam2VisionConfig
+
+    backbone = Sam2HieraDetConfig(hidden_size=144, embed_dim_per_stage=[144, 288, 576, 1152],
+                                  num_attention_heads_per_stage=[2, 4, 8, 16], blocks_per_stage=[2, 6, 36, 4],
+                                  global_attention_blocks=[23, 33, 43], window_positional_embedding_background_size=(7, 7),
+                                  window_size_per_stage=[8, 4, 16, 8])
+    return Sam2Config(vision_config=Sam2VisionConfig(backbone_config=backbone,
+                                                     backbone_channel_list=[1152, 576, 288, 144]))
+
+
+def _load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else \
+        ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} missing: the Sa2VA folder must hold its safetensors weights")
+        state.update(load_file(str(folder / name)))
+    return state
+
+
+def import_sa2va(sa2va_dir: str | Path, out_dir: str | Path, sam_config=None, seg_token: str = "[SEG]") -> Path:
+    """Write a composed segvlm folder (``vlm/``, ``sam/``, ``projection.safetensors``, ``segvlm.json``) from a local
+    Sa2VA folder. No Sa2VA code runs: its config.json is read as data and its weights renamed."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForImageTextToText, AutoTokenizer, Sam2Model
+    from transformers.models.got_ocr2 import GotOcr2ImageProcessorPil
+
+    src, out = Path(sa2va_dir), Path(out_dir)
+    meta = json.loads((src / "config.json").read_text())
+    arch = (meta.get("llm_config", {}).get("architectures") or ["?"])[0]
+    if arch not in LLM_TYPES or "vision_config" not in meta:
+        raise ValueError(f"{src}: not an InternVL-based Sa2VA checkpoint (language model {arch!r}; supported: "
+                         f"{', '.join(LLM_TYPES)})")
+    if meta.get("ps_version", "v2") != "v2":
+        raise ValueError(f"{src}: ps_version {meta.get('ps_version')!r}; transformers' InternVL implements v2 only")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src), extra_special_tokens=dict(IMAGE_TOKENS))
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{src}: its tokenizer does not load without remote code ({str(err).splitlines()[0]}); "
+                         "InternLM2-based Sa2VA (8B) needs a converted Llama tokenizer in the folder") from None
+    for token in [seg_token, *IMAGE_TOKENS.values()]:
+        ids = tokenizer(token, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"{src}: the tokenizer does not hold {token!r} as one token (got {ids})")
+    state = _load_safetensors(src)
+    llm_type = LLM_TYPES[arch]
+    head = "language_model.lm_head.weight" if llm_type == "qwen2" else "language_model.output.weight"
+    config = internvl_config(meta, tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["context_image_token"]),
+                             tie_word_embeddings=head not in state)
+    converted = convert_sa2va_state_dict(state, llm_type, config.text_config, config.vision_config.hidden_size)
+
+    vlm_dir = out / VLM_DIR
+    vlm_dir.mkdir(parents=True, exist_ok=True)
+    config.architectures = ["InternVLForConditionalGeneration"]
+    config.save_pretrained(str(vlm_dir))
+    save_file({k: v.contiguous() for k, v in converted.vlm.items()}, str(vlm_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    # transformers' own loader maps the checkpoint names onto the model: nothing may be missing or left over
+    _, info = AutoModelForImageTextToText.from_pretrained(str(vlm_dir), output_loading_info=True)
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if problems:
+        raise ValueError(f"{src}: converted VLM weights do not fit InternVL: {_short(problems)}")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(vlm_dir))
+    size = config.vision_config.image_size
+    GotOcr2ImageProcessorPil(size={"height": size[0], "width": size[1]}, crop_to_patches=False,
+                             image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(str(vlm_dir))
+    (vlm_dir / "processor_config.json").write_text(json.dumps(
+        {"processor_class": "InternVLProcessor", "image_seq_length": config.image_seq_length}, indent=2))
+
+    sam = Sam2Model(sam_config if sam_config is not None else sam2_hiera_large_config())
+    missing, unexpected = sam.load_state_dict(converted.sam, strict=False)
+    unexpected = [k for k in unexpected
+                  if not any(re.search(p, k) for p in Sam2Model._keys_to_ignore_on_load_unexpected)]
+    if missing or unexpected:
+        raise ValueError(f"{src}: SAM 2 weights do not fit: missing {missing[:6]}, unexpected {unexpected[:6]}")
+    sam.save_pretrained(str(out / SAM_DIR))
+
+    hidden, prompt = config.text_config.hidden_size, sam.config.prompt_encoder_config.hidden_size
+    expected = {"0.weight": (hidden, hidden), "0.bias": (hidden,), "2.weight": (prompt, hidden), "2.bias": (prompt,)}
+    got = {k: tuple(v.shape) for k, v in converted.projection.items()}
+    if got != expected:
+        raise ValueError(f"{src}: text_hidden_fcs {got} is not Linear({hidden},{hidden}), ReLU, Linear({hidden},"
+                         f"{prompt})")
+    save_file({k: v.float().contiguous() for k, v in converted.projection.items()}, str(out / PROJECTION_FILE))
+    (out / SEGVLM_JSON).write_text(json.dumps({
+        "format": FORMAT_VERSION, "seg_token": seg_token, "seg_token_id": tokenizer.convert_tokens_to_ids(seg_token),
+        "vlm_model_type": "internvl", "sam_model_type": "sam2", "hidden_size": hidden, "prompt_size": prompt,
+        "imported_from": str(src), "unused_keys": converted.unused,
+    }, indent=2))
+    return out
+
+
+def _short(problems: dict) -> str:
+    return "; ".join(f"{k} {list(v)[:6]}" for k, v in problems.items())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Sa2VA checkpoint folder -> composed segvlm folder (model.path)")
+    parser.add_argument("sa2va_dir")
+    parser.add_argument("out_dir")
+    args = parser.parse_args(argv)
+    print(import_sa2va(args.sa2va_dir, args.out_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Family ``segvlm``: a transformers VLM + SAM / SAM 2 joined by a ``[SEG]`` token (LISA / Sa2VA style).
+
+The VLM (any ``AutoModelForImageTextToText`` checkpoint of a supported type: InternVL-hf, LLaVA-hf) reads the
+image and the question and answers with text containing ``[SEG]``; the last hidden state at each ``[SEG]`` goes
+through ``seg_projection`` (Linear H->H, ReLU, Linear H->SAM's prompt size) into SAM's mask decoder as a sparse
+prompt; the mask logits are upsampled to the input size. ``forward_batch`` is one teacher-forced pass (no
+``generate()``, no ``no_grad``); ``generate_masks`` is generation followed by that same forward. Frozen image
+encoders need no ``no_grad`` to save memory: fed by pixels that do not require grad, autograd records nothing in a
+tower with nothing trainable below it, and records what it must when LoRA or full training reaches inside.
+
+Fine-tuning (``registry.build_model`` attaches LoRA from the hooks here):
+
+- LoRA on the language model's linears only, by an anchored regex over full module names: vision towers reuse
+  ``q_proj``/``k_proj``/``v_proj`` (InternViT, CLIP, SigLIP) and even ``gate_proj``/``up_proj`` (Qwen2.5-VL), so
+  a suffix list or ``all-linear`` would put adapters there. ``after_lora`` re-checks where they landed.
+- SAM's mask decoder and the projection train fully (``modules_to_save``); SAM's image encoder is frozen (LoRA
+  with ``model.vlm.sam_encoder_lora``); the VLM projector trains only with ``model.vlm.train_projector``.
+- ``[SEG]`` is added as one special token and trained as PEFT *trainable tokens*
+  (``LoraConfig.trainable_token_indices``), not by putting ``embed_tokens`` / ``lm_head`` in ``modules_to_save``:
+  a full copy of a 151k x 896 embedding (InternVL3-1B) is 136 M trainable parameters, plus the same again for an
+  untied ``lm_head`` and Adam's two moments for each (~2 GB fp32 at 1B, ~17 GB at 8B), to learn one row; trainable
+  tokens store that row only (hidden_size values per matrix) in ``adapter_model.safetensors`` and merge into the
+  matrix on export. With tied embeddings (one tensor for input and output, e.g. Qwen2.5-0.5B) PEFT ties the
+  ``lm_head`` wrapper to the embedding's (``SegVLMNet`` exposes the VLM's tie to PEFT), so the row stays one row
+  when trained and merged; untied, the ``lm_head`` row is a second trainable token. The adapter stores the rows'
+  values (not deltas), so it fully determines [SEG] whatever the grown base row was initialised to.
+"""
+from __future__ import annotations
+
+import logging
+
+from medtune.config import Config
+from medtune.models.segvlm.codec import TextCodec
+from medtune.models.segvlm.model import SegVLMModel, SegVLMNet
+
+log = logging.getLogger(__name__)
+
+__all__ = ["SegVLMModel", "SegVLMNet", "TextCodec", "build_segvlm"]
+
+
+def build_segvlm(cfg: Config) -> SegVLMModel:
+    """VLM + SAM + projection from ``model.path`` (composed), ``model.vlm.vlm_path`` + ``sam_path``, or the tiny
+    preset; [SEG] added (embeddings grown if needed); gradient checkpointing / k-bit preparation on the VLM."""
+    from safetensors.torch import load_file
+
+    from medtune.models.hf import prepare_for_training
+    from medtune.models.segvlm import parts, tiny
+    from medtune.models.segvlm.model import new_projection
+
+    vcfg = cfg.model.vlm
+    sources = parts.resolve_sources(cfg)
+    if sources is None:
+        if cfg.model.quantize_4bit:
+            raise ValueError("model.quantize_4bit quantises a pretrained VLM; set model.vlm.vlm_path (or model.path)")
+        choice = parts.tiny_choice(cfg)
+        vlm, tokenizer, image_processor = tiny.tiny_vlm(choice["vlm"], choice["tie_word_embeddings"])
+        processor = tiny.tiny_processor(choice["vlm"], tokenizer, image_processor)
+        where = "the tiny preset"
+        template, template_source = parts.resolve_chat_template(vcfg.chat_template, processor, tokenizer, where)
+        processing = parts.build_processing(tokenizer, image_processor, processor, vlm, vcfg.seg_token, where,
+                                            template, template_source)
+        sam = tiny.tiny_sam(choice["sam"])
+        parts.prepare_sam(sam)
+    else:
+        if cfg.model.config:
+            log.warning("model.config is ignored when segvlm loads its parts from folders")
+        vlm_key = "model.path (vlm/)" if sources.composed else "model.vlm.vlm_path"
+        sam_key = "model.path (sam/)" if sources.composed else "model.vlm.sam_path"
+        vlm = parts.load_vlm(sources.vlm, vlm_key, cfg)
+        processing = parts.load_processing(sources.vlm, vlm_key, vlm, vcfg.seg_token, vcfg.chat_template)
+        sam = parts.load_sam(sources.sam, sam_key)
+    seg_id = processing.seg_token_id
+    parts.fit_embeddings(vlm, processing.tokenizer)
+    hidden = vlm.config.get_text_config().hidden_size
+    projection = new_projection(hidden, sam.config.prompt_encoder_config.hidden_size)
+    if sources is not None and sources.composed is not None:
+        meta = sources.meta
+        if (meta.get("seg_token"), meta.get("seg_token_id")) != (vcfg.seg_token, seg_id):
+            raise ValueError(f"{sources.composed} was trained with seg_token {meta.get('seg_token')!r} (id "
+                             f"{meta.get('seg_token_id')}), but model.vlm.seg_token {vcfg.seg_token!r} is id {seg_id} "
+                             "here; set model.vlm.seg_token to the folder's (segvlm.json)")
+        state = load_file(str(sources.composed / parts.PROJECTION_FILE))
+        try:
+            projection.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"{sources.composed / parts.PROJECTION_FILE} does not fit the VLM/SAM in that folder "
+                             f"({str(err).splitlines()[0]}); re-export the model") from None
+    codec = TextCodec(processing.tokenizer, processing.chat_template, processing.image_token,
+                      processing.placeholder_ids, vcfg.seg_token, seg_id, vcfg.max_length)
+    net = SegVLMNet(vlm, sam, projection)
+    # LLM LoRA behind frozen embeddings under checkpointing needs the embeddings' output to require grad (pitfall 3).
+    net.vlm = prepare_for_training(net.vlm, cfg, input_grads=True)
+    seg = SegVLMModel(net, cfg.data.channels, processing, codec, vcfg)
+    seg.lm_loss_trained = cfg.task.lm_weight > 0
+    return seg

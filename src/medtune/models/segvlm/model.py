@@ -1,0 +1,362 @@
+"""``SegVLMNet`` (VLM + SAM + projection in one module, so PEFT wraps all of it) and ``SegVLMModel`` (its forward)."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medtune.config import VLMCfg
+from medtune.models.base import ModelOutput, SegModel, load_safetensors_folder
+from medtune.models.sam import IMAGENET_MEAN, IMAGENET_STD, Sam2SegModel, SamSegModel
+from medtune.models.segvlm.codec import IGNORE_INDEX, TextCodec
+from medtune.models.segvlm.parts import (
+    FORMAT_VERSION,
+    PROJECTION_FILE,
+    SAM_DIR,
+    SEGVLM_JSON,
+    VLM_DIR,
+    Processing,
+    embeddings_tied,
+    language_model,
+    linear_regex,
+    module_name,
+    projector,
+    sam_kind,
+    vision_tower,
+    vision_unused_regex,
+)
+
+PIL_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, what the VLM image processors resize with by default
+
+
+@dataclass
+class NetConfig:
+    """What PEFT reads from the wrapped model's ``config``: whether [SEG]'s input and output rows are one tensor."""
+
+    tie_word_embeddings: bool
+
+
+class SegVLMNet(nn.Module):
+    """The composed network: ``vlm`` (AutoModelForImageTextToText), ``sam`` (SamModel / Sam2Model) and
+    ``seg_projection`` (Linear H->H, ReLU, Linear H->SAM prompt size)."""
+
+    # PEFT's trainable-token tying collects the submodules' ``_tied_weights_keys`` (the VLM's lm_head <- embed_tokens)
+    # when the wrapped model declares the attribute, so a tied [SEG] row stays one row through training and merging.
+    _tied_weights_keys: dict[str, str] = {}
+
+    def __init__(self, vlm: nn.Module, sam: nn.Module, seg_projection: nn.Module):
+        super().__init__()
+        self.vlm = vlm
+        self.sam = sam
+        self.seg_projection = seg_projection
+        self.config = NetConfig(tie_word_embeddings=embeddings_tied(vlm))
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.vlm.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.vlm.get_output_embeddings()
+
+
+def new_projection(hidden_size: int, prompt_size: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, prompt_size))
+
+
+def _square(size) -> tuple[int, int]:
+    return (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) else (int(size), int(size))
+
+
+class SegVLMModel(SegModel):
+    family = "segvlm"
+
+    def __init__(self, net: SegVLMNet, in_channels: int, processing: Processing, codec: TextCodec, vcfg: VLMCfg):
+        super().__init__(net, in_channels)
+        self.processing = processing
+        self.codec = codec
+        self.vcfg = vcfg
+        # set by the builder from task.lm_weight: whether any loss reaches the VLM's output head
+        self.lm_loss_trained = True
+        self.sam_kind = sam_kind(net.sam)
+        image_processor = processing.image_processor
+        self.vlm_size = _square(net.vlm.config.vision_config.image_size)
+        self.vlm_resize = "bicubic" if getattr(image_processor, "resample", None) == PIL_BICUBIC else "bilinear"
+        self.sam_size = _square(net.sam.config.prompt_encoder_config.image_size)
+        mean = getattr(image_processor, "image_mean", None) or IMAGENET_MEAN
+        std = getattr(image_processor, "image_std", None) or IMAGENET_STD
+        self.register_buffer("vlm_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("vlm_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("sam_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("sam_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    # --- the contract ---------------------------------------------------------------------------------------------
+    def text_codec(self) -> TextCodec:
+        return self.codec
+
+    @property
+    def seg_token_id(self) -> int:
+        return self.codec.seg_token_id
+
+    def forward_logits(self, image: torch.Tensor, box: torch.Tensor | None = None) -> torch.Tensor:
+        raise ValueError("segvlm segments from text: call forward_batch with input_ids from seg.text_codec() "
+                         "(task.kind segvlm), or generate_masks / teacher_forced_masks")
+
+    def forward_batch(self, batch: dict) -> ModelOutput:
+        """Teacher-forced forward. ``batch``: ``image`` float [B, C, H, W] in [0, 1], ``input_ids`` [B, T],
+        optional ``attention_mask`` [B, T] and ``labels`` [B, T] (-100 = not supervised), all from the text codec."""
+        missing = [k for k in ("image", "input_ids") if k not in batch]
+        if missing:
+            raise ValueError(f"segvlm batch lacks {missing}: it needs the image and the conversation tokens from "
+                             "seg.text_codec().encode(question, answer) (task.kind segvlm)")
+        return self._forward(batch["image"], batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
+
+    def _forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None) -> ModelOutput:
+        if image.ndim != 4 or image.shape[1] != self.in_channels:
+            raise ValueError(f"segvlm expects images [B, {self.in_channels}, H, W], got {tuple(image.shape)}")
+        b, _, h, w = image.shape
+        if input_ids.ndim != 2 or input_ids.shape[0] != b:
+            raise ValueError(f"input_ids must be [B={b}, T], got {tuple(input_ids.shape)}")
+        net = self.base_network
+        input_ids = input_ids.to(image.device)
+        attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(image.device))
+        supervised = labels is not None and bool((labels != IGNORE_INDEX).any())
+        out = net.vlm(input_ids=input_ids, attention_mask=attention_mask, pixel_values=self._vlm_pixels(image),
+                      labels=labels.to(image.device) if supervised else None, output_hidden_states=True,
+                      use_cache=False, return_dict=True)
+        lm_loss = None
+        if labels is not None:
+            # nothing supervised: a zero that is still part of the graph, not 0/0
+            lm_loss = out.loss if supervised else out.logits.sum() * 0.0
+        # hidden_states[-1] is the final-norm output, the lm_head input: the [SEG] token's own last hidden state
+        prompts, valid = self._seg_hidden(out.hidden_states[-1], input_ids, attention_mask)
+        if prompts.shape[1] == 0:
+            mask_logits = image.new_zeros(b, 0, h, w, dtype=torch.float32)
+        else:
+            projection = net.seg_projection
+            weight_dtype = next(projection.parameters()).dtype
+            low = self._decode_masks(net.sam, self._sam_pixels(image), projection(prompts.to(weight_dtype)))
+            mask_logits = F.interpolate(low.float(), size=(h, w), mode="bilinear", align_corners=False)
+            mask_logits = torch.where(valid[:, :, None, None], mask_logits, torch.zeros_like(mask_logits))
+        return ModelOutput(mask_logits=mask_logits, lm_loss=lm_loss, token_logits=out.logits, mask_valid=valid)
+
+    def _seg_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """[B, K, H] hidden states at the [SEG] positions (K = most [SEG] in one sequence) and the [B, K] valid mask."""
+        is_seg = (input_ids == self.seg_token_id) & attention_mask.bool()
+        k = int(is_seg.sum(1).max()) if is_seg.numel() else 0
+        rows, cols = is_seg.nonzero(as_tuple=True)
+        slots = (is_seg.long().cumsum(1) - 1)[rows, cols]
+        # index_put on a fresh tensor (out of place): no write into a view of anything autograd tracks
+        prompts = hidden.new_zeros(hidden.shape[0], k, hidden.shape[-1]).index_put((rows, slots), hidden[rows, cols])
+        valid = torch.zeros(hidden.shape[0], k, dtype=torch.bool, device=hidden.device)
+        valid[rows, slots] = True
+        return prompts, valid
+
+    def _decode_masks(self, sam: nn.Module, pixels: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """Low-res mask logits [B, K, h, w]: one single-mask decoder output per prompt embedding [B, K, D].
+
+        The prompt encoder and mask decoder are called directly: ``SamModel.forward`` takes no custom sparse
+        embeddings and ``get_image_embeddings`` is ``no_grad``. SAM 2 (as in Sa2VA): sparse prompt = the prompt
+        encoder's padding points (label -1 -> ``not_a_point_embed``) followed by the [SEG] embedding, plus the
+        high-resolution features; SAM: the [SEG] embedding alone. Dense prompt: the no-mask embedding.
+        """
+        b, k = prompts.shape[:2]
+        positional = sam.get_image_wide_positional_embeddings().repeat(b, 1, 1, 1)
+        if self.sam_kind == "sam2":
+            features = sam.get_image_features(pixels, return_dict=True)
+            maps = list(features.fpn_hidden_states)
+            maps[-1] = maps[-1] + sam.no_memory_embedding
+            embeddings = [f.permute(1, 2, 0).reshape(b, -1, *size) for f, size in zip(maps, sam.backbone_feature_sizes)]
+            points = prompts.new_zeros(b, k, 1, 2)
+            point_labels = -torch.ones(b, k, 1, dtype=torch.int32, device=prompts.device)
+            sparse, dense = sam.prompt_encoder(input_points=points, input_labels=point_labels, input_boxes=None,
+                                               input_masks=None)
+            sparse = torch.cat([sparse, prompts[:, :, None].to(sparse.dtype)], dim=2)
+            low = sam.mask_decoder(image_embeddings=embeddings[-1], image_positional_embeddings=positional,
+                                   sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                   multimask_output=False, high_resolution_features=embeddings[:-1])[0]
+        else:
+            image_embeddings = sam.vision_encoder(pixels).last_hidden_state
+            _, dense = sam.prompt_encoder(input_points=None, input_labels=None, input_boxes=None, input_masks=None)
+            low = sam.mask_decoder(image_embeddings=image_embeddings, image_positional_embeddings=positional,
+                                   sparse_prompt_embeddings=prompts[:, :, None],
+                                   dense_prompt_embeddings=dense.expand(b, -1, -1, -1), multimask_output=False)[0]
+        return low[:, :, 0]
+
+    # --- image preprocessing (torch, differentiable) ----------------------------------------------------------------
+    def _resized(self, image: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+        x = image.float()
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        downsizing = x.shape[-2] > size[0] or x.shape[-1] > size[1]
+        x = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=downsizing)
+        return x.clamp(0.0, 1.0) if mode == "bicubic" else x  # bicubic overshoots; processors clip to uint8
+
+    def _vlm_pixels(self, image: torch.Tensor) -> torch.Tensor:
+        """The VLM's own resize (one tile: the whole image to the vision tower's input size) and normalisation."""
+        x = (self._resized(image, self.vlm_size, self.vlm_resize) - self.vlm_mean) / self.vlm_std
+        return x.to(_floating_dtype(vision_tower(self.base_network.vlm)))
+
+    def _sam_pixels(self, image: torch.Tensor) -> torch.Tensor:
+        x = (self._resized(image, self.sam_size, "bilinear") - self.sam_mean) / self.sam_std
+        return x.to(_floating_dtype(self.base_network.sam.vision_encoder))
+
+    # --- generation and evaluation -----------------------------------------------------------------------------------
+    def generate_masks(self, image: torch.Tensor, question: str, max_new_tokens: int = 32
+                       ) -> tuple[str, torch.Tensor]:
+        """Greedy answer to ``question`` about ``image`` [1, C, H, W], and one mask per [SEG] in it.
+
+        ``generate()`` runs under no_grad; the masks come from ONE teacher-forced forward over prompt + generated
+        tokens (the training forward), so they are differentiable w.r.t. the mask path for the caller who wants
+        that. Returns (answer text, mask logits [K, H, W]); K = number of [SEG] in the answer, possibly 0.
+        """
+        if image.ndim != 4 or image.shape[0] != 1:
+            raise ValueError(f"generate_masks takes one image [1, C, H, W], got {tuple(image.shape)}")
+        codec = self.codec
+        prompt = codec.encode(question, None)["input_ids"][None].to(image.device)
+        with torch.no_grad():
+            generated = self.base_network.vlm.generate(
+                input_ids=prompt, attention_mask=torch.ones_like(prompt), pixel_values=self._vlm_pixels(image),
+                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=codec.stop_token_ids,
+                pad_token_id=codec.pad_token_id,
+            )
+        new = generated[0, prompt.shape[1]:].tolist()
+        stops = set(codec.stop_token_ids)
+        end = next((i + 1 for i, t in enumerate(new) if t in stops), len(new))
+        sequence = torch.tensor([prompt[0].tolist() + new[:end]], device=image.device)
+        out = self._forward(image, sequence)
+        return codec.answer_text(new[:end]), out.mask_logits[0]
+
+    def teacher_forced_masks(self, image: torch.Tensor, question: str, answer: str) -> torch.Tensor:
+        """Mask logits [K, H, W] for a given answer (K = its [SEG] count): the training forward on one sample."""
+        if image.ndim != 4 or image.shape[0] != 1:
+            raise ValueError(f"teacher_forced_masks takes one image [1, C, H, W], got {tuple(image.shape)}")
+        enc = self.codec.encode(question, answer)
+        return self._forward(image, enc["input_ids"][None], enc["attention_mask"][None]).mask_logits[0]
+
+    # --- family hooks -------------------------------------------------------------------------------------------
+    def _names(self) -> dict[str, str]:
+        net = self.base_network
+        return {"language": module_name(net, language_model(net.vlm)),
+                "vision": module_name(net, vision_tower(net.vlm)),
+                "projector": module_name(net, projector(net.vlm))}
+
+    def _sam_encoder_targets(self) -> str:
+        own = (Sam2SegModel if self.sam_kind == "sam2" else SamSegModel).DEFAULT_TARGETS
+        return r"sam\." + own.removeprefix("^").removesuffix("$")
+
+    def default_lora_targets(self) -> str:
+        """Every linear of the language model's decoder layers, by anchored full names (``vlm.model.language_model.
+        layers.\\d+.self_attn.q_proj`` ...): the vision tower's same-named layers are never hit. Plus the vision
+        tower's linears with ``model.vlm.vision_lora`` and SAM's image-encoder attention with ``sam_encoder_lora``."""
+        net, names = self.base_network, self._names()
+        parts = [linear_regex(net, names["language"])]
+        if self.vcfg.vision_lora:
+            parts.append(linear_regex(net, names["vision"]))
+        if self.vcfg.sam_encoder_lora:
+            parts.append(self._sam_encoder_targets())
+        return "^(?:" + "|".join(p for p in parts if p) + ")$"
+
+    def default_modules_to_save(self) -> list[str] | None:
+        extra = [self._names()["projector"].rsplit(".", 1)[-1]] if self.vcfg.train_projector else []
+        return ["mask_decoder", "seg_projection", *extra]
+
+    def default_trainable_tokens(self) -> dict[str, list[int]] | None:
+        """[SEG]'s embedding row (and, untied, its lm_head row) as PEFT trainable tokens: see the package docstring."""
+        net = self.base_network
+        tokens = {module_name(net, net.vlm.get_input_embeddings()): [self.seg_token_id]}
+        out = net.vlm.get_output_embeddings()
+        # untied, the lm_head row learns only from the LM loss: with task.lm_weight=0 it would be dead weight
+        if out is not None and not embeddings_tied(net.vlm) and self.lm_loss_trained:
+            tokens[module_name(net, out)] = [self.seg_token_id]
+        return tokens
+
+    def after_lora(self) -> None:
+        """Adapters only where asked: the language model, the vision tower (``vision_lora``), SAM's image encoder
+        (``sam_encoder_lora``); the projector trains only with ``train_projector``. A user ``lora.target_modules``
+        that reaches elsewhere is refused here rather than found out after training."""
+        from peft.tuners.lora import LoraLayer
+
+        base, names = self.base_network, self._names()
+        allowed = [names["language"]]
+        if self.vcfg.vision_lora:
+            allowed.append(names["vision"])
+        if self.vcfg.sam_encoder_lora:
+            allowed.append("sam.vision_encoder")
+        stray = [n for n, m in base.named_modules()
+                 if isinstance(m, LoraLayer) and not any(n.startswith(a + ".") for a in allowed)]
+        if stray:
+            raise ValueError(
+                f"LoRA landed outside the language model: {stray[:6]}{' ...' if len(stray) > 6 else ''}. Set "
+                "model.vlm.vision_lora=true for the vision tower, model.vlm.sam_encoder_lora=true for SAM's image "
+                "encoder, model.vlm.train_projector=true to train the projector (fully), or narrow lora.target_modules"
+            )
+        projector_trains = any(p.requires_grad for n, p in base.named_parameters()
+                               if n.startswith(names["projector"] + "."))
+        if projector_trains != self.vcfg.train_projector:
+            raise RuntimeError(f"the VLM projector is {'trainable' if projector_trains else 'frozen'} but "
+                               f"model.vlm.train_projector={self.vcfg.train_projector}")
+
+    def frozen_by_design(self) -> str | None:
+        # SAM parts that cannot reach single-mask logits prompted by an embedding: the IoU / object-score heads,
+        # hypernetworks 1..3 (the discarded multimask outputs), the mask-prompt encoder, the point-label embeddings
+        # (SAM 2's padding points are label -1: not_a_point_embed, which SAM without points never uses). And the
+        # VLM vision layers after the feature layer (LLaVA reads the second-to-last CLIP layer).
+        unused = [r"iou_prediction_head\.", r"pred_obj_score_head\.", r"output_hypernetworks_mlps\.[1-9]",
+                  r"sam\.prompt_encoder\.mask_embed\.", r"sam\.prompt_encoder\.point_embed\."]
+        if self.sam_kind == "sam":
+            unused.append(r"sam\.prompt_encoder\.not_a_point_embed\.")
+        out = self.base_network.vlm.get_output_embeddings()
+        if not self.lm_loss_trained and out is not None and not embeddings_tied(self.base_network.vlm):
+            # without the LM loss (task.lm_weight=0) nothing reaches an untied output head
+            unused.append(re.escape(module_name(self.base_network, out)) + r"\.")
+        vision = vision_unused_regex(self.base_network.vlm, self._names()["vision"])
+        if vision:
+            unused.append(vision)
+        return "|".join(unused)
+
+    def save_base(self, out_dir: str | Path) -> Path:
+        """One folder ``model.path`` loads back: ``vlm/`` (merged VLM + processor/tokenizer with [SEG] and the chat
+        template), ``sam/``, ``projection.safetensors``, ``segvlm.json``. Merges a copy; the live model keeps its
+        adapters."""
+        from safetensors.torch import save_file
+
+        from medtune.models.lora import merged_copy
+
+        if getattr(self.base_network.vlm, "is_loaded_in_4bit", False):
+            raise ValueError("cannot save a 4-bit (QLoRA) VLM as a model folder; build the model unquantised "
+                             "(model.quantize_4bit=false), load the adapter with load_trainable, then export")
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        net = merged_copy(self.net)
+        net.vlm.save_pretrained(str(out_dir / VLM_DIR))
+        self.processing.save(out_dir / VLM_DIR)
+        net.sam.save_pretrained(str(out_dir / SAM_DIR))
+        save_file({k: v.detach().contiguous().cpu() for k, v in net.seg_projection.state_dict().items()},
+                  str(out_dir / PROJECTION_FILE))
+        meta = {"format": FORMAT_VERSION, "seg_token": self.codec.seg_token, "seg_token_id": self.seg_token_id,
+                "vlm_model_type": net.vlm.config.model_type, "sam_model_type": net.sam.config.model_type,
+                "hidden_size": net.seg_projection[0].in_features, "prompt_size": net.seg_projection[-1].out_features}
+        (out_dir / SEGVLM_JSON).write_text(json.dumps(meta, indent=2))
+        return out_dir
+
+    def load_base_weights(self, folder: str | Path) -> None:
+        from safetensors.torch import load_file
+        from transformers import AutoModelForImageTextToText
+
+        folder, net = Path(folder), self.base_network
+        # transformers writes VLM weights under the checkpoint's original key names; its own loader maps them back
+        fresh = AutoModelForImageTextToText.from_pretrained(str(folder / VLM_DIR), dtype=_floating_dtype(net.vlm))
+        missing, unexpected = net.vlm.load_state_dict(fresh.state_dict(), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"VLM weights in {folder / VLM_DIR} do not fit this model: missing {missing[:6]}, "
+                             f"unexpected {unexpected[:6]}")
+        load_safetensors_folder(net.sam, folder / SAM_DIR)
+        net.seg_projection.load_state_dict(load_file(str(folder / PROJECTION_FILE)))
+
+
+def _floating_dtype(module: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)

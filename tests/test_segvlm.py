@@ -1,0 +1,229 @@
+"""The segmenting VLM through the whole pipeline: task data (one [SEG] per referring expression), the recipes
+(preflight, train, resume, RL), evaluation, predict with generated text, export -> reload. Tiny random models."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medtune.config import build_config
+from medtune.data.layouts import discover
+from medtune.data.loading import load_sample
+from medtune.data.types import DataError
+from medtune.models.registry import build_model
+from medtune.runs.files import read_metrics
+from medtune.tasks import task_for
+from medtune.tasks.segvlm import SegVLMDataset, collate, mask_targets
+
+
+def segvlm_cfg(out: Path, name: str, steps: int = 6, extra: tuple[str, ...] = ()):
+    return build_config({}, [
+        f"run.name={name}", f"run.output_dir={out / 'runs'}", "run.seed=0",
+        "data.layout=synthetic", f"data.path={out / 'data'}", "data.synthetic.n_images=10", "data.synthetic.size=48",
+        "data.sampling=whole_image", "data.patch_size=48", "data.batch_size=2",
+        "data.split.val_fraction=0.2", "data.split.test_fraction=0.2",
+        "model.family=segvlm", "model.config={preset: tiny, vlm: internvl}", "model.finetune=lora", "lora.r=4",
+        "task.class_name=blood vessel", "task.max_new_tokens=6", "optim.lr=1e-3", "optim.warmup_steps=1",
+        f"optim.max_steps={steps}", "train.eval_every=3", "train.save_every=3", "train.keep_last=5",
+        "train.log_every=1", "train.trackers=[]", "eval.bootstrap=20", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from medtune.train import train
+
+    out = tmp_path_factory.mktemp("segvlm")
+    cfg = segvlm_cfg(out, "sv")
+    return out, cfg, train(cfg)
+
+
+def test_training_passes_the_preflight_and_validates_by_dice(trained):
+    _, _, run = trained
+    preflight = json.loads((run / "preflight.json").read_text())
+    assert preflight["passed"] and preflight["n_trainable"] > 0
+    records = read_metrics(run)
+    assert [r["step"] for r in records if "val_dice" in r] == [3, 6]
+    assert all("loss_lm" in r for r in records if "loss" in r)  # the LM term is trained and logged
+    assert (run / "checkpoints" / "best" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_training_never_calls_generate(tmp_path, monkeypatch):
+    """Training through generate() (no_grad) is how LISA/Sa2VA fine-tunes learned nothing: make it impossible."""
+    from transformers.generation.utils import GenerationMixin
+
+    from medtune.train import train
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("generate() called during training")
+
+    monkeypatch.setattr(GenerationMixin, "generate", refuse)
+    run = train(segvlm_cfg(tmp_path, "no-generate", steps=3))
+    assert json.loads((run / "preflight.json").read_text())["passed"]
+
+
+def test_mask_path_alone_trains_every_language_model_lora_tensor(tmp_path):
+    """lambda = 0: the preflight proves every LoRA tensor of the LM receives gradient through [SEG] -> mask."""
+    from medtune.train import train
+
+    run = train(segvlm_cfg(tmp_path, "lm0", steps=1, extra=("task.lm_weight=0",)))
+    report = json.loads((run / "preflight.json").read_text())
+    assert report["passed"]
+    model = build_model(segvlm_cfg(tmp_path, "lm0", extra=("task.lm_weight=0",)))
+    lm_lora = [n for n, p in model.named_parameters() if "language_model" in n and "lora_" in n and p.requires_grad]
+    assert lm_lora and report["n_trainable"] >= len(lm_lora)
+
+
+def test_resume_gives_the_uninterrupted_weights(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    from medtune.train import train
+
+    out, cfg, full = trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "last")
+    shutil.copytree(full / "checkpoints" / "step-3", resumed / "checkpoints" / "last")
+    train(cfg, resume=resumed)
+    a = load_file(str(full / "checkpoints" / "last" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "checkpoints" / "last" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_eval_predict_export(trained, tmp_path):
+    from medtune.evaluate import evaluate_run
+    from medtune.models.lora import export_merged
+    from medtune.predict import predict_images
+    from medtune.runs.load import load_run_model
+
+    out, cfg, run = trained
+    summary = evaluate_run(run)
+    test_ids = json.loads((run / "split.json").read_text())["test"]
+    assert summary["n_images"] == len(test_ids) and 0.0 <= summary["pooled@cal"]["dice"] <= 1.0
+    assert 0.0 <= summary["generation"]["no_seg_rate"] <= 1.0 and summary["generation"]["n"] == len(test_ids)
+
+    # predict: a generated answer for each image, one mask per [SEG] it holds, answers without [SEG] reported
+    image = discover(cfg.data)[0].image
+    predict_images(run, [image], tmp_path / "pred", prompt="Please segment the blood vessel in this image.")
+    info = json.loads((tmp_path / "pred" / "predict.json").read_text())
+    answer = info["answers"][str(image)]
+    assert (tmp_path / "pred" / f"{Path(image).stem}_answer.txt").read_text().strip() == answer.strip()
+    n_seg = answer.count("[SEG]")
+    assert len(list((tmp_path / "pred").glob("*_mask.png"))) == n_seg
+    assert (str(image) in info["answers_without_seg"]) == (n_seg == 0)
+
+    # export: the merged, composed folder loads back through model.path and gives the same masks
+    _, model, _ = load_run_model(run, "best", "cpu")
+    export_merged(model, tmp_path / "merged")
+    merged_cfg = build_config(cfg.model_dump(mode="json"), [f"model.path={tmp_path / 'merged'}", "model.config={}",
+                                                            "model.finetune=lora"])
+    merged = build_model(merged_cfg).eval()
+    x = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    question, answer = "Please segment the blood vessel in this image.", "It is [SEG]."
+    with torch.no_grad():
+        adapted_masks = model.teacher_forced_masks(x, question, answer)
+        with merged.adapters_disabled():
+            merged_masks = merged.teacher_forced_masks(x, question, answer)
+    assert adapted_masks.shape == (1, 48, 48)
+    assert torch.allclose(adapted_masks, merged_masks, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_rl_recipe_runs_on_segvlm_and_reaches_the_language_model(trained):
+    """The mask RL recipe unchanged: policy over the decoded mask, KL to the adapters-disabled model; its preflight
+    proves the policy gradient reaches the language model's LoRA through [SEG]."""
+    from medtune.train import train
+
+    out, _, parent = trained
+    cfg = segvlm_cfg(out, "sv-rl", steps=2, extra=("objective=rl", f"rl.init_from={parent}", "rl.group_size=4",
+                                                  "train.eval_every=2", "train.save_every=2"))
+    run = train(cfg)
+    report = json.loads((run / "preflight.json").read_text())
+    assert report["passed"]
+    model = build_model(json_cfg(run))
+    lm_lora = [n for n, p in model.named_parameters() if "language_model" in n and "lora_" in n and p.requires_grad]
+    assert lm_lora  # the fresh RL adapter sits in the language model, and the preflight saw all of it move
+    assert [r for r in read_metrics(run) if "val_reward" in r]
+
+
+def json_cfg(run: Path):
+    from medtune.runs.files import load_run_config
+
+    return load_run_config(run)
+
+
+# ---------------------------------------------------------------------------------------------- task data
+def _two_expression_data(root: Path) -> Path:
+    root.mkdir(parents=True)
+    img = np.zeros((48, 48, 3), dtype=np.uint8)
+    img[4:20, 4:20] = 200
+    img[28:44, 28:44] = 120
+    Image.fromarray(img).save(root / "a.png")
+    left, right = [[4, 4, 20, 4, 20, 20, 4, 20]], [[28, 28, 44, 28, 44, 44, 28, 44]]
+    (root / "annotations.json").write_text(json.dumps(
+        [{"image": "a.png", "mask": [left, right], "text": ["the bright square", "the dim square"]}]))
+    return root
+
+
+def test_two_expressions_give_two_targets_and_two_seg_tokens(tmp_path):
+    root = _two_expression_data(tmp_path / "data")
+    cfg = build_config({}, [f"data.path={root}", "data.patch_size=48", "data.augment.enabled=false",
+                            "model.family=segvlm", "model.config={preset: tiny, vlm: internvl}", "lora.r=4",
+                            "model.finetune=lora"])
+    model = build_model(cfg)
+    loaded = [load_sample(s, cfg.data) for s in discover(cfg.data)]
+    item = SegVLMDataset(loaded, cfg, model.text_codec())[(0, 0)]
+    assert item["mask"].shape == (2, 48, 48)  # two targets, not one union
+    assert int((item["input_ids"] == model.text_codec().seg_token_id).sum()) == 2
+    assert item["mask"][0, 10, 10] == 1 and item["mask"][0, 35, 35] == 0 and item["mask"][1, 35, 35] == 1
+    batch = collate([item, item])
+    out = model(batch=batch)
+    logits, target, fov = mask_targets(out, batch)
+    assert logits.shape == target.shape == fov.shape == (4, 1, 48, 48)
+    loss, parts = task_for(cfg).make_loss(cfg)(model, batch)
+    loss.backward()
+    assert torch.isfinite(loss) and "lm" in parts
+    preds = task_for(cfg).target_probabilities(model, loaded[0], cfg, "cpu")
+    assert [p.id for p in preds] == ["a#0", "a#1"] and preds[1].mask[35, 35] == 1
+
+    # a batch whose [SEG] count differs from its target count stops, naming the sample
+    broken = dict(batch, target_valid=batch["target_valid"].clone())
+    broken["target_valid"][1, 1] = False
+    with pytest.raises(ValueError, match=r"sample a: 2 \[SEG\] token\(s\) .* but 1 target"):
+        mask_targets(out, broken)
+
+
+def test_answer_without_seg_is_one_clear_line(tmp_path):
+    root = _two_expression_data(tmp_path / "data")
+    cfg = build_config({}, [f"data.path={root}", "model.family=segvlm", "model.config={preset: tiny}",
+                            "model.finetune=lora", "task.answer=It is here."])
+    model = build_model(cfg)
+    loaded = [load_sample(s, cfg.data) for s in discover(cfg.data)]
+    with pytest.raises(DataError, match=r"sample a: the target answer .* holds 0 \[SEG\] token\(s\) for 2 target"):
+        SegVLMDataset(loaded, cfg, model.text_codec())
+
+
+def test_segvlm_loss_defaults_are_recorded_in_the_resolved_config():
+    import yaml
+
+    cfg = build_config({}, ["model.family=segvlm"])
+    assert (cfg.loss.bce, cfg.loss.dice, cfg.loss.focal) == (2.0, 0.5, 0.0)  # Sa2VA / LISA
+    assert build_config(yaml.safe_load(cfg.to_yaml())).loss == cfg.loss  # a resumed run trains the same loss
+    assert build_config({}, ["model.family=segvlm", "loss.dice=1"]).loss.bce == 0.5  # an explicit loss is kept
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_segvlm_demo_fast_mode_runs_end_to_end(tmp_path):
+    from medtune.demo import run_segvlm_demo
+
+    result = run_segvlm_demo(tmp_path / "demo", fast=True)
+    assert 0.0 <= result["dice_before"] <= 1.0 and 0.0 <= result["dice_after"] <= 1.0
+    assert isinstance(result["generated_answer"], str)
+    assert (tmp_path / "demo" / "demo_result.json").is_file()

@@ -1,0 +1,587 @@
+"""Family segvlm (VLM + SAM via [SEG]): placement and trainability of LoRA, the teacher-forced forward, the text
+codec, generation, round trips of adapters and merged exports, and the one-line errors (tiny models, CPU)."""
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import shutil
+from unittest import mock
+
+import pytest
+import torch
+
+from medtune.config import build_config
+from medtune.models.lora import export_merged, load_trainable, save_trainable
+from medtune.models.registry import build_model
+
+transformers = pytest.importorskip("transformers")
+transformers.utils.logging.disable_progress_bar()
+transformers.utils.logging.set_verbosity_error()
+
+QUESTION = "Please segment the vessel in this image."
+ANSWER = "It is [SEG]."
+TWO_SEG = "Sure, [SEG] and [SEG]."
+
+
+def _cfg(channels: int = 3, lora: dict | None = None, **model):
+    return build_config({"data": {"channels": channels}, "model": {"family": "segvlm", **model},
+                         "lora": {"r": 4, **(lora or {})}})
+
+
+def _parts_cfg(parts, channels: int = 3, lora: dict | None = None, **model):
+    vlm_path, sam_path = parts
+    vlm = {"vlm_path": str(vlm_path), "sam_path": str(sam_path), **model.pop("vlm", {})}
+    return _cfg(channels, lora, vlm=vlm, **model)
+
+
+def _batch(seg, pairs, size=(40, 48), channels=3, seed=0):
+    """Collate like the segvlm task: pad ids with the pad id, labels with -100, attention with 0."""
+    codec = seg.text_codec()
+    encoded = [codec.encode(q, a) for q, a in pairs]
+    length = max(len(e["input_ids"]) for e in encoded)
+
+    def pad(x, value):
+        return torch.cat([x, torch.full((length - len(x),), value, dtype=torch.long)])
+
+    g = torch.Generator().manual_seed(seed)
+    return {"image": torch.rand(len(pairs), channels, *size, generator=g),
+            "input_ids": torch.stack([pad(e["input_ids"], codec.pad_token_id) for e in encoded]),
+            "labels": torch.stack([pad(e["labels"], -100) for e in encoded]),
+            "attention_mask": torch.stack([pad(e["attention_mask"], 0) for e in encoded])}
+
+
+def _lora_layers(seg):
+    from peft.tuners.lora import LoraLayer
+
+    return [n for n, m in seg.base_network.named_modules() if isinstance(m, LoraLayer)]
+
+
+def _perturb(seg, seed=0):
+    """Move LoRA-B (zero at init), the fully trained copies and the [SEG] rows away from the base weights."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in seg.net.named_parameters():
+            if ".lora_B." in name or ".modules_to_save." in name or "trainable_tokens_delta" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def internvl_parts(tmp_path_factory):
+    """Tiny InternVL (tied embeddings; its processor needs torchvision, so the fallback path) + tiny SAM 2."""
+    from medtune.models.segvlm.tiny import save_tiny_parts
+
+    return save_tiny_parts(tmp_path_factory.mktemp("internvl"), vlm="internvl", sam="sam2")
+
+
+@pytest.fixture(scope="module")
+def llava_parts(tmp_path_factory):
+    """Tiny LLaVA (untied lm_head; the real LlavaProcessor) + tiny SAM."""
+    from medtune.models.segvlm.tiny import save_tiny_parts
+
+    return save_tiny_parts(tmp_path_factory.mktemp("llava"), vlm="llava", sam="sam")
+
+
+@pytest.fixture(scope="module")
+def internvl_lora(internvl_parts):
+    torch.manual_seed(0)
+    return build_model(_parts_cfg(internvl_parts)).eval()
+
+
+@pytest.fixture(params=["internvl", "llava"])
+def parts(request, internvl_parts, llava_parts):
+    return internvl_parts if request.param == "internvl" else llava_parts
+
+
+# ------------------------------------------------------------------------------------------------ text codec
+def test_codec_supervises_exactly_the_answer_and_end_of_turn(internvl_lora):
+    seg = internvl_lora
+    codec = seg.text_codec()
+    enc = codec.encode(QUESTION, ANSWER)
+    ids, labels = enc["input_ids"], enc["labels"]
+    assert ids.shape == labels.shape == enc["attention_mask"].shape and ids.dtype == torch.long
+    supervised = labels[labels != -100]
+    assert codec.decode(supervised) == ANSWER + codec.end_of_turn == "It is [SEG].<|im_end|>"
+    assert torch.equal(supervised, ids[labels != -100])
+    assert (labels != -100).nonzero().min() > (ids == codec.placeholder_ids[1]).nonzero().max()  # answer after image
+    # the image placeholder expanded to the model's image token count, exactly once; one [SEG] id
+    image_id = seg.base_network.vlm.config.image_token_id
+    assert int((ids == image_id).sum()) == seg.base_network.vlm.config.image_seq_length == 4
+    assert int((ids == codec.seg_token_id).sum()) == 1
+    text = codec.decode(ids)
+    assert text.startswith("<|im_start|>user\n<img>") and QUESTION in text
+
+    prompt = codec.encode(QUESTION, None)
+    assert (prompt["labels"] == -100).all()
+    assert torch.equal(prompt["input_ids"], ids[: len(prompt["input_ids"])])  # generation continues this prefix
+    assert codec.decode(prompt["input_ids"]).endswith("<|im_start|>assistant\n")
+
+    clone = pickle.loads(pickle.dumps(codec))  # DataLoader workers
+    assert torch.equal(clone.encode(QUESTION, TWO_SEG)["labels"], codec.encode(QUESTION, TWO_SEG)["labels"])
+    with pytest.raises(ValueError, match=re.escape("[SEG]")):
+        codec.encode("segment [SEG] please", ANSWER)
+    short = pickle.loads(pickle.dumps(codec))
+    short.max_length = len(ids) - 1
+    with pytest.raises(ValueError, match="max_length"):
+        short.encode(QUESTION, ANSWER)
+
+
+def test_llava_codec_uses_the_real_processor_expansion(llava_parts):
+    seg = build_model(_parts_cfg(llava_parts))
+    assert type(seg.processing.processor).__name__ == "LlavaProcessor"
+    vlm = seg.base_network.vlm
+    ids = seg.text_codec().encode(QUESTION, ANSWER)["input_ids"]
+    assert int((ids == vlm.config.image_token_id).sum()) == vlm.config.image_seq_length == 16
+    assert seg.text_codec().decode(ids[seg.text_codec().encode(QUESTION, ANSWER)["labels"] != -100]) == \
+        "It is [SEG].<|im_end|>"
+
+
+# ------------------------------------------------------------------------------------------------ LoRA placement
+def test_lora_only_on_the_language_model_and_the_mask_path_alone_reaches_it(parts):
+    seg = build_model(_parts_cfg(parts))
+    assert seg.is_peft
+    net = seg.base_network
+    landed = _lora_layers(seg)
+    # every linear of the language model: the ones now wrapped (their base_layer) plus any left plain
+    n_lm_linears = sum(1 for n, m in net.named_modules()
+                       if n.startswith("vlm.model.language_model.layers.") and isinstance(m, torch.nn.Linear)
+                       and not re.search(r"\.lora_[AB](\.|$)", n))
+    assert len(landed) == n_lm_linears == 2 * 7
+    assert all(n.startswith("vlm.model.language_model.layers.") for n in landed)
+    # the trap the anchored regex avoids: the vision tower has layers with the same suffixes
+    vision_qkv = [n for n, _ in net.named_modules() if n.startswith("vlm.model.vision_tower.") and
+                  n.endswith(("q_proj", "k_proj", "v_proj"))]
+    assert vision_qkv and not set(vision_qkv) & set(landed)
+
+    trainable = [n for n, _ in seg.trainable_named_parameters()]
+    assert all(re.search(r"\.lora_[AB]\.", n) or ".modules_to_save." in n or "trainable_tokens_delta" in n
+               for n in trainable), trainable
+    assert {n.split(".modules_to_save.")[0].rsplit(".", 1)[-1] for n in trainable if ".modules_to_save." in n} == \
+        {"mask_decoder", "seg_projection"}
+    tokens = [n for n in trainable if "trainable_tokens_delta" in n]
+    tied = net.config.tie_word_embeddings
+    # tied: one [SEG] row (the lm_head wrapper shares it); untied: the embedding row and the lm_head row
+    assert len(tokens) == (1 if tied else 2) and all(p.numel() == net.vlm.config.get_text_config().hidden_size
+                                                   for n, p in seg.trainable_named_parameters() if n in tokens)
+    unused = seg.frozen_by_design()
+    assert not [n for n in trainable if re.search(unused, n)]
+    assert any(re.search(unused, n) for n, _ in seg.named_parameters() if "iou_prediction_head" in n)
+
+    # gradient through the MASK path alone (lm loss weight 0) reaches every adapter of the language model
+    seg.train()
+    out = seg(batch=_batch(seg, [(QUESTION, ANSWER), (QUESTION, TWO_SEG)]))
+    out.mask_logits[out.mask_valid].sigmoid().mean().backward()  # lm loss weight 0: masks only
+    grads = {n: p.grad for n, p in seg.trainable_named_parameters()}
+    lora_b = {n: g for n, g in grads.items() if ".lora_B." in n}
+    assert len(lora_b) == 2 * 7 and all(g is not None and g.abs().sum() > 0 for g in lora_b.values())
+    # LoRA-A gets nothing on the first step (B = 0), pitfall 2: a preflight must look at B
+    assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if ".lora_A." in n)
+    reached = [n for n, g in grads.items() if g is not None and g.abs().sum() > 0]
+    for part in ("mask_decoder.modules_to_save", "seg_projection.modules_to_save", "embed_tokens.token_adapter"):
+        assert any(part in n for n in reached), part
+    # untied: the lm_head's [SEG] row learns from the LM loss only
+    assert all("lm_head" in n for n in grads if n not in reached and ".lora_A." not in n)
+
+
+def test_vision_lora_projector_flags_and_stray_adapters_refused(internvl_parts):
+    seg = build_model(_parts_cfg(internvl_parts, vlm={"vision_lora": True, "train_projector": True}))
+    landed = _lora_layers(seg)
+    assert any(n.startswith("vlm.model.vision_tower.") for n in landed)
+    assert not any("multi_modal_projector" in n for n in landed)
+    assert any("multi_modal_projector.modules_to_save." in n for n, _ in seg.trainable_named_parameters())
+    # a user regex reaching into the vision tower without model.vlm.vision_lora is refused after wrapping
+    with pytest.raises(ValueError, match="vision_lora"):
+        build_model(_parts_cfg(internvl_parts, lora={"target_modules": r".*\.q_proj$"}))
+    sam_lora = build_model(_parts_cfg(internvl_parts, vlm={"sam_encoder_lora": True}))
+    assert any(n.startswith("sam.vision_encoder.") for n in _lora_layers(sam_lora))
+
+
+# ------------------------------------------------------------------------------------------------ forward
+def test_forward_masks_valid_slots_and_lm_loss(internvl_lora):
+    seg = internvl_lora
+    batch = _batch(seg, [(QUESTION, ANSWER), (QUESTION, TWO_SEG)], size=(40, 48))
+    with torch.no_grad():
+        out = seg(batch=batch)
+    assert out.mask_logits.shape == (2, 2, 40, 48)  # K = most [SEG] in one sequence, at the input resolution
+    assert out.mask_valid.tolist() == [[True, False], [True, True]]
+    assert (out.mask_logits[0, 1] == 0).all() and out.mask_logits[1, 1].abs().sum() > 0
+    assert not torch.allclose(out.mask_logits[1, 0], out.mask_logits[1, 1])  # two [SEG], two prompts
+    # lm_loss is the CE of the next token on the supervised (answer + end-of-turn) positions only
+    logits, labels = out.token_logits, batch["labels"]
+    assert logits.shape[:2] == labels.shape
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(out.lm_loss, expected, atol=1e-5)
+    # a sample's masks do not depend on what else is in the batch (padding is masked)
+    with torch.no_grad():
+        alone = seg(batch={k: v[:1, : int(batch["attention_mask"][0].sum())] if k != "image" else v[:1]
+                           for k, v in batch.items()})
+    assert torch.allclose(alone.mask_logits[0, 0], out.mask_logits[0, 0], atol=1e-4)
+    with torch.no_grad():
+        no_seg = seg(batch=_batch(seg, [(QUESTION, "There is no object.")]))
+    assert no_seg.mask_logits.shape == (1, 0, 40, 48) and no_seg.mask_valid.shape == (1, 0)
+
+
+def test_gradient_checkpointing_and_grayscale_still_train_lora(internvl_parts):
+    seg = build_model(_parts_cfg(internvl_parts, channels=1, gradient_checkpointing=True)).train()
+    assert seg.base_network.vlm.is_activation_checkpointing
+    out = seg(batch=_batch(seg, [(QUESTION, ANSWER)], size=(30, 50), channels=1))
+    assert out.mask_logits.shape == (1, 1, 30, 50)
+    (out.mask_logits.mean() + out.lm_loss).backward()
+    lora_b = [p.grad for n, p in seg.trainable_named_parameters() if ".lora_B." in n]
+    assert lora_b and all(g is not None and g.abs().sum() > 0 for g in lora_b)
+
+
+# ------------------------------------------------------------------------------------------------ reference / round trips
+@pytest.mark.parametrize("kind", ["internvl", "llava"])
+def test_noop_reference_adapter_round_trips_and_merged_export(kind, internvl_parts, llava_parts, tmp_path):
+    from peft import PeftModel
+
+    parts = internvl_parts if kind == "internvl" else llava_parts
+    cfg = _parts_cfg(parts)
+    full = _parts_cfg(parts, finetune="full")
+    torch.manual_seed(0)  # the grown [SEG] row is sampled: same seed, same base
+    seg = build_model(cfg).eval()
+    torch.manual_seed(0)
+    base = build_model(full).eval()
+    batch = _batch(seg, [(QUESTION, TWO_SEG)])
+    seg_id = seg.text_codec().seg_token_id
+    with torch.no_grad():
+        at_init, reference = seg(batch=batch), base(batch=batch)
+    assert torch.allclose(at_init.mask_logits, reference.mask_logits, atol=1e-5)  # B = 0: a no-op
+    assert torch.allclose(at_init.token_logits, reference.token_logits, atol=1e-5)
+    _perturb(seg)
+    with torch.no_grad():
+        adapted = seg(batch=batch)
+        with seg.adapters_disabled():
+            disabled = seg(batch=batch)
+    assert torch.allclose(disabled.mask_logits, reference.mask_logits, atol=1e-5)
+    assert torch.allclose(disabled.token_logits, reference.token_logits, atol=1e-5)
+    assert not torch.allclose(adapted.mask_logits, reference.mask_logits, atol=1e-3)
+    # the [SEG] output row trains too (tied: through the embedding row; untied: its own lm_head row)
+    assert not torch.allclose(adapted.token_logits[..., seg_id], reference.token_logits[..., seg_id], atol=1e-3)
+
+    ckpt = tmp_path / "ckpt"
+    save_trainable(seg, ckpt)
+    from safetensors import safe_open
+
+    with safe_open(str(ckpt / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any("trainable_tokens_delta" in k for k in keys)
+    assert not any(k.endswith(("embed_tokens.weight", "lm_head.weight")) for k in keys)  # rows, not matrices
+
+    # plain PEFT loads our adapter onto a freshly composed base (another seed: the adapter carries [SEG]'s rows)
+    torch.manual_seed(1)
+    fresh = build_model(full).eval()
+    fresh.net = PeftModel.from_pretrained(fresh.net, str(ckpt / "adapter"))
+    with torch.no_grad():
+        peft_loaded = fresh(batch=batch)
+    assert torch.allclose(peft_loaded.mask_logits, adapted.mask_logits, atol=1e-5)
+    assert torch.allclose(peft_loaded.token_logits, adapted.token_logits, atol=1e-5)
+
+    torch.manual_seed(2)
+    again = build_model(cfg).eval()
+    load_trainable(again, ckpt)
+    assert again.param_counts()[0] == seg.param_counts()[0] > 0
+    with torch.no_grad():
+        assert torch.allclose(again(batch=batch).mask_logits, adapted.mask_logits, atol=1e-5)
+
+    merged_dir = export_merged(seg, tmp_path / "merged")
+    assert seg.is_peft and seg.param_counts()[0] > 0  # the live model keeps its adapters
+    assert sorted(p.name for p in merged_dir.iterdir()) == ["projection.safetensors", "sam", "segvlm.json", "vlm"]
+    assert "[SEG]" in (merged_dir / "vlm" / "tokenizer.json").read_text()
+    merged = build_model(_cfg(path=str(merged_dir), finetune="full")).eval()
+    with torch.no_grad():
+        out = merged(batch=batch)
+    assert torch.allclose(out.mask_logits, adapted.mask_logits, atol=1e-4)
+    assert torch.allclose(out.token_logits, adapted.token_logits, atol=1e-4)
+    assert _cfg(path=str(merged_dir)).finetune_mode() == "lora"  # a composed folder is pretrained: auto -> LoRA
+
+
+def test_full_finetune_tiny_preset_trains_everything_reachable(tmp_path):
+    torch.manual_seed(3)
+    cfg = _cfg(config={"preset": "tiny", "vlm": "llava", "sam": "sam2"})
+    assert cfg.finetune_mode() == "full"
+    seg = build_model(cfg).train()
+    out = seg(batch=_batch(seg, [(QUESTION, TWO_SEG), (QUESTION, ANSWER)]))
+    (out.mask_logits[out.mask_valid].mean() + out.lm_loss).backward()
+    trainable = seg.trainable_named_parameters()
+    dead = [n for n, p in trainable if p.grad is None or p.grad.abs().sum() == 0]
+    assert not dead  # frozen_by_design names exactly what cannot reach the outputs (incl. LLaVA's last CLIP layer)
+    frozen = [n for n, p in seg.named_parameters() if not p.requires_grad]
+    assert any("vision_tower.encoder.layers.1." in n for n in frozen) and any("iou_prediction_head" in n for n in frozen)
+
+    seg.zero_grad(set_to_none=True)
+    seg.eval()
+    batch = _batch(seg, [(QUESTION, TWO_SEG)])
+    save_trainable(seg, tmp_path / "ckpt")
+    torch.manual_seed(4)
+    other = build_model(cfg).eval()
+    load_trainable(other, tmp_path / "ckpt")
+    seeded = build_model(_cfg(path=str(tmp_path / "ckpt" / "model"), finetune="full")).eval()
+    with torch.no_grad():
+        expected = seg(batch=batch).mask_logits
+        assert torch.allclose(other(batch=batch).mask_logits, expected, atol=1e-5)
+        assert torch.allclose(seeded(batch=batch).mask_logits, expected, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ generation
+def test_generate_masks_matches_the_teacher_forced_forward(internvl_lora):
+    seg = internvl_lora
+    image = torch.rand(1, 3, 36, 44)
+    answer, masks = seg.generate_masks(image, QUESTION, max_new_tokens=6)
+    assert isinstance(answer, str) and masks.shape == (answer.count("[SEG]"), 36, 44)
+
+    # a generation that says "Sure, [SEG] and [SEG]." (the tiny random model rarely does by itself)
+    codec = seg.text_codec()
+    scripted = codec.encode(QUESTION, TWO_SEG)["input_ids"][None]
+    vlm = seg.base_network.vlm
+    with mock.patch.object(type(vlm), "generate", return_value=scripted):
+        answer, masks = seg.generate_masks(image, QUESTION, max_new_tokens=16)
+    assert answer == TWO_SEG and masks.shape == (2, 36, 44)
+    with torch.no_grad():
+        teacher = seg.teacher_forced_masks(image, QUESTION, TWO_SEG)
+    assert torch.allclose(masks, teacher, atol=1e-5)
+    assert masks.requires_grad  # the mask forward is not cut: differentiable for the caller who wants it
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_remote_code_vlm_folder_needs_the_flag(internvl_parts, tmp_path):
+    vlm_path, sam_path = internvl_parts
+    remote = tmp_path / "remote-vlm"
+    shutil.copytree(vlm_path, remote)
+    meta = json.loads((remote / "config.json").read_text())
+    meta["auto_map"] = {"AutoModel": "modeling_internvl_chat.InternVLChatModel"}
+    (remote / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError) as err:
+        build_model(_parts_cfg((remote, sam_path)))
+    assert str(remote) in str(err.value) and "model.trust_remote_code=true" in str(err.value)
+
+
+def test_wrong_folders_and_sources_are_one_line_errors(internvl_parts, tmp_path):
+    vlm_path, sam_path = internvl_parts
+    with pytest.raises(ValueError, match="not SAM or SAM 2") as err:
+        build_model(_parts_cfg((vlm_path, vlm_path)))
+    assert str(vlm_path) in str(err.value) and "model.vlm.sam_path" in str(err.value)
+    with pytest.raises(ValueError, match="not a VLM"):
+        build_model(_parts_cfg((sam_path, sam_path)))
+    with pytest.raises(ValueError, match="model.vlm.sam_path"):
+        build_model(_cfg(vlm={"vlm_path": str(vlm_path)}))
+    with pytest.raises(ValueError, match="segvlm.json"):
+        build_model(_cfg(path=str(vlm_path)))
+    with pytest.raises(ValueError, match="not both"):
+        build_model(_cfg(path=str(vlm_path), vlm={"vlm_path": str(vlm_path), "sam_path": str(sam_path)}))
+    with pytest.raises(ValueError, match="preset"):
+        build_model(_cfg())
+
+
+def test_chat_template_without_image_placeholder(internvl_parts):
+    text_only = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+                 "{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(ValueError, match="image placeholder") as err:
+        build_model(_parts_cfg(internvl_parts, vlm={"chat_template": text_only}))
+    assert "model.vlm.chat_template" in str(err.value)
+
+
+def test_seg_token_split_into_several_ids_is_refused(internvl_parts, tmp_path):
+    vlm_path, sam_path = internvl_parts
+    splitting = tmp_path / "splitting-vlm"
+    shutil.copytree(vlm_path, splitting)
+    tok_cfg = json.loads((splitting / "tokenizer_config.json").read_text())
+    tok_cfg["split_special_tokens"] = True  # special tokens then tokenise as plain text
+    (splitting / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    with pytest.raises(ValueError, match=r"tokenises to \d+ ids") as err:
+        build_model(_parts_cfg((splitting, sam_path)))
+    assert str(splitting) in str(err.value) and "seg_token" in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_qlora_refused_without_cuda(internvl_parts):
+    with pytest.raises(ValueError, match="CUDA GPU and bitsandbytes"):
+        build_model(_parts_cfg(internvl_parts, quantize_4bit=True))
+    with pytest.raises(ValueError, match="quantises a pretrained VLM"):
+        build_model(_cfg(config={"preset": "tiny"}, quantize_4bit=True, finetune="lora"))
+
+
+def test_sam2_video_checkpoint_is_a_valid_sam_path(internvl_parts, tmp_path):
+    from transformers import Sam2VideoConfig, Sam2VideoModel
+
+    from medtune.models.sam import tiny_sam2_config_dict
+
+    video = tmp_path / "sam2-video"
+    torch.manual_seed(0)
+    Sam2VideoModel(Sam2VideoConfig(**tiny_sam2_config_dict())).save_pretrained(video)
+    seg = build_model(_parts_cfg((internvl_parts[0], video)))
+    assert type(seg.base_network.sam).__name__ == "Sam2Model"
+    ref = Sam2VideoModel.from_pretrained(video)
+    assert torch.equal(seg.base_network.sam.vision_encoder.neck.convs[0].weight,
+                       ref.vision_encoder.neck.convs[0].weight)
+
+
+# ------------------------------------------------------------------------------------------------ Sa2VA import
+# Checkpoint key names of the original modules, from public code that reads real SAM 2 / InternVL / InternLM2
+# checkpoints: the fake Sa2VA state dict below must contain them, so the importer is tested against real names.
+SAM2_ANCHORS = ["image_encoder.trunk.pos_embed", "image_encoder.trunk.pos_embed_window",
+                "image_encoder.trunk.patch_embed.proj.weight", "image_encoder.neck.convs.0.conv.weight", "no_mem_embed",
+                "sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
+                "sam_mask_decoder.transformer.norm_final_attn.weight", "sam_mask_decoder.conv_s0.weight",
+                "sam_mask_decoder.mask_tokens.weight", "sam_mask_decoder.output_upscaling.0.weight",
+                "sam_mask_decoder.transformer.layers.0.cross_attn_token_to_image.q_proj.weight"]
+INTERNVL_ANCHORS = ["vision_model.embeddings.class_embedding", "vision_model.embeddings.patch_embedding.weight",
+                    "vision_model.embeddings.position_embedding", "vision_model.encoder.layers.0.attn.qkv.weight",
+                    "vision_model.encoder.layers.0.attn.proj.weight", "vision_model.encoder.layers.0.ls1",
+                    "vision_model.encoder.layers.0.norm1.weight", "vision_model.encoder.layers.0.mlp.fc1.weight",
+                    "mlp1.0.weight", "mlp1.1.weight", "mlp1.3.weight", "text_hidden_fcs.0.weight",
+                    "text_hidden_fcs.2.weight"]
+INTERNLM2_ANCHORS = ["language_model.model.tok_embeddings.weight", "language_model.model.layers.0.attention.wqkv.weight",
+                     "language_model.model.layers.0.attention.wo.weight",
+                     "language_model.model.layers.0.feed_forward.w1.weight",
+                     "language_model.model.layers.0.attention_norm.weight",
+                     "language_model.model.layers.0.ffn_norm.weight", "language_model.output.weight"]
+# memory / video parts of Sa2VA's SAM 2 that a single-image segvlm does not use
+SAM2_VIDEO_KEYS = ["memory_attention.layers.0.linear1.weight", "maskmem_tpos_enc", "no_obj_ptr", "no_mem_pos_enc",
+                   "obj_ptr_proj.layers.0.weight", "mask_downsample.weight", "memory_encoder.fuser.layers.0.pwconv2.bias"]
+
+
+def _original_vision(name: str) -> str:
+    """transformers InternVL vision name -> InternViT's (written out, not inverted from the importer's map)."""
+    n = name.replace("model.vision_tower.", "vision_model.").replace("encoder.layer.", "encoder.layers.")
+    n = n.replace("embeddings.cls_token", "embeddings.class_embedding")
+    n = n.replace("embeddings.position_embeddings", "embeddings.position_embedding")
+    n = n.replace("embeddings.patch_embeddings.projection", "embeddings.patch_embedding")
+    n = re.sub(r"\.lambda_(\d)", r".ls\1", n).replace("attention.projection_layer", "attn.proj")
+    return n.replace("attention.", "attn.").replace("layernorm_before", "norm1").replace("layernorm_after", "norm2")
+
+
+def _original_sam2(name: str) -> str:
+    """Sam2Model name -> the SAM 2 repository's."""
+    rules = [(r"^vision_encoder\.backbone\.", "image_encoder.trunk."),
+             (r"^vision_encoder\.neck\.convs\.(\d+)\.", r"image_encoder.neck.convs.\1.conv."),
+             (r"^prompt_encoder\.", "sam_prompt_encoder."), (r"^mask_decoder\.", "sam_mask_decoder."),
+             (r"^no_memory_embedding$", "no_mem_embed"),
+             (r"shared_embedding\.positional_embedding", "pe_layer.positional_encoding_gaussian_matrix"),
+             (r"mask_embed\.conv1", "mask_downscaling.0"), (r"mask_embed\.layer_norm1", "mask_downscaling.1"),
+             (r"mask_embed\.conv2", "mask_downscaling.3"), (r"mask_embed\.layer_norm2", "mask_downscaling.4"),
+             (r"mask_embed\.conv3", "mask_downscaling.6"), (r"patch_embed\.projection", "patch_embed.proj"),
+             (r"upscale_conv1", "output_upscaling.0"), (r"upscale_layer_norm", "output_upscaling.1"),
+             (r"upscale_conv2", "output_upscaling.3"),
+             (r"\.mlp\.proj_in\.", ".mlp.layers.0."), (r"\.mlp\.proj_out\.", ".mlp.layers.1."),
+             (r"(head|mlps\.\d+)\.layers\.0\.", r"\1.layers.1."), (r"(head|mlps\.\d+)\.proj_in\.", r"\1.layers.0."),
+             (r"(head|mlps\.\d+)\.proj_out\.", r"\1.layers.2."),
+             (r"\.layer_norm", ".norm"), (r"\.o_proj\.", ".out_proj.")]
+    for pattern, replacement in rules:
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
+def _fake_sa2va(vlm, sam, projection, llama: bool) -> dict:
+    """A Sa2VA-named state dict holding the given parts' weights, in the original modules' layouts."""
+    state, text = {}, vlm.config.text_config
+    sd = {k: v.clone() for k, v in vlm.state_dict().items()}
+    head_dim = text.hidden_size // text.num_attention_heads
+    groups = text.num_attention_heads // text.num_key_value_heads
+    for name in list(sd):
+        if ".attention.q_proj." in name and name.startswith("model.vision_tower."):  # InternViT fuses q, k, v
+            q, k, v = (sd.pop(name.replace("q_proj", p)) for p in ("q_proj", "k_proj", "v_proj"))
+            state[_original_vision(name.replace("attention.q_proj", "attention.qkv"))] = torch.cat([q, k, v])
+        elif name.startswith("model.vision_tower.") and name in sd and not re.search(r"\.[kv]_proj\.", name):
+            state[_original_vision(name)] = sd.pop(name)
+    projector = {"layer_norm": "mlp1.0", "linear_1": "mlp1.1", "linear_2": "mlp1.3"}
+    for name in [n for n in sd if n.startswith("model.multi_modal_projector.")]:
+        part, rest = name.split(".")[2], ".".join(name.split(".")[3:])
+        state[f"{projector[part]}.{rest}"] = sd.pop(name)
+    for name in [n for n in sd if n.startswith("model.language_model.") or n == "lm_head.weight"]:
+        if name not in sd:
+            continue
+        value = sd.pop(name)
+        if not llama:
+            state["language_model.lm_head.weight" if name == "lm_head.weight"
+                  else name.replace("model.language_model.", "language_model.model.")] = value
+            continue
+        if ".self_attn.q_proj." in name:  # InternLM2 wqkv: per KV head, its query heads then its key and value
+            q, k, v = value, sd.pop(name.replace("q_proj", "k_proj")), sd.pop(name.replace("q_proj", "v_proj"))
+            rows = []
+            for h in range(text.num_key_value_heads):
+                rows += [q[(h * groups + g) * head_dim:(h * groups + g + 1) * head_dim] for g in range(groups)]
+                rows += [k[h * head_dim:(h + 1) * head_dim], v[h * head_dim:(h + 1) * head_dim]]
+            name, value = name.replace("self_attn.q_proj", "attention.wqkv"), torch.cat(rows)
+        for new, old in (("tok_embeddings", "embed_tokens"), ("attention.wo", "self_attn.o_proj"),
+                         ("feed_forward.w1", "mlp.gate_proj"), ("feed_forward.w2", "mlp.down_proj"),
+                         ("feed_forward.w3", "mlp.up_proj"), ("attention_norm", "input_layernorm"),
+                         ("ffn_norm", "post_attention_layernorm")):
+            name = name.replace(old, new)
+        state["language_model.output.weight" if name == "lm_head.weight"
+              else name.replace("model.language_model.", "language_model.model.")] = value
+    assert not sd, sorted(sd)
+    for name, value in sam.state_dict().items():
+        if name == "shared_image_embedding.positional_embedding":
+            continue  # the original has one copy, in the prompt encoder
+        if name == "prompt_encoder.point_embed.weight":
+            for i in range(value.shape[0]):
+                state[f"grounding_encoder.sam2_model.sam_prompt_encoder.point_embeddings.{i}.weight"] = value[i:i + 1]
+            continue
+        state[f"grounding_encoder.sam2_model.{_original_sam2(name)}"] = value.clone()
+    for key in SAM2_VIDEO_KEYS:
+        state[f"grounding_encoder.sam2_model.{key}"] = torch.zeros(2)
+    for name, value in projection.state_dict().items():
+        state[f"text_hidden_fcs.{name}"] = value.clone()
+    state["vp_extractor.weight"] = torch.zeros(2)  # a part segvlm has no place for: reported, not loaded
+    return state
+
+
+@pytest.mark.parametrize("llm", ["qwen2", "internlm2"])
+def test_sa2va_import_maps_every_weight(llm, tmp_path):
+    from safetensors.torch import save_file
+    from transformers import AutoModelForImageTextToText, LlamaConfig
+
+    from medtune.models.sa2va_import import import_sa2va
+    from medtune.models.segvlm.model import new_projection
+    from medtune.models.segvlm.tiny import TINY_TEXT, tiny_sam, tiny_tokenizer, tiny_vlm_config
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer("internvl")
+    tokenizer.add_tokens(["[SEG]"], special_tokens=True)
+    config = tiny_vlm_config("internvl", tokenizer, tie_word_embeddings=False)
+    if llm == "internlm2":
+        config.text_config = LlamaConfig(**TINY_TEXT, vocab_size=len(tokenizer), tie_word_embeddings=False)
+    config.vision_config.attention_bias = True  # InternViT-300M has qkv biases
+    vlm = AutoModelForImageTextToText.from_config(config)
+    sam, projection = tiny_sam("sam2"), new_projection(TINY_TEXT["hidden_size"], 32)
+    # SAM 2 has one positional Gaussian matrix (the prompt encoder's pe_layer); transformers keeps two equal copies
+    sam.shared_image_embedding.positional_embedding.copy_(sam.prompt_encoder.shared_embedding.positional_embedding)
+    state = _fake_sa2va(vlm, sam, projection, llama=llm == "internlm2")
+    sam_keys = [k.removeprefix("grounding_encoder.sam2_model.") for k in state]
+    assert set(SAM2_ANCHORS) <= set(sam_keys) and set(INTERNVL_ANCHORS) <= set(state)
+    assert llm != "internlm2" or set(INTERNLM2_ANCHORS) <= set(state)
+
+    src = tmp_path / "Sa2VA-tiny"
+    tokenizer.save_pretrained(src)
+    save_file(state, str(src / "model.safetensors"))
+    vision = config.vision_config
+    llm_config = {**config.text_config.to_dict(), "architectures": [
+        "InternLM2ForCausalLM" if llm == "internlm2" else "Qwen2ForCausalLM"]}
+    (src / "config.json").write_text(json.dumps({
+        "architectures": ["Sa2VAChatModel"], "auto_map": {"AutoModel": "modeling_sa2va_chat.Sa2VAChatModel"},
+        "vision_config": {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b", "hidden_size": 32,
+                          "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+                          "image_size": 56, "patch_size": 14, "qkv_bias": True, "qk_normalization": False,
+                          "norm_type": "layer_norm", "layer_norm_eps": vision.layer_norm_eps, "drop_path_rate": 0.0,
+                          "use_flash_attn": False, "hidden_act": "gelu", "initializer_factor": 0.1},
+        "llm_config": llm_config, "downsample_ratio": 0.5, "select_layer": -1, "ps_version": "v2",
+        "template": "qwen_chat", "force_image_size": 56,
+    }))
+    out = import_sa2va(src, tmp_path / "composed", sam_config=sam.config)
+    meta = json.loads((out / "segvlm.json").read_text())
+    assert meta["unused_keys"] == ["vp_extractor.weight"]
+
+    seg = build_model(_cfg(path=str(out), finetune="full")).eval()
+    net = seg.base_network
+    for got, want in ((net.vlm, vlm), (net.sam, sam), (net.seg_projection, projection)):
+        got_sd, want_sd = got.state_dict(), want.state_dict()
+        assert set(got_sd) == set(want_sd)
+        assert all(torch.equal(got_sd[k], want_sd[k]) for k in want_sd), [k for k in want_sd
+                                                                           if not torch.equal(got_sd[k], want_sd[k])]
+    assert seg.text_codec().decode(seg.text_codec().encode(QUESTION, ANSWER)["input_ids"]).count("<IMG_CONTEXT>") == 4
+    with torch.no_grad():
+        assert seg(batch=_batch(seg, [(QUESTION, ANSWER)])).mask_logits.shape == (1, 1, 40, 48)
