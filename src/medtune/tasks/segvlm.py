@@ -5,8 +5,8 @@ Training is teacher-forced: the question (the referring expression, or ``task.pr
 data without text) and the answer (``task.answer``, "It is [SEG].", once per target) are tokenised by the model's
 own text codec, and one forward gives the answer's LM loss and one mask per ``[SEG]``. The loss is ComboLoss on the
 masks (default BCE 2 / Dice 0.5, as Sa2VA and LISA use: ``config.SEGVLM_LOSS``, unless the config sets ``loss``)
-+ ``task.lm_weight`` x the LM cross-entropy on the answer tokens. Evaluation uses the same teacher-forced prompt, so the masks are probabilities
-and calibration, metrics, CIs, reports and compare work as for the other families.
++ ``task.lm_weight`` x the LM cross-entropy on the answer tokens. Evaluation uses the same teacher-forced prompt,
+so the masks are probabilities and calibration, metrics, CIs, reports and compare work as for the other families.
 """
 from __future__ import annotations
 
