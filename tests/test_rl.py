@@ -100,10 +100,12 @@ def test_reference_runs_with_adapters_disabled_and_leaves_no_gradient():
 @pytest.mark.ci
 def test_rl_recipe_from_a_supervised_parent(tmp_path):
     from medtune.evaluate import evaluate_run
+    from medtune.report.compare import compare_runs
+    from medtune.runs.files import load_run_config
     from medtune.train.rl import train as train_rl
     from medtune.train.sft import train as train_sft
 
-    parent = train_sft(tiny_cfg(tmp_path, steps=4, name="parent"))
+    parent = train_sft(tiny_cfg(tmp_path, "eval.tta=true", "eval.overlap=0.5", steps=4, name="parent"))
     cfg = build_config({}, [
         "objective=rl", "run.name=rl", f"run.output_dir={tmp_path / 'runs'}", f"rl.init_from={parent}",
         "rl.group_size=4", "rl.reward=recall_focused", "optim.max_steps=4", "optim.warmup_steps=1",
@@ -116,7 +118,12 @@ def test_rl_recipe_from_a_supervised_parent(tmp_path):
     assert json.loads((run / "preflight.json").read_text())["passed"]
     records = [r for r in read_metrics(run) if "reward_mean" in r]
     assert len(records) == 4 and {"kl", "clip_fraction", "entropy", "reward_recall"} <= set(records[0])
+    # the parent's evaluation settings, with what the RL config set explicitly on top
+    adopted = load_run_config(run).eval
+    assert (adopted.tta, adopted.overlap, adopted.roi_size, adopted.bootstrap) == (True, 0.5, 32, 20)
     assert evaluate_run(run)["n_images"] == 2
+    evaluate_run(parent)
+    assert "paired over 2 common image(s)" in compare_runs([parent, run])  # evaluated alike: no refusal
 
 
 def test_reference_context_keeps_sam_trainable_set():

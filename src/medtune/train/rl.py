@@ -41,8 +41,8 @@ log = logging.getLogger("medtune")
 # ---- start point ---------------------------------------------------------------------------------------------------
 def adopt_parent(cfg: Config, run_dir: Path, is_main: bool) -> Config:
     """`rl.init_from: RUN`: the parent's best weights (base + merged adapter, or fully trained weights) become this
-    run's frozen base = the KL reference, and a fresh LoRA adapter on top is the policy. Same split as the parent, so
-    the comparison is paired on the same test images."""
+    run's frozen base = the KL reference, and a fresh LoRA adapter on top is the policy. Same split and evaluation
+    settings as the parent, so the comparison is paired on the same test images, scored the same way."""
     parent = Path(cfg.rl.init_from)
     reference_dir = run_dir / "reference-model"
     parent_cfg = load_run_config(parent)
@@ -62,6 +62,10 @@ def adopt_parent(cfg: Config, run_dir: Path, is_main: bool) -> Config:
     if cfg.data.path is None:  # the parent's data, with what this config sets explicitly on top
         own = cfg.data.model_dump(mode="json", include=cfg.data.model_fields_set)
         tree["data"] = {**parent_cfg.data.model_dump(mode="json"), **own}
+    # the parent's evaluation (TTA, tiling, calibration), with what this config sets explicitly on top: RL vs
+    # parent must be scored the same way, or `medtune compare` measures the evaluation change, not the RL
+    own_eval = cfg.eval.model_dump(mode="json", include=cfg.eval.model_fields_set)
+    tree["eval"] = {**parent_cfg.eval.model_dump(mode="json"), **own_eval}
     adopted = Config.model_validate(tree)
     if is_main:
         write_run_files(run_dir, adopted)
