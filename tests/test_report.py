@@ -401,6 +401,17 @@ def test_run_cv(tmp_path):
     assert trained == []
 
 
+def test_run_cv_refuses_rl_from_a_parent(tmp_path):
+    """Every fold would copy the parent's split.json: k identical test sets reported as k folds."""
+    from medtune.report.cv import run_cv
+
+    cfg = build_config({}, ["objective=rl", "rl.init_from=runs/parent", f"run.output_dir={tmp_path}"])
+    trained = []
+    with pytest.raises(ValueError, match=r"rl\.init_from=runs/parent reuses that run's split in every fold") as err:
+        run_cv(cfg, 3, train_fn=trained.append, evaluate_fn=trained.append)
+    assert trained == [] and "\n" not in str(err.value)
+
+
 def test_compare_warns_when_too_few_pairs(tmp_path, data_dir):
     from medtune.report.compare import compare_runs
 
