@@ -11,6 +11,7 @@ from torch import nn
 
 from medtune.config import build_config
 from medtune.models.base import SegModel
+from medtune.policy import group_logprob
 from medtune.runs.files import read_metrics
 from medtune.train.rl import rl_loss, rollout
 
@@ -94,6 +95,31 @@ def test_reference_runs_with_adapters_disabled_and_leaves_no_gradient():
     loss, _ = rl_loss(roll["logits"], roll, batch, cfg, None)
     loss.backward()
     assert base_conv.weight.grad is None  # the frozen base received nothing, neither from the policy nor the KL
+
+
+def test_sum_reduction_scales_every_term_like_the_policy_term():
+    """logprob_reduction: sum multiplies the policy gradient by the pixel count N; KL, entropy and the ComboLoss mix
+    must scale the same way, so that kl_coef / entropy_coef / sft_mix mean the same under both reductions."""
+    from medtune.losses import ComboLoss
+
+    torch.manual_seed(0)
+    batch = toy_batch()
+    n_pixels = batch["fov"][0].sum()  # every image has the same FOV size, so "sum" = N x "mean" exactly
+    start, ref_logits = torch.randn(4, 1, 12, 12), torch.randn(4, 1, 12, 12)
+    masks = torch.bernoulli(torch.sigmoid(start).unsqueeze(1).expand(-1, 8, -1, -1, -1))
+    advantages = torch.randn(4, 8)
+    grads = {}
+    for reduction in ("mean", "sum"):
+        cfg = build_config({}, [f"rl.logprob_reduction={reduction}", "rl.kl_coef=0.3", "rl.entropy_coef=0.1",
+                                "rl.sft_mix=0.5"])
+        logits = start.clone().requires_grad_(True)
+        roll = {"masks": masks, "ref_logits": ref_logits, "advantages": advantages, "fov": batch["fov"],
+                "target": batch["mask"],
+                "old_logprob": group_logprob(start, masks, batch["fov"], reduction=reduction)}  # ratio 1
+        loss, _ = rl_loss(logits, roll, batch, cfg, ComboLoss(cfg.loss))
+        loss.backward()
+        grads[reduction] = logits.grad
+    assert torch.allclose(grads["sum"], n_pixels * grads["mean"], rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.slow

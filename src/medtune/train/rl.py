@@ -136,13 +136,19 @@ def rollout(model, reference, batch: dict, cfg: Config, weights: dict[str, float
 
 
 def rl_loss(logits, roll: dict, batch: dict, cfg: Config, combo: ComboLoss | None):
-    new_logprob = group_logprob(logits, roll["masks"], batch["fov"], cfg.rl.temperature, cfg.rl.logprob_reduction)
+    """With logprob_reduction "sum" every term is per image (the per-pixel ones summed over the FOV), so kl_coef,
+    entropy_coef and sft_mix weigh against the policy term as they do under "mean"."""
+    reduction = cfg.rl.logprob_reduction
+    new_logprob = group_logprob(logits, roll["masks"], batch["fov"], cfg.rl.temperature, reduction)
     pg, clip_fraction, ratio = clipped_objective(new_logprob, roll["old_logprob"], roll["advantages"], cfg.rl.clip_eps)
-    kl = bernoulli_kl(logits, roll["ref_logits"], batch["fov"], cfg.rl.temperature)
-    entropy = bernoulli_entropy(logits, batch["fov"], cfg.rl.temperature)
+    kl = bernoulli_kl(logits, roll["ref_logits"], batch["fov"], cfg.rl.temperature, reduction)
+    entropy = bernoulli_entropy(logits, batch["fov"], cfg.rl.temperature, reduction)
     loss = pg + cfg.rl.kl_coef * kl - cfg.rl.entropy_coef * entropy
     if combo is not None and cfg.rl.sft_mix > 0:
-        loss = loss + cfg.rl.sft_mix * combo(logits, batch["mask"], batch["fov"])[0]
+        sft = combo(logits, batch["mask"], batch["fov"])[0]
+        if reduction == "sum":  # ComboLoss is a per-pixel mean (Dice alike): scale it by the FOV pixels per image
+            sft = sft * batch["fov"].sum(dim=(1, 2, 3)).mean()
+        loss = loss + cfg.rl.sft_mix * sft
     stats = {"pg_loss": float(pg.detach()), "kl": float(kl.detach()), "entropy": float(entropy.detach()),
              "clip_fraction": float(clip_fraction),
              "ratio": float(ratio)}
