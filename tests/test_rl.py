@@ -122,6 +122,30 @@ def test_sum_reduction_scales_every_term_like_the_policy_term():
     assert torch.allclose(grads["sum"], n_pixels * grads["mean"], rtol=1e-4, atol=1e-7)
 
 
+def test_rl_policy_ratio_is_exactly_one_while_the_weights_do_not_change(tmp_path, monkeypatch):
+    """lr 0 and a trained-looking adapter (LoRA-B != 0, lora.dropout 0.5): the second inner epoch's forward must give
+    the sampling forward's log-probs exactly; with adapter dropout on, each forward would draw its own mask."""
+    import medtune.train.rl as rl
+
+    build = rl.build_model
+
+    def build_with_trained_adapter(cfg):
+        model = build(cfg)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.fill_(0.3)  # a fresh adapter (B = 0) would hide any dropout on its input
+        return model
+
+    monkeypatch.setattr(rl, "build_model", build_with_trained_adapter)
+    cfg = tiny_cfg(tmp_path, "objective=rl", "model.finetune=lora", "lora.r=4", "lora.dropout=0.5", "optim.lr=0",
+                   "rl.group_size=2", "rl.inner_epochs=2", "train.preflight=false", "train.eval_every=100",
+                   "data.batch_size=2", steps=3, name="rl")
+    run = rl.train(cfg)
+    ratios = [r["ratio"] for r in read_metrics(run) if "ratio" in r]
+    assert ratios == [1.0, 1.0, 1.0]
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_rl_recipe_from_a_supervised_parent(tmp_path):

@@ -155,6 +155,21 @@ def rl_loss(logits, roll: dict, batch: dict, cfg: Config, combo: ComboLoss | Non
     return loss, stats
 
 
+DROPOUT_LAYERS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+                  torch.nn.FeatureAlphaDropout)
+
+
+def disable_dropout(model: torch.nn.Module, cfg: Config) -> None:
+    """The PPO ratio compares later forwards with the sampling forward of the same weights: with dropout on (the
+    adapter's lora.dropout included) each forward draws its own mask and the ratio drifts with unchanged weights."""
+    active = [m for m in model.modules() if isinstance(m, DROPOUT_LAYERS) and m.p > 0]
+    for m in active:
+        m.p = 0.0
+    if active:
+        log.info("RL: dropout off in %d modules (lora.dropout=%s not used): rollouts and updates must see the same "
+                 "policy", len(active), cfg.lora.dropout)
+
+
 def reward_weights(cfg: Config) -> dict[str, float]:
     for name, path in cfg.rl.custom_rewards.items():
         register_reward(name, load_reward(path))
@@ -198,6 +213,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
         raise ValueError("objective: rl needs finetune: lora (the KL reference is the model with adapters disabled); "
                          "set model.path or rl.init_from to a pretrained model")
     model = build_model(cfg).to(device)
+    disable_dropout(model, cfg)
     combo = ComboLoss(cfg.loss) if cfg.rl.sft_mix > 0 else None
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
