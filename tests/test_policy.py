@@ -82,3 +82,15 @@ def test_kl_and_entropy_are_means_of_per_sample_terms():
         whole = fn(*args, fov)
         halves = (fn(*(a[:2] for a in args), fov[:2]) + fn(*(a[2:] for a in args), fov[2:])) / 2
         assert torch.allclose(whole, halves, atol=1e-6)
+
+
+def test_kl_and_entropy_sum_reduction_sums_over_each_fov():
+    """reduction="sum" = per-image sum over the FOV (as group_logprob's), then the mean over images."""
+    logits, ref = torch.randn(3, 1, 5, 5), torch.randn(3, 1, 5, 5)
+    fov = torch.ones(3, 1, 5, 5)
+    fov[1, :, :2] = 0  # 15 pixels instead of 25
+    counts = fov.sum(dim=(1, 2, 3))
+    for fn, args in ((bernoulli_kl, (logits, ref)), (bernoulli_entropy, (logits,))):
+        per_image = torch.stack([fn(*(a[i:i + 1] for a in args), fov[i:i + 1]) for i in range(3)])
+        assert torch.allclose(fn(*args, fov), per_image.mean())
+        assert torch.allclose(fn(*args, fov, reduction="sum"), (per_image * counts).mean())

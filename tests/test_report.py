@@ -46,11 +46,11 @@ def per_image_values(better: bool) -> dict[str, np.ndarray]:
 
 
 def write_run(root: Path, name: str, data: Path, better: bool, lora_r: int, test_ids=TEST_IDS,
-              rl: bool = False) -> Path:
+              rl: bool = False, overrides: tuple[str, ...] = ()) -> Path:
     run = root / name
     (run / "eval" / "test").mkdir(parents=True)
     cfg = build_config({}, [f"run.name={name}", f"run.output_dir={root}", "data.layout=generic", f"data.path={data}",
-                            "model.finetune=lora", f"lora.r={lora_r}", "optim.max_steps=40"])
+                            "model.finetune=lora", f"lora.r={lora_r}", "optim.max_steps=40", *overrides])
     (run / "config.yaml").write_text(cfg.to_yaml())
     (run / "split.json").write_text(json.dumps({"train": ["images/img0"], "val": ["images/img1"],
                                                 "test": list(test_ids)}))
@@ -264,6 +264,31 @@ def test_compare_needs_eval(tmp_path, runs):
         compare_runs([runs[0]])
 
 
+def test_compare_refuses_runs_evaluated_differently(tmp_path, data_dir, runs):
+    """A flip-TTA baseline against a run evaluated without TTA: the difference would be partly the TTA."""
+    from medtune.report.compare import compare_runs
+
+    tta = write_run(tmp_path, "run-tta", data_dir, better=False, lora_r=8, overrides=("eval.tta=true",))
+    for at in ("cal", "t050"):
+        with pytest.raises(ValueError, match=r"evaluated with different settings: eval\.tta \(run-tta=true, "
+                                             r"run-b=false\).*--allow-eval-mismatch") as err:
+            compare_runs([tta, runs[1]], at=at)
+        assert "\n" not in str(err.value)
+    text = compare_runs([tta, runs[1]], allow_eval_mismatch=True)
+    assert "NOTE: The runs were evaluated with different settings (eval.tta (run-tta=true, run-b=false))" in text
+    # tiling counts; the calibration strategy counts only at the calibrated threshold; CI resamples do not count
+    tiled = write_run(tmp_path, "run-tiled", data_dir, better=False, lora_r=8, overrides=("eval.roi_size=64",))
+    with pytest.raises(ValueError, match=r"eval\.roi_size"):
+        compare_runs([tiled, runs[1]])
+    recall = write_run(tmp_path, "run-recall", data_dir, better=False, lora_r=8, overrides=("eval.bootstrap=10",))
+    summary = recall / "eval" / "test" / "summary.json"
+    summary.write_text(summary.read_text().replace('"strategy": "max_dice"', '"strategy": "target_recall"'))
+    with pytest.raises(ValueError, match=r"eval\.calibration \(run-recall=target_recall, run-b=max_dice\); "
+                                         r"eval\.target_recall"):
+        compare_runs([recall, runs[1]])
+    assert "better" in _line(compare_runs([recall, runs[1]], at="t050"), "dice")
+
+
 def test_config_differences_flatten():
     from medtune.report.compare import config_differences
 
@@ -374,6 +399,17 @@ def test_run_cv(tmp_path):
     trained.clear()
     assert run_cv(cfg, 3, train_fn=fake_train, evaluate_fn=fake_eval).splitlines()[:5] == text.splitlines()[:5]
     assert trained == []
+
+
+def test_run_cv_refuses_rl_from_a_parent(tmp_path):
+    """Every fold would copy the parent's split.json: k identical test sets reported as k folds."""
+    from medtune.report.cv import run_cv
+
+    cfg = build_config({}, ["objective=rl", "rl.init_from=runs/parent", f"run.output_dir={tmp_path}"])
+    trained = []
+    with pytest.raises(ValueError, match=r"rl\.init_from=runs/parent reuses that run's split in every fold") as err:
+        run_cv(cfg, 3, train_fn=trained.append, evaluate_fn=trained.append)
+    assert trained == [] and "\n" not in str(err.value)
 
 
 def test_compare_warns_when_too_few_pairs(tmp_path, data_dir):

@@ -11,6 +11,7 @@ from torch import nn
 
 from medtune.config import build_config
 from medtune.models.base import SegModel
+from medtune.policy import group_logprob
 from medtune.runs.files import read_metrics
 from medtune.tasks.masks import TASK as MASKS
 from medtune.train.rl import rl_loss, rollout
@@ -97,14 +98,65 @@ def test_reference_runs_with_adapters_disabled_and_leaves_no_gradient():
     assert base_conv.weight.grad is None  # the frozen base received nothing, neither from the policy nor the KL
 
 
+def test_sum_reduction_scales_every_term_like_the_policy_term():
+    """logprob_reduction: sum multiplies the policy gradient by the pixel count N; KL, entropy and the ComboLoss mix
+    must scale the same way, so that kl_coef / entropy_coef / sft_mix mean the same under both reductions."""
+    from medtune.losses import ComboLoss
+
+    torch.manual_seed(0)
+    batch = toy_batch()
+    n_pixels = batch["fov"][0].sum()  # every image has the same FOV size, so "sum" = N x "mean" exactly
+    start, ref_logits = torch.randn(4, 1, 12, 12), torch.randn(4, 1, 12, 12)
+    masks = torch.bernoulli(torch.sigmoid(start).unsqueeze(1).expand(-1, 8, -1, -1, -1))
+    advantages = torch.randn(4, 8)
+    grads = {}
+    for reduction in ("mean", "sum"):
+        cfg = build_config({}, [f"rl.logprob_reduction={reduction}", "rl.kl_coef=0.3", "rl.entropy_coef=0.1",
+                                "rl.sft_mix=0.5"])
+        logits = start.clone().requires_grad_(True)
+        roll = {"masks": masks, "ref_logits": ref_logits, "advantages": advantages, "fov": batch["fov"],
+                "target": batch["mask"],
+                "old_logprob": group_logprob(start, masks, batch["fov"], reduction=reduction)}  # ratio 1
+        loss, _ = rl_loss(logits, roll, cfg, ComboLoss(cfg.loss))
+        loss.backward()
+        grads[reduction] = logits.grad
+    assert torch.allclose(grads["sum"], n_pixels * grads["mean"], rtol=1e-4, atol=1e-7)
+
+
+def test_rl_policy_ratio_is_exactly_one_while_the_weights_do_not_change(tmp_path, monkeypatch):
+    """lr 0 and a trained-looking adapter (LoRA-B != 0, lora.dropout 0.5): the second inner epoch's forward must give
+    the sampling forward's log-probs exactly; with adapter dropout on, each forward would draw its own mask."""
+    import medtune.train.rl as rl
+
+    build = rl.build_model
+
+    def build_with_trained_adapter(cfg):
+        model = build(cfg)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.fill_(0.3)  # a fresh adapter (B = 0) would hide any dropout on its input
+        return model
+
+    monkeypatch.setattr(rl, "build_model", build_with_trained_adapter)
+    cfg = tiny_cfg(tmp_path, "objective=rl", "model.finetune=lora", "lora.r=4", "lora.dropout=0.5", "optim.lr=0",
+                   "rl.group_size=2", "rl.inner_epochs=2", "train.preflight=false", "train.eval_every=100",
+                   "data.batch_size=2", steps=3, name="rl")
+    run = rl.train(cfg)
+    ratios = [r["ratio"] for r in read_metrics(run) if "ratio" in r]
+    assert ratios == [1.0, 1.0, 1.0]
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_rl_recipe_from_a_supervised_parent(tmp_path):
     from medtune.evaluate import evaluate_run
+    from medtune.report.compare import compare_runs
+    from medtune.runs.files import load_run_config
     from medtune.train.rl import train as train_rl
     from medtune.train.sft import train as train_sft
 
-    parent = train_sft(tiny_cfg(tmp_path, steps=4, name="parent"))
+    parent = train_sft(tiny_cfg(tmp_path, "eval.tta=true", "eval.overlap=0.5", steps=4, name="parent"))
     cfg = build_config({}, [
         "objective=rl", "run.name=rl", f"run.output_dir={tmp_path / 'runs'}", f"rl.init_from={parent}",
         "rl.group_size=4", "rl.reward=recall_focused", "optim.max_steps=4", "optim.warmup_steps=1",
@@ -117,12 +169,17 @@ def test_rl_recipe_from_a_supervised_parent(tmp_path):
     assert json.loads((run / "preflight.json").read_text())["passed"]
     records = [r for r in read_metrics(run) if "reward_mean" in r]
     assert len(records) == 4 and {"kl", "clip_fraction", "entropy", "reward_recall"} <= set(records[0])
+    # the parent's evaluation settings, with what the RL config set explicitly on top
+    adopted = load_run_config(run).eval
+    assert (adopted.tta, adopted.overlap, adopted.roi_size, adopted.bootstrap) == (True, 0.5, 32, 20)
     # `best` is chosen by what RL optimises (its reward on validation), not by Dice
     validations = [r for r in read_metrics(run) if "val_reward" in r]
     assert len(validations) == 2 and "val_dice" in validations[0]
     best = json.loads((run / "checkpoints" / "best" / "meta.json").read_text())
     assert best["val_reward"] == max(r["val_reward"] for r in validations)
     assert evaluate_run(run)["n_images"] == 2
+    evaluate_run(parent)
+    assert "paired over 2 common image(s)" in compare_runs([parent, run])  # evaluated alike: no refusal
 
 
 def test_selection_metric_follows_the_objective_unless_configured():

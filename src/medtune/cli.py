@@ -124,7 +124,7 @@ def _compare(args) -> None:
 
     at = {"calibrated": "cal", "0.5": "t050"}[args.threshold]
     print(compare_runs([Path(r) for r in args.runs], out_dir=Path(args.out) if args.out else None, split=args.split,
-                       at=at))
+                       at=at, allow_eval_mismatch=args.allow_eval_mismatch))
 
 
 def _cv(args) -> None:
@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--threshold", choices=["calibrated", "0.5"], default="calibrated",
                    help="compare at each run's calibrated threshold, or all at 0.5")
+    p.add_argument("--allow-eval-mismatch", action="store_true",
+                   help="compare runs evaluated with different eval settings (TTA, tiling, calibration) anyway")
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("cv", help="k-fold (group-aware) cross-validation")

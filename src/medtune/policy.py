@@ -5,9 +5,11 @@ Pure functions, each tested on its own:
   group_logprob     log pi(mask) = sum or mean over FOV pixels of the per-pixel Bernoulli log-likelihood
   group_advantages  (r - mean_group) / (std_group + eps)
   clipped_objective PPO's clipped-ratio surrogate, with the fraction of clipped ratios
-  bernoulli_kl      exact KL(pi || pi_ref) per pixel, mean over the FOV (analytic: no sampling noise)
-  bernoulli_entropy mean per-pixel entropy over the FOV
+  bernoulli_kl      exact KL(pi || pi_ref) per pixel, mean (or sum) over the FOV (analytic: no sampling noise)
+  bernoulli_entropy per-pixel entropy, mean (or sum) over the FOV
 The gradient reaches the model only through group_logprob / bernoulli_kl / bernoulli_entropy of the *live* logits.
+All three take the same `reduction`: with "sum" the log-prob (hence the policy gradient) grows with the pixel count,
+so KL and entropy must too, or kl_coef / entropy_coef would weigh them ~pixel-count times less than under "mean".
 """
 from __future__ import annotations
 
@@ -62,25 +64,28 @@ def clipped_objective(new_logprob: torch.Tensor, old_logprob: torch.Tensor, adva
     return loss, clip_fraction.detach(), ratio.detach().mean()
 
 
-def _masked_mean(values: torch.Tensor, fov: torch.Tensor | None) -> torch.Tensor:
-    """Mean over each image's FOV pixels, then over images: a mean of per-sample terms, so data-parallel halves of
-    a batch average to the whole batch's value (as ComboLoss does)."""
+def _masked_reduce(values: torch.Tensor, fov: torch.Tensor | None, reduction: str = "mean") -> torch.Tensor:
+    """Mean (or sum) over each image's FOV pixels, then mean over images: a mean of per-sample terms, so
+    data-parallel halves of a batch average to the whole batch's value (as ComboLoss does)."""
     w = _fov_weights(fov, values)
-    per_sample = (values * w).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3)).clamp(min=1.0)
+    per_sample = (values * w).sum(dim=(1, 2, 3))
+    if reduction != "sum":
+        per_sample = per_sample / w.sum(dim=(1, 2, 3)).clamp(min=1.0)
     return per_sample.mean()
 
 
 def bernoulli_kl(logits: torch.Tensor, ref_logits: torch.Tensor, fov: torch.Tensor | None,
-                 temperature: float = 1.0) -> torch.Tensor:
-    """Mean over FOV pixels of KL(Bern(p) || Bern(q)), p from `logits`, q from the frozen reference."""
+                 temperature: float = 1.0, reduction: str = "mean") -> torch.Tensor:
+    """Mean (or sum) over FOV pixels of KL(Bern(p) || Bern(q)), p from `logits`, q from the frozen reference."""
     lp, lq = logits.float() / temperature, ref_logits.detach().float() / temperature
     p = torch.sigmoid(lp)
     kl = p * (F.logsigmoid(lp) - F.logsigmoid(lq)) + (1 - p) * (F.logsigmoid(-lp) - F.logsigmoid(-lq))
-    return _masked_mean(kl, fov)
+    return _masked_reduce(kl, fov, reduction)
 
 
-def bernoulli_entropy(logits: torch.Tensor, fov: torch.Tensor | None, temperature: float = 1.0) -> torch.Tensor:
+def bernoulli_entropy(logits: torch.Tensor, fov: torch.Tensor | None, temperature: float = 1.0,
+                      reduction: str = "mean") -> torch.Tensor:
     lp = logits.float() / temperature
     p = torch.sigmoid(lp)
     entropy = -(p * F.logsigmoid(lp) + (1 - p) * F.logsigmoid(-lp))
-    return _masked_mean(entropy, fov)
+    return _masked_reduce(entropy, fov, reduction)

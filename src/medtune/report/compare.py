@@ -102,6 +102,35 @@ def config_differences(configs: list[dict]) -> list[tuple[str, list]]:
     return diffs
 
 
+def eval_settings(e: RunEval, at: str) -> dict[str, object]:
+    """The evaluation settings that change a run's per-image metrics: TTA, the sliding-window tiling and, at the
+    calibrated threshold, the calibration actually used (the summary records `medtune eval --calibration`).
+    eval.bootstrap and eval.sw_batch_size are left out: they change only per-run CIs and batching."""
+    flat = flatten(e.config)
+    settings = {"eval.tta": flat.get("eval.tta", False),
+                "eval.roi_size": flat.get("eval.roi_size") or flat.get("data.patch_size"),
+                "eval.overlap": flat.get("eval.overlap")}
+    if at == "cal":
+        strategy = (e.summary.get("calibration") or {}).get("strategy") or flat.get("eval.calibration")
+        settings["eval.calibration"] = strategy
+        if strategy == "max_fbeta":
+            settings["eval.beta"] = flat.get("eval.beta")
+        if strategy == "target_recall":
+            settings["eval.target_recall"] = flat.get("eval.target_recall")
+    return settings
+
+
+def eval_mismatch(evals: list[RunEval], at: str) -> str | None:
+    """'key (label=value, ...); ...' for every evaluation setting that differs between the runs, else None."""
+    settings = [eval_settings(e, at) for e in evals]
+    keys = list(dict.fromkeys(k for s in settings for k in s))
+    differing = [k for k in keys if len({json.dumps(s.get(k), default=str) for s in settings}) > 1]
+    if not differing:
+        return None
+    return "; ".join(f"{k} (" + ", ".join(f"{e.label}={_value_text(s.get(k, '—'))}" for e, s in zip(evals, settings))
+                     + ")" for k in differing)
+
+
 def paired_test(baseline: np.ndarray, other: np.ndarray, lower_is_better: bool) -> Comparison:
     """Paired comparison of `other` against `baseline` over the same images (NaN pairs dropped by the test).
 
@@ -323,9 +352,12 @@ def _html(evals, common, split, header, body, rows, notes, diffs) -> str:
     return page("medtune compare: " + " vs ".join(e.label for e in evals), "\n".join(parts))
 
 
-def compare_runs(runs: list[Path], out_dir: Path | None = None, split: str = "test", at: str = "cal") -> str:
+def compare_runs(runs: list[Path], out_dir: Path | None = None, split: str = "test", at: str = "cal",
+                 allow_eval_mismatch: bool = False) -> str:
     """The comparison table as text; with ``out_dir`` also compare.{md,csv,html} there. ``at`` = "cal" (each run's
-    calibrated threshold) or "t050" (all runs at 0.5: a policy change is not re-absorbed by re-calibration)."""
+    calibrated threshold) or "t050" (all runs at 0.5: a policy change is not re-absorbed by re-calibration).
+    Runs evaluated with different settings (e.g. one with flip TTA) are refused unless ``allow_eval_mismatch``: the
+    difference would mix the evaluation change into the model change."""
     if at not in ("cal", "t050"):
         raise ValueError(f"threshold must be 'cal' or 't050', got {at!r}")
     if len(runs) < 2:
@@ -336,7 +368,15 @@ def compare_runs(runs: list[Path], out_dir: Path | None = None, split: str = "te
         return compare_answer_runs([Path(r) for r in runs], out_dir, split)
     evals = [load_run_eval(Path(r), split) for r in runs]
     _unique_labels(evals)
+    mismatch = eval_mismatch(evals, at)
+    if mismatch and not allow_eval_mismatch:
+        raise ValueError(f"the runs were evaluated with different settings: {mismatch}; re-evaluate them with the same "
+                         "settings (the eval section of each run's config.yaml, then `medtune eval RUN`) or pass "
+                         "--allow-eval-mismatch")
     common, notes = image_set_notes(evals)
+    if mismatch:
+        notes.append(f"The runs were evaluated with different settings ({mismatch}): the differences below include "
+                     "the effect of the evaluation change, not only of the models.")
     data_keys = ("data.path", "data.layout", "data.synthetic.domain", "data.synthetic.seed")
     flat = [flatten(e.config) for e in evals]
     differing = [k for k in data_keys if len({json.dumps(f.get(k), default=str) for f in flat}) > 1]

@@ -134,6 +134,11 @@ def run_cv(cfg: Config, folds: int, train_fn: Callable[[Config], Path] | None = 
     """
     if folds < 2:
         raise ValueError(f"cross-validation needs at least 2 folds (got {folds})")
+    if cfg.objective == "rl" and cfg.rl.init_from:
+        # adopt_parent copies the parent's split.json, so every fold would be tested on the parent's test images
+        raise ValueError(f"objective rl with rl.init_from={cfg.rl.init_from} reuses that run's split in "
+                         "every fold, so the folds would not differ; cross-validate the supervised config instead, "
+                         "or train RL from each fold's run (rl.init_from=<name>-cv<k>-fold<i>) yourself")
     train_fn = train_fn or _default_train
     evaluate_fn = evaluate_fn or _default_evaluate
     run_dirs: list[Path] = []

@@ -43,8 +43,8 @@ log = logging.getLogger("medtune")
 # ---- start point ---------------------------------------------------------------------------------------------------
 def adopt_parent(cfg: Config, run_dir: Path, is_main: bool) -> Config:
     """`rl.init_from: RUN`: the parent's best weights (base + merged adapter, or fully trained weights) become this
-    run's frozen base = the KL reference, and a fresh LoRA adapter on top is the policy. Same split as the parent, so
-    the comparison is paired on the same test images."""
+    run's frozen base = the KL reference, and a fresh LoRA adapter on top is the policy. Same split and evaluation
+    settings as the parent, so the comparison is paired on the same test images, scored the same way."""
     parent = Path(cfg.rl.init_from)
     reference_dir = run_dir / "reference-model"
     parent_cfg = load_run_config(parent)
@@ -64,6 +64,10 @@ def adopt_parent(cfg: Config, run_dir: Path, is_main: bool) -> Config:
     if cfg.data.path is None:  # the parent's data, with what this config sets explicitly on top
         own = cfg.data.model_dump(mode="json", include=cfg.data.model_fields_set)
         tree["data"] = {**parent_cfg.data.model_dump(mode="json"), **own}
+    # the parent's evaluation (TTA, tiling, calibration), with what this config sets explicitly on top: RL vs
+    # parent must be scored the same way, or `medtune compare` measures the evaluation change, not the RL
+    own_eval = cfg.eval.model_dump(mode="json", include=cfg.eval.model_fields_set)
+    tree["eval"] = {**parent_cfg.eval.model_dump(mode="json"), **own_eval}
     adopted = Config.model_validate(tree)
     if is_main:
         write_run_files(run_dir, adopted)
@@ -139,18 +143,38 @@ def rollout(model, reference, task: Task, batch: dict, cfg: Config, weights: dic
 
 
 def rl_loss(logits, roll: dict, cfg: Config, combo: ComboLoss | None):
-    fov = roll["fov"]
-    new_logprob = group_logprob(logits, roll["masks"], fov, cfg.rl.temperature, cfg.rl.logprob_reduction)
+    """With logprob_reduction "sum" every term is per image (the per-pixel ones summed over the FOV), so kl_coef,
+    entropy_coef and sft_mix weigh against the policy term as they do under "mean"."""
+    reduction, fov = cfg.rl.logprob_reduction, roll["fov"]
+    new_logprob = group_logprob(logits, roll["masks"], fov, cfg.rl.temperature, reduction)
     pg, clip_fraction, ratio = clipped_objective(new_logprob, roll["old_logprob"], roll["advantages"], cfg.rl.clip_eps)
-    kl = bernoulli_kl(logits, roll["ref_logits"], fov, cfg.rl.temperature)
-    entropy = bernoulli_entropy(logits, fov, cfg.rl.temperature)
+    kl = bernoulli_kl(logits, roll["ref_logits"], fov, cfg.rl.temperature, reduction)
+    entropy = bernoulli_entropy(logits, fov, cfg.rl.temperature, reduction)
     loss = pg + cfg.rl.kl_coef * kl - cfg.rl.entropy_coef * entropy
     if combo is not None and cfg.rl.sft_mix > 0:
-        loss = loss + cfg.rl.sft_mix * combo(logits, roll["target"], fov)[0]
+        sft = combo(logits, roll["target"], fov)[0]
+        if reduction == "sum":  # ComboLoss is a per-pixel mean (Dice alike): scale it by the FOV pixels per image
+            sft = sft * fov.sum(dim=(1, 2, 3)).mean()
+        loss = loss + cfg.rl.sft_mix * sft
     stats = {"pg_loss": float(pg.detach()), "kl": float(kl.detach()), "entropy": float(entropy.detach()),
              "clip_fraction": float(clip_fraction),
              "ratio": float(ratio)}
     return loss, stats
+
+
+DROPOUT_LAYERS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+                  torch.nn.FeatureAlphaDropout)
+
+
+def disable_dropout(model: torch.nn.Module, cfg: Config) -> None:
+    """The PPO ratio compares later forwards with the sampling forward of the same weights: with dropout on (the
+    adapter's lora.dropout included) each forward draws its own mask and the ratio drifts with unchanged weights."""
+    active = [m for m in model.modules() if isinstance(m, DROPOUT_LAYERS) and m.p > 0]
+    for m in active:
+        m.p = 0.0
+    if active:
+        log.info("RL: dropout off in %d modules (lora.dropout=%s not used): rollouts and updates must see the same "
+                 "policy", len(active), cfg.lora.dropout)
 
 
 def reward_weights(cfg: Config) -> dict[str, float]:
@@ -217,6 +241,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
         raise ValueError("objective: rl needs finetune: lora (the KL reference is the model with adapters disabled); "
                          "set model.path or rl.init_from to a pretrained model")
     model = build_model(cfg).to(device)
+    disable_dropout(model, cfg)
     dataset = task.train_dataset(train_samples, cfg, model)
     combo = ComboLoss(cfg.loss) if cfg.rl.sft_mix > 0 else None
     optimizer = make_optimizer(model, cfg)
