@@ -227,3 +227,26 @@ def test_segvlm_demo_fast_mode_runs_end_to_end(tmp_path):
     assert 0.0 <= result["dice_before"] <= 1.0 and 0.0 <= result["dice_after"] <= 1.0
     assert isinstance(result["generated_answer"], str)
     assert (tmp_path / "demo" / "demo_result.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_rl_from_a_parent_composed_from_folders_with_an_untied_head(tmp_path):
+    """A real-data parent is composed from vlm_path + sam_path (here LLaVA-style, untied lm_head): RL adopts the
+    exported reference, the parent's task (its prompt) and loss, and its preflight passes (no LM term in RL, so the
+    untied [SEG] output row is not trained)."""
+    from medtune.models.segvlm.tiny import save_tiny_parts
+    from medtune.runs.files import load_run_config
+    from medtune.train import train
+
+    vlm_path, sam_path = save_tiny_parts(tmp_path / "parts", vlm="llava", sam="sam2", tie_word_embeddings=False)
+    parts = ("model.config={}", f"model.vlm.vlm_path={vlm_path}", f"model.vlm.sam_path={sam_path}")
+    parent = train(segvlm_cfg(tmp_path, "parent", steps=2, extra=parts + ("train.eval_every=2",)))
+    rl_cfg = build_config({}, [
+        "objective=rl", "run.name=rl", f"run.output_dir={tmp_path / 'runs'}", f"rl.init_from={parent}",
+        "rl.group_size=2", "optim.max_steps=1", "train.eval_every=1", "train.trackers=[]", "lora.r=4"])
+    run = train(rl_cfg)
+    adopted = load_run_config(run)
+    assert adopted.task.class_name == "blood vessel" and adopted.loss.bce == 2.0
+    assert adopted.model.vlm.vlm_path is None and adopted.model.path.endswith("reference-model")
+    assert json.loads((run / "preflight.json").read_text())["passed"]

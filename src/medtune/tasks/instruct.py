@@ -189,7 +189,11 @@ def teacher_forced_loss(model, samples: list[LoadedSample], cfg: Config, device)
 def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict[str, float]:
     """val_accuracy (picks `best`), val_macro_f1, val_invalid_rate from greedy answers; val_lm_loss teacher-forced."""
     require_conversations(val)
-    labels = resolve_labels(cfg, val)
+    # the label set of the whole data set, as `medtune eval` uses: a small (or capped) val split may miss a class,
+    # and an answer naming it must count as a wrong label, not as an invalid answer
+    from medtune.data.layouts import discover
+
+    labels = resolve_labels(cfg, discover(cfg.data))
     rows = score(val, generate_answers(model, val, cfg, device, "val answers"), labels, cfg)
     scored = [r for r in rows if r["reference_label"]]
     out = {"val_lm_loss": teacher_forced_loss(model, val, cfg, device)}

@@ -60,7 +60,15 @@ def adopt_parent(cfg: Config, run_dir: Path, is_main: bool) -> Config:
         (run_dir / "parent.json").write_text(json.dumps({"parent_run": str(parent), "checkpoint": str(ckpt)}, indent=2))
     tree = cfg.model_dump(mode="json")
     tree["model"] = {**parent_cfg.model.model_dump(mode="json"), "path": str(reference_dir), "finetune": "lora",
-                     "quantize_4bit": cfg.model.quantize_4bit, "gradient_checkpointing": cfg.model.gradient_checkpointing}
+                     "quantize_4bit": cfg.model.quantize_4bit, "gradient_checkpointing": cfg.model.gradient_checkpointing,
+                     # the exported reference folder replaces whatever the parent was composed from
+                     "config": {}}
+    tree["model"]["vlm"] = {**tree["model"].get("vlm", {}), "vlm_path": None, "sam_path": None}
+    # what the parent was asked (task: prompt, class, answer) and trained with (loss): RL starts where it left off
+    for section in ("task", "loss"):
+        parent_section, own = getattr(parent_cfg, section), getattr(cfg, section)
+        tree[section] = {**parent_section.model_dump(mode="json"),
+                         **own.model_dump(mode="json", include=own.model_fields_set)}
     if cfg.data.path is None:  # the parent's data, with what this config sets explicitly on top
         own = cfg.data.model_dump(mode="json", include=cfg.data.model_fields_set)
         tree["data"] = {**parent_cfg.data.model_dump(mode="json"), **own}

@@ -91,5 +91,6 @@ def build_segvlm(cfg: Config) -> SegVLMModel:
     # LLM LoRA behind frozen embeddings under checkpointing needs the embeddings' output to require grad (pitfall 3).
     net.vlm = prepare_for_training(net.vlm, cfg, input_grads=True)
     seg = SegVLMModel(net, cfg.data.channels, processing, codec, vcfg)
-    seg.lm_loss_trained = cfg.task.lm_weight > 0
+    # RL's loss has no LM term (the masks read the hidden state before lm_head): like lm_weight=0 for the output row
+    seg.lm_loss_trained = cfg.task.lm_weight > 0 and cfg.objective != "rl"
     return seg
