@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -89,8 +90,10 @@ def load_split_samples(cfg: Config, data: RunData, name: str, run_dir: Path | No
     if data.target_scale is None:
         train = load_all([data.samples[i] for i in data.split["train"]], cfg.data) if name != "train" else loaded
         data.target_scale, _ = scale_factors(train, cfg.data.scale_norm)
-        if run_dir is not None:
-            (run_dir / "scale.json").write_text(json.dumps({"target_fov_diameter": data.target_scale}))
+        if run_dir is not None:  # renamed into place: a kill mid-write must not leave half a file to resume from
+            tmp = run_dir / f".scale.json.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps({"target_fov_diameter": data.target_scale}))
+            os.replace(tmp, run_dir / "scale.json")
     _, scales = scale_factors(loaded, cfg.data.scale_norm, target=data.target_scale)
     return load_all(samples, cfg.data, scales=scales)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +126,9 @@ def make_split(
 def save_split(path: str | Path, split: dict[str, list[str]]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({name: list(split.get(name, [])) for name in SPLIT_NAMES}, indent=1) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # a kill mid-write must not leave half a split behind
+    tmp.write_text(json.dumps({name: list(split.get(name, [])) for name in SPLIT_NAMES}, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def load_split(path: str | Path) -> dict[str, list[str]]:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from medtune.config import Config
+from medtune.errors import ConfigError, MissingFileError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -30,22 +31,22 @@ def resolve_model_path(cfg: Config) -> Path | None:
         return None
     path = Path(cfg.model.path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"model.path {cfg.model.path!r} does not exist. medtune loads only local folders (never downloads): "
             f"point model.path at a folder written by save_pretrained / `save_base` (e.g. download a hub model first "
             f"with `huggingface-cli download <repo> --local-dir <folder>`), or remove model.path to build "
             f"family {cfg.model.family!r} from model.config with random weights"
         )
     if not path.is_dir():
-        raise ValueError(f"model.path {cfg.model.path!r} is a file; it must be the folder that holds the model files")
+        raise ConfigError(f"model.path {cfg.model.path!r} is a file; it must be the folder that holds the model files")
     config_json = path / "config.json"
     if config_json.is_file():
         try:
             data = json.loads(config_json.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{config_json} is not valid JSON ({err}); re-save the model") from None
+            raise UserError(f"{config_json} is not valid JSON ({err}); re-save the model") from None
         if data.get("auto_map") and not cfg.model.trust_remote_code:
-            raise ValueError(
+            raise ConfigError(
                 f"{config_json} declares custom model code (auto_map: {data['auto_map']}); loading it would run "
                 f"Python files from {path}. If you trust that folder, set model.trust_remote_code=true"
             )
@@ -60,19 +61,19 @@ def remote_code_kwargs(cfg: Config) -> dict[str, Any]:
 def read_config_json(path: Path) -> dict[str, Any]:
     config_json = path / "config.json"
     if not config_json.is_file():
-        raise FileNotFoundError(f"{path} has no config.json, so it is not a transformers checkpoint folder "
-                                "(save one with save_pretrained or `medtune export`)")
+        raise MissingFileError(f"{path} has no config.json, so it is not a transformers checkpoint folder "
+                               "(save one with save_pretrained or `medtune export`)")
     return json.loads(config_json.read_text())
 
 
 def require_qlora_stack() -> None:
     if not torch.cuda.is_available():
-        raise ValueError("QLoRA (model.quantize_4bit=true) needs a CUDA GPU and bitsandbytes; this machine has no "
-                         "CUDA device. Set model.quantize_4bit=false to train LoRA on the unquantised model")
+        raise ConfigError("QLoRA (model.quantize_4bit=true) needs a CUDA GPU and bitsandbytes; this machine has no "
+                          "CUDA device. Set model.quantize_4bit=false to train LoRA on the unquantised model")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ValueError("QLoRA needs a CUDA GPU and bitsandbytes: pip install 'medtune[gpu]'") from None
+        raise ConfigError("QLoRA needs a CUDA GPU and bitsandbytes: pip install 'medtune[gpu]'") from None
 
 
 def load_kwargs(cfg: Config, keep_trainable: list[str]) -> dict[str, Any]:
@@ -101,8 +102,8 @@ def prepare_for_training(net: nn.Module, cfg: Config, input_grads: bool = False)
     """
     gc = cfg.model.gradient_checkpointing
     if gc and not getattr(net, "supports_gradient_checkpointing", False):
-        raise ValueError(f"transformers' {type(net).__name__} does not support gradient checkpointing; set "
-                         "model.gradient_checkpointing=false (lower data.batch_size or data.patch_size for memory)")
+        raise ConfigError(f"transformers' {type(net).__name__} does not support gradient checkpointing; set "
+                          "model.gradient_checkpointing=false (lower data.batch_size or data.patch_size for memory)")
     if cfg.model.quantize_4bit:
         from peft import prepare_model_for_kbit_training
 

@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 from medtune.config import Config, ConfigError, build_config
+from medtune.errors import UserError
 
 log = logging.getLogger("medtune")
 
@@ -133,7 +134,7 @@ def run_cv(cfg: Config, folds: int, train_fn: Callable[[Config], Path] | None = 
     parameters so a caller (or a test) can run the bookkeeping around other training code.
     """
     if folds < 2:
-        raise ValueError(f"cross-validation needs at least 2 folds (got {folds})")
+        raise UserError(f"cross-validation needs at least 2 folds (got {folds})")
     train_fn = train_fn or _default_train
     evaluate_fn = evaluate_fn or _default_evaluate
     run_dirs: list[Path] = []

@@ -20,10 +20,19 @@ from medtune.data.datasets import StepBatchSampler, TrainPatchDataset
 from medtune.data.run_split import check_readable, load_split_samples, prepare_split
 from medtune.losses import ComboLoss
 from medtune.models.registry import build_model
-from medtune.runs.checkpoint import TrainerState, find_checkpoint, load_checkpoint
 from medtune.train.loop import Bookkeeping
 from medtune.train.preflight import run_preflight
-from medtune.train.setup import batch_to, init_trackers, make_accelerator, make_optimizer, make_scheduler, start_run
+from medtune.train.setup import (
+    StopFlag,
+    batch_to,
+    init_trackers,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    resume_state,
+    start_run,
+    training_session,
+)
 
 log = logging.getLogger("medtune")
 
@@ -34,8 +43,14 @@ def supervised_loss(model, loss_fn: ComboLoss, batch: dict, use_box: bool):
 
 
 def train(cfg: Config, resume: str | Path | None = None) -> Path:
+    """`resume`: a run folder to continue, or "auto" to start or continue output_dir/run.name (setup.start_run)."""
     accelerator = make_accelerator(cfg)
-    cfg, run_dir = start_run(cfg, resume, accelerator)
+    with training_session(accelerator) as stop:  # SIGTERM-safe from here; handler and trackers released on any exit
+        return _train(cfg, resume, accelerator, stop)
+
+
+def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) -> Path:
+    cfg, run_dir, resume = start_run(cfg, resume, accelerator)  # resume: from here on the checkpoint, or None
     is_main, device = accelerator.is_main_process, accelerator.device
     set_seed(cfg.run.seed)
     init_trackers(accelerator, cfg, run_dir)
@@ -60,10 +75,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     loss_fn = ComboLoss(cfg.loss)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    state = TrainerState()
-    if resume is not None:
-        state = load_checkpoint(find_checkpoint(run_dir, "last"), model, optimizer, scheduler)
-        log.info("resumed %s at step %d", run_dir, state.step)
+    state = resume_state(resume, model, optimizer, scheduler, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped once per optimizer step, by us
     use_box = cfg.model.prompt == "box"
 
@@ -82,7 +94,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
 
     # ---- loop
     stream = batches(state.step * accum)
-    books = Bookkeeping(accelerator, cfg, run_dir, model, optimizer, scheduler, state, val_samples, resume is not None)
+    books = Bookkeeping(accelerator, cfg, run_dir, model, optimizer, scheduler, state, val_samples, resume is not None,
+                        stop)
     completed = True
     while state.step < cfg.optim.max_steps:
         model.train()
