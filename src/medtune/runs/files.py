@@ -44,12 +44,16 @@ def load_run_config(run_dir: str | Path) -> Config:
     return build_config(yaml.safe_load(path.read_text()), source=str(path))
 
 
-def read_stored_config(run_dir: Path) -> Config | None:
-    """RUN/config.yaml, or None when it is missing or unreadable (a run killed before it finished writing it)."""
+def read_written_config(run_dir: Path) -> Config | None:
+    """RUN/config.yaml, or None when it is missing, unreadable or not exactly what `write_run_files` writes (cut short:
+    a truncated YAML file can still parse, with the missing keys at their defaults)."""
+    path = Path(run_dir) / "config.yaml"
     try:
-        return load_run_config(run_dir)
-    except (ConfigError, yaml.YAMLError, AttributeError, TypeError):  # not a mapping / cut short
+        text = path.read_text()
+        cfg = build_config(yaml.safe_load(text), source=str(path))
+    except (OSError, ConfigError, yaml.YAMLError, AttributeError, TypeError):
         return None
+    return cfg if cfg.to_yaml() == text else None
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import broadcast_object_list
 from transformers import get_cosine_schedule_with_warmup
 
@@ -26,7 +27,7 @@ from medtune.runs.files import (
     load_run_config,
     named_run_dir,
     new_run_dir,
-    read_stored_config,
+    read_written_config,
     with_operational_settings,
     write_run_files,
     write_text_atomic,
@@ -103,13 +104,17 @@ class StopFlag:
 @contextlib.contextmanager
 def training_session(accelerator: Accelerator):
     """SIGTERM is caught from the very start (a SIGTERM during data loading or the preflight stops the run cleanly
-    after its first step), and on any exit, an exception included, the previous handler comes back and the trackers
-    are closed: a long-lived process (a notebook, `medtune cv`) is left as it was."""
+    after its first step), and on any exit, an exception included, the previous handler comes back, the trackers
+    are closed and accelerate's process-wide state is reset: a long-lived process (a notebook, `medtune cv`) is left
+    as it was, free to run another config (another mixed precision, say)."""
     with StopFlag() as stop:
         try:
             yield stop
         finally:
             accelerator.end_training()
+            # accelerate keeps its state in process-wide singletons and refuses a second Accelerator with other settings
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -157,12 +162,12 @@ def _open_run_folder(cfg: Config, resume, stored_as) -> tuple[Config, str, str |
         return cfg, str(run_dir), None
     auto = isinstance(resume, str) and resume == RESUME_AUTO
     run_dir = named_run_dir(cfg) if auto else Path(resume)
-    stored = read_stored_config(run_dir) if auto else load_run_config(run_dir)
     recover_checkpoints(run_dir / "checkpoints")
     checkpoint = latest_checkpoint(run_dir)
-    if stored is None and checkpoint is not None:
-        raise UserError(f"{run_dir / 'config.yaml'} is missing or unreadable, yet {checkpoint} exists: it cannot be "
-                        "known what that checkpoint was trained with; restore config.yaml or move the folder away")
+    if auto and checkpoint is None:  # None: nothing there yet, or a config.yaml cut short by a kill (rewritten)
+        stored = read_written_config(run_dir)
+    else:
+        stored = load_run_config(run_dir)
     if auto and stored is not None:
         differences = config_differences(cfg, stored)
         if differences and stored_as is not None:
