@@ -79,7 +79,14 @@ def _inspect(args) -> None:
 
     overrides = [f"data.path={args.path}", f"data.layout={args.layout}", *args.overrides]
     cfg = build_config({}, overrides)
-    split = json.loads(Path(args.split).read_text()) if args.split else None
+    split = None
+    if args.split:
+        from medtune.errors import UserError
+
+        try:
+            split = json.loads(Path(args.split).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise UserError(f"--split {args.split}: cannot read it as a split.json ({err})") from None
     report = inspect_dataset(cfg.data, split=split)
     print(format_inspection(report))
 

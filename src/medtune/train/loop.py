@@ -50,7 +50,8 @@ class Bookkeeping:
 
     def update_allowed(self, global_loss: torch.Tensor, grad_norm) -> bool:
         """True when the step's loss (already averaged over processes, so every process decides alike) and gradient
-        norm are finite; otherwise the update is skipped and counted, and too many in a row stop the run."""
+        norm are finite; otherwise the update is skipped. An fp16 overflow (finite loss, overflowed scaled gradient)
+        is routine: the loss scaler lowers its scale. Anything else is counted, and too many in a row stop the run."""
         finite_loss = bool(torch.isfinite(global_loss))
         finite = finite_loss and (grad_norm is None or bool(torch.isfinite(grad_norm)))
         scaler = self.acc.scaler

@@ -81,32 +81,35 @@ class TrainingStopped(UserError, RuntimeError):
 class StopFlag:
     """SIGTERM -> finish the current step, write `last`, exit cleanly (a scheduler's pre-emption must lose nothing)."""
 
+    _NOT_INSTALLED = object()
+
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = self._NOT_INSTALLED
 
     def __enter__(self):
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. inside a notebook worker): no handler, no harm
-            self._previous = None
+            self._previous = self._NOT_INSTALLED
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        if self._previous is not self._NOT_INSTALLED:
+            # None: the previous handler was not set from Python; the default is the closest we can put back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+            self._previous = self._NOT_INSTALLED
 
 
 @contextlib.contextmanager
 def training_session(accelerator: Accelerator):
     """SIGTERM is caught from the very start (a SIGTERM during data loading or the preflight stops the run cleanly
-    after its first step), and on any exit, an exception included, the previous handler comes back, the trackers
-    are closed and accelerate's process-wide state is reset: a long-lived process (a notebook, `medtune cv`) is left
-    as it was, free to run another config (another mixed precision, say)."""
+    after its first step). On any exit, an exception included, the previous handler comes back, the trackers are
+    closed and accelerate's process-wide state is reset, so a long-lived process (a notebook, `medtune cv`) keeps no
+    dead handler and can run another config (another mixed precision, say) next."""
     with StopFlag() as stop:
         try:
             yield stop
