@@ -384,3 +384,24 @@ def test_kill_9_then_the_same_command_ends_as_the_uninterrupted_run(base):
     assert_same_weights(run, base / "runs" / "reference")
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, STEPS + 1))
     assert sorted(p.name for p in (base / "runs").iterdir() if p.name.startswith("kill9")) == ["kill9"]
+
+
+def test_resume_auto_of_an_rl_run_compares_with_the_config_it_adopted(base):
+    """rl.init_from stores the parent's model section in config.yaml: the same command again is still the same run."""
+    from medtune.config import ConfigError, build_config
+    from medtune.train.rl import train as train_rl
+
+    def rl_cfg(*extra):
+        return build_config({}, [
+            "objective=rl", "run.name=rl", f"run.output_dir={base / 'runs'}",
+            f"rl.init_from={base / 'runs' / 'reference'}", "rl.group_size=2", "optim.max_steps=2",
+            "optim.warmup_steps=1", "train.eval_every=2", "train.save_every=2", "train.trackers=[]", "lora.r=4",
+            "data.batch_size=2", *extra,
+        ])
+
+    run = train_rl(rl_cfg(), resume="auto")
+    assert run == base / "runs" / "rl" and (run / "reference-model" / ".complete").is_file()
+    assert train_rl(rl_cfg("train.log_every=1"), resume="auto") == run
+    with pytest.raises(ConfigError, match=r"rl\.kl_coef \(0\.05 -> 0\.5\)"):
+        train_rl(rl_cfg("rl.kl_coef=0.5"), resume="auto")
+    assert not list((base / "runs").glob("rl-*"))
