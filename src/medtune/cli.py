@@ -9,10 +9,11 @@ import os
 import sys
 from pathlib import Path
 
+from medtune.errors import UserError
+
 
 def _train(args) -> None:
     from medtune.config import load_config
-    from medtune.errors import UserError
     from medtune.train.setup import RESUME_AUTO
 
     if args.resume == RESUME_AUTO:
@@ -59,8 +60,6 @@ def _predict(args) -> None:
         except ValueError:
             box = ()
         if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
-            from medtune.errors import UserError
-
             raise UserError(f"--box {args.box!r}: give x1,y1,x2,y2 in pixels with x1 < x2 and y1 < y2")
     written = predict_images(args.run, args.images, args.out, checkpoint=args.checkpoint, threshold=args.threshold,
                              box=box)
@@ -81,8 +80,6 @@ def _inspect(args) -> None:
     cfg = build_config({}, overrides)
     split = None
     if args.split:
-        from medtune.errors import UserError
-
         try:
             split = json.loads(Path(args.split).read_text())
         except (OSError, json.JSONDecodeError) as err:
@@ -197,8 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from medtune.errors import UserError
-
     try:
         args.func(args)
     except UserError as err:  # anything else is a bug: its traceback is what a bug report needs
