@@ -110,3 +110,16 @@ def test_resume_refuses_extra_settings(tmp_path, capsys):
 def test_predict_rejects_a_malformed_box(tmp_path, capsys):
     code, _, err = run_cli(capsys, "predict", str(tmp_path), "x.png", "--out", str(tmp_path), "--box", "1,2,3")
     assert code == 2 and "x1,y1,x2,y2" in err
+
+
+def test_flag_errors_are_one_line(tmp_path, capsys):
+    data = write_generic(tmp_path / "d", n=5)
+    code, _, err = run_cli(capsys, "data", "inspect", str(data), "--split", str(tmp_path / "missing.json"))
+    assert code == 2 and "--split" in err and "Traceback" not in err
+    code, _, err = run_cli(capsys, "cv", str(generic_cfg(tmp_path, data)), "--folds", "1")
+    assert code == 2 and "at least 2 folds" in err
+
+
+def test_resume_auto_needs_the_config(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--resume", "auto")
+    assert code == 2 and "CONFIG" in err and "--resume auto" in err

@@ -1,4 +1,5 @@
-"""`medtune` command line. Only parses arguments and calls the library; errors a user can fix print one line."""
+"""`medtune` command line. Only parses arguments and calls the library; errors a user can fix (medtune.errors.UserError)
+print one line, any other exception its traceback."""
 from __future__ import annotations
 
 import argparse
@@ -8,17 +9,28 @@ import os
 import sys
 from pathlib import Path
 
+from medtune.errors import UserError
+
 
 def _train(args) -> None:
     from medtune.config import load_config
+    from medtune.train.setup import RESUME_AUTO
 
-    if args.resume:
+    if args.resume == RESUME_AUTO:
+        if not args.config:
+            raise UserError("--resume auto needs the CONFIG (and overrides) of the run: medtune train CONFIG --resume "
+                            "auto; it starts output_dir/run.name or continues it")
+        cfg = load_config(args.config, args.overrides)
+    elif args.resume:
         if args.config or args.overrides:
-            raise ValueError("--resume continues a run with its own config.yaml; drop the CONFIG/overrides (start a "
-                             "new run to change settings)")
+            raise UserError("--resume continues a run with its own config.yaml; drop the CONFIG/overrides (start a "
+                            "new run to change settings), or use `medtune train CONFIG --resume auto`")
         run_dir = Path(args.resume)
         from medtune.runs.files import load_run_config
 
+        if not (run_dir / "config.yaml").is_file() and run_dir.is_dir():
+            raise UserError(f"{run_dir} has no config.yaml (killed before it wrote one?): start it again with "
+                            "`medtune train CONFIG --resume auto`, which starts or continues output_dir/run.name")
         cfg = load_run_config(run_dir)
     else:
         if not args.config:
@@ -70,7 +82,7 @@ def _predict(args) -> None:
         except ValueError:
             box = ()
         if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
-            raise ValueError(f"--box {args.box!r}: give x1,y1,x2,y2 in pixels with x1 < x2 and y1 < y2")
+            raise UserError(f"--box {args.box!r}: give x1,y1,x2,y2 in pixels with x1 < x2 and y1 < y2")
     written = predict_images(args.run, args.images, args.out, checkpoint=args.checkpoint, threshold=args.threshold,
                              box=box, prompt=args.prompt)
     print(f"{len(written)} masks (+ probability maps, overlays) written to {args.out}")
@@ -91,7 +103,12 @@ def _inspect(args) -> None:
 
     overrides = [f"data.path={args.path}", f"data.layout={args.layout}", *args.overrides]
     cfg = build_config({}, overrides)
-    split = json.loads(Path(args.split).read_text()) if args.split else None
+    split = None
+    if args.split:
+        try:
+            split = json.loads(Path(args.split).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise UserError(f"--split {args.split}: cannot read it as a split.json ({err})") from None
     report = inspect_dataset(cfg.data, split=split)
     print(format_inspection(report))
 
@@ -142,7 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a run (objective supervised or rl, from the config)")
     p.add_argument("config", nargs="?", help="YAML config")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.r=32 optim.lr=5e-4")
-    p.add_argument("--resume", metavar="RUN", help="continue a run from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN|auto",
+                   help="continue RUN from its newest complete checkpoint (from step 0 when it has none); `auto`, "
+                        "with CONFIG: start output_dir/run.name, or continue it when it exists (for scheduler "
+                        "requeues: re-run the same command). A folder named auto: ./auto")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="calibrate on val, evaluate a split")
@@ -225,20 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from medtune.config import ConfigError
-    from medtune.data.types import DataError
-
-    user_errors: tuple[type[BaseException], ...] = (ConfigError, DataError, FileNotFoundError, ValueError)
-    try:
-        from medtune.train.preflight import PreflightError
-        from medtune.train.setup import TrainingStopped
-
-        user_errors += (PreflightError, TrainingStopped)
-    except ImportError:
-        pass
     try:
         args.func(args)
-    except user_errors as err:
+    except UserError as err:  # anything else is a bug: its traceback is what a bug report needs
         if args.debug or os.environ.get("MEDTUNE_DEBUG"):
             raise
         print(f"medtune {args.command}: error: {err}", file=sys.stderr)

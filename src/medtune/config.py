@@ -10,9 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """A config problem the user can fix; the message names the key / file and the fix."""
+from medtune.errors import ConfigError
 
 
 class Section(BaseModel):
@@ -64,7 +62,7 @@ class SyntheticCfg(Section):
 
     domain: Literal["A", "B"] = "A"
     n_images: int = 24
-    size: int = 128
+    size: int = Field(128, ge=32)  # smaller leaves no room for a vessel tree
     seed: int = 0
 
 
@@ -169,6 +167,9 @@ class TrainCfg(Section):
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(100, ge=1)
     save_every: int = Field(500, ge=1)
+    # also write `last` whenever this many minutes passed since the previous one (a kill -9 then loses at most this
+    # much time as well as at most save_every steps); None: by step count only
+    save_every_minutes: float | None = Field(None, gt=0)
     keep_last: int = 2  # step-N checkpoints kept besides best and last
     preflight: bool = True
     preflight_steps: int = 3
@@ -184,12 +185,12 @@ class TrainCfg(Section):
 
 class EvalCfg(Section):
     calibration: Literal["max_dice", "max_fbeta", "target_recall"] = "max_dice"
-    beta: float = 1.0
-    target_recall: float = 0.9
+    beta: float = Field(1.0, gt=0)
+    target_recall: float = Field(0.9, ge=0, le=1)
     roi_size: int | None = None  # sliding-window tile; None -> data.patch_size
     overlap: float = 0.25
     sw_batch_size: int = 8
-    bootstrap: int = 1000
+    bootstrap: int = Field(1000, ge=1)
     tta: bool = False  # average logits over horizontal/vertical flips (semantic mode; 4x inference cost)
 
 

@@ -18,6 +18,7 @@ from medtune.config import Config
 from medtune.data.loading import load_all, resample_to_native
 from medtune.data.run_split import RunData, load_split_samples, prepare_split
 from medtune.data.types import LoadedSample
+from medtune.errors import UserError
 from medtune.metrics import image_metrics, pooled_metrics
 from medtune.models.base import SegModel
 from medtune.runs.files import load_run_config, write_text_atomic
@@ -59,8 +60,8 @@ def evaluate_model(model: SegModel, cfg: Config, run_dir: Path, split: str = "te
     strategy = strategy or cfg.eval.calibration
     data = prepare_split(cfg, run_dir)
     if not data.split.get(split):
-        raise ValueError(f"split '{split}' of {run_dir / 'split.json'} is empty; choose one of "
-                         f"{[k for k, v in data.split.items() if v]}")
+        raise UserError(f"split '{split}' of {run_dir / 'split.json'} is empty; choose one of "
+                        f"{[k for k, v in data.split.items() if v]}")
 
     # 1. threshold from val only
     task = task_for(cfg)

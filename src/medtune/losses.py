@@ -13,6 +13,7 @@ from monai.losses import DiceLoss, FocalLoss, SoftclDiceLoss
 from torch import nn
 
 from medtune.config import LossCfg
+from medtune.errors import ConfigError
 
 TERMS = ("dice", "focal", "bce", "cldice")
 
@@ -41,7 +42,7 @@ class ComboLoss(nn.Module):
         super().__init__()
         self.weights = {"dice": cfg.dice, "focal": cfg.focal, "bce": cfg.bce, "cldice": cfg.cldice}
         if all(w == 0 for w in self.weights.values()):
-            raise ValueError("all loss weights (loss.dice, loss.focal, loss.bce, loss.cldice) are 0; set one > 0")
+            raise ConfigError("all loss weights (loss.dice, loss.focal, loss.bce, loss.cldice) are 0; set one > 0")
         # Probabilities (not logits) go into Dice/clDice because the FOV has to be applied after the sigmoid: a
         # zeroed logit would still count as probability 0.5.
         # A small smooth keeps Dice close to its textbook value on thin structures (a few hundred foreground pixels),

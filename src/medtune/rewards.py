@@ -30,6 +30,8 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
+from medtune.errors import ConfigError
+
 RewardFn = Callable[..., torch.Tensor]
 
 # Enough erosions for vessels up to ~2*SKELETON_ITERS px wide; a structure wider than that keeps a blob-shaped
@@ -253,32 +255,32 @@ def register_reward(name: str, fn: RewardFn) -> None:
     """Add a reward component usable in ``rl.reward`` weights. Re-registering a custom name replaces it (a resumed or
     repeated run registers its ``rl.custom_rewards`` again); built-in names cannot be replaced."""
     if not isinstance(name, str) or not name:
-        raise ValueError(f"reward name must be a non-empty string, got {name!r}")
+        raise ConfigError(f"reward name must be a non-empty string, got {name!r}")
     if not callable(fn):
         raise TypeError(f"reward {name!r}: {fn!r} is not callable")
     if name in BUILTIN_REWARDS and BUILTIN_REWARDS[name] is not fn:
-        raise ValueError(f"reward name {name!r} is a built-in ({', '.join(BUILTIN_REWARDS)}); pick another name")
+        raise ConfigError(f"reward name {name!r} is a built-in ({', '.join(BUILTIN_REWARDS)}); pick another name")
     REWARDS[name] = fn
 
 
 def load_reward(import_path: str) -> RewardFn:
     """``"package.module:function"`` (or ``module:Class.attr``) -> the callable, for ``rl.custom_rewards``."""
     if not isinstance(import_path, str) or import_path.count(":") != 1:
-        raise ValueError(f"custom reward {import_path!r} must be of the form 'package.module:function'")
+        raise ConfigError(f"custom reward {import_path!r} must be of the form 'package.module:function'")
     module_name, attr_path = (part.strip() for part in import_path.split(":"))
     if not module_name or not attr_path:
-        raise ValueError(f"custom reward {import_path!r} must be of the form 'package.module:function'")
+        raise ConfigError(f"custom reward {import_path!r} must be of the form 'package.module:function'")
     try:
         obj = importlib.import_module(module_name)
     except Exception as err:  # a user module can fail with anything at import time; report it with the path
-        raise ValueError(f"custom reward {import_path!r}: cannot import module {module_name!r} "
-                         f"({type(err).__name__}: {err}); check the module is on PYTHONPATH") from err
+        raise ConfigError(f"custom reward {import_path!r}: cannot import module {module_name!r} "
+                          f"({type(err).__name__}: {err}); check the module is on PYTHONPATH") from err
     for attr in attr_path.split("."):
         if not hasattr(obj, attr):
-            raise ValueError(f"custom reward {import_path!r}: {module_name!r} has no attribute {attr_path!r}")
+            raise ConfigError(f"custom reward {import_path!r}: {module_name!r} has no attribute {attr_path!r}")
         obj = getattr(obj, attr)
     if not callable(obj):
-        raise ValueError(f"custom reward {import_path!r}: {attr_path!r} is a {type(obj).__name__}, not a function")
+        raise ConfigError(f"custom reward {import_path!r}: {attr_path!r} is a {type(obj).__name__}, not a function")
     return obj
 
 
@@ -289,18 +291,18 @@ def resolve_weights(spec: str | Mapping[str, float]) -> dict[str, float]:
             return dict(PRESETS[spec])
         if spec in REWARDS:
             return {spec: 1.0}
-        raise ValueError(f"unknown reward preset {spec!r}; valid presets: {', '.join(PRESETS)}; "
-                         f"or a component / {{component: weight}} with components: {', '.join(REWARDS)}")
+        raise ConfigError(f"unknown reward preset {spec!r}; valid presets: {', '.join(PRESETS)}; "
+                          f"or a component / {{component: weight}} with components: {', '.join(REWARDS)}")
     if not isinstance(spec, Mapping) or not spec:
-        raise ValueError(f"rl.reward must be a preset name or a non-empty {{component: weight}} mapping, got {spec!r}")
+        raise ConfigError(f"rl.reward must be a preset name or a non-empty {{component: weight}} mapping, got {spec!r}")
     unknown = [k for k in spec if k not in REWARDS]
     if unknown:
-        raise ValueError(f"unknown reward component(s) {', '.join(map(repr, unknown))}; valid components: "
-                         f"{', '.join(REWARDS)} (register others with rl.custom_rewards)")
+        raise ConfigError(f"unknown reward component(s) {', '.join(map(repr, unknown))}; valid components: "
+                          f"{', '.join(REWARDS)} (register others with rl.custom_rewards)")
     weights: dict[str, float] = {}
     for k, w in spec.items():
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise ValueError(f"reward weight for {k!r} must be a finite number, got {w!r}")
+            raise ConfigError(f"reward weight for {k!r} must be a finite number, got {w!r}")
         weights[k] = float(w)
     return weights
 

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from medtune.config import AugmentCfg, DataCfg
 from medtune.data.types import LoadedSample
+from medtune.errors import ConfigError, DataError
 
 # Random crops retried this many times to find one that overlaps the FOV (fundus corners are all background).
 _CROP_TRIES = 10
@@ -108,7 +109,7 @@ class TrainPatchDataset(Dataset):
 
     def __init__(self, samples: list[LoadedSample], cfg: DataCfg, seed: int):
         if not samples:
-            raise ValueError("TrainPatchDataset needs at least one training sample")
+            raise DataError("TrainPatchDataset needs at least one training sample")
         self.samples = samples
         self.cfg = cfg
         self.seed = int(seed)
@@ -182,7 +183,7 @@ class StepBatchSampler:
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in [0, world={world})")
         if global_batch % world:
-            raise ValueError(
+            raise ConfigError(
                 f"global batch {global_batch} is not divisible by the {world} processes; set data.batch_size to a "
                 f"multiple of {world}"
             )

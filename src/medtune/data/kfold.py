@@ -12,6 +12,7 @@ import numpy as np
 from medtune.config import SplitCfg
 from medtune.data.splits import _count, sample_groups
 from medtune.data.types import DataError, Sample
+from medtune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ def assign_folds(samples: list[Sample], k: int, seed: int,
     """k lists of group keys (of ``sample_groups``), balanced by sample count, deterministic for a seed."""
     groups = sample_groups(samples, duplicate_groups)
     if k > len(groups):
-        raise ValueError(
+        raise DataError(
             f"{k}-fold cross-validation needs at least {k} groups but the data has {len(groups)} "
             f"({len(samples)} samples); lower the number of folds or relax data.split.group_by"
         )
@@ -51,7 +52,7 @@ def kfold_split(samples: list[Sample], split_cfg: SplitCfg, seed: int,
     if k is None or k < 2:
         raise ValueError(f"data.split.folds must be >= 2 for a k-fold split (got {k})")
     if not 0 <= fold < k:
-        raise ValueError(f"data.split.fold={fold} is out of range for {k} folds; use 0..{k - 1}")
+        raise ConfigError(f"data.split.fold={fold} is out of range for {k} folds; use 0..{k - 1}")
     if len({s.id for s in samples}) != len(samples):
         raise DataError("kfold_split: sample ids are not unique; check the data layout")
     seed = split_cfg.seed if split_cfg.seed is not None else seed

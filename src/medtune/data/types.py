@@ -6,9 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-class DataError(ValueError):
-    """Bad input data: the message names the file(s) and the fix. Raised with every problem found, not the first."""
+from medtune.errors import DataError  # noqa: F401  (imported from here by the data layer)
 
 
 @dataclass

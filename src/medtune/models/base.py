@@ -10,6 +10,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from medtune.errors import MissingFileError, UserError
+
 
 @dataclass
 class ModelOutput:
@@ -137,7 +139,7 @@ def _safetensors_files(folder: Path) -> list[Path]:
     single = folder / "model.safetensors"
     if single.is_file():
         return [single]
-    raise FileNotFoundError(f"{folder} holds no model.safetensors (nor a sharded index): not a saved model folder")
+    raise MissingFileError(f"{folder} holds no model.safetensors (nor a sharded index): not a saved model folder")
 
 
 def load_safetensors_folder(net: nn.Module, folder: str | Path) -> None:
@@ -157,7 +159,7 @@ def load_safetensors_folder(net: nn.Module, folder: str | Path) -> None:
     loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
     really_missing = [k for k in missing if own[k].data_ptr() not in loaded_ptrs]
     if unexpected or really_missing:
-        raise ValueError(
+        raise UserError(
             f"weights in {folder} do not fit this model (was it saved from a different architecture/config?): "
             f"missing {really_missing[:8]}{' ...' if len(really_missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from medtune.config import Config
+from medtune.errors import ConfigError, MissingFileError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +38,21 @@ def resolve_local_folder(value: str, key: str, cfg: Config) -> Path:
     if not path.exists():
         fallback = (f"or remove model.path to build family {cfg.model.family!r} from model.config with random weights"
                     if key == "model.path" else f"or fix {key}")
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{key} {value!r} does not exist. medtune loads only local folders (never downloads): "
             f"point {key} at a folder written by save_pretrained / `save_base` (e.g. download a hub model first "
             f"with `huggingface-cli download <repo> --local-dir <folder>`), {fallback}"
         )
     if not path.is_dir():
-        raise ValueError(f"{key} {value!r} is a file; it must be the folder that holds the model files")
+        raise ConfigError(f"{key} {value!r} is a file; it must be the folder that holds the model files")
     config_json = path / "config.json"
     if config_json.is_file():
         try:
             data = json.loads(config_json.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{config_json} is not valid JSON ({err}); re-save the model") from None
+            raise UserError(f"{config_json} is not valid JSON ({err}); re-save the model") from None
         if data.get("auto_map") and not cfg.model.trust_remote_code:
-            raise ValueError(
+            raise ConfigError(
                 f"{config_json} ({key}) declares custom model code (auto_map: {data['auto_map']}); loading it would "
                 f"run Python files from {path}. If you trust that folder, set model.trust_remote_code=true"
             )
@@ -66,19 +67,19 @@ def remote_code_kwargs(cfg: Config) -> dict[str, Any]:
 def read_config_json(path: Path) -> dict[str, Any]:
     config_json = path / "config.json"
     if not config_json.is_file():
-        raise FileNotFoundError(f"{path} has no config.json, so it is not a transformers checkpoint folder "
-                                "(save one with save_pretrained or `medtune export`)")
+        raise MissingFileError(f"{path} has no config.json, so it is not a transformers checkpoint folder "
+                               "(save one with save_pretrained or `medtune export`)")
     return json.loads(config_json.read_text())
 
 
 def require_qlora_stack() -> None:
     if not torch.cuda.is_available():
-        raise ValueError("QLoRA (model.quantize_4bit=true) needs a CUDA GPU and bitsandbytes; this machine has no "
-                         "CUDA device. Set model.quantize_4bit=false to train LoRA on the unquantised model")
+        raise ConfigError("QLoRA (model.quantize_4bit=true) needs a CUDA GPU and bitsandbytes; this machine has no "
+                          "CUDA device. Set model.quantize_4bit=false to train LoRA on the unquantised model")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ValueError("QLoRA needs a CUDA GPU and bitsandbytes: pip install 'medtune[gpu]'") from None
+        raise ConfigError("QLoRA needs a CUDA GPU and bitsandbytes: pip install 'medtune[gpu]'") from None
 
 
 def load_kwargs(cfg: Config, keep_trainable: list[str]) -> dict[str, Any]:
@@ -107,8 +108,8 @@ def prepare_for_training(net: nn.Module, cfg: Config, input_grads: bool = False)
     """
     gc = cfg.model.gradient_checkpointing
     if gc and not getattr(net, "supports_gradient_checkpointing", False):
-        raise ValueError(f"transformers' {type(net).__name__} does not support gradient checkpointing; set "
-                         "model.gradient_checkpointing=false (lower data.batch_size or data.patch_size for memory)")
+        raise ConfigError(f"transformers' {type(net).__name__} does not support gradient checkpointing; set "
+                          "model.gradient_checkpointing=false (lower data.batch_size or data.patch_size for memory)")
     if cfg.model.quantize_4bit:
         from peft import prepare_model_for_kbit_training
 

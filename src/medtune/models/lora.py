@@ -19,6 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from medtune.config import LoraCfg
+from medtune.errors import ConfigError, MissingFileError, UserError
 from medtune.models.base import SegModel
 
 log = logging.getLogger(__name__)
@@ -125,14 +126,14 @@ def apply_lora(net: nn.Module, lora_cfg: LoraCfg, default_targets: str,
     try:
         pattern = re.compile(targets)
     except re.error as err:
-        raise ValueError(f"lora.target_modules {targets!r} is not a valid regex: {err}") from None
+        raise ConfigError(f"lora.target_modules {targets!r} is not a valid regex: {err}") from None
 
     named = [(n, m) for n, m in net.named_modules() if n]
     all_names = [n for n, _ in named]
     for m in modules_to_save:
         if not any(n.endswith(m) for n in all_names):
             top = sorted({n.split(".")[0] for n in all_names})
-            raise ValueError(f"lora.modules_to_save entry {m!r} matches no module; top-level modules: {top}")
+            raise ConfigError(f"lora.modules_to_save entry {m!r} matches no module; top-level modules: {top}")
 
     matched = [(n, m) for n, m in named if pattern.fullmatch(n)]
     skipped = [n for n, _ in matched if _in_modules_to_save(n, modules_to_save)]
@@ -141,13 +142,13 @@ def apply_lora(net: nn.Module, lora_cfg: LoraCfg, default_targets: str,
         log.info("LoRA targets inside modules_to_save are trained fully instead: %s", skipped[:8])
     if not matched:
         sample = [n for n, m in named if _supported_by_lora(m)][:20]
-        raise ValueError(
+        raise ConfigError(
             f"lora.target_modules {targets!r} (an anchored regex over full module names) matched no module outside "
             f"modules_to_save {modules_to_save}; some LoRA-capable module names: {sample}"
         )
     unsupported = [f"{n} ({type(m).__name__})" for n, m in matched if not _supported_by_lora(m)]
     if unsupported:
-        raise ValueError(
+        raise ConfigError(
             f"lora.target_modules {targets!r} matches modules LoRA cannot wrap: {unsupported[:8]}; narrow the regex "
             "to Linear / Conv1d/2d/3d / Embedding layers"
         )
@@ -180,7 +181,7 @@ def merged_copy(net: nn.Module) -> nn.Module:
     if not _is_peft_wrapped(net):
         return net
     if any("4bit" in type(m).__name__ or "8bit" in type(m).__name__ for m in net.modules()):
-        raise ValueError(
+        raise UserError(
             "cannot export a merged model from a quantised (QLoRA) base: merging into 4-bit weights re-quantises "
             "and loses the adapter's precision. Build the model unquantised (model.quantize_4bit=false), "
             "load the adapter checkpoint with load_trainable, then export"
@@ -207,16 +208,16 @@ def load_trainable(seg_model: SegModel, ckpt_dir: str | Path) -> None:
     adapter, model = ckpt_dir / ADAPTER_DIR, ckpt_dir / MODEL_DIR
     if adapter.is_dir():
         if not seg_model.is_peft:
-            raise ValueError(f"{ckpt_dir} holds a LoRA adapter but the model was built for full fine-tuning; "
-                             "build it with model.finetune=lora (the run's config)")
+            raise UserError(f"{ckpt_dir} holds a LoRA adapter but the model was built for full fine-tuning; "
+                            "build it with model.finetune=lora (the run's config)")
         _load_adapter(seg_model, adapter)
     elif model.is_dir():
         if seg_model.is_peft:
-            raise ValueError(f"{ckpt_dir} holds fully fine-tuned weights but the model was built with LoRA; "
-                             "build it with model.finetune=full (the run's config)")
+            raise UserError(f"{ckpt_dir} holds fully fine-tuned weights but the model was built with LoRA; "
+                            "build it with model.finetune=full (the run's config)")
         seg_model.load_base_weights(model)
     else:
-        raise FileNotFoundError(f"{ckpt_dir} has neither {ADAPTER_DIR}/ nor {MODEL_DIR}/; not a medtune checkpoint")
+        raise MissingFileError(f"{ckpt_dir} has neither {ADAPTER_DIR}/ nor {MODEL_DIR}/; not a medtune checkpoint")
     trainable, _ = seg_model.param_counts()
     if trainable == 0:
         raise ValueError(f"after loading {ckpt_dir} no parameter is trainable (pitfall 4)")
@@ -228,7 +229,7 @@ def _load_adapter(seg_model: SegModel, adapter: Path) -> None:
 
     weights = adapter / ADAPTER_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights} missing; the checkpoint is incomplete")
+        raise MissingFileError(f"{weights} missing; the checkpoint is incomplete")
     saved_cfg = json.loads((adapter / "adapter_config.json").read_text())
     live_cfg = seg_model.net.peft_config["default"]
     live = {"r": live_cfg.r, "target_modules": live_cfg.target_modules,
@@ -240,8 +241,8 @@ def _load_adapter(seg_model: SegModel, adapter: Path) -> None:
     if isinstance(saved["target_modules"], list):
         saved["target_modules"] = set(saved["target_modules"])
     if saved != live:
-        raise ValueError(f"adapter in {adapter} was trained with {saved}, but this model has {live}; "
-                         "build the model with the run's own config (lora.* settings)")
+        raise UserError(f"adapter in {adapter} was trained with {saved}, but this model has {live}; "
+                        "build the model with the run's own config (lora.* settings)")
     device = next(seg_model.parameters()).device
     state = load_file(str(weights), device=str(device))
     result = set_peft_model_state_dict(seg_model.net, state)
@@ -253,7 +254,7 @@ def _load_adapter(seg_model: SegModel, adapter: Path) -> None:
         loaded = {v.data_ptr() for k, v in own.items() if k not in set(missing)}
         missing = [k for k in missing if k not in own or own[k].data_ptr() not in loaded]
     if unexpected or missing:
-        raise ValueError(f"adapter {weights} does not fit: unexpected {unexpected[:8]}, missing {missing[:8]}")
+        raise UserError(f"adapter {weights} does not fit: unexpected {unexpected[:8]}, missing {missing[:8]}")
     verify_trainable(seg_model.net, seg_model.frozen_by_design())
 
 

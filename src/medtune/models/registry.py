@@ -13,6 +13,7 @@ import re
 from typing import Callable
 
 from medtune.config import Config
+from medtune.errors import ConfigError
 from medtune.models.base import SegModel
 
 log = logging.getLogger(__name__)
@@ -32,16 +33,16 @@ BUILDERS: dict[str, str] = {
 def family_builder(family: str) -> Callable[[Config], SegModel]:
     target = BUILDERS.get(family, family)
     if ":" not in target:
-        raise ValueError(f"unknown model.family {family!r}; built in: {', '.join(sorted(BUILDERS))}, or a "
-                         "third-party builder as 'package.module:function'")
+        raise ConfigError(f"unknown model.family {family!r}; built in: {', '.join(sorted(BUILDERS))}, or a "
+                          "third-party builder as 'package.module:function'")
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"model.family {family!r}: cannot import {module_name!r} ({err})") from None
+        raise ConfigError(f"model.family {family!r}: cannot import {module_name!r} ({err})") from None
     builder = getattr(module, attr, None)
     if not callable(builder):
-        raise ValueError(f"model.family {family!r}: {module_name!r} has no function {attr!r}")
+        raise ConfigError(f"model.family {family!r}: {module_name!r} has no function {attr!r}")
     return builder
 
 
@@ -50,7 +51,7 @@ def build_model(cfg: Config) -> SegModel:
     builder = family_builder(family)
     mode = cfg.finetune_mode()
     if cfg.model.quantize_4bit and mode != "lora":
-        raise ValueError(
+        raise ConfigError(
             "model.quantize_4bit (QLoRA) trains LoRA adapters on a frozen 4-bit base and cannot train it fully; "
             "set model.finetune=lora (or leave it auto with model.path set), or model.quantize_4bit=false"
         )
@@ -77,5 +78,5 @@ def build_model(cfg: Config) -> SegModel:
     log.info("built %s (%s fine-tuning): %d / %d parameters trainable (%.2f%%)", family, mode, trainable, total,
              100.0 * trainable / max(total, 1))
     if trainable == 0:
-        raise ValueError(f"{family} built with 0 trainable parameters; nothing would train")
+        raise ConfigError(f"{family} built with 0 trainable parameters; nothing would train")
     return seg

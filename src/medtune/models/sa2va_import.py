@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from medtune.errors import MissingFileError, UserError
 from medtune.models.segvlm.parts import FORMAT_VERSION, PROJECTION_FILE, SAM_DIR, SEGVLM_JSON, VLM_DIR
 
 # --- transcribed from transformers models/internvl/convert_internvl_weights_to_hf.py -----------------------------
@@ -272,7 +273,7 @@ def _load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for name in files:
         if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} missing: the Sa2VA folder must hold its safetensors weights")
+            raise MissingFileError(f"{folder / name} missing: the Sa2VA folder must hold its safetensors weights")
         state.update(load_file(str(folder / name)))
     return state
 
@@ -288,19 +289,19 @@ def import_sa2va(sa2va_dir: str | Path, out_dir: str | Path, sam_config=None, se
     meta = json.loads((src / "config.json").read_text())
     arch = (meta.get("llm_config", {}).get("architectures") or ["?"])[0]
     if arch not in LLM_TYPES or "vision_config" not in meta:
-        raise ValueError(f"{src}: not an InternVL-based Sa2VA checkpoint (language model {arch!r}; supported: "
+        raise UserError(f"{src}: not an InternVL-based Sa2VA checkpoint (language model {arch!r}; supported: "
                          f"{', '.join(LLM_TYPES)})")
     if meta.get("ps_version", "v2") != "v2":
-        raise ValueError(f"{src}: ps_version {meta.get('ps_version')!r}; transformers' InternVL implements v2 only")
+        raise UserError(f"{src}: ps_version {meta.get('ps_version')!r}; transformers' InternVL implements v2 only")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(src), extra_special_tokens=dict(IMAGE_TOKENS))
     except (ValueError, OSError) as err:
-        raise ValueError(f"{src}: its tokenizer does not load without remote code ({str(err).splitlines()[0]}); "
+        raise UserError(f"{src}: its tokenizer does not load without remote code ({str(err).splitlines()[0]}); "
                          "InternLM2-based Sa2VA (8B) needs a converted Llama tokenizer in the folder") from None
     for token in [seg_token, *IMAGE_TOKENS.values()]:
         ids = tokenizer(token, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
-            raise ValueError(f"{src}: the tokenizer does not hold {token!r} as one token (got {ids})")
+            raise UserError(f"{src}: the tokenizer does not hold {token!r} as one token (got {ids})")
     state = _load_safetensors(src)
     llm_type = LLM_TYPES[arch]
     head = "language_model.lm_head.weight" if llm_type == "qwen2" else "language_model.output.weight"
@@ -318,7 +319,7 @@ def import_sa2va(sa2va_dir: str | Path, out_dir: str | Path, sam_config=None, se
     _, info = AutoModelForImageTextToText.from_pretrained(str(vlm_dir), output_loading_info=True)
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if problems:
-        raise ValueError(f"{src}: converted VLM weights do not fit InternVL: {_short(problems)}")
+        raise UserError(f"{src}: converted VLM weights do not fit InternVL: {_short(problems)}")
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(vlm_dir))
     size = config.vision_config.image_size
@@ -332,14 +333,14 @@ def import_sa2va(sa2va_dir: str | Path, out_dir: str | Path, sam_config=None, se
     unexpected = [k for k in unexpected
                   if not any(re.search(p, k) for p in Sam2Model._keys_to_ignore_on_load_unexpected)]
     if missing or unexpected:
-        raise ValueError(f"{src}: SAM 2 weights do not fit: missing {missing[:6]}, unexpected {unexpected[:6]}")
+        raise UserError(f"{src}: SAM 2 weights do not fit: missing {missing[:6]}, unexpected {unexpected[:6]}")
     sam.save_pretrained(str(out / SAM_DIR))
 
     hidden, prompt = config.text_config.hidden_size, sam.config.prompt_encoder_config.hidden_size
     expected = {"0.weight": (hidden, hidden), "0.bias": (hidden,), "2.weight": (prompt, hidden), "2.bias": (prompt,)}
     got = {k: tuple(v.shape) for k, v in converted.projection.items()}
     if got != expected:
-        raise ValueError(f"{src}: text_hidden_fcs {got} is not Linear({hidden},{hidden}), ReLU, Linear({hidden},"
+        raise UserError(f"{src}: text_hidden_fcs {got} is not Linear({hidden},{hidden}), ReLU, Linear({hidden},"
                          f"{prompt})")
     save_file({k: v.float().contiguous() for k, v in converted.projection.items()}, str(out / PROJECTION_FILE))
     (out / SEGVLM_JSON).write_text(json.dumps({

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medtune.config import Config
+from medtune.errors import ConfigError, UserError
 from medtune.models.base import SegModel, load_safetensors_folder
 from medtune.models.hf import load_kwargs, prepare_for_training, read_config_json, resolve_model_path
 
@@ -153,7 +154,7 @@ class SamSegModel(SegModel):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if getattr(self.base_network, "is_loaded_in_4bit", False):
-            raise ValueError("cannot save a 4-bit (QLoRA) base as a model folder; build the model unquantised "
+            raise UserError("cannot save a 4-bit (QLoRA) base as a model folder; build the model unquantised "
                                "(model.quantize_4bit=false), load the adapter with load_trainable, then save")
         merged_copy(self.net).save_pretrained(str(out_dir), safe_serialization=True)
         return out_dir
@@ -175,8 +176,8 @@ def _config_from_overrides(family: str, overrides: dict[str, Any]):
     overrides = dict(overrides)
     preset = overrides.pop("preset", None)
     if preset not in (None, "tiny"):
-        raise ValueError(f"model.config.preset {preset!r} unknown for {family}; valid: tiny (or omit it for the "
-                         "transformers default: SAM ViT-B / SAM 2 Hiera-B+ sized)")
+        raise ConfigError(f"model.config.preset {preset!r} unknown for {family}; valid: tiny (or omit it for the "
+                          "transformers default: SAM ViT-B / SAM 2 Hiera-B+ sized)")
     if family == "sam":
         base = tiny_sam_config_dict() if preset == "tiny" else {}
         # transformers' SamVisionConfig defaults to initializer_range=1e-10 (harmless under pretrained weights); a
@@ -194,7 +195,7 @@ def _build(cfg: Config, cls: type[SamSegModel]) -> SamSegModel:
     path = resolve_model_path(cfg)
     if path is None:
         if cfg.model.quantize_4bit:
-            raise ValueError("model.quantize_4bit quantises a pretrained model; set model.path to a local checkpoint")
+            raise ConfigError("model.quantize_4bit quantises a pretrained model; set model.path to a local checkpoint")
         net = model_cls(_config_from_overrides(cls.family, cfg.model.config))
     else:
         meta = read_config_json(path)
@@ -202,8 +203,8 @@ def _build(cfg: Config, cls: type[SamSegModel]) -> SamSegModel:
             # Not an error: a run seeded from a parent trained from scratch (rl.init_from) carries its model.config.
             log.warning("model.config is ignored with model.path: the architecture comes from %s/config.json", path)
         if not meta.get("auto_map") and meta.get("model_type") != cls.model_type:
-            raise ValueError(f"{path} holds a {meta.get('model_type')!r} model, not {cls.model_type!r}; set "
-                             f"model.family to match the checkpoint")
+            raise ConfigError(f"{path} holds a {meta.get('model_type')!r} model, not {cls.model_type!r}; set "
+                              f"model.family to match the checkpoint")
         keep = cfg.lora.modules_to_save if cfg.lora.modules_to_save is not None else cls.DEFAULT_MODULES_TO_SAVE
         loader = AutoModel if cfg.model.trust_remote_code else model_cls
         net = loader.from_pretrained(str(path), **load_kwargs(cfg, keep))

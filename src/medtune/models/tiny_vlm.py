@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from medtune.errors import UserError
+
 # Words the tokenizer learns merges for: chat roles and the medical question/answer vocabulary of the tests and the
 # BUSI benchmark. Anything else still encodes (byte-level), just in more tokens.
 _CORPUS = (
@@ -100,7 +102,7 @@ def tiny_vlm_config(kind: str, tokenizer, overrides: dict | None = None):
                                                      "patch_size": [7, 7]}, vision_over))
         return InternVLConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
                               downsample_ratio=0.5, **over)
-    raise ValueError(f"model.config.vlm {kind!r} unknown; valid: {', '.join(KINDS)}")
+    raise UserError(f"model.config.vlm {kind!r} unknown; valid: {', '.join(KINDS)}")
 
 
 def tiny_processor(kind: str, config, tokenizer, chat_template: str | None = None):

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medtune.config import Config
+from medtune.errors import ConfigError, MissingFileError, UserError
 from medtune.models.base import SegModel, load_safetensors_folder
 from medtune.models.hf import resolve_model_path
 
@@ -52,12 +53,12 @@ def _make_net(kwargs: dict[str, Any]) -> nn.Module:
 def arch_kwargs(cfg: Config) -> dict[str, Any]:
     unknown = set(cfg.model.config) - set(DEFAULT_ARCH)
     if unknown:
-        raise ValueError(f"unknown model.config key(s) {sorted(unknown)} for family unet; "
-                         f"valid: {sorted(DEFAULT_ARCH)}")
+        raise ConfigError(f"unknown model.config key(s) {sorted(unknown)} for family unet; "
+                          f"valid: {sorted(DEFAULT_ARCH)}")
     arch = {**DEFAULT_ARCH, **cfg.model.config}
     if len(arch["strides"]) != len(arch["channels"]) - 1:
-        raise ValueError(f"unet: model.config.strides needs len(channels)-1 = {len(arch['channels']) - 1} entries, "
-                         f"got {arch['strides']}")
+        raise ConfigError(f"unet: model.config.strides needs len(channels)-1 = {len(arch['channels']) - 1} entries, "
+                          f"got {arch['strides']}")
     return {"spatial_dims": 2, "in_channels": cfg.data.channels, "out_channels": 1,
             "channels": list(arch["channels"]), "strides": list(arch["strides"]),
             "num_res_units": int(arch["num_res_units"]), "norm": arch["norm"], "dropout": float(arch["dropout"])}
@@ -111,7 +112,7 @@ class UNetSegModel(SegModel):
     def load_base_weights(self, folder: str | Path) -> None:
         saved = read_arch(Path(folder))
         if saved != self.arch:
-            raise ValueError(f"{folder} holds a U-Net with {saved}, this model is {self.arch}")
+            raise UserError(f"{folder} holds a U-Net with {saved}, this model is {self.arch}")
         load_safetensors_folder(self.base_network, folder)
 
 
@@ -120,14 +121,14 @@ def read_arch(folder: Path) -> dict[str, Any]:
     if not config.is_file():
         hint = (" (it has a config.json: a transformers checkpoint; set model.family to its family, e.g. sam)"
                 if (folder / "config.json").is_file() else "")
-        raise FileNotFoundError(f"{folder} is not a unet model folder: no {CONFIG_FILE}{hint}. "
-                                "Write one with medtune.models.unet.UNetSegModel.save_base")
+        raise MissingFileError(f"{folder} is not a unet model folder: no {CONFIG_FILE}{hint}. "
+                               "Write one with medtune.models.unet.UNetSegModel.save_base")
     return json.loads(config.read_text())
 
 
 def build_unet(cfg: Config) -> UNetSegModel:
     if cfg.model.quantize_4bit:
-        raise ValueError("model.quantize_4bit (QLoRA) is for the transformers families (sam, sam2), not unet")
+        raise ConfigError("model.quantize_4bit (QLoRA) is for the transformers families (sam, sam2), not unet")
     if cfg.model.gradient_checkpointing:
         log.warning("model.gradient_checkpointing is ignored for unet (a small convolutional net)")
     path = resolve_model_path(cfg)
@@ -140,11 +141,11 @@ def build_unet(cfg: Config) -> UNetSegModel:
     conflicts = {k: (v, arch.get(k)) for k, v in cfg.model.config.items()
                  if k not in arch or (list(v) if isinstance(v, (list, tuple)) else v) != arch[k]}
     if conflicts:
-        raise ValueError(f"model.config {conflicts} (given, saved) contradicts the architecture saved in "
-                         f"{path / CONFIG_FILE}; with model.path the folder decides. Remove model.config")
+        raise ConfigError(f"model.config {conflicts} (given, saved) contradicts the architecture saved in "
+                          f"{path / CONFIG_FILE}; with model.path the folder decides. Remove model.config")
     if arch["in_channels"] != cfg.data.channels:
-        raise ValueError(f"{path} was saved for {arch['in_channels']}-channel images but data.channels="
-                         f"{cfg.data.channels}; set data.channels={arch['in_channels']}")
+        raise ConfigError(f"{path} was saved for {arch['in_channels']}-channel images but data.channels="
+                          f"{cfg.data.channels}; set data.channels={arch['in_channels']}")
     seg = UNetSegModel(_make_net(arch), arch)
     load_safetensors_folder(seg.net, path)
     return seg

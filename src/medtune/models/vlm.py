@@ -33,6 +33,7 @@ from transformers import InternVLProcessor
 from medtune.config import Config, VLMCfg
 from medtune.data.conversations import IMAGE_PLACEHOLDER, question_turns
 from medtune.data.types import DataError
+from medtune.errors import UserError
 from medtune.models.base import ModelOutput, SegModel
 from medtune.models.hf import load_kwargs, prepare_for_training, read_config_json, remote_code_kwargs, resolve_model_path
 
@@ -95,7 +96,7 @@ def load_processor(path: Path, cfg: Config):
             image_seq_length=int(saved.get("image_seq_length", 256)),
             chat_template=template.read_text() if template.is_file() else None)
     got = f"{type(processor).__name__}" if processor is not None else f"{type(error).__name__}: {error}"
-    raise ValueError(f"{path}: no multimodal processor could be loaded (AutoProcessor gave {got}); a vlm folder "
+    raise UserError(f"{path}: no multimodal processor could be loaded (AutoProcessor gave {got}); a vlm folder "
                      "needs the processor files saved next to the model (processor.save_pretrained(folder))")
 
 
@@ -108,7 +109,7 @@ def read_chat_template(value: str | None) -> str | None:
     path = Path(value).expanduser()
     if path.is_file():
         return path.read_text()
-    raise ValueError(f"model.vlm.chat_template {value!r} is neither an existing file nor a Jinja template text")
+    raise UserError(f"model.vlm.chat_template {value!r} is neither an existing file nor a Jinja template text")
 
 
 def to_pil(image: np.ndarray):
@@ -158,7 +159,7 @@ class ChatCodec:
         self.template = chat_template or getattr(processor, "chat_template", None) \
             or getattr(self.tokenizer, "chat_template", None)
         if not self.template:
-            raise ValueError("the model folder has no chat template (chat_template.jinja) and model.vlm.chat_template "
+            raise UserError("the model folder has no chat template (chat_template.jinja) and model.vlm.chat_template "
                              "is not set; give the template the model was trained with (a file path or the Jinja text)")
         self.max_length = max_length
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
@@ -351,7 +352,7 @@ class VLMModel(SegModel):
         return self.codec
 
     def forward_logits(self, image, box=None):
-        raise ValueError("family vlm answers in text and has no mask logits; use task.kind=instruct")
+        raise UserError("family vlm answers in text and has no mask logits; use task.kind=instruct")
 
     def model_inputs(self, batch: dict) -> dict:
         return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
@@ -398,14 +399,14 @@ class VLMModel(SegModel):
 
     def default_lora_targets(self) -> str:
         if self.parts.vision is None:
-            raise ValueError(f"cannot find the vision encoder of {type(self.base_network).__name__} (no module named "
+            raise UserError(f"cannot find the vision encoder of {type(self.base_network).__name__} (no module named "
                              f"{', '.join(VISION_NAMES)}); set lora.target_modules to an anchored regex over the "
                              "language model's linear layers")
         names = self._linear_names()
         if self.vision_lora:
             names += self._linear_names("vision")
         if not names:
-            raise ValueError(f"no linear layer found in the language model of {type(self.base_network).__name__}; "
+            raise UserError(f"no linear layer found in the language model of {type(self.base_network).__name__}; "
                              "set lora.target_modules")
         return linear_regex(names)
 
@@ -413,7 +414,7 @@ class VLMModel(SegModel):
         if not self.train_projector:
             return None
         if self.parts.projector is None:
-            raise ValueError(f"model.vlm.train_projector: no projector found in {type(self.base_network).__name__} "
+            raise UserError(f"model.vlm.train_projector: no projector found in {type(self.base_network).__name__} "
                              f"(no module named {', '.join(PROJECTOR_NAMES)}); list it in lora.modules_to_save")
         return [self.parts.projector]
 
@@ -426,16 +427,16 @@ class VLMModel(SegModel):
         in_projector = [n for n in landed if _under(n, self.parts.projector)]
         in_vision = [n for n in landed if _under(n, self.parts.vision) and n not in in_projector]
         if in_projector:
-            raise ValueError(f"LoRA landed in the multimodal projector ({', '.join(in_projector[:4])}); train the "
+            raise UserError(f"LoRA landed in the multimodal projector ({', '.join(in_projector[:4])}); train the "
                              "projector fully with model.vlm.train_projector=true and narrow lora.target_modules")
         if in_vision and not self.vision_lora:
-            raise ValueError(
+            raise UserError(
                 f"LoRA landed in the vision tower ({len(in_vision)} layers, e.g. {in_vision[0]}): its layers share "
                 "names with the language model's (q_proj ...). Narrow lora.target_modules (an anchored regex over full "
                 "module names; the default targets the language model only) or set model.vlm.vision_lora=true"
             )
         if self.vision_lora and not in_vision:
-            raise ValueError("model.vlm.vision_lora=true but no LoRA layer landed in the vision tower; include its "
+            raise UserError("model.vlm.vision_lora=true but no LoRA layer landed in the vision tower; include its "
                              "linear layers in lora.target_modules")
         trainable_projector = [n for n, p in base.named_parameters()
                                if p.requires_grad and _under(n, self.parts.projector)]
@@ -490,7 +491,7 @@ class VLMModel(SegModel):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if getattr(self.base_network, "is_loaded_in_4bit", False):
-            raise ValueError("cannot save a 4-bit (QLoRA) base as a model folder; export with "
+            raise UserError("cannot save a 4-bit (QLoRA) base as a model folder; export with "
                              "model.quantize_4bit=false (`medtune export RUN --out DIR model.quantize_4bit=false`)")
         merged_copy(self.net).save_pretrained(str(out_dir), safe_serialization=True)
         self.processor.chat_template = self.codec.template
@@ -505,7 +506,7 @@ class VLMModel(SegModel):
         loaded = type(net).from_pretrained(str(folder), dtype=torch.float32, **kwargs)
         missing, unexpected = net.load_state_dict(loaded.state_dict(), strict=False)
         if missing or unexpected:
-            raise ValueError(f"weights in {folder} do not fit this model (saved from another architecture?): missing "
+            raise UserError(f"weights in {folder} do not fit this model (saved from another architecture?): missing "
                              f"{missing[:8]}, unexpected {unexpected[:8]}")
 
 
@@ -517,7 +518,7 @@ def _auto_class(meta: dict, path: Path):
     if auto_map:  # remote code (the caller checked model.trust_remote_code)
         return AutoModelForImageTextToText if "AutoModelForImageTextToText" in auto_map else AutoModelForCausalLM
     if meta.get("model_type") not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-        raise ValueError(f"{path} holds a {meta.get('model_type')!r} model, which is not a vision-language model "
+        raise UserError(f"{path} holds a {meta.get('model_type')!r} model, which is not a vision-language model "
                          "AutoModelForImageTextToText knows; model.family=vlm needs a VLM folder (or remote code with "
                          "model.trust_remote_code=true)")
     return AutoModelForImageTextToText
@@ -527,11 +528,11 @@ def build_vlm(cfg: Config) -> VLMModel:
     path = resolve_model_path(cfg)  # refuses remote code without model.trust_remote_code
     if path is None:
         if cfg.model.quantize_4bit:
-            raise ValueError("model.quantize_4bit quantises a pretrained model; set model.path to a local VLM folder")
+            raise UserError("model.quantize_4bit quantises a pretrained model; set model.path to a local VLM folder")
         overrides = dict(cfg.model.config)
         preset, kind = overrides.pop("preset", None), overrides.pop("vlm", "llava")
         if preset != "tiny":
-            raise ValueError("family vlm builds from model.config only the offline test models ({preset: tiny, vlm: "
+            raise UserError("family vlm builds from model.config only the offline test models ({preset: tiny, vlm: "
                              "llava | internvl}); for a real VLM set model.path to a local checkpoint folder")
         from medtune.models.tiny_vlm import tiny_vlm
 

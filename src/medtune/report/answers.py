@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medtune.errors import MissingFileError, UserError
 from medtune.report.html import (
     _preflight_section,
     ci_text,
@@ -41,7 +42,7 @@ def is_answer_run(run_dir: Path, split: str) -> bool:
 
 def read_answers(path: Path) -> list[dict]:
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `medtune eval {path.parents[2]} --split {path.parent.name}`")
+        raise MissingFileError(f"{path} not found: run `medtune eval {path.parents[2]} --split {path.parent.name}`")
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
 
@@ -143,21 +144,21 @@ def compare_answer_runs(runs: list[Path], out_dir: Path | None = None, split: st
     from medtune.stats import bootstrap_ci, mcnemar, paired_bootstrap
 
     if len(runs) < 2:
-        raise ValueError("compare needs at least two run folders (the first is the baseline)")
+        raise UserError("compare needs at least two run folders (the first is the baseline)")
     tables = []
     for run in runs:
         summary = read_json(eval_dir(Path(run), split) / "summary.json")
         if summary.get("task") != "instruct":
-            raise ValueError(f"{run} was not evaluated as an instruction-tuned VLM run; compare answer runs with "
+            raise UserError(f"{run} was not evaluated as an instruction-tuned VLM run; compare answer runs with "
                              "answer runs")
         rows = read_answers(Path(run) / "eval" / split / "answers.csv")
         tables.append({r["id"]: r for r in rows if r.get("correct") in ("0", "1")})
     common = sorted(set.intersection(*(set(t) for t in tables)))
     if not common:
-        raise ValueError("the runs share no scored sample id; were they evaluated on the same split of the same data?")
+        raise UserError("the runs share no scored sample id; were they evaluated on the same split of the same data?")
     refs = [[t[i]["reference_label"] for i in common] for t in tables]
     if any(r != refs[0] for r in refs[1:]):
-        raise ValueError("the runs give different reference labels for the same sample ids: they read different data")
+        raise UserError("the runs give different reference labels for the same sample ids: they read different data")
     correct = [np.array([float(t[i]["correct"]) for i in common]) for t in tables]
     names = [Path(r).name for r in runs]
     lines = [f"{len(runs)} runs on split '{split}', paired over the {len(common)} samples all of them answered "

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from medtune.errors import UserError
 from medtune.report import plots
 from medtune.report.html import LOWER_IS_BETTER, ci_text, esc, eval_dir, fmt, img, page, read_json, read_per_image, table
 
@@ -69,8 +70,8 @@ def load_run_eval(run: Path, split: str) -> RunEval:
     ids, cols = read_per_image(ev / "per_image.csv")
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        raise ValueError(f"{ev / 'per_image.csv'}: image id(s) listed twice ({', '.join(dup[:5])}); re-run "
-                         f"`medtune eval {run} --split {split}`")
+        raise UserError(f"{ev / 'per_image.csv'}: image id(s) listed twice ({', '.join(dup[:5])}); re-run "
+                        f"`medtune eval {run} --split {split}`")
     config_path = run / "config.yaml"
     config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
     return RunEval(path=run, label=run.name, summary=read_json(ev / "summary.json"), ids=ids, cols=cols,
@@ -361,7 +362,7 @@ def compare_runs(runs: list[Path], out_dir: Path | None = None, split: str = "te
     if at not in ("cal", "t050"):
         raise ValueError(f"threshold must be 'cal' or 't050', got {at!r}")
     if len(runs) < 2:
-        raise ValueError("compare needs at least two run folders (the first is the baseline)")
+        raise UserError("compare needs at least two run folders (the first is the baseline)")
     from medtune.report.answers import compare_answer_runs, is_answer_run
 
     if any(is_answer_run(Path(r), split) for r in runs):  # answers: paired by sample id, McNemar

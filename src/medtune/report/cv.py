@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 from medtune.config import Config, ConfigError, build_config
+from medtune.errors import UserError
 
 log = logging.getLogger("medtune")
 
@@ -133,10 +134,10 @@ def run_cv(cfg: Config, folds: int, train_fn: Callable[[Config], Path] | None = 
     parameters so a caller (or a test) can run the bookkeeping around other training code.
     """
     if folds < 2:
-        raise ValueError(f"cross-validation needs at least 2 folds (got {folds})")
+        raise UserError(f"cross-validation needs at least 2 folds (got {folds})")
     if cfg.objective == "rl" and cfg.rl.init_from:
         # adopt_parent copies the parent's split.json, so every fold would be tested on the parent's test images
-        raise ValueError(f"objective rl with rl.init_from={cfg.rl.init_from} reuses that run's split in "
+        raise UserError(f"objective rl with rl.init_from={cfg.rl.init_from} reuses that run's split in "
                          "every fold, so the folds would not differ; cross-validate the supervised config instead, "
                          "or train RL from each fold's run (rl.init_from=<name>-cv<k>-fold<i>) yourself")
     train_fn = train_fn or _default_train

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medtune.errors import MissingFileError, UserError
 from medtune.report import plots
 from medtune.stats import LOWER_IS_BETTER
 
@@ -121,7 +122,7 @@ def eval_dir(run_dir: Path, split: str) -> Path:
     """RUN/eval/<split>, or FileNotFoundError telling the user which command creates it."""
     out = Path(run_dir) / "eval" / split
     if not (out / "summary.json").is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{out / 'summary.json'} not found: run `medtune eval {run_dir} --split {split}` first"
         )
     return out
@@ -133,19 +134,19 @@ def read_json(path: Path, default=None):
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); re-run the command that writes it") from None
+        raise UserError(f"{path}: not valid JSON ({err}); re-run the command that writes it") from None
 
 
 def read_per_image(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
     """per_image.csv -> (ids, {column: float array}); empty cells and 'nan' become NaN."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `medtune eval {path.parents[2]} --split {path.parent.name}`")
+        raise MissingFileError(f"{path} not found: run `medtune eval {path.parents[2]} --split {path.parent.name}`")
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
         fields = [c for c in (reader.fieldnames or []) if c != "id"]
     if rows and "id" not in rows[0]:
-        raise ValueError(f"{path}: no 'id' column; re-run `medtune eval`")
+        raise UserError(f"{path}: no 'id' column; re-run `medtune eval`")
 
     def num(text) -> float:
         try:
@@ -190,8 +191,8 @@ def _load_ground_truth(cfg, ids: list[str]) -> dict:
     wanted = {i: split_id(i) for i in ids}
     missing = [i for i, (base, _) in wanted.items() if base not in samples]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} evaluated image(s) are not in data.path={cfg.data.path} "
-                                f"(e.g. {missing[0]}); point data.path at the data the run was evaluated on")
+        raise MissingFileError(f"{len(missing)} evaluated image(s) are not in data.path={cfg.data.path} "
+                               f"(e.g. {missing[0]}); point data.path at the data the run was evaluated on")
     bases = sorted({base for base, _ in wanted.values()})
     loaded = {s.id: s for s in load_all([samples[b] for b in bases], cfg.data)}
     return {i: loaded[base] if k is None else replace(loaded[base], mask=loaded[base].target_masks()[k])

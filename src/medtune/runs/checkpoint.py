@@ -1,12 +1,16 @@
 """Atomic checkpoints: write to a temporary folder, rename into place, only then rotate old ones away.
 
 A checkpoint folder holds the trainable weights (``adapter/`` in PEFT format or ``model/`` for full fine-tuning),
-``trainer_state.pt`` (optimizer, scheduler, RNG, step, counters) and ``meta.json``. A crash at any moment leaves
-either the previous or the new checkpoint complete, never neither (pitfall 12).
+``trainer_state.pt`` (optimizer, scheduler, fp16 loss scaler, RNG, step, counters) and ``meta.json``. A crash at any
+moment leaves either the previous or the new checkpoint complete, never neither (pitfall 12): a folder under its own
+name is complete by construction, ``.old-NAME`` is the previous one while the new one is being renamed into place,
+and ``.tmp-*`` / ``.deleting-*`` are half-written or half-deleted leftovers that ``recover_checkpoints`` removes.
+Files are fsynced before the rename, so the same holds when the machine itself goes down.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -15,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from medtune.errors import MissingFileError
 from medtune.models.base import SegModel
 from medtune.models.lora import load_trainable, save_trainable
 
@@ -26,6 +31,7 @@ class TrainerState:
     best_step: int = -1
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
+    fp16_overflows: int = 0  # updates the fp16 loss scaler skipped (routine, not counted as non-finite)
     val_history: list[float] = field(default_factory=list)
 
 
@@ -43,19 +49,56 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _old(final: Path) -> Path:
+    return final.with_name(f".old-{final.name}")
+
+
+def _delete_dir(path: Path) -> None:
+    """Rename out of the way first, so a crash mid-deletion never leaves a half-deleted folder under a real name."""
+    doomed = path.with_name(f".deleting-{path.name}-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            _fsync(path)
+    for path in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        _fsync(path)
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
-    old = final.with_name(f".old-{final.name}")
+    old = _old(final)
     if old.exists():
-        shutil.rmtree(old)
+        if final.exists():
+            _delete_dir(old)
+        else:  # a crash between the two renames below: .old- is the only complete copy, so it is not thrown away
+            os.replace(old, final)
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)
+    _fsync(final.parent)
     if old.exists():
-        shutil.rmtree(old)
+        _delete_dir(old)
+
+
+def _json_number(value):
+    """JSON has no -Infinity or NaN: such a value (e.g. best_metric before any validation) is written as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def save_checkpoint(ckpt_root: Path, name: str, model: SegModel, optimizer, scheduler, state: TrainerState,
-                    extra_meta: dict | None = None) -> Path:
+                    extra_meta: dict | None = None, scaler=None) -> Path:
+    """`scaler`: the fp16 loss scaler (accelerator.scaler) or None; its scale is part of an exact resume."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
     if tmp.exists():
@@ -66,13 +109,16 @@ def save_checkpoint(ckpt_root: Path, name: str, model: SegModel, optimizer, sche
         {
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": _rng_state(),
             "trainer": asdict(state),
         },
         tmp / "trainer_state.pt",
     )
     meta = {"step": state.step, "best_metric": state.best_metric, "best_step": state.best_step, **(extra_meta or {})}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    meta = {k: _json_number(v) for k, v in meta.items()}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
+    _fsync_tree(tmp)
     final = ckpt_root / name
     _replace_dir(tmp, final)
     return final
@@ -81,7 +127,43 @@ def save_checkpoint(ckpt_root: Path, name: str, model: SegModel, optimizer, sche
 def rotate_step_checkpoints(ckpt_root: Path, keep_last: int) -> None:
     steps = sorted((p for p in ckpt_root.glob("step-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
     for old in steps[: max(0, len(steps) - keep_last)]:
-        shutil.rmtree(old)
+        _delete_dir(old)
+
+
+def recover_checkpoints(ckpt_root: Path) -> None:
+    """Undo what a crash left half done: put back a `.old-NAME` whose NAME is missing (a crash between the two
+    renames of a save), and delete half-written `.tmp-*`, half-deleted `.deleting-*` and superseded `.old-*`."""
+    if not ckpt_root.is_dir():
+        return
+    for path in sorted(ckpt_root.iterdir()):
+        if not path.is_dir():
+            continue
+        if path.name.startswith(".old-"):
+            final = ckpt_root / path.name[len(".old-"):]
+            if final.exists():
+                shutil.rmtree(path)
+            else:
+                os.replace(path, final)
+        elif path.name.startswith((".tmp-", ".deleting-")):
+            shutil.rmtree(path)
+
+
+def is_complete(ckpt: Path) -> bool:
+    return (ckpt / "meta.json").is_file() and (ckpt / "trainer_state.pt").is_file()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The complete checkpoint with the most steps (`last`, `step-N` or `best`; `last` on a tie), or None.
+
+    Every checkpoint holds the full training state, so any of them resumes exactly; the newest loses the least.
+    Call `recover_checkpoints` first, so a checkpoint a crash left only as `.old-NAME` counts too."""
+    root = Path(run_dir) / "checkpoints"
+    found = []
+    for path in root.glob("*") if root.is_dir() else []:
+        if path.is_dir() and not path.name.startswith(".") and is_complete(path):
+            step = json.loads((path / "meta.json").read_text()).get("step", 0)
+            found.append((step, path.name == "last", path))
+    return max(found, key=lambda t: t[:2])[2] if found else None
 
 
 def find_checkpoint(run_dir: Path, which: str = "last") -> Path:
@@ -94,12 +176,13 @@ def find_checkpoint(run_dir: Path, which: str = "last") -> Path:
         if (path / "meta.json").exists():
             return path
     available = sorted(p.name for p in root.glob("*") if (p / "meta.json").exists()) if root.exists() else []
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"no checkpoint '{which}' in {root}; available: {', '.join(available) or 'none (did training save any?)'}"
     )
 
 
-def load_checkpoint(ckpt: Path, model: SegModel, optimizer=None, scheduler=None, restore_rng: bool = True) -> TrainerState:
+def load_checkpoint(ckpt: Path, model: SegModel, optimizer=None, scheduler=None, restore_rng: bool = True,
+                    scaler=None) -> TrainerState:
     load_trainable(model, ckpt)
     state_path = ckpt / "trainer_state.pt"
     if optimizer is None and scheduler is None and not restore_rng:
@@ -110,6 +193,8 @@ def load_checkpoint(ckpt: Path, model: SegModel, optimizer=None, scheduler=None,
         optimizer.load_state_dict(blob["optimizer"])
     if scheduler is not None and blob["scheduler"] is not None:
         scheduler.load_state_dict(blob["scheduler"])
+    if scaler is not None and blob.get("scaler"):
+        scaler.load_state_dict(blob["scaler"])
     if restore_rng:
         _set_rng_state(blob["rng"])
     return TrainerState(**blob["trainer"])

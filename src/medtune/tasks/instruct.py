@@ -28,6 +28,7 @@ from medtune.config import Config
 from medtune.data.conversations import final_answer, question_turns
 from medtune.data.layouts import format_problems
 from medtune.data.types import DataError, LoadedSample, Sample
+from medtune.errors import UserError
 from medtune.models.vlm import IGNORE_INDEX, ChatCodec, collate, to_pil
 from medtune.tasks.base import LossFn, Task
 
@@ -41,7 +42,7 @@ MAX_AUTO_LABELS = 20
 def _codec(model) -> ChatCodec:
     seg = model.module if hasattr(model, "module") else model
     if not hasattr(seg, "text_codec"):
-        raise ValueError("task instruct needs a vision-language model family (model.family: vlm)")
+        raise UserError("task instruct needs a vision-language model family (model.family: vlm)")
     return seg.text_codec()
 
 
@@ -140,7 +141,7 @@ def resolve_labels(cfg: Config, samples: list[LoadedSample] | list[Sample]) -> l
     answers = sorted({" ".join(final_answer(s.conversations).lower().split()) for s in samples if s.conversations})
     if 0 < len(answers) <= MAX_AUTO_LABELS:
         return answers
-    raise ValueError(f"cannot tell the answer labels: the samples carry no 'label' and have {len(answers)} distinct "
+    raise UserError(f"cannot tell the answer labels: the samples carry no 'label' and have {len(answers)} distinct "
                      "answers; set task.labels (e.g. task.labels=[benign,malignant])")
 
 
@@ -213,7 +214,7 @@ def evaluate_model(model, cfg: Config, run_dir: Path, split: str = "test", devic
 
     data = prepare_split(cfg, run_dir)
     if not data.split.get(split):
-        raise ValueError(f"split '{split}' of {run_dir / 'split.json'} is empty; choose one of "
+        raise UserError(f"split '{split}' of {run_dir / 'split.json'} is empty; choose one of "
                          f"{[k for k, v in data.split.items() if v]}")
     all_samples = list(data.samples.values())
     labels = resolve_labels(cfg, all_samples)
@@ -295,7 +296,7 @@ def predict_answers(run_dir: str | Path, images: list[str | Path], question: str
     device = device or default_device()
     cfg, model, ckpt = load_run_model(run_dir, checkpoint, device)
     if cfg.task_kind() != "instruct":
-        raise ValueError(f"{run_dir} is a {cfg.task_kind()} run; --question is for instruction-tuned VLM runs")
+        raise UserError(f"{run_dir} is a {cfg.task_kind()} run; --question is for instruction-tuned VLM runs")
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:
         raise DataError(f"{missing[0]}: no such image file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from medtune.config import Config
 from medtune.data.datasets import _build_augment, _plain, loss_region
 from medtune.data.types import DataError, LoadedSample
+from medtune.errors import UserError
 from medtune.losses import ComboLoss
 from medtune.tasks.base import LossFn, TargetPrediction, Task
 from medtune.tasks.masks import pooled_validation
@@ -51,7 +52,7 @@ class SegVLMDataset(Dataset):
 
     def __init__(self, samples: list[LoadedSample], cfg: Config, codec):
         if not samples:
-            raise ValueError("the segvlm task needs at least one training sample")
+            raise UserError("the segvlm task needs at least one training sample")
         self.samples, self.cfg, self.codec = samples, cfg, codec
         self.size = int(cfg.data.patch_size)
         self.seed = int(cfg.run.seed)
@@ -130,7 +131,7 @@ def mask_targets(out, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     wanted = batch["target_valid"].sum(dim=1)
     if not torch.equal(predicted.cpu(), wanted.cpu()):
         i = int(torch.nonzero(predicted.cpu() != wanted.cpu())[0])
-        raise ValueError(f"sample {batch['ids'][i]}: {int(predicted[i])} [SEG] token(s) in its tokens but "
+        raise UserError(f"sample {batch['ids'][i]}: {int(predicted[i])} [SEG] token(s) in its tokens but "
                          f"{int(wanted[i])} target mask(s); every target needs exactly one [SEG] in the answer")
     k = batch["target_valid"].shape[1]
     logits = out.mask_logits[:, :k][batch["target_valid"]][:, None]
@@ -149,7 +150,7 @@ def make_loss(cfg: Config) -> LossFn:
         total = mask_loss
         if lm_weight > 0:
             if out.lm_loss is None:
-                raise ValueError("task.lm_weight > 0 but the model returned no LM loss (no labels in the batch?)")
+                raise UserError("task.lm_weight > 0 but the model returned no LM loss (no labels in the batch?)")
             total = total + lm_weight * out.lm_loss
         if out.lm_loss is not None:
             parts = {**parts, "lm": float(out.lm_loss.detach())}

@@ -22,13 +22,17 @@ from medtune.train.setup import StopFlag, TrainingStopped, frozen_metric_warning
 
 log = logging.getLogger("medtune")
 
+# An fp16 gradient that is non-finite although the loss scale is already at most this is not an overflow the scaler
+# can fix by lowering its scale: it counts as non-finite (else a NaN gradient would skip updates forever).
+MIN_OVERFLOW_SCALE = 1.0
+
 
 class Bookkeeping:
     def __init__(self, accelerator: Accelerator, cfg: Config, run_dir: Path, model, optimizer, scheduler,
                  state: TrainerState, resumed: bool, validate: Callable[[torch.nn.Module], dict[str, float]],
-                 select: tuple[str, bool]):
+                 select: tuple[str, bool], stop: StopFlag):
         """``validate(model) -> {"val_*": value}`` (empty when there is no validation data); ``select`` = (the key
-        of it that picks `best`, whether higher is better)."""
+        of it that picks `best`, whether higher is better); ``stop``: the session's SIGTERM flag."""
         self.acc, self.cfg, self.run_dir = accelerator, cfg, run_dir
         self.model, self.optimizer, self.scheduler, self.state = model, optimizer, scheduler, state
         self.unwrapped = accelerator.unwrap_model(model)
@@ -40,8 +44,9 @@ class Bookkeeping:
             if self.is_main else None
         self.progress = tqdm(total=cfg.optim.max_steps, initial=state.step, disable=not self.is_main,
                              desc=f"train ({cfg.objective})", unit="step")
-        self.stop = StopFlag().__enter__()
+        self.stop = stop
         self._window_start, self._window_images = time.perf_counter(), 0
+        self._last_saved = time.monotonic()
 
     # -- the recipe calls these -------------------------------------------------------------------------------
     def count_images(self, n_local: int) -> None:
@@ -49,10 +54,18 @@ class Bookkeeping:
 
     def update_allowed(self, global_loss: torch.Tensor, grad_norm) -> bool:
         """True when the step's loss (already averaged over processes, so every process decides alike) and gradient
-        norm are finite; otherwise the update is skipped and counted, and too many in a row stop the run."""
-        finite = bool(torch.isfinite(global_loss)) and (grad_norm is None or bool(torch.isfinite(grad_norm)))
+        norm are finite; otherwise the update is skipped. An fp16 overflow (finite loss, overflowed scaled gradient)
+        is routine: the loss scaler lowers its scale. Anything else is counted, and too many in a row stop the run."""
+        finite_loss = bool(torch.isfinite(global_loss))
+        finite = finite_loss and (grad_norm is None or bool(torch.isfinite(grad_norm)))
+        scaler = self.acc.scaler
         if finite:
             self.state.nonfinite_in_a_row = 0
+        elif finite_loss and scaler is not None and scaler.get_scale() > MIN_OVERFLOW_SCALE:
+            # fp16: the scaled gradient overflowed. Routine: the loss scaler skips this update and lowers its scale.
+            self.state.fp16_overflows += 1
+            log.info("fp16 overflow at step %d: update skipped by the loss scaler (scale %g, lowered next)",
+                     self.state.step + 1, scaler.get_scale())
         else:
             self.state.nonfinite_in_a_row += 1
             self.state.nonfinite_total += 1
@@ -68,6 +81,8 @@ class Bookkeeping:
             elapsed = time.perf_counter() - self._window_start
             record = {"step": state.step, **record, "lr": self.scheduler.get_last_lr()[0],
                       "images_per_s": self._window_images / max(elapsed, 1e-9)}
+            if self.acc.scaler is not None:
+                record.update(loss_scale=self.acc.scaler.get_scale(), fp16_overflows=state.fp16_overflows)
             self.log(record)
             self.progress.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
             self._window_start, self._window_images = time.perf_counter(), 0
@@ -86,13 +101,16 @@ class Bookkeeping:
             self.checkpoint("last")
             if self.is_main:
                 rotate_step_checkpoints(self.ckpt_root, cfg.train.keep_last)
-        # every process must agree to stop, or the next collective op hangs
-        flag = torch.tensor(float(self.stop.requested), device=self.acc.device)
-        if float(self.acc.reduce(flag, reduction="sum")) > 0:
+        # every process must agree to stop (and to save), or the next collective op hangs
+        flags = torch.tensor([float(self.stop.requested), float(self._save_due())], device=self.acc.device)
+        stop, save = (float(v) > 0 for v in self.acc.reduce(flags, reduction="sum"))
+        if stop:
             self.checkpoint("last", reason="SIGTERM")
             log.warning("SIGTERM: wrote %s at step %d; continue with `medtune train --resume %s`",
                         self.ckpt_root / "last", state.step, self.run_dir)
             return True
+        if save:  # just another `last`: a resume from it is as exact as from any other
+            self.checkpoint("last")
         return False
 
     def finish(self, completed: bool) -> None:
@@ -101,8 +119,6 @@ class Bookkeeping:
             if self.state.best_step < 0:  # no (finite) validation to choose by: the final weights are the best known
                 self.checkpoint("best")
         self.progress.close()
-        self.stop.__exit__(None, None, None)
-        self.acc.end_training()
 
     # -- internals ---------------------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
@@ -132,7 +148,14 @@ class Bookkeeping:
             self.state.best_metric, self.state.best_step = signed, self.state.step
             self.checkpoint("best", **val)
 
+    def _save_due(self) -> bool:
+        minutes = self.cfg.train.save_every_minutes
+        return minutes is not None and time.monotonic() - self._last_saved >= minutes * 60
+
     def checkpoint(self, name: str, **meta) -> None:
         if self.is_main:
-            save_checkpoint(self.ckpt_root, name, self.unwrapped, self.optimizer, self.scheduler, self.state, meta)
+            save_checkpoint(self.ckpt_root, name, self.unwrapped, self.optimizer, self.scheduler, self.state, meta,
+                            scaler=self.acc.scaler)
+        if name == "last":
+            self._last_saved = time.monotonic()
         self.acc.wait_for_everyone()

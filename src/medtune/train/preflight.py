@@ -1,7 +1,7 @@
 """Gradient-flow preflight: prove, before the first real step, that what is meant to train can train.
 
-Runs on one real batch and restores model, optimizer and RNG afterwards, so the real run is the same with or without
-it. Checks, in order:
+Runs on one real batch and restores model, optimizer (with its fp16 loss scaler) and RNG afterwards, so the real run
+is the same with or without it. Checks, in order:
   1. the optimizer holds exactly the trainable tensors, and more than zero of them;
   2. one forward/backward gives a finite loss that requires grad;
   3. every trainable tensor gets a finite gradient, non-zero for all but LoRA-A (LoRA-B starts at zero, so dL/dA = 0
@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from medtune.errors import UserError
+
 USUAL_CAUSES = (
     "usual causes: the forward runs under torch.no_grad()/inference_mode() (e.g. generate() or a predict helper in "
     "the training path); an output was .detach()ed, thresholded, rounded or converted to numpy and then "
@@ -31,8 +33,8 @@ _LORA_A = re.compile(r"\.lora_A\.")
 _FROZEN_SNAPSHOT_LIMIT = 2 * 1024**3  # bytes; above this, frozen tensors are compared by a float64 fingerprint
 
 
-class PreflightError(RuntimeError):
-    pass
+class PreflightError(UserError, RuntimeError):
+    """The message names the dead tensors and the usual causes; the CLI shows it without a traceback."""
 
 
 @dataclass
@@ -95,6 +97,9 @@ def run_preflight(
     model_state = {n: p.detach().clone() for n, p in trainable}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     opt_state = copy.deepcopy(optimizer.state_dict())
+    # fp16: accelerate's optimizer wrapper carries the loss scaler, whose scale the preflight's steps would move
+    scaler = getattr(optimizer, "scaler", None)
+    scaler_state = scaler.state_dict() if scaler is not None else None
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     frozen_bytes = sum(p.numel() * p.element_size() for _, p in frozen)
@@ -175,6 +180,8 @@ def run_preflight(
                 if n in buffers:
                     b.copy_(buffers[n])
         optimizer.load_state_dict(opt_state)
+        if scaler is not None:
+            scaler.load_state_dict(scaler_state)
         for g, lr in zip(optimizer.param_groups, saved_lrs):
             g["lr"] = lr
         optimizer.zero_grad(set_to_none=True)

@@ -24,18 +24,28 @@ from medtune.config import Config
 from medtune.data.datasets import StepBatchSampler
 from medtune.data.run_split import check_readable, load_split_samples, prepare_split
 from medtune.data.types import LoadedSample
+from medtune.errors import ConfigError, UserError
 from medtune.losses import ComboLoss
 from medtune.models.lora import export_merged
 from medtune.models.registry import build_model
 from medtune.policy import bernoulli_entropy, bernoulli_kl, clipped_objective, group_advantages, group_logprob, sample_group
 from medtune.rewards import combined_reward, load_reward, register_reward, resolve_weights
-from medtune.runs.checkpoint import TrainerState, find_checkpoint, load_checkpoint
 from medtune.runs.files import load_run_config, write_run_files
 from medtune.tasks import Task, selection, task_for
 from medtune.tasks.masks import pooled_validation
 from medtune.train.loop import Bookkeeping
 from medtune.train.preflight import run_preflight
-from medtune.train.setup import batch_to, init_trackers, make_accelerator, make_optimizer, make_scheduler, start_run
+from medtune.train.setup import (
+    StopFlag,
+    batch_to,
+    init_trackers,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    resume_state,
+    start_run,
+    training_session,
+)
 
 log = logging.getLogger("medtune")
 
@@ -47,17 +57,26 @@ def adopt_parent(cfg: Config, run_dir: Path, is_main: bool) -> Config:
     settings as the parent, so the comparison is paired on the same test images, scored the same way."""
     parent = Path(cfg.rl.init_from)
     reference_dir = run_dir / "reference-model"
-    parent_cfg = load_run_config(parent)
     if is_main and not (reference_dir / ".complete").exists():
         from medtune.runs.load import load_run_model
 
         _, parent_model, ckpt = load_run_model(parent, "best", "cpu")
         export_merged(parent_model, reference_dir)
-        (reference_dir / ".complete").write_text(str(ckpt))
         shutil.copy(parent / "split.json", run_dir / "split.json")
         if (parent / "scale.json").exists():
             shutil.copy(parent / "scale.json", run_dir / "scale.json")
         (run_dir / "parent.json").write_text(json.dumps({"parent_run": str(parent), "checkpoint": str(ckpt)}, indent=2))
+        (reference_dir / ".complete").write_text(str(ckpt))  # last: a run killed before it adopts again
+    adopted = adopted_config(cfg, run_dir)
+    if is_main:
+        write_run_files(run_dir, adopted)
+    return adopted
+
+
+def adopted_config(cfg: Config, run_dir: Path) -> Config:
+    """What RUN/config.yaml holds for a run started from `cfg` with rl.init_from (see adopt_parent)."""
+    parent_cfg = load_run_config(cfg.rl.init_from)
+    reference_dir = run_dir / "reference-model"
     tree = cfg.model_dump(mode="json")
     tree["model"] = {**parent_cfg.model.model_dump(mode="json"), "path": str(reference_dir), "finetune": "lora",
                      "quantize_4bit": cfg.model.quantize_4bit, "gradient_checkpointing": cfg.model.gradient_checkpointing,
@@ -76,10 +95,7 @@ def adopt_parent(cfg: Config, run_dir: Path, is_main: bool) -> Config:
     # parent must be scored the same way, or `medtune compare` measures the evaluation change, not the RL
     own_eval = cfg.eval.model_dump(mode="json", include=cfg.eval.model_fields_set)
     tree["eval"] = {**parent_cfg.eval.model_dump(mode="json"), **own_eval}
-    adopted = Config.model_validate(tree)
-    if is_main:
-        write_run_files(run_dir, adopted)
-    return adopted
+    return Config.model_validate(tree)
 
 
 # ---- curriculum: thick structures before thin ones ------------------------------------------------------------------
@@ -97,7 +113,7 @@ class CurriculumBatchSampler:
     def __init__(self, order: list[int], patches_per_image: int, global_batch: int, seed: int, start_step: int,
                  max_steps: int, rank: int, world: int):
         if global_batch % world:
-            raise ValueError(f"data.batch_size {global_batch} must be a multiple of the {world} processes")
+            raise ConfigError(f"data.batch_size {global_batch} must be a multiple of the {world} processes")
         self.order, self.ppi, self.batch = order, patches_per_image, global_batch
         self.seed, self.step, self.max_steps, self.rank, self.world = seed, start_step, max_steps, rank, world
 
@@ -211,8 +227,15 @@ def validate_with_reward(model, task: Task, val: list[LoadedSample], cfg: Config
 
 # ---- the recipe ------------------------------------------------------------------------------------------------------
 def train(cfg: Config, resume: str | Path | None = None) -> Path:
+    """`resume`: a run folder to continue, or "auto" to start or continue output_dir/run.name (setup.start_run)."""
     accelerator = make_accelerator(cfg)
-    cfg, run_dir = start_run(cfg, resume, accelerator)
+    with training_session(accelerator) as stop:  # SIGTERM-safe from here; handler and trackers released on any exit
+        return _train(cfg, resume, accelerator, stop)
+
+
+def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) -> Path:
+    # resume: from here on the checkpoint to continue from, or None
+    cfg, run_dir, resume = start_run(cfg, resume, accelerator, adopted_config if cfg.rl.init_from else None)
     is_main, device = accelerator.is_main_process, accelerator.device
     if cfg.rl.init_from and resume is None:
         cfg = adopt_parent(cfg, run_dir, is_main)
@@ -229,7 +252,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     check_readable(cfg, data)
     task = task_for(cfg)
     if task.mask_targets is None:
-        raise ValueError(f"objective: rl samples masks; task {task.name!r} produces none (for answers use the "
+        raise UserError(f"objective: rl samples masks; task {task.name!r} produces none (for answers use the "
                          "instruct task's GRPO)")
     order = sorted(range(len(train_samples)), key=lambda i: thinness(train_samples[i])) if cfg.rl.curriculum else None
 
@@ -246,17 +269,15 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
 
     # ---- policy = base (or parent) + fresh LoRA; reference = the same model with adapters disabled
     if cfg.finetune_mode() != "lora":
-        raise ValueError("objective: rl needs finetune: lora (the KL reference is the model with adapters disabled); "
-                         "set model.path or rl.init_from to a pretrained model")
+        raise ConfigError("objective: rl needs finetune: lora (the KL reference is the model with adapters disabled); "
+                          "set model.path or rl.init_from to a pretrained model")
     model = build_model(cfg).to(device)
     disable_dropout(model, cfg)
     dataset = task.train_dataset(train_samples, cfg, model)
     combo = ComboLoss(cfg.loss) if cfg.rl.sft_mix > 0 else None
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    state = TrainerState()
-    if resume is not None:
-        state = load_checkpoint(find_checkpoint(run_dir, "last"), model, optimizer, scheduler)
+    state = resume_state(resume, model, optimizer, scheduler, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     reference = accelerator.unwrap_model(model)
 
@@ -278,7 +299,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     stream = batches(state.step)
     books = Bookkeeping(accelerator, cfg, run_dir, model, optimizer, scheduler, state, resume is not None,
                         validate=lambda m: validate_with_reward(m, task, val_samples, cfg, device, weights),
-                        select=selection(cfg, task))
+                        select=selection(cfg, task), stop=stop)
     completed = True
     while state.step < cfg.optim.max_steps:
         model.train()

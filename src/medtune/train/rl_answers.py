@@ -29,18 +29,28 @@ from medtune.config import Config
 from medtune.data.datasets import StepBatchSampler
 from medtune.data.run_split import check_readable, load_split_samples, prepare_split
 from medtune.data.types import LoadedSample
+from medtune.errors import UserError
 from medtune.models.registry import build_model
 from medtune.models.vlm import ChatCodec, collate, to_pil
 from medtune.policy import group_advantages
-from medtune.runs.checkpoint import TrainerState, find_checkpoint, load_checkpoint
-from medtune.runs.files import load_run_config, write_run_files
+from medtune.runs.files import load_run_config
 from medtune.tasks import selection, task_for
 from medtune.tasks.instruct import reference_label, require_conversations, resolve_labels
 from medtune.text_policy import clipped_token_loss, completion_mask, token_entropy, token_kl, token_logprobs
 from medtune.train.loop import Bookkeeping
 from medtune.train.preflight import run_preflight
-from medtune.train.rl import adopt_parent, sampling_generator
-from medtune.train.setup import batch_to, init_trackers, make_accelerator, make_optimizer, make_scheduler, start_run
+from medtune.train.rl import adopt_parent, adopted_config, sampling_generator
+from medtune.train.setup import (
+    StopFlag,
+    batch_to,
+    init_trackers,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    resume_state,
+    start_run,
+    training_session,
+)
 
 log = logging.getLogger("medtune")
 
@@ -64,7 +74,7 @@ def check_supported(cfg: Config) -> None:
     unsupported = [(cfg.rl.sft_mix > 0, "rl.sft_mix"), (cfg.rl.curriculum, "rl.curriculum")]
     named = [name for bad, name in unsupported if bad]
     if named:
-        raise ValueError(f"{', '.join(named)} is not supported by GRPO on answers (task instruct); set it to its "
+        raise UserError(f"{', '.join(named)} is not supported by GRPO on answers (task instruct); set it to its "
                          "default")
 
 
@@ -151,16 +161,18 @@ def grpo_loss(model, prompts: dict, roll: dict, cfg: Config, old: torch.Tensor |
 
 
 def train(cfg: Config, resume: str | Path | None = None) -> Path:
+    """`resume`: a run folder to continue, or "auto" to start or continue output_dir/run.name (setup.start_run)."""
     accelerator = make_accelerator(cfg)
-    cfg, run_dir = start_run(cfg, resume, accelerator)
+    with training_session(accelerator) as stop:  # SIGTERM-safe from here; handler and trackers released on any exit
+        return _train(cfg, resume, accelerator, stop)
+
+
+def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) -> Path:
+    # resume: from here on the checkpoint to continue from, or None
+    cfg, run_dir, resume = start_run(cfg, resume, accelerator, adopted_config if cfg.rl.init_from else None)
     is_main, device = accelerator.is_main_process, accelerator.device
     if cfg.rl.init_from and resume is None:
-        task_set = bool(cfg.task.model_fields_set)
-        cfg = adopt_parent(cfg, run_dir, is_main)
-        if not task_set and is_main:  # the parent's labels, synonyms and answer length, unless this config says
-            tree = cfg.model_dump(mode="json")
-            tree["task"] = load_run_config(cfg.rl.init_from).task.model_dump(mode="json")
-            write_run_files(run_dir, Config.model_validate(tree))
+        cfg = adopt_parent(cfg, run_dir, is_main)  # the parent's task (labels, synonyms) comes with it
         accelerator.wait_for_everyone()
         cfg = load_run_config(run_dir)  # every process reads the config the main process just wrote
     check_supported(cfg)
@@ -181,7 +193,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
 
     # ---- policy = base (or parent) + fresh LoRA; reference = the same model with adapters disabled
     if cfg.finetune_mode() != "lora":
-        raise ValueError("objective: rl needs finetune: lora (the KL reference is the model with adapters disabled); "
+        raise UserError("objective: rl needs finetune: lora (the KL reference is the model with adapters disabled); "
                          "set rl.init_from to a supervised run or model.path to a pretrained VLM")
     model = build_model(cfg).to(device)
     dataset = PromptDataset(train_samples, model.text_codec())
@@ -195,9 +207,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
 
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    state = TrainerState()
-    if resume is not None:
-        state = load_checkpoint(find_checkpoint(run_dir, "last"), model, optimizer, scheduler)
+    state = resume_state(resume, model, optimizer, scheduler, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
     policy = accelerator.unwrap_model(model)
 
@@ -221,7 +231,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     stream = batches(state.step)
     books = Bookkeeping(accelerator, cfg, run_dir, model, optimizer, scheduler, state, resume is not None,
                         validate=lambda m: task.validate(m, val_samples, cfg, device) if val_samples else {},
-                        select=selection(cfg, task))
+                        select=selection(cfg, task), stop=stop)
     completed = True
     while state.step < cfg.optim.max_steps:
         model.train()

@@ -1,18 +1,34 @@
 """Building blocks both recipes share: accelerator and run folder, optimizer, schedule, validation, SIGTERM."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import broadcast_object_list
 from transformers import get_cosine_schedule_with_warmup
 
 from medtune.config import Config
-from medtune.runs.files import load_run_config, new_run_dir, write_run_files
+from medtune.errors import UserError
+from medtune.runs.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, recover_checkpoints
+from medtune.runs.files import (
+    config_differences,
+    different_config_error,
+    forget_progress,
+    load_run_config,
+    named_run_dir,
+    new_run_dir,
+    read_written_config,
+    with_operational_settings,
+    write_run_files,
+    write_text_atomic,
+)
 
 log = logging.getLogger("medtune")
 
@@ -46,31 +62,50 @@ def warn(msg: str) -> None:
     warnings.warn(msg, RuntimeWarning, stacklevel=2)
 
 
-
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError, RuntimeError):
     """Training stopped on purpose (too many non-finite losses); the last checkpoint was written first."""
 
 
 class StopFlag:
     """SIGTERM -> finish the current step, write `last`, exit cleanly (a scheduler's pre-emption must lose nothing)."""
 
+    _NOT_INSTALLED = object()
+
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous = self._NOT_INSTALLED
 
     def __enter__(self):
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. inside a notebook worker): no handler, no harm
-            self._previous = None
+            self._previous = self._NOT_INSTALLED
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not self._NOT_INSTALLED:
+            # None: the previous handler was not set from Python; the default is the closest we can put back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+            self._previous = self._NOT_INSTALLED
+
+
+@contextlib.contextmanager
+def training_session(accelerator: Accelerator):
+    """SIGTERM is caught from the very start (a SIGTERM during data loading or the preflight stops the run cleanly
+    after its first step). On any exit, an exception included, the previous handler comes back, the trackers are
+    closed and accelerate's process-wide state is reset, so a long-lived process (a notebook, `medtune cv`) keeps no
+    dead handler and can run another config (another mixed precision, say) next."""
+    with StopFlag() as stop:
+        try:
+            yield stop
+        finally:
+            accelerator.end_training()
+            # accelerate keeps its state in process-wide singletons and refuses a second Accelerator with other settings
+            AcceleratorState._reset_state(reset_partial_state=True)
+            GradientState._reset_state()
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -81,18 +116,76 @@ def make_accelerator(cfg: Config) -> Accelerator:
                        cpu=not torch.cuda.is_available())
 
 
-def start_run(cfg: Config, resume: str | Path | None, accelerator: Accelerator) -> tuple[Config, Path]:
-    """New run: a fresh folder with the resolved config. Resume: the run's own config, so nothing drifts."""
-    if resume is not None:
-        run_dir = Path(resume)
-        cfg = load_run_config(run_dir)
-    else:
-        run_dir = new_run_dir(cfg) if accelerator.is_main_process else None
-        run_dir = Path(broadcast_object_list([str(run_dir) if run_dir else None])[0])
-        if accelerator.is_main_process:
-            write_run_files(run_dir, cfg)
+RESUME_AUTO = "auto"
+
+
+def start_run(cfg: Config, resume: str | Path | None, accelerator: Accelerator,
+              stored_as: Callable[[Config, Path], Config] | None = None) -> tuple[Config, Path, Path | None]:
+    """Agree on the run folder, its config and where training starts: (config, run folder, checkpoint to continue
+    from, or None for step 0).
+
+    resume=None: a new folder (an existing name gets a numeric suffix) with the resolved config.
+    resume=RUN: that run with its own config.yaml, from its newest complete checkpoint; from step 0 when it has none.
+    resume="auto": exactly output_dir/run.name. Nothing usable there (or a run killed before its config.yaml was
+    complete): started as a new run would be. Otherwise `cfg` must equal its config.yaml (OPERATIONAL_KEYS aside),
+    and it continues as with resume=RUN. What a scheduler re-running the same command after a kill or a pre-emption
+    (SLURM requeue, spot instances) needs: one run folder, never a second.
+    `stored_as(cfg, run_dir)`: what config.yaml holds for a run started from `cfg` when that is not `cfg` itself (RL's
+    init_from stores the parent's model section)."""
+    opened: tuple | UserError | None = None
+    if accelerator.is_main_process:
+        try:
+            opened = _open_run_folder(cfg, resume, stored_as)
+        except UserError as err:  # every process must raise it, or the others wait here forever
+            opened = err
+    opened = broadcast_object_list([opened])[0]
+    if isinstance(opened, UserError):
+        raise opened
+    cfg, run_dir, checkpoint = opened
     accelerator.wait_for_everyone()
-    return cfg, run_dir
+    return cfg, Path(run_dir), Path(checkpoint) if checkpoint else None
+
+
+def _open_run_folder(cfg: Config, resume, stored_as) -> tuple[Config, str, str | None]:
+    if resume is None:
+        run_dir = new_run_dir(cfg)
+        write_run_files(run_dir, cfg)
+        return cfg, str(run_dir), None
+    auto = isinstance(resume, str) and resume == RESUME_AUTO
+    run_dir = named_run_dir(cfg) if auto else Path(resume)
+    recover_checkpoints(run_dir / "checkpoints")
+    checkpoint = latest_checkpoint(run_dir)
+    if auto and checkpoint is None:  # None: nothing there yet, or a config.yaml cut short by a kill (rewritten)
+        stored = read_written_config(run_dir)
+    else:
+        stored = load_run_config(run_dir)
+    if auto and stored is not None:
+        differences = config_differences(cfg, stored)
+        if differences and stored_as is not None:
+            differences = config_differences(stored_as(cfg, run_dir), stored)
+        if differences:
+            raise different_config_error(run_dir, differences)
+    if checkpoint is None:  # step 0, in this folder; a split.json already there is the one this config makes
+        run_cfg = cfg if auto else stored
+        forget_progress(run_dir)
+        write_run_files(run_dir, run_cfg)
+        log.info("%s: no complete checkpoint, training from step 0", run_dir)
+        return run_cfg, str(run_dir), None
+    if not auto:
+        return stored, str(run_dir), str(checkpoint)
+    run_cfg = with_operational_settings(stored, cfg)
+    if run_cfg != stored:  # how to log and save from now on: the given values
+        write_text_atomic(run_dir / "config.yaml", run_cfg.to_yaml())
+    return run_cfg, str(run_dir), str(checkpoint)
+
+
+def resume_state(checkpoint: Path | None, model, optimizer, scheduler, accelerator: Accelerator) -> TrainerState:
+    """Step 0, or all a checkpoint holds: weights, optimizer, schedule, fp16 loss scale, RNG, counters."""
+    if checkpoint is None:
+        return TrainerState()
+    state = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler=accelerator.scaler)
+    log.info("resumed from %s at step %d", checkpoint, state.step)
+    return state
 
 
 def init_trackers(accelerator: Accelerator, cfg: Config, run_dir: Path) -> None:

@@ -20,18 +20,33 @@ from medtune.config import Config
 from medtune.data.datasets import StepBatchSampler
 from medtune.data.run_split import check_readable, load_split_samples, prepare_split
 from medtune.models.registry import build_model
-from medtune.runs.checkpoint import TrainerState, find_checkpoint, load_checkpoint
 from medtune.tasks import selection, task_for
 from medtune.train.loop import Bookkeeping
 from medtune.train.preflight import run_preflight
-from medtune.train.setup import batch_to, init_trackers, make_accelerator, make_optimizer, make_scheduler, start_run
+from medtune.train.setup import (
+    StopFlag,
+    batch_to,
+    init_trackers,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    resume_state,
+    start_run,
+    training_session,
+)
 
 log = logging.getLogger("medtune")
 
 
 def train(cfg: Config, resume: str | Path | None = None) -> Path:
+    """`resume`: a run folder to continue, or "auto" to start or continue output_dir/run.name (setup.start_run)."""
     accelerator = make_accelerator(cfg)
-    cfg, run_dir = start_run(cfg, resume, accelerator)
+    with training_session(accelerator) as stop:  # SIGTERM-safe from here; handler and trackers released on any exit
+        return _train(cfg, resume, accelerator, stop)
+
+
+def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) -> Path:
+    cfg, run_dir, resume = start_run(cfg, resume, accelerator)  # resume: from here on the checkpoint, or None
     is_main, device = accelerator.is_main_process, accelerator.device
     set_seed(cfg.run.seed)
     init_trackers(accelerator, cfg, run_dir)
@@ -57,10 +72,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     loss_fn = task.make_loss(cfg)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    state = TrainerState()
-    if resume is not None:
-        state = load_checkpoint(find_checkpoint(run_dir, "last"), model, optimizer, scheduler)
-        log.info("resumed %s at step %d", run_dir, state.step)
+    state = resume_state(resume, model, optimizer, scheduler, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped once per optimizer step, by us
 
     # ---- preflight: prove every trainable tensor learns before spending the night on it
@@ -80,7 +92,7 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
     stream = batches(state.step * accum)
     books = Bookkeeping(accelerator, cfg, run_dir, model, optimizer, scheduler, state, resume is not None,
                         validate=lambda m: task.validate(m, val_samples, cfg, device) if val_samples else {},
-                        select=selection(cfg, task))
+                        select=selection(cfg, task), stop=stop)
     completed = True
     while state.step < cfg.optim.max_steps:
         model.train()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 
 from medtune.config import Config
+from medtune.errors import UserError
 from medtune.models.segvlm.codec import TextCodec
 from medtune.models.segvlm.model import SegVLMModel, SegVLMNet
 
@@ -51,7 +52,7 @@ def build_segvlm(cfg: Config) -> SegVLMModel:
     sources = parts.resolve_sources(cfg)
     if sources is None:
         if cfg.model.quantize_4bit:
-            raise ValueError("model.quantize_4bit quantises a pretrained VLM; set model.vlm.vlm_path (or model.path)")
+            raise UserError("model.quantize_4bit quantises a pretrained VLM; set model.vlm.vlm_path (or model.path)")
         choice = parts.tiny_choice(cfg)
         vlm, tokenizer, image_processor = tiny.tiny_vlm(choice["vlm"], choice["tie_word_embeddings"])
         processor = tiny.tiny_processor(choice["vlm"], tokenizer, image_processor)
@@ -76,14 +77,14 @@ def build_segvlm(cfg: Config) -> SegVLMModel:
     if sources is not None and sources.composed is not None:
         meta = sources.meta
         if (meta.get("seg_token"), meta.get("seg_token_id")) != (vcfg.seg_token, seg_id):
-            raise ValueError(f"{sources.composed} was trained with seg_token {meta.get('seg_token')!r} (id "
+            raise UserError(f"{sources.composed} was trained with seg_token {meta.get('seg_token')!r} (id "
                              f"{meta.get('seg_token_id')}), but model.vlm.seg_token {vcfg.seg_token!r} is id {seg_id} "
                              "here; set model.vlm.seg_token to the folder's (segvlm.json)")
         state = load_file(str(sources.composed / parts.PROJECTION_FILE))
         try:
             projection.load_state_dict(state)
         except RuntimeError as err:
-            raise ValueError(f"{sources.composed / parts.PROJECTION_FILE} does not fit the VLM/SAM in that folder "
+            raise UserError(f"{sources.composed / parts.PROJECTION_FILE} does not fit the VLM/SAM in that folder "
                              f"({str(err).splitlines()[0]}); re-export the model") from None
     codec = TextCodec(processing.tokenizer, processing.chat_template, processing.image_token,
                       processing.placeholder_ids, vcfg.seg_token, seg_id, vcfg.max_length)

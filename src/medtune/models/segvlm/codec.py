@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from medtune.errors import UserError
 from medtune.models.segvlm.parts import render, user_turn
 
 IGNORE_INDEX = -100
@@ -59,7 +60,7 @@ class TextCodec:
         if found:
             return min(found)[1]
         if tok.eos_token is None:
-            raise ValueError("the chat template puts no special token after the assistant answer and the tokenizer has "
+            raise UserError("the chat template puts no special token after the assistant answer and the tokenizer has "
                              "no EOS token: cannot tell where an answer ends; set model.vlm.chat_template")
         return tok.eos_token
 
@@ -79,10 +80,10 @@ class TextCodec:
         """
         for token, where in ((self.image_token, "question"), (self.seg_token, "question")):
             if token in question:
-                raise ValueError(f"the {where} {question!r} contains {token!r}; the codec inserts the image itself and "
+                raise UserError(f"the {where} {question!r} contains {token!r}; the codec inserts the image itself and "
                                  f"{self.seg_token!r} belongs in answers only")
         if answer is not None and self.image_token in answer:
-            raise ValueError(f"the answer {answer!r} contains the image token {self.image_token!r}")
+            raise UserError(f"the answer {answer!r} contains the image token {self.image_token!r}")
         prompt_text = render(self.tokenizer, self.chat_template, user_turn(question), add_generation_prompt=True)
         prompt = self._tokenize(prompt_text)
         answer_ids: list[int] = []
@@ -90,14 +91,14 @@ class TextCodec:
             messages = user_turn(question) + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
             full = render(self.tokenizer, self.chat_template, messages, add_generation_prompt=False)
             if not full.startswith(prompt_text) or answer not in full[len(prompt_text):]:
-                raise ValueError("the chat template renders the assistant turn so that the generation prompt is not "
+                raise UserError("the chat template renders the assistant turn so that the generation prompt is not "
                                  "its prefix; teacher forcing would not match generation. Set model.vlm.chat_template")
             tail = full[len(prompt_text):]
             answer_text = tail[: tail.find(answer) + len(answer)]
             answer_ids = self.tokenizer(answer_text, add_special_tokens=False)["input_ids"] + [self.end_of_turn_id]
         ids = prompt + answer_ids
         if self.max_length is not None and len(ids) > self.max_length:
-            raise ValueError(f"a sample encodes to {len(ids)} tokens, more than model.vlm.max_length="
+            raise UserError(f"a sample encodes to {len(ids)} tokens, more than model.vlm.max_length="
                              f"{self.max_length}; raise the limit or shorten the text (samples are never truncated: "
                              "cutting the image tokens or the answer would train on a broken sample)")
         labels = [IGNORE_INDEX] * len(prompt) + answer_ids

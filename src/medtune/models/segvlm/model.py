@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medtune.config import VLMCfg
+from medtune.errors import UserError
 from medtune.models.base import ModelOutput, SegModel, load_safetensors_folder
 from medtune.models.sam import IMAGENET_MEAN, IMAGENET_STD, Sam2SegModel, SamSegModel
 from medtune.models.segvlm.codec import IGNORE_INDEX, TextCodec
@@ -102,7 +103,7 @@ class SegVLMModel(SegModel):
         return self.codec.seg_token_id
 
     def forward_logits(self, image: torch.Tensor, box: torch.Tensor | None = None) -> torch.Tensor:
-        raise ValueError("segvlm segments from text: call forward_batch with input_ids from seg.text_codec() "
+        raise UserError("segvlm segments from text: call forward_batch with input_ids from seg.text_codec() "
                          "(task.kind segvlm), or generate_masks / teacher_forced_masks")
 
     def forward_batch(self, batch: dict) -> ModelOutput:
@@ -110,17 +111,17 @@ class SegVLMModel(SegModel):
         optional ``attention_mask`` [B, T] and ``labels`` [B, T] (-100 = not supervised), all from the text codec."""
         missing = [k for k in ("image", "input_ids") if k not in batch]
         if missing:
-            raise ValueError(f"segvlm batch lacks {missing}: it needs the image and the conversation tokens from "
+            raise UserError(f"segvlm batch lacks {missing}: it needs the image and the conversation tokens from "
                              "seg.text_codec().encode(question, answer) (task.kind segvlm)")
         return self._forward(batch["image"], batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
 
     def _forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  labels: torch.Tensor | None = None) -> ModelOutput:
         if image.ndim != 4 or image.shape[1] != self.in_channels:
-            raise ValueError(f"segvlm expects images [B, {self.in_channels}, H, W], got {tuple(image.shape)}")
+            raise UserError(f"segvlm expects images [B, {self.in_channels}, H, W], got {tuple(image.shape)}")
         b, _, h, w = image.shape
         if input_ids.ndim != 2 or input_ids.shape[0] != b:
-            raise ValueError(f"input_ids must be [B={b}, T], got {tuple(input_ids.shape)}")
+            raise UserError(f"input_ids must be [B={b}, T], got {tuple(input_ids.shape)}")
         net = self.base_network
         input_ids = input_ids.to(image.device)
         attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(image.device))
@@ -214,7 +215,7 @@ class SegVLMModel(SegModel):
         that. Returns (answer text, mask logits [K, H, W]); K = number of [SEG] in the answer, possibly 0.
         """
         if image.ndim != 4 or image.shape[0] != 1:
-            raise ValueError(f"generate_masks takes one image [1, C, H, W], got {tuple(image.shape)}")
+            raise UserError(f"generate_masks takes one image [1, C, H, W], got {tuple(image.shape)}")
         codec = self.codec
         prompt = codec.encode(question, None)["input_ids"][None].to(image.device)
         with torch.no_grad():
@@ -233,7 +234,7 @@ class SegVLMModel(SegModel):
     def teacher_forced_masks(self, image: torch.Tensor, question: str, answer: str) -> torch.Tensor:
         """Mask logits [K, H, W] for a given answer (K = its [SEG] count): the training forward on one sample."""
         if image.ndim != 4 or image.shape[0] != 1:
-            raise ValueError(f"teacher_forced_masks takes one image [1, C, H, W], got {tuple(image.shape)}")
+            raise UserError(f"teacher_forced_masks takes one image [1, C, H, W], got {tuple(image.shape)}")
         enc = self.codec.encode(question, answer)
         return self._forward(image, enc["input_ids"][None], enc["attention_mask"][None]).mask_logits[0]
 
@@ -289,7 +290,7 @@ class SegVLMModel(SegModel):
         stray = [n for n, m in base.named_modules()
                  if isinstance(m, LoraLayer) and not any(n.startswith(a + ".") for a in allowed)]
         if stray:
-            raise ValueError(
+            raise UserError(
                 f"LoRA landed outside the language model: {stray[:6]}{' ...' if len(stray) > 6 else ''}. Set "
                 "model.vlm.vision_lora=true for the vision tower, model.vlm.sam_encoder_lora=true for SAM's image "
                 "encoder, model.vlm.train_projector=true to train the projector (fully), or narrow lora.target_modules"
@@ -327,7 +328,7 @@ class SegVLMModel(SegModel):
         from medtune.models.lora import merged_copy
 
         if getattr(self.base_network.vlm, "is_loaded_in_4bit", False):
-            raise ValueError("cannot save a 4-bit (QLoRA) VLM as a model folder; build the model unquantised "
+            raise UserError("cannot save a 4-bit (QLoRA) VLM as a model folder; build the model unquantised "
                              "(model.quantize_4bit=false), load the adapter with load_trainable, then export")
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -352,7 +353,7 @@ class SegVLMModel(SegModel):
         fresh = AutoModelForImageTextToText.from_pretrained(str(folder / VLM_DIR), dtype=_floating_dtype(net.vlm))
         missing, unexpected = net.vlm.load_state_dict(fresh.state_dict(), strict=False)
         if missing or unexpected:
-            raise ValueError(f"VLM weights in {folder / VLM_DIR} do not fit this model: missing {missing[:6]}, "
+            raise UserError(f"VLM weights in {folder / VLM_DIR} do not fit this model: missing {missing[:6]}, "
                              f"unexpected {unexpected[:6]}")
         load_safetensors_folder(net.sam, folder / SAM_DIR)
         net.seg_projection.load_state_dict(load_file(str(folder / PROJECTION_FILE)))

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from medtune.config import Config
+from medtune.errors import UserError
 from medtune.models.hf import load_kwargs, read_config_json, resolve_local_folder
 
 log = logging.getLogger(__name__)
@@ -56,20 +57,20 @@ def resolve_sources(cfg: Config) -> Sources | None:
     """The local folders to load, checked (existence, remote code policy); None = random tiny parts."""
     vcfg, path = cfg.model.vlm, cfg.model.path
     if path is not None and (vcfg.vlm_path or vcfg.sam_path):
-        raise ValueError("segvlm: set either model.path (a composed folder from `medtune export`) or "
+        raise UserError("segvlm: set either model.path (a composed folder from `medtune export`) or "
                          "model.vlm.vlm_path + model.vlm.sam_path (the parts), not both")
     if path is not None:
         folder = resolve_local_folder(path, "model.path", cfg)
         meta_file = folder / SEGVLM_JSON
         if not meta_file.is_file():
-            raise ValueError(
+            raise UserError(
                 f"model.path {path!r} has no {SEGVLM_JSON}, so it is not a composed segvlm folder. To compose a VLM "
                 "and a SAM checkpoint, set model.vlm.vlm_path and model.vlm.sam_path instead (model.path is for "
                 "folders written by `medtune export` of a segvlm run)"
             )
         meta = json.loads(meta_file.read_text())
         if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{meta_file} has format {meta.get('format')!r}; this medtune reads format "
+            raise UserError(f"{meta_file} has format {meta.get('format')!r}; this medtune reads format "
                              f"{FORMAT_VERSION}. Re-export the model with this version")
         return Sources(vlm=resolve_local_folder(str(folder / VLM_DIR), "model.path (vlm/)", cfg),
                        sam=resolve_local_folder(str(folder / SAM_DIR), "model.path (sam/)", cfg),
@@ -77,7 +78,7 @@ def resolve_sources(cfg: Config) -> Sources | None:
     if vcfg.vlm_path or vcfg.sam_path:
         if not (vcfg.vlm_path and vcfg.sam_path):
             missing = "model.vlm.sam_path" if vcfg.vlm_path else "model.vlm.vlm_path"
-            raise ValueError(f"segvlm composes a VLM and a SAM: {missing} is not set (point it at a local folder)")
+            raise UserError(f"segvlm composes a VLM and a SAM: {missing} is not set (point it at a local folder)")
         return Sources(vlm=resolve_local_folder(vcfg.vlm_path, "model.vlm.vlm_path", cfg),
                        sam=resolve_local_folder(vcfg.sam_path, "model.vlm.sam_path", cfg))
     return None
@@ -89,20 +90,20 @@ def tiny_choice(cfg: Config) -> dict[str, Any]:
 
     conf = dict(cfg.model.config)
     if conf.get("preset") != "tiny":
-        raise ValueError(
+        raise UserError(
             "segvlm needs its parts: model.vlm.vlm_path (a local VLM folder, e.g. InternVL3-1B-hf) + "
             "model.vlm.sam_path (a SAM / SAM 2 folder), or model.path (a composed folder from `medtune export`), "
             "or model.config: {preset: tiny} for random tiny parts (tests, demo)"
         )
     unknown = sorted(set(conf) - TINY_KEYS)
     if unknown:
-        raise ValueError(f"model.config keys {unknown} unknown for segvlm; valid: {sorted(TINY_KEYS)}")
+        raise UserError(f"model.config keys {unknown} unknown for segvlm; valid: {sorted(TINY_KEYS)}")
     choice = {"vlm": conf.get("vlm", "internvl"), "sam": conf.get("sam", "sam2"),
               "tie_word_embeddings": conf.get("tie_word_embeddings")}
     if choice["vlm"] not in TINY_VLM_KINDS:
-        raise ValueError(f"model.config.vlm {choice['vlm']!r} unknown; valid: {', '.join(TINY_VLM_KINDS)}")
+        raise UserError(f"model.config.vlm {choice['vlm']!r} unknown; valid: {', '.join(TINY_VLM_KINDS)}")
     if choice["sam"] not in TINY_SAM_KINDS:
-        raise ValueError(f"model.config.sam {choice['sam']!r} unknown; valid: {', '.join(TINY_SAM_KINDS)}")
+        raise UserError(f"model.config.sam {choice['sam']!r} unknown; valid: {', '.join(TINY_SAM_KINDS)}")
     return choice
 
 
@@ -117,7 +118,7 @@ def load_sam(path: Path, key: str) -> nn.Module:
     meta = read_config_json(path)
     model_type = meta.get("model_type")
     if model_type not in SAM_MODEL_TYPES:
-        raise ValueError(
+        raise UserError(
             f"{key} {str(path)!r} holds a {model_type!r} model, not SAM or SAM 2 (config.json model_type sam, sam2 "
             f"or sam2_video); point {key} at a SAM checkpoint folder such as facebook/sam2.1-hiera-tiny"
         )
@@ -144,15 +145,15 @@ def load_vlm(path: Path, key: str, cfg: Config) -> nn.Module:
     from transformers import AutoModelForImageTextToText
 
     if (path / SEGVLM_JSON).is_file():
-        raise ValueError(f"{key} {str(path)!r} is a composed segvlm folder (it has {SEGVLM_JSON}); set model.path to "
+        raise UserError(f"{key} {str(path)!r} is a composed segvlm folder (it has {SEGVLM_JSON}); set model.path to "
                          "it instead of model.vlm.vlm_path / sam_path")
     meta = read_config_json(path)
     model_type = meta.get("model_type")
     if model_type in SAM_MODEL_TYPES:
-        raise ValueError(f"{key} {str(path)!r} holds a {model_type!r} (SAM) model, not a VLM; point {key} at a VLM "
+        raise UserError(f"{key} {str(path)!r} holds a {model_type!r} (SAM) model, not a VLM; point {key} at a VLM "
                          "folder (e.g. InternVL3-1B-hf) and model.vlm.sam_path at the SAM folder")
     if model_type not in SUPPORTED_VLM_TYPES:
-        raise ValueError(
+        raise UserError(
             f"{key} {str(path)!r} holds a {model_type!r} model; segvlm supports {', '.join(SUPPORTED_VLM_TYPES)} "
             "(transformers-native checkpoints, e.g. OpenGVLab/InternVL3-1B-hf or llava-hf/*: one image tile and a "
             "fixed number of image tokens, so the image preprocessing runs in torch)"
@@ -255,7 +256,7 @@ def load_processing(path: Path, key: str, vlm: nn.Module, seg_token: str, chat_t
         processor = AutoProcessor.from_pretrained(str(path))
     except (ValueError, ImportError, OSError, TypeError) as err:
         if _has_torchvision():
-            raise ValueError(f"{key} {str(path)!r}: transformers cannot load its processor ({err}); the folder "
+            raise UserError(f"{key} {str(path)!r}: transformers cannot load its processor ({err}); the folder "
                              "needs its tokenizer and processor files (as downloaded)") from None
         # InternVL's processor requires a video processor, which requires torchvision: load the parts directly.
         log.info("processor of %s not buildable without torchvision (%s); loading tokenizer and image processor",
@@ -264,7 +265,7 @@ def load_processing(path: Path, key: str, vlm: nn.Module, seg_token: str, chat_t
             if (path / name).is_file():
                 source_files[name] = (path / name).read_text()
     if processor is not None and not hasattr(processor, "tokenizer"):
-        raise ValueError(f"{key} {str(path)!r}: its processor ({type(processor).__name__}) has no tokenizer; "
+        raise UserError(f"{key} {str(path)!r}: its processor ({type(processor).__name__}) has no tokenizer; "
                          "point it at a VLM folder as downloaded (with tokenizer files)")
     tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(str(path))
     image_processor = (processor.image_processor if processor is not None
@@ -290,14 +291,14 @@ def resolve_chat_template(cfg_value: str | None, processor, tokenizer, where: st
             return candidate.read_text(), f"model.vlm.chat_template file {str(candidate)!r}"
         if "{%" in cfg_value or "{{" in cfg_value:
             return cfg_value, "model.vlm.chat_template"
-        raise ValueError(f"model.vlm.chat_template {cfg_value!r} is neither an existing file nor Jinja template text")
+        raise UserError(f"model.vlm.chat_template {cfg_value!r} is neither an existing file nor Jinja template text")
     for owner in (processor, tokenizer):
         template = getattr(owner, "chat_template", None) if owner is not None else None
         if isinstance(template, dict):
             template = template.get("default")
         if template:
             return template, f"the chat template of {where}"
-    raise ValueError(f"{where} has no chat template (chat_template.jinja / tokenizer_config.json); set "
+    raise UserError(f"{where} has no chat template (chat_template.jinja / tokenizer_config.json); set "
                      "model.vlm.chat_template to a Jinja template file for this model's turn format")
 
 
@@ -318,13 +319,13 @@ def build_processing(tokenizer, image_processor, processor, vlm: nn.Module, seg_
         placeholder = tokenizer(tokenizer.start_image_token + image_token * n + tokenizer.end_image_token,
                                 add_special_tokens=False)["input_ids"]
     else:
-        raise ValueError(f"transformers could not build the {model_type} processor from the VLM folder; "
+        raise UserError(f"transformers could not build the {model_type} processor from the VLM folder; "
                          "the folder needs its processor files (processor_config.json / preprocessor_config.json)")
     image_token_id = vlm.config.image_token_id
     n_image = sum(1 for i in placeholder if i == image_token_id)
     expected = getattr(vlm.config, "image_seq_length", None)
     if n_image == 0 or (expected is not None and n_image != expected):
-        raise ValueError(f"the processor expands one image to {n_image} image tokens (id {image_token_id}) but the "
+        raise UserError(f"the processor expands one image to {n_image} image tokens (id {image_token_id}) but the "
                          f"model config expects {expected}: the processor files and config.json of the VLM folder "
                          "disagree (image size / patch size / image_seq_length)")
     check_template_has_image(tokenizer, template, image_token, template_source)
@@ -372,7 +373,7 @@ def user_turn(question: str) -> list[dict]:
 def check_template_has_image(tokenizer, template: str, image_token: str, source: str) -> None:
     text = render(tokenizer, template, user_turn("probe"), add_generation_prompt=True)
     if text.count(image_token) != 1:
-        raise ValueError(f"{source} renders a user turn with an image as {text!r}: it does not place the image "
+        raise UserError(f"{source} renders a user turn with an image as {text!r}: it does not place the image "
                          f"placeholder {image_token!r} exactly once. Set model.vlm.chat_template to a template that "
                          "renders {'type': 'image'} content items as that token")
 
@@ -386,7 +387,7 @@ def add_seg_token(tokenizer, seg_token: str, where: str) -> int:
     alone = tokenizer(seg_token, add_special_tokens=False)["input_ids"]
     in_text = tokenizer(f"It is {seg_token}.", add_special_tokens=False)["input_ids"]
     if alone != [seg_id] or in_text.count(seg_id) != 1:
-        raise ValueError(
+        raise UserError(
             f"model.vlm.seg_token {seg_token!r} tokenises to {len(alone)} ids {alone} with the tokenizer of {where}, "
             "not one: every piece would ask for a mask. Use a seg_token the tokenizer keeps whole (added special "
             "tokens are, unless tokenizer_config.json sets split_special_tokens: true)"

@@ -13,6 +13,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from medtune.errors import UserError
+
 TINY_VLM_KINDS = ("internvl", "llava")
 TINY_SAM_KINDS = ("sam2", "sam")
 TINY_VLM_IMAGE_SIZE = 56  # 4 x 4 patches of 14 px
@@ -80,7 +82,7 @@ def tiny_vlm_config(kind: str, tokenizer, tie_word_embeddings: bool | None = Non
             tie_word_embeddings=False if tie_word_embeddings is None else tie_word_embeddings,
         )
     else:
-        raise ValueError(f"model.config.vlm {kind!r} unknown for the tiny preset; valid: {', '.join(TINY_VLM_KINDS)}")
+        raise UserError(f"model.config.vlm {kind!r} unknown for the tiny preset; valid: {', '.join(TINY_VLM_KINDS)}")
     cfg.text_config.tie_word_embeddings = cfg.tie_word_embeddings
     return cfg
 
@@ -130,7 +132,7 @@ def tiny_sam(kind: str):
         return Sam2Model(tiny_sam2_config())
     if kind == "sam":
         return SamModel(tiny_sam_config(vision_config={"initializer_range": 0.02}))
-    raise ValueError(f"model.config.sam {kind!r} unknown for the tiny preset; valid: {', '.join(TINY_SAM_KINDS)}")
+    raise UserError(f"model.config.sam {kind!r} unknown for the tiny preset; valid: {', '.join(TINY_SAM_KINDS)}")
 
 
 def save_vlm_folder(model, tokenizer, image_processor, folder: str | Path) -> Path:
