@@ -282,6 +282,14 @@ def _valid_keys(section: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def deep_merge(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` laid on top, nested dicts merged key by key (config trees, architecture overrides)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree

@@ -5,7 +5,6 @@ inside the FOV, the usual DRIVE protocol) and per-image means with bootstrap CIs
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -21,7 +20,7 @@ from medtune.data.types import LoadedSample
 from medtune.errors import UserError
 from medtune.metrics import image_metrics, pooled_metrics
 from medtune.models.base import SegModel
-from medtune.runs.files import load_run_config, write_text_atomic
+from medtune.runs.files import load_run_config, write_csv_atomic, write_text_atomic
 from medtune.runs.load import default_device, load_run_model
 from medtune.stats import aggregate
 from medtune.tasks import TargetPrediction, Task, task_for
@@ -117,7 +116,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
     summary, rows, calib, probs = evaluate_model(model, cfg, run_dir, split, device, strategy, ckpt.name)
     out = run_dir / "eval" / split
     out.mkdir(parents=True, exist_ok=True)
-    write_per_image_csv(out / "per_image.csv", rows)
+    write_csv_atomic(out / "per_image.csv", rows)
     write_text_atomic(out / "summary.json", json.dumps(_jsonable(summary), indent=2))
     write_text_atomic(out / "calibration.json", json.dumps(_jsonable(calib), indent=2))
     # probabilities kept (8-bit) so reports and comparisons can draw curves and overlays without re-running
@@ -125,15 +124,6 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
                         **{f"p{k}": (p * 255).round().astype(np.uint8) for k, (_, p) in enumerate(probs)})
     return summary
 
-
-def write_per_image_csv(path: Path, rows: list[dict]) -> None:
-    keys = list(rows[0].keys()) if rows else ["id"]
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
 
 
 def _jsonable(obj):

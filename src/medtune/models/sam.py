@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medtune.config import Config
+from medtune.config import Config, deep_merge
 from medtune.errors import ConfigError, UserError
 from medtune.models.base import SegModel, load_safetensors_folder
 from medtune.models.hf import load_kwargs, prepare_for_training, read_config_json, resolve_model_path
@@ -29,12 +29,6 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def tiny_sam_config_dict() -> dict[str, Any]:
@@ -75,14 +69,14 @@ def tiny_sam_config(**overrides: Any):
     """A ~77k-parameter SamConfig (64x64 input, 8x8 patches) for tests and the demo."""
     from transformers import SamConfig
 
-    return SamConfig(**_deep_merge(tiny_sam_config_dict(), overrides))
+    return SamConfig(**deep_merge(tiny_sam_config_dict(), overrides))
 
 
 def tiny_sam2_config(**overrides: Any):
     """A ~350k-parameter Sam2Config (64x64 input) for tests and the demo."""
     from transformers import Sam2Config
 
-    return Sam2Config(**_deep_merge(tiny_sam2_config_dict(), overrides))
+    return Sam2Config(**deep_merge(tiny_sam2_config_dict(), overrides))
 
 
 class SamSegModel(SegModel):
@@ -182,10 +176,10 @@ def _config_from_overrides(family: str, overrides: dict[str, Any]):
         base = tiny_sam_config_dict() if preset == "tiny" else {}
         # transformers' SamVisionConfig defaults to initializer_range=1e-10 (harmless under pretrained weights); a
         # model built from a config would start with a ~zero vision encoder and vanishing gradients.
-        base = _deep_merge({"vision_config": {"initializer_range": 0.02}}, base)
-        return SamConfig(**_deep_merge(base, overrides))
+        base = deep_merge({"vision_config": {"initializer_range": 0.02}}, base)
+        return SamConfig(**deep_merge(base, overrides))
     base = tiny_sam2_config_dict() if preset == "tiny" else {}
-    return Sam2Config(**_deep_merge(base, overrides))
+    return Sam2Config(**deep_merge(base, overrides))
 
 
 def _build(cfg: Config, cls: type[SamSegModel]) -> SamSegModel:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from medtune.config import deep_merge
 from medtune.errors import UserError
 
 # Words the tokenizer learns merges for: chat roles and the medical question/answer vocabulary of the tests and the
@@ -67,15 +68,9 @@ def tiny_tokenizer():
     )
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
 
 def _text_config(vocab_size: int, overrides: dict) -> dict:
-    return _deep_merge({"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    return deep_merge({"model_type": "qwen2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": vocab_size,
                         "max_position_embeddings": 1024, "tie_word_embeddings": False}, overrides)
 
@@ -91,13 +86,13 @@ def tiny_vlm_config(kind: str, tokenizer, overrides: dict | None = None):
     text = Qwen2Config(**_text_config(len(tokenizer), text_over))
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN[kind])
     if kind == "llava":
-        vision = CLIPVisionConfig(**_deep_merge({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        vision = CLIPVisionConfig(**deep_merge({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                                 "num_attention_heads": 2, "image_size": image_size, "patch_size": 8,
                                                 "projection_dim": 32}, vision_over))
         return LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,
                            vision_feature_select_strategy="default", vision_feature_layer=-1, **over)
     if kind == "internvl":
-        vision = InternVLVisionConfig(**_deep_merge({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        vision = InternVLVisionConfig(**deep_merge({"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                                                      "num_attention_heads": 2, "image_size": [image_size, image_size],
                                                      "patch_size": [7, 7]}, vision_over))
         return InternVLConfig(vision_config=vision, text_config=text, image_token_id=image_token_id,

@@ -12,7 +12,6 @@ rate of the training split to read them against.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from collections import Counter
@@ -30,6 +29,7 @@ from medtune.data.layouts import format_problems
 from medtune.data.types import DataError, LoadedSample, Sample
 from medtune.errors import UserError
 from medtune.models.vlm import IGNORE_INDEX, ChatCodec, collate, to_pil
+from medtune.runs.files import write_csv_atomic
 from medtune.tasks.base import LossFn, Task
 
 log = logging.getLogger("medtune")
@@ -237,15 +237,6 @@ def evaluate_model(model, cfg: Config, run_dir: Path, split: str = "test", devic
     return summary, rows
 
 
-def write_rows(path: Path, rows: list[dict]) -> None:
-    keys = list(rows[0]) if rows else ["id"]
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
-
 
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", device=None) -> dict:
     """RUN/eval/<split>/{answers.csv, per_image.csv (id, correct), summary.json}."""
@@ -259,9 +250,9 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
     summary, rows = evaluate_model(model, cfg, run_dir, split, device, ckpt.name)
     out = run_dir / "eval" / split
     out.mkdir(parents=True, exist_ok=True)
-    write_rows(out / "answers.csv", rows)
+    write_csv_atomic(out / "answers.csv", rows)
     # the per-sample score, paired by id in `medtune compare`
-    write_rows(out / "per_image.csv", [{"id": r["id"], "correct": r["correct"]} for r in rows])
+    write_csv_atomic(out / "per_image.csv", [{"id": r["id"], "correct": r["correct"]} for r in rows])
     write_text_atomic(out / "summary.json", json.dumps(_jsonable(summary), indent=2))
     return summary
 
@@ -312,7 +303,7 @@ def predict_answers(run_dir: str | Path, images: list[str | Path], question: str
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "answers.json").write_text(json.dumps({"run": str(run_dir), "checkpoint": str(ckpt),
                                                       "answers": rows}, indent=2) + "\n")
-    write_rows(out_dir / "answers.csv", rows)
+    write_csv_atomic(out_dir / "answers.csv", rows)
     return rows
 
 

@@ -98,6 +98,17 @@ def adopted_config(cfg: Config, run_dir: Path) -> Config:
     return Config.model_validate(tree)
 
 
+def start_rl_run(cfg: Config, resume, accelerator) -> tuple[Config, Path, Path | None]:
+    """``setup.start_run`` for an RL run (mask or answer RL): a new run with ``rl.init_from`` adopts its parent, and
+    every process then reads the config the main process wrote. Returns (config, run folder, checkpoint or None)."""
+    cfg, run_dir, resume = start_run(cfg, resume, accelerator, adopted_config if cfg.rl.init_from else None)
+    if cfg.rl.init_from and resume is None:
+        adopt_parent(cfg, run_dir, accelerator.is_main_process)
+        accelerator.wait_for_everyone()
+        cfg = load_run_config(run_dir)
+    return cfg, run_dir, resume
+
+
 # ---- curriculum: thick structures before thin ones ------------------------------------------------------------------
 def thinness(sample: LoadedSample) -> float:
     """Skeleton length per foreground pixel: ~1/width, so higher = thinner = harder."""
@@ -234,13 +245,8 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
 
 
 def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) -> Path:
-    # resume: from here on the checkpoint to continue from, or None
-    cfg, run_dir, resume = start_run(cfg, resume, accelerator, adopted_config if cfg.rl.init_from else None)
+    cfg, run_dir, resume = start_rl_run(cfg, resume, accelerator)  # resume: the checkpoint to continue, or None
     is_main, device = accelerator.is_main_process, accelerator.device
-    if cfg.rl.init_from and resume is None:
-        cfg = adopt_parent(cfg, run_dir, is_main)
-        accelerator.wait_for_everyone()
-        cfg = load_run_config(run_dir)  # every process reads the config the main process just wrote
     set_seed(cfg.run.seed)
     init_trackers(accelerator, cfg, run_dir)
     weights = reward_weights(cfg)

@@ -33,13 +33,12 @@ from medtune.errors import UserError
 from medtune.models.registry import build_model
 from medtune.models.vlm import ChatCodec, collate, to_pil
 from medtune.policy import group_advantages
-from medtune.runs.files import load_run_config
 from medtune.tasks import selection, task_for
 from medtune.tasks.instruct import reference_label, require_conversations, resolve_labels
 from medtune.text_policy import clipped_token_loss, completion_mask, token_entropy, token_kl, token_logprobs
 from medtune.train.loop import Bookkeeping
 from medtune.train.preflight import run_preflight
-from medtune.train.rl import adopt_parent, adopted_config, sampling_generator
+from medtune.train.rl import sampling_generator, start_rl_run
 from medtune.train.setup import (
     StopFlag,
     batch_to,
@@ -48,7 +47,6 @@ from medtune.train.setup import (
     make_optimizer,
     make_scheduler,
     resume_state,
-    start_run,
     training_session,
 )
 
@@ -168,13 +166,9 @@ def train(cfg: Config, resume: str | Path | None = None) -> Path:
 
 
 def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) -> Path:
-    # resume: from here on the checkpoint to continue from, or None
-    cfg, run_dir, resume = start_run(cfg, resume, accelerator, adopted_config if cfg.rl.init_from else None)
+    # the parent's task (labels, synonyms) comes with rl.init_from; resume: the checkpoint to continue, or None
+    cfg, run_dir, resume = start_rl_run(cfg, resume, accelerator)
     is_main, device = accelerator.is_main_process, accelerator.device
-    if cfg.rl.init_from and resume is None:
-        cfg = adopt_parent(cfg, run_dir, is_main)  # the parent's task (labels, synonyms) comes with it
-        accelerator.wait_for_everyone()
-        cfg = load_run_config(run_dir)  # every process reads the config the main process just wrote
     check_supported(cfg)
     set_seed(cfg.run.seed)
     init_trackers(accelerator, cfg, run_dir)
