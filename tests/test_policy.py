@@ -26,6 +26,27 @@ def test_logprob_matches_hand_computation_and_respects_fov():
     assert torch.allclose(group_logprob(logits, mask, fov, reduction="mean"), torch.tensor([[sum(per_pixel[:2]) / 2]]))
 
 
+def test_logprob_and_its_gradient_equal_the_per_pixel_bernoulli_sum():
+    """The batched m*x - softplus(x) form against the plain per-pixel log-likelihood, several images and samples."""
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 1, 5, 6) * 4).requires_grad_(True)
+    masks = (torch.rand(3, 4, 1, 5, 6) > 0.5).float()
+    fov = (torch.rand(3, 1, 5, 6) > 0.3).float()
+    for reduction in ("sum", "mean"):
+        for temperature in (1.0, 0.7):
+            x = (logits / temperature).unsqueeze(1).expand_as(masks)
+            per_pixel = masks * torch.nn.functional.logsigmoid(x) + (1 - masks) * torch.nn.functional.logsigmoid(-x)
+            direct = (per_pixel * fov.unsqueeze(1)).sum(dim=(2, 3, 4))
+            if reduction == "mean":
+                direct = direct / fov.sum(dim=(1, 2, 3)).unsqueeze(1)
+            ours = group_logprob(logits, masks, fov, temperature, reduction)
+            assert torch.allclose(ours, direct, atol=1e-4)
+            weights = torch.randn(3, 4)
+            (g_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
+            (g_direct,) = torch.autograd.grad((direct * weights).sum(), logits)
+            assert torch.allclose(g_ours, g_direct, atol=1e-5)
+
+
 def test_advantages_normalised_per_group():
     rewards = torch.tensor([[0.1, 0.2, 0.3, 0.4], [5.0, 5.0, 7.0, 9.0]])
     adv = group_advantages(rewards)

@@ -3,6 +3,7 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import medtune.rewards as R
 
@@ -188,3 +189,48 @@ def test_custom_reward_with_wrong_shape_is_reported(monkeypatch):
     pred, gt, fov = _random_group()
     with pytest.raises(ValueError, match="'scalar' returned shape"):
         R.combined_reward(pred, gt, fov, {"scalar": 1.0})
+
+
+def test_grouped_batch_scores_as_the_ground_truth_repeated_per_sample(monkeypatch):
+    """An RL batch: N images, G samples each. group_size=G computes the ground truth's statistics once per image and
+    must score exactly as the same call with gt/fov repeated G times; a custom reward still sees one row per sample."""
+    monkeypatch.setattr(R, "REWARDS", dict(R.REWARDS))
+    seen = {}
+
+    def fg_inside_gt(pred, gt, fov=None):
+        seen["shapes"] = (gt.shape[0], fov.shape[0])
+        return (pred * gt * fov).mean(dim=(1, 2, 3))
+
+    R.register_reward("fg_inside_gt", fg_inside_gt)
+    g = torch.Generator().manual_seed(3)
+    n, group = 3, 4
+    gt = (torch.rand(n, 1, 24, 24, generator=g) > 0.8).float()
+    gt[1] = 0  # an image without foreground: the empty-ground-truth conventions must line up too
+    fov = (torch.rand(n, 1, 24, 24, generator=g) > 0.1).float()
+    pred = (torch.rand(n * group, 1, 24, 24, generator=g) > 0.7).float()
+    weights = {"dice": 0.3, "recall": 0.2, "topology": 0.2, "length": 0.1, "area_ratio": 0.1, "precision_floor": 1.0,
+               "fg_inside_gt": 0.5}
+    grouped, grouped_parts = R.combined_reward(pred, gt, fov, weights, group_size=group)
+    assert seen["shapes"] == (n * group, n * group)
+    repeated, repeated_parts = R.combined_reward(pred, gt.repeat_interleave(group, 0), fov.repeat_interleave(group, 0),
+                                                 weights)
+    assert torch.equal(grouped, repeated)
+    for name in weights:
+        assert torch.equal(grouped_parts[name], repeated_parts[name]), name
+    with pytest.raises(ValueError, match="group 4: pred must hold 4 rows per gt/fov row"):
+        R.combined_reward(pred[:-1], gt, fov, weights, group_size=group)
+
+
+def test_skeleton_equals_monai_soft_skeleton_on_binary_masks_clear_of_the_border():
+    from monai.losses.cldice import soft_skel
+
+    g = torch.Generator().manual_seed(0)
+    noise = torch.rand(6, 1, 40, 40, generator=g)
+    # vessel-like: thresholded smooth noise, then a 3-px clear border (MONAI pads the min with +inf, we with 0)
+    smooth = F.avg_pool2d(noise, 5, stride=1, padding=2)
+    masks = (smooth > smooth.median()).float()
+    masks[..., :3, :] = masks[..., -3:, :] = masks[..., :, :3] = masks[..., :, -3:] = 0
+    ours = R.skeleton(masks, iters=R.SKELETON_ITERS)
+    theirs = soft_skel(masks, iter_=R.SKELETON_ITERS)
+    assert ours.dtype == torch.float32 and set(ours.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(ours, theirs)

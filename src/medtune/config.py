@@ -173,6 +173,9 @@ class TrainCfg(Section):
     keep_last: int = 2  # step-N checkpoints kept besides best and last
     preflight: bool = True
     preflight_steps: int = 3
+    # count the first step's FLOPs and measure the device's matmul peak at start (~0.5 s), then log
+    # tflops_per_s and mfu (model FLOP utilisation) with the throughput; RUN/utilisation.json holds the counts
+    log_mfu: bool = True
     max_nonfinite: int = 10  # consecutive non-finite losses before stopping with a checkpoint
     trackers: list[str] = Field(default_factory=lambda: ["tensorboard"])
     max_eval_images: int | None = None  # cap validation images during training (speed)

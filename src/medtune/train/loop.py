@@ -5,6 +5,7 @@ The recipes keep the optimisation itself (forward, loss, backward, step) visible
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -17,8 +18,9 @@ from tqdm.auto import tqdm
 
 from medtune.config import Config
 from medtune.runs.checkpoint import TrainerState, rotate_step_checkpoints, save_checkpoint
-from medtune.runs.files import MetricsLog
+from medtune.runs.files import MetricsLog, write_text_atomic
 from medtune.train.setup import StopFlag, TrainingStopped, frozen_metric_warning, warn
+from medtune.train.utilisation import StepFlops, compute_dtype, measure_matmul_peak, mfu
 
 log = logging.getLogger("medtune")
 
@@ -45,10 +47,19 @@ class Bookkeeping:
         self.progress = tqdm(total=cfg.optim.max_steps, initial=state.step, disable=not self.is_main,
                              desc=f"train ({cfg.objective})", unit="step")
         self.stop = stop
-        self._window_start, self._window_images = time.perf_counter(), 0
+        # MFU: FLOPs of the run's first step (counted as it runs) against the device's matmul peak, measured now
+        self.flops = StepFlops(enabled=cfg.train.log_mfu and self.is_main)
+        self.peak = measure_matmul_peak(accelerator.device, compute_dtype(cfg.train.mixed_precision)) \
+            if self.flops.enabled else None
+        self._window_start, self._window_images, self._window_excluded = time.perf_counter(), 0, 0.0
         self._last_saved = time.monotonic()
 
     # -- the recipe calls these -------------------------------------------------------------------------------
+    def counting_flops(self, n_local_images: int):
+        """Context around one step's forward + backward: the first one is FLOP-counted (for MFU), later ones run
+        untouched."""
+        return self.flops.counting(n_local_images)
+
     def count_images(self, n_local: int) -> None:
         self._window_images += n_local * self.acc.num_processes
 
@@ -78,14 +89,19 @@ class Bookkeeping:
         state, cfg = self.state, self.cfg
         self.progress.update(1)
         if self.is_main and (state.step % cfg.train.log_every == 0 or state.step == cfg.optim.max_steps):
-            elapsed = time.perf_counter() - self._window_start
+            elapsed = time.perf_counter() - self._window_start - self._window_excluded
             record = {"step": state.step, **record, "lr": self.scheduler.get_last_lr()[0],
                       "images_per_s": self._window_images / max(elapsed, 1e-9)}
+            record.update(self._utilisation(record["images_per_s"]))
             if self.acc.scaler is not None:
                 record.update(loss_scale=self.acc.scaler.get_scale(), fp16_overflows=state.fp16_overflows)
             self.log(record)
-            self.progress.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
-            self._window_start, self._window_images = time.perf_counter(), 0
+            postfix = {"loss": f"{record.get('loss', float('nan')):.4f}", "img/s": f"{record['images_per_s']:.1f}"}
+            if "mfu" in record:
+                postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
+            self.progress.set_postfix(postfix)
+            self._window_start, self._window_images, self._window_excluded = time.perf_counter(), 0, 0.0
+        paused = time.perf_counter()  # validation and checkpoints are not training throughput
 
         if state.nonfinite_in_a_row >= cfg.train.max_nonfinite:
             self.checkpoint("last", reason="non-finite")
@@ -111,6 +127,7 @@ class Bookkeeping:
             return True
         if save:  # just another `last`: a resume from it is as exact as from any other
             self.checkpoint("last")
+        self._window_excluded += time.perf_counter() - paused
         return False
 
     def finish(self, completed: bool) -> None:
@@ -121,6 +138,18 @@ class Bookkeeping:
         self.progress.close()
 
     # -- internals ---------------------------------------------------------------------------------------------
+    def _utilisation(self, images_per_s: float) -> dict:
+        if self.flops.per_image is None or self.peak is None:
+            return {}
+        if not (self.run_dir / "utilisation.json").exists():
+            write_text_atomic(self.run_dir / "utilisation.json", json.dumps({
+                "flops_per_image": self.flops.per_image, "flops_counted_step": self.flops.total,
+                "flop_count": "torch.utils.flop_counter.FlopCounterMode (matmul, conv, attention; fwd + bwd)",
+                "peak": self.peak.to_dict(), "processes": self.acc.num_processes}, indent=2))
+        achieved = self.flops.per_image * images_per_s
+        return {"tflops_per_s": achieved / 1e12,
+                "mfu": mfu(self.flops.per_image, images_per_s, self.peak.flops_per_s, self.acc.num_processes)}
+
     def log(self, record: dict) -> None:
         if not self.is_main:
             return

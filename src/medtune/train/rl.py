@@ -165,9 +165,8 @@ def rollout(model, reference, task: Task, batch: dict, cfg: Config, weights: dic
     masks = sample_group(logits, cfg.rl.group_size, cfg.rl.temperature, generator)  # [N,G,1,H,W]
     n, g = masks.shape[:2]
     flat = masks.flatten(0, 1)
-    total, components = combined_reward(flat, target.repeat_interleave(g, dim=0), fov.repeat_interleave(g, dim=0),
-                                        weights, precision_floor=cfg.rl.precision_floor,
-                                        precision_floor_k=cfg.rl.precision_floor_k)
+    total, components = combined_reward(flat, target, fov, weights, precision_floor=cfg.rl.precision_floor,
+                                        precision_floor_k=cfg.rl.precision_floor_k, group_size=g)
     rewards = total.view(n, g)
     old_logprob = group_logprob(logits.detach(), masks, fov, cfg.rl.temperature, cfg.rl.logprob_reduction)
     return {
@@ -310,22 +309,23 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
     while state.step < cfg.optim.max_steps:
         model.train()
         batch = batch_to(next(stream), device)
-        roll = rollout(model, reference, task, batch, cfg, weights,
-                       sampling_generator(device, cfg.run.seed, state.step, accelerator.process_index))
-        logits = roll["logits"]
-        skipped = 0
-        for epoch in range(cfg.rl.inner_epochs):
-            if epoch > 0:  # later epochs see the updated policy; the first reuses the sampling forward
-                logits = policy_logits(model, task, batch)[0]
-            loss, stats = rl_loss(logits, roll, cfg, combo)
-            accelerator.backward(loss)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or float("inf"))
-            global_loss = accelerator.reduce(loss.detach(), reduction="mean")
-            allowed = books.update_allowed(global_loss, grad_norm)
-            skipped += not allowed
-            if allowed or accelerator.scaler is not None:
-                optimizer.step()  # fp16: the loss scaler skips an inf step itself
-            optimizer.zero_grad(set_to_none=True)
+        with books.counting_flops(batch["image"].shape[0]):  # the whole iteration: rollout + inner_epochs updates
+            roll = rollout(model, reference, task, batch, cfg, weights,
+                           sampling_generator(device, cfg.run.seed, state.step, accelerator.process_index))
+            logits = roll["logits"]
+            skipped = 0
+            for epoch in range(cfg.rl.inner_epochs):
+                if epoch > 0:  # later epochs see the updated policy; the first reuses the sampling forward
+                    logits = policy_logits(model, task, batch)[0]
+                loss, stats = rl_loss(logits, roll, cfg, combo)
+                accelerator.backward(loss)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or float("inf"))
+                global_loss = accelerator.reduce(loss.detach(), reduction="mean")
+                allowed = books.update_allowed(global_loss, grad_norm)
+                skipped += not allowed
+                if allowed or accelerator.scaler is not None:
+                    optimizer.step()  # fp16: the loss scaler skips an inf step itself
+                optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         state.step += 1
         books.count_images(batch["image"].shape[0])

@@ -230,20 +230,21 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
     while state.step < cfg.optim.max_steps:
         model.train()
         batch = batch_to(next(stream), device)
-        roll = rollout(policy, batch, [references[i] for i in batch["ids"]], cfg, vocab, weights,
-                       sample_seed(state.step))
-        old, skipped = None, 0
-        for _ in range(cfg.rl.inner_epochs):
-            loss, new, stats = grpo_loss(model, batch, roll, cfg, old)
-            old = new.detach() if old is None else old
-            accelerator.backward(loss)
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or float("inf"))
-            global_loss = accelerator.reduce(loss.detach(), reduction="mean")
-            allowed = books.update_allowed(global_loss, grad_norm)
-            skipped += not allowed
-            if allowed or accelerator.scaler is not None:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        with books.counting_flops(len(batch["ids"]) // g):  # the whole iteration: generation + updates
+            roll = rollout(policy, batch, [references[i] for i in batch["ids"]], cfg, vocab, weights,
+                           sample_seed(state.step))
+            old, skipped = None, 0
+            for _ in range(cfg.rl.inner_epochs):
+                loss, new, stats = grpo_loss(model, batch, roll, cfg, old)
+                old = new.detach() if old is None else old
+                accelerator.backward(loss)
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or float("inf"))
+                global_loss = accelerator.reduce(loss.detach(), reduction="mean")
+                allowed = books.update_allowed(global_loss, grad_norm)
+                skipped += not allowed
+                if allowed or accelerator.scaler is not None:
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         state.step += 1
         books.count_images(len(batch["ids"]) // g)

@@ -99,15 +99,16 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
         loss_sum, parts_sum = torch.zeros((), device=device), {}
         for micro in range(accum):
             batch = batch_to(next(stream), device)
+            n_images = len(batch["ids"]) if "ids" in batch else batch["image"].shape[0]  # instruct: no image key
             # gradients are all-reduced once per optimizer step, not once per micro-batch
             sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
-            with sync:
+            with sync, books.counting_flops(n_images):
                 loss, parts = loss_fn(model, batch)
                 accelerator.backward(loss / accum)
             loss_sum += loss.detach() / accum
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v / accum
-            books.count_images(len(batch["ids"]) if "ids" in batch else batch["image"].shape[0])  # instruct: no image key
+            books.count_images(n_images)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or float("inf"))
         global_loss = accelerator.reduce(loss_sum, reduction="mean")
         allowed = books.update_allowed(global_loss, grad_norm)

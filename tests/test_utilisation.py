@@ -1,0 +1,96 @@
+"""MFU: FLOP counts checked by hand, the measured peak, and what a run logs."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from helpers import tiny_cfg
+
+from medtune.runs.files import read_metrics
+from medtune.train.utilisation import StepFlops, count_flops, measure_matmul_peak, mfu
+
+
+def test_linear_flops_by_hand_full_and_frozen_weight():
+    """y = x W^T: forward 2*B*I*O; backward adds dL/dx (2*B*I*O) and, only when W trains, dL/dW (2*B*I*O)."""
+    b, i, o = 5, 7, 3
+    x = torch.randn(b, i, requires_grad=True)
+    layer = torch.nn.Linear(i, o, bias=False)
+    assert count_flops(lambda: layer(x).sum().backward()) == 3 * 2 * b * i * o
+    layer.weight.requires_grad_(False)  # frozen base weight, as under LoRA: no weight gradient is computed
+    assert count_flops(lambda: layer(x).sum().backward()) == 2 * 2 * b * i * o
+    with torch.no_grad():
+        assert count_flops(lambda: layer(x)) == 2 * b * i * o
+
+
+def test_conv_flops_by_hand():
+    """3x3 conv, C_in 2 -> C_out 4 on 8x8 (same padding), batch 1, forward only: 2 * 8*8 * 4 * 2*3*3."""
+    conv = torch.nn.Conv2d(2, 4, 3, padding=1, bias=False)
+    with torch.no_grad():
+        assert count_flops(lambda: conv(torch.randn(1, 2, 8, 8))) == 2 * 64 * 4 * 18
+
+
+def test_step_flops_counts_only_the_first_step():
+    layer = torch.nn.Linear(4, 4, bias=False)
+    counter = StepFlops()
+    with counter.counting(n_images=2):
+        layer(torch.randn(2, 4)).sum().backward()
+    first = counter.total
+    assert first == 2 * 2 * 2 * 4 * 4 and counter.per_image == first / 2  # forward + dL/dW (the input needs no grad)
+    with counter.counting(n_images=2):
+        layer(torch.randn(8, 4)).sum().backward()  # a larger step later must not replace the count
+    assert counter.total == first
+
+
+def test_matmul_peak_is_measured_and_mfu_is_the_ratio():
+    peak = measure_matmul_peak("cpu", torch.float32, size=256)
+    assert peak.flops_per_s > 1e8 and peak.dtype == "float32" and peak.matmul_size == 256
+    assert mfu(flops_per_image=1e9, images_per_s=10.0, peak_flops_per_s=4e10, processes=2) == pytest.approx(0.125)
+
+
+def test_run_logs_mfu_from_its_own_first_step_and_excludes_validation_time(tmp_path, monkeypatch):
+    """The run's FLOPs per image equal a stand-alone count of the same model on the same batch shape, and a slow
+    validation does not drag the logged throughput (hence MFU) down."""
+    import medtune.tasks.masks as masks
+    from medtune.train.sft import train
+
+    slow_validation_s = 0.5
+    real_validation = masks.pooled_validation
+
+    def slow_validation(*args, **kwargs):
+        time.sleep(slow_validation_s)
+        return real_validation(*args, **kwargs)
+
+    monkeypatch.setattr(masks, "pooled_validation", slow_validation)  # what the masks task's validate calls
+    run = train(tiny_cfg(tmp_path, "train.eval_every=1", "train.log_every=2", steps=6))
+    info = json.loads((run / "utilisation.json").read_text())
+    records = [r for r in read_metrics(run) if "mfu" in r]
+    assert len(records) == 3
+    for r in records:
+        assert 0 < r["mfu"] < 1 and r["tflops_per_s"] == pytest.approx(info["flops_per_image"] * r["images_per_s"] / 1e12)
+        # 2 steps of 4 tiny 32^2 patches take milliseconds: with 2 slow validations inside the window the throughput
+        # would be below 8 images / 1 s
+        assert r["images_per_s"] > 8 / (2 * slow_validation_s)
+    assert info["peak"]["device"] == "cpu" and info["peak"]["flops_per_s"] > 0
+
+    from medtune.config import load_config
+    from medtune.models.registry import build_model
+
+    model = build_model(load_config(run / "config.yaml"))
+    model.train()
+    image = torch.rand(4, 3, 32, 32)
+    from medtune.losses import ComboLoss
+
+    cfg = load_config(run / "config.yaml")
+    combo = ComboLoss(cfg.loss)
+    flops = count_flops(lambda: combo(model(image), torch.zeros(4, 1, 32, 32), torch.ones(4, 1, 32, 32))[0].backward())
+    assert info["flops_per_image"] == pytest.approx(flops / 4)
+
+
+def test_mfu_logging_can_be_turned_off(tmp_path):
+    from medtune.train.sft import train
+
+    run = train(tiny_cfg(tmp_path, "train.log_mfu=false", steps=2))
+    assert not (run / "utilisation.json").exists()
+    assert all("mfu" not in r for r in read_metrics(run))
