@@ -109,6 +109,7 @@ def test_unet_lora_on_saved_base(unet_base, tmp_path):
 
     x = torch.rand(1, 3, 37, 45)
     fresh = UNetSegModel(_make_net(read_arch(unet_base)), read_arch(unet_base)).eval()
+    fresh.to(memory_format=torch.channels_last)  # the layout build_model gives the family: same kernels, same sums
     from medtune.models.base import load_safetensors_folder
 
     load_safetensors_folder(fresh.net, unet_base)
@@ -130,6 +131,7 @@ def test_unet_lora_on_saved_base(unet_base, tmp_path):
     fresh_net = _make_net(read_arch(unet_base))
     load_safetensors_folder(fresh_net, unet_base)
     reloaded = UNetSegModel(PeftModel.from_pretrained(fresh_net, ckpt / "adapter"), read_arch(unet_base)).eval()
+    reloaded.to(memory_format=torch.channels_last)
     with torch.no_grad():
         assert torch.allclose(reloaded.forward_logits(x), adapted, atol=1e-6)
 

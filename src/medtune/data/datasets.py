@@ -1,25 +1,15 @@
 """Training batches as a pure function of (seed, epoch, index), so a resumed run replays exactly the same data."""
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.data import MetaTensor
-from monai.transforms import (
-    Compose,
-    RandAdjustContrastd,
-    RandAffined,
-    RandFlipd,
-    RandRotate90d,
-    RandScaleIntensityd,
-    RandShiftIntensityd,
-)
 from torch.utils.data import Dataset
 
-from medtune.config import AugmentCfg, DataCfg
+from medtune.config import DataCfg
+from medtune.data.augment import Augmentation
 from medtune.data.types import LoadedSample
 from medtune.errors import ConfigError, DataError
 
@@ -27,41 +17,6 @@ from medtune.errors import ConfigError, DataError
 _CROP_TRIES = 10
 # Box prompts are jittered by up to this fraction of the box side, like the noisy boxes SAM was trained with.
 _BOX_JITTER = 0.05
-_SEED_BOUND = 2**31 - 1
-
-
-def _build_augment(aug: AugmentCfg) -> Compose | None:
-    if not aug.enabled:
-        return None
-    keys = ["image", "mask", "fov"]
-    p = aug.prob
-    spatial = []
-    if aug.flip:
-        spatial += [RandFlipd(keys, prob=p, spatial_axis=0), RandFlipd(keys, prob=p, spatial_axis=1)]
-    if aug.rotate90:
-        spatial.append(RandRotate90d(keys, prob=p, max_k=3, spatial_axes=(0, 1)))
-    lo, hi = aug.scale_range
-    if aug.rotate_degrees > 0 or (lo, hi) != (1.0, 1.0):
-        spatial.append(
-            RandAffined(
-                keys,
-                prob=p,
-                rotate_range=math.radians(aug.rotate_degrees),
-                scale_range=((lo - 1.0, hi - 1.0), (lo - 1.0, hi - 1.0)),
-                mode=("bilinear", "nearest", "nearest"),  # labels stay exactly {0, 1}
-                padding_mode="zeros",  # rotated-in corners are outside the FOV, so the loss ignores them
-            )
-        )
-    intensity = []
-    if aug.intensity > 0:
-        k = aug.intensity
-        intensity = [
-            RandScaleIntensityd("image", factors=k, prob=p),
-            RandShiftIntensityd("image", offsets=k, prob=p),
-            RandAdjustContrastd("image", gamma=(max(0.1, 1.0 - k), 1.0 + k), prob=p),
-        ]
-    transforms = spatial + intensity
-    return Compose(transforms) if transforms else None
 
 
 def loss_region(fov: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -69,13 +24,6 @@ def loss_region(fov: np.ndarray, mask: np.ndarray) -> np.ndarray:
     lesion at the edge of an ultrasound fan must not be cut out of the loss by an imperfect derived FOV). Training
     only: evaluation uses the FOV alone, which is all ``predict`` has on an unlabelled image."""
     return fov | mask
-
-
-def _plain(x) -> torch.Tensor:
-    """MONAI returns MetaTensors; a plain tensor keeps the default collate and pin_memory simple."""
-    if isinstance(x, MetaTensor):
-        x = x.as_tensor()
-    return torch.as_tensor(x).contiguous()
 
 
 def mask_box(mask: torch.Tensor, rng: np.random.Generator | None = None) -> torch.Tensor:
@@ -114,7 +62,7 @@ class TrainPatchDataset(Dataset):
         self.cfg = cfg
         self.seed = int(seed)
         self.patch = int(cfg.patch_size)
-        self._augment = _build_augment(cfg.augment)
+        self._augment = Augmentation(cfg.augment)
 
     def __len__(self) -> int:
         per_image = self.cfg.patches_per_image if self.cfg.sampling == "random_crop" else 1
@@ -156,10 +104,7 @@ class TrainPatchDataset(Dataset):
             fov = torch.from_numpy(fov_np.astype(np.float32))[None]
         else:
             image, mask, fov = self._resize_whole(ls)
-        if self._augment is not None:
-            self._augment.set_random_state(seed=int(rng.integers(0, _SEED_BOUND)))
-            out = self._augment({"image": image, "mask": mask, "fov": fov})
-            image, mask, fov = _plain(out["image"]), _plain(out["mask"]), _plain(out["fov"])
+        image, mask, fov = self._augment(image, mask, fov, rng)
         image = image.float().clamp(0.0, 1.0).contiguous()
         mask = (mask > 0.5).float().contiguous()
         fov = (fov > 0.5).float().contiguous()

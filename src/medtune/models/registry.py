@@ -12,6 +12,8 @@ import logging
 import re
 from typing import Callable
 
+import torch
+
 from medtune.config import Config
 from medtune.errors import ConfigError
 from medtune.models.base import SegModel
@@ -69,6 +71,8 @@ def build_model(cfg: Config) -> SegModel:
         for p in seg.net.parameters():
             if p.is_floating_point():
                 p.requires_grad_(True)
+    if seg.channels_last:  # after LoRA, so the adapter's convolutions run in the same layout as the base's
+        seg.to(memory_format=torch.channels_last)
     unused = seg.frozen_by_design()
     if unused:
         for name, p in seg.net.named_parameters():

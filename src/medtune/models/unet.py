@@ -66,6 +66,7 @@ def arch_kwargs(cfg: Config) -> dict[str, Any]:
 
 class UNetSegModel(SegModel):
     family = "unet"
+    channels_last = True
 
     def __init__(self, net: nn.Module, arch: dict[str, Any]):
         super().__init__(net, arch["in_channels"])
@@ -86,6 +87,8 @@ class UNetSegModel(SegModel):
             # Reflection keeps border statistics natural; it needs the pad to be smaller than the side.
             mode = "reflect" if ph < h and pw < w else "replicate"
             image = F.pad(image, (0, pw, 0, ph), mode=mode)
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
         return self.net(image)[..., :h, :w]
 
     def default_lora_targets(self) -> str:

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from medtune.config import Config
-from medtune.data.datasets import _build_augment, _plain, loss_region
+from medtune.data.augment import Augmentation
+from medtune.data.datasets import loss_region
 from medtune.data.types import DataError, LoadedSample
 from medtune.errors import UserError
 from medtune.losses import ComboLoss
@@ -24,7 +25,6 @@ from medtune.tasks.base import LossFn, TargetPrediction, Task
 from medtune.tasks.masks import pooled_validation
 
 IGNORE_INDEX = -100
-_SEED_BOUND = 2**31 - 1
 
 
 def conversation(sample_texts: list[str | None], cfg: Config) -> tuple[str, str]:
@@ -56,7 +56,7 @@ class SegVLMDataset(Dataset):
         self.samples, self.cfg, self.codec = samples, cfg, codec
         self.size = int(cfg.data.patch_size)
         self.seed = int(cfg.run.seed)
-        self._augment = _build_augment(cfg.data.augment)
+        self._augment = Augmentation(cfg.data.augment)
         self._encoded = [encode_sample(s, cfg, codec) for s in samples]  # fails now, naming the sample
 
     def __len__(self) -> int:
@@ -70,10 +70,8 @@ class SegVLMDataset(Dataset):
         region = loss_region(ls.fov, ls.mask)  # training only: annotated foreground is in view by definition
         image, labels = _resize(ls.image, np.concatenate([targets, region[None]]), self.size)
         mask, fov = labels[:-1], labels[-1:]
-        if self._augment is not None and all(t is None for t in ls.target_texts()):
-            self._augment.set_random_state(seed=int(rng.integers(0, _SEED_BOUND)))
-            out = self._augment({"image": image, "mask": mask, "fov": fov})
-            image, mask, fov = _plain(out["image"]), _plain(out["mask"]), _plain(out["fov"])
+        if all(t is None for t in ls.target_texts()):
+            image, mask, fov = self._augment(image, mask, fov, rng)
         return {"id": ls.id, "image": image.float().clamp(0.0, 1.0).contiguous(),
                 "mask": (mask > 0.5).float().contiguous(), "fov": (fov > 0.5).float().contiguous(),
                 "pad_token_id": self.codec.pad_token_id, **self._encoded[int(index) % len(self.samples)]}

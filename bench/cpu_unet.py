@@ -1,0 +1,159 @@
+"""U-Net preset training step on CPU: before/after each speed change, side by side in one run (not a test).
+
+    .venv/bin/python bench/cpu_unet.py [--steps 20] [--rounds 3] [--data ../shared/data/DRIVE]
+
+One step = what `medtune train configs/drive_unet.yaml` does per step: a batch of 16 random 96^2 crops of the
+training images with augmentation (num_workers 0, as the preset), the U-Net forward, ComboLoss, backward, clipping,
+AdamW. Variants, alternated round by round so that load on the shared machine hits them alike:
+
+  before          MONAI dictionary transforms per patch (the pipeline medtune used until this change), NCHW
+  augment         medtune.data.augment (one grid_sample per patch), NCHW
+  augment+nhwc    the same, model and input channels-last (what medtune ships: SegModel.channels_last)
+
+Printed per variant: ms per step, images/s, FLOPs per image (torch.utils.flop_counter, fwd + bwd), achieved
+GFLOP/s, MFU against the fp32 matmul peak measured in the same run, and the data pipeline's share of the step.
+`--compile` adds torch.compile(model) of the shipped variant (warm-up excluded).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class MonaiAugment:
+    """The MONAI pipeline medtune used before (datasets._build_augment at commit f33d689), same call signature."""
+
+    def __init__(self, aug):
+        from monai.transforms import (
+            Compose,
+            RandAdjustContrastd,
+            RandAffined,
+            RandFlipd,
+            RandRotate90d,
+            RandScaleIntensityd,
+            RandShiftIntensityd,
+        )
+
+        keys, p, k = ["image", "mask", "fov"], aug.prob, aug.intensity
+        lo, hi = aug.scale_range
+        self.compose = Compose([
+            RandFlipd(keys, prob=p, spatial_axis=0), RandFlipd(keys, prob=p, spatial_axis=1),
+            RandRotate90d(keys, prob=p, max_k=3, spatial_axes=(0, 1)),
+            RandAffined(keys, prob=p, rotate_range=math.radians(aug.rotate_degrees),
+                        scale_range=((lo - 1.0, hi - 1.0), (lo - 1.0, hi - 1.0)),
+                        mode=("bilinear", "nearest", "nearest"), padding_mode="zeros"),
+            RandScaleIntensityd("image", factors=k, prob=p), RandShiftIntensityd("image", offsets=k, prob=p),
+            RandAdjustContrastd("image", gamma=(max(0.1, 1.0 - k), 1.0 + k), prob=p),
+        ])
+
+    def __call__(self, image, mask, fov, rng):
+        self.compose.set_random_state(seed=int(rng.integers(0, 2**31 - 1)))
+        out = self.compose({"image": image, "mask": mask, "fov": fov})
+        return tuple(torch.as_tensor(out[k].as_tensor() if hasattr(out[k], "as_tensor") else out[k])
+                     for k in ("image", "mask", "fov"))
+
+
+def main() -> None:
+    from medtune.config import load_config
+    from medtune.data.datasets import StepBatchSampler, TrainPatchDataset
+    from medtune.data.run_split import load_split_samples, prepare_split
+    from medtune.losses import ComboLoss
+    from medtune.models.registry import build_model
+    from medtune.train.utilisation import count_flops, measure_matmul_peak
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "DRIVE"))
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args()
+
+    overrides = [f"data.path={args.data}"] if Path(args.data).is_dir() else \
+        ["data.layout=synthetic", "data.path=/tmp/medtune-bench-synthetic", "data.synthetic.size=256"]
+    cfg = load_config(REPO / "configs" / "drive_unet.yaml", overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        split = prepare_split(cfg, Path(tmp), True, lambda: None)
+        samples = load_split_samples(cfg, split, "train", Path(tmp))
+    combo = ComboLoss(cfg.loss)
+    shipped = build_model(cfg).train()  # channels-last, as build_model makes the unet family
+    nchw = copy.deepcopy(shipped).to(memory_format=torch.contiguous_format)
+    nchw.channels_last = False  # its forward then keeps the input NCHW too
+    fast = TrainPatchDataset(samples, cfg.data, seed=0)
+    slow = TrainPatchDataset(samples, cfg.data, seed=0)
+    slow._augment = MonaiAugment(cfg.data.augment)
+
+    # each variant trains its own copy of the same initial weights
+    variants = {"before": (slow, nchw, torch.contiguous_format),
+                "augment": (fast, copy.deepcopy(nchw), torch.contiguous_format),
+                "augment+nhwc": (fast, shipped, torch.channels_last)}
+    if args.compile:
+        variants["augment+nhwc+compile"] = (fast, torch.compile(copy.deepcopy(shipped)), torch.channels_last)
+    state = {name: (torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3), iter(
+        StepBatchSampler(len(ds), cfg.data.batch_size, seed=0))) for name, (ds, m, _) in variants.items()}
+
+    def load(name):
+        ds, _, fmt = variants[name]
+        keys = next(state[name][1])
+        batch = torch.utils.data.default_collate([ds[k] for k in keys])
+        batch["image"] = batch["image"].contiguous(memory_format=fmt)
+        return batch
+
+    def step(name, batch):
+        _, model, _ = variants[name]
+        optimizer = state[name][0]
+        loss, _ = combo(model(batch["image"]), batch["mask"], batch["fov"])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    flops = {}
+    for name in variants:  # warm-up (compile happens here) and the FLOP count of one step
+        for _ in range(3):
+            step(name, load(name))
+        batch = load(name)
+        flops[name] = count_flops(lambda: combo(variants[name][1](batch["image"]), batch["mask"], batch["fov"])[0]
+                                  .backward()) / batch["image"].shape[0]
+        state[name][0].zero_grad(set_to_none=True)
+    times = {name: {"data": [], "step": []} for name in variants}
+    for _ in range(args.rounds):
+        for name in variants:
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                batch = load(name)
+                t1 = time.perf_counter()
+                step(name, batch)
+                t2 = time.perf_counter()
+                times[name]["data"].append(t1 - t0)
+                times[name]["step"].append(t2 - t1)
+    peak = measure_matmul_peak("cpu")
+    b = cfg.data.batch_size
+    print(f"U-Net preset ({sum(p.numel() for p in shipped.parameters()) / 1e6:.2f} M params), batch {b} x "
+          f"{cfg.data.patch_size}^2, {torch.get_num_threads()} threads, fp32 matmul peak "
+          f"{peak.flops_per_s / 1e9:.1f} GFLOP/s (n={peak.matmul_size}); medians over {args.rounds} x {args.steps} "
+          f"steps; data: {'DRIVE' if Path(args.data).is_dir() else 'synthetic'}")
+    print(f"{'variant':22s} {'ms/step':>8s} {'data ms':>8s} {'img/s':>7s} {'GFLOP/img':>9s} {'GFLOP/s':>8s} "
+          f"{'MFU':>6s} {'MFU model only':>14s}")
+    base = None
+    for name in variants:
+        data = statistics.median(times[name]["data"])
+        compute = statistics.median(times[name]["step"])
+        total = data + compute
+        base = base or total
+        achieved = flops[name] * b / total
+        print(f"{name:22s} {total * 1e3:8.1f} {data * 1e3:8.1f} {b / total:7.1f} {flops[name] / 1e9:9.3f} "
+              f"{achieved / 1e9:8.1f} {achieved / peak.flops_per_s:6.1%} "
+              f"{flops[name] * b / compute / peak.flops_per_s:14.1%}   x{base / total:.2f} vs before")
+
+
+if __name__ == "__main__":
+    main()
