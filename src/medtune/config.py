@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medtune.errors import ConfigError
 
@@ -196,6 +196,11 @@ class TrainCfg(Section):
     # and config, so any change recomputes. Needs inputs that repeat: data.sampling=whole_image, no augmentation.
     feature_cache: Literal["off", "memory", "disk"] = "off"
     feature_cache_dir: str | None = None
+
+    @field_validator("feature_cache", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
 
 
 class EvalCfg(Section):
