@@ -8,6 +8,11 @@ The single-mask output (``multimask_output=False``) is upsampled to the input si
 
 LoRA defaults: the vision encoder's attention ``qkv`` and output ``proj`` linears (anchored, so the mask decoder's
 attention layers are never hit), plus the whole mask decoder trained fully via ``modules_to_save``.
+
+``model.freeze_image_encoder`` keeps the vision encoder frozen (decoder-only fine-tuning); ``train.feature_cache``
+then feeds the network cached encoder outputs (``image_embeddings``) instead of ``pixel_values``
+(models/feature_cache.py). SAM caches the image embedding; SAM 2 the vision encoder's FPN levels, before the mask
+decoder's ``conv_s0``/``conv_s1`` and ``no_memory_embedding``, which train with the decoder.
 """
 from __future__ import annotations
 
