@@ -306,7 +306,9 @@ def test_freeze_image_encoder_full_finetune_trains_decoder_only():
 
 
 # ------------------------------------------------------------------------------------------------ the recipe
-def test_supervised_run_with_cache_matches_run_without(tmp_path):
+def test_supervised_run_with_cache_matches_run_without(tmp_path, caplog):
+    import logging
+
     from helpers import tiny_cfg
 
     from medtune.train.sft import train
@@ -314,6 +316,7 @@ def test_supervised_run_with_cache_matches_run_without(tmp_path):
     common = ("model.family=sam", "model.config={preset: tiny}", "model.finetune=full",
               "model.freeze_image_encoder=true", "data.sampling=whole_image", "data.augment.enabled=false",
               "data.derive_fov=false", "data.synthetic.n_images=6", "data.batch_size=2")
+    caplog.set_level(logging.INFO, logger="medtune.models.feature_cache")
     runs = {mode: train(tiny_cfg(tmp_path, *common, f"train.feature_cache={mode}", steps=4, name=f"cache-{mode}"))
             for mode in ("off", "disk")}
     losses = {mode: [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
@@ -322,3 +325,4 @@ def test_supervised_run_with_cache_matches_run_without(tmp_path):
     assert losses["disk"] == pytest.approx(losses["off"], rel=1e-5)
     assert json.loads((runs["disk"] / "preflight.json").read_text())["passed"]
     assert list((runs["disk"] / "feature_cache").glob(f"*/*{ENTRY_SUFFIX}"))
+    assert "first hits after" in caplog.text  # forwards in the recipe were served from the cache

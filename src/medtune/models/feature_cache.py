@@ -56,41 +56,45 @@ ENTRY_SUFFIX = ".safetensors"
 _DIGEST_SUMS = 4
 _DIGEST_SEED = 0x6D65647475
 _WORD_DTYPES = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_WEIGHT_CACHE_SIZE = 4  # (length, device) weight vectors kept; whole_image inputs all have one length
+_ROW_SEED_STRIDE = 1_000_003
+# (length, device, rows) weight tensors kept: whole_image inputs have one length, stored features one per level
+_WEIGHT_CACHE_SIZE = 8
 _KEY_BYTES = 20
 
 
 # ---- digests ----------------------------------------------------------------------------------------------------------
-_weights: OrderedDict[tuple[int, str], torch.Tensor] = OrderedDict()
+_weights: OrderedDict[tuple[int, str, int], torch.Tensor] = OrderedDict()
 
 
-def _hash_weights(n: int, device: torch.device) -> torch.Tensor:
-    """[K, n] int64 weights, the same for every process; drawn from their own generator (the global RNG that resume
-    and the preflight restore is never touched)."""
-    key = (n, str(device))
+def _hash_weights(n: int, device: torch.device, rows: int = _DIGEST_SUMS) -> torch.Tensor:
+    """[rows, n] int64 weights, the same for every process; drawn from their own generators (the global RNG that
+    resume and the preflight restore is never touched)."""
+    key = (n, str(device), rows)
     if key not in _weights:
-        generator = torch.Generator().manual_seed(_DIGEST_SEED + n)
-        _weights[key] = torch.empty(_DIGEST_SUMS, n, dtype=torch.int64).random_(generator=generator).to(device)
+        generators = [torch.Generator().manual_seed(_DIGEST_SEED + _ROW_SEED_STRIDE * r + n) for r in range(rows)]
+        _weights[key] = torch.stack([torch.empty(n, dtype=torch.int64).random_(generator=g)
+                                     for g in generators]).to(device)
         while len(_weights) > _WEIGHT_CACHE_SIZE:
             _weights.popitem(last=False)
     _weights.move_to_end(key)
     return _weights[key]
 
 
-def content_digests(x: torch.Tensor) -> list[bytes]:
+def content_digests(x: torch.Tensor, sums: int = _DIGEST_SUMS) -> list[bytes]:
     """One digest per sample of ``x`` [B, ...] that changes with any bit, the shape or the dtype of the sample."""
     flat = x.detach().contiguous().reshape(x.shape[0], -1)
     if flat.element_size() not in _WORD_DTYPES:
         raise TypeError(f"cannot digest a {x.dtype} tensor")
     words = flat.view(_WORD_DTYPES[flat.element_size()]).to(torch.int64)
-    weights = _hash_weights(words.shape[1], words.device)
-    sums = torch.stack([(words * w).sum(dim=1) for w in weights], dim=1).cpu()
+    weights = _hash_weights(words.shape[1], words.device, sums)
+    totals = torch.stack([(words * w).sum(dim=1) for w in weights], dim=1).cpu()
     prefix = f"{tuple(x.shape[1:])}|{x.dtype}|".encode()
-    return [prefix + sums[i].numpy().tobytes() for i in range(sums.shape[0])]
+    return [prefix + totals[i].numpy().tobytes() for i in range(totals.shape[0])]
 
 
 def _checksum(t: torch.Tensor) -> str:
-    return hashlib.blake2b(content_digests(t.unsqueeze(0))[0], digest_size=16).hexdigest()
+    """Integrity of a stored tensor (a torn or flipped file, not an adversary): one linear sum is enough."""
+    return hashlib.blake2b(content_digests(t.unsqueeze(0), sums=1)[0], digest_size=16).hexdigest()
 
 
 # ---- the encoder's identity ---------------------------------------------------------------------------------------
