@@ -302,7 +302,11 @@ class FeatureCache:
         return [torch.stack([found[k][level] for k in keys]) for level in range(len(found[keys[0]]))]
 
     def stats(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "invalidations": self.invalidations, "entries": len(self.store)}
+        stats = {"hits": self.hits, "misses": self.misses, "invalidations": self.invalidations,
+                 "entries": len(self.store)}
+        if isinstance(self.store, MemoryStore):
+            stats["megabytes"] = round(self.store.nbytes / 1e6)
+        return stats
 
 
 # ---- set-up -------------------------------------------------------------------------------------------------------
