@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medtune.errors import ConfigError
 
@@ -55,6 +55,11 @@ class AugmentCfg(Section):
     scale_range: tuple[float, float] = (0.85, 1.15)
     intensity: float = 0.15  # max relative shift/scale of intensity and contrast
     prob: float = 0.5
+
+    def changes_image(self) -> bool:
+        """Whether any transform can alter the image (and so the encoder input) from one epoch to the next."""
+        spatial = self.flip or self.rotate90 or self.rotate_degrees > 0 or tuple(self.scale_range) != (1.0, 1.0)
+        return self.enabled and self.prob > 0 and (spatial or self.intensity > 0)
 
 
 class SyntheticCfg(Section):
@@ -136,6 +141,10 @@ class ModelCfg(Section):
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     quantize_4bit: bool = False  # QLoRA (bitsandbytes, CUDA only)
+    # SAM / SAM 2: keep the image encoder frozen. With finetune=full the prompt encoder and mask decoder train (the
+    # MedSAM-style "train the decoder" set-up, fast with train.feature_cache); with LoRA, adapters must target the
+    # decoder (e.g. lora.target_modules='^mask_decoder\.transformer\..*_proj$' lora.modules_to_save=[]).
+    freeze_image_encoder: bool = False
     vlm: VLMCfg = Field(default_factory=VLMCfg)
 
 
@@ -184,6 +193,17 @@ class TrainCfg(Section):
     # val_accuracy)
     selection_metric: str | None = None
     selection_mode: Literal["max", "min"] = "max"
+    # Frozen image encoder (model.freeze_image_encoder, SAM / SAM 2): compute its output once per distinct image and
+    # reuse it every epoch: off | memory (host RAM) | disk (safetensors files in feature_cache_dir, default
+    # RUN/feature_cache; a folder may be shared by runs). Keyed by the exact input and a hash of the encoder's weights
+    # and config, so any change recomputes. Needs inputs that repeat: data.sampling=whole_image, no augmentation.
+    feature_cache: Literal["off", "memory", "disk"] = "off"
+    feature_cache_dir: str | None = None
+
+    @field_validator("feature_cache", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
 
 
 class EvalCfg(Section):
@@ -256,7 +276,23 @@ class Config(Section):
         if self.model.prompt == "box" and self.data.sampling != "whole_image":
             raise ValueError("model.prompt=box needs data.sampling=whole_image (the box is drawn around the whole "
                              "lesion, and evaluation sees the whole image); random crops would train on other inputs")
+        if self.train.feature_cache != "off":
+            self._check_feature_cache()
         return self
+
+    def _check_feature_cache(self) -> None:
+        """The data-side conditions under which cached encoder outputs are the ones a live encoder would compute
+        and are asked for again; the model-side ones (frozen, no adapter, no dropout) are checked on the built model
+        (models/feature_cache.py)."""
+        key = f"train.feature_cache={self.train.feature_cache}"
+        if self.objective != "supervised":
+            raise ValueError(f"{key} is wired into the supervised recipe only; set train.feature_cache=off")
+        if self.data.sampling != "whole_image":
+            raise ValueError(f"{key}: data.sampling=random_crop draws new crops every epoch, so cached features would "
+                             "never be asked for again; set data.sampling=whole_image or train.feature_cache=off")
+        if self.data.augment.changes_image():
+            raise ValueError(f"{key}: data.augment changes the encoder input every epoch, so cached features would "
+                             "be stale or never reused; set data.augment.enabled=false or train.feature_cache=off")
 
     def task_kind(self) -> Literal["masks", "segvlm", "instruct"]:
         if self.task.kind != "auto":

@@ -44,9 +44,13 @@ class SegModel(nn.Module):
     """
 
     family: str = "base"
-    # Convolutional families run faster with NHWC activations and weights (oneDNN on CPU, cuDNN on GPU: 11 % per
-    # U-Net preset step on the 2-core CPU, bench/cpu_unet.py); build_model converts such a model after LoRA.
+    # Convolutional families run faster with NHWC activations and weights (oneDNN on CPU, cuDNN on GPU; see
+    # bench/cpu_unet.py); build_model converts such a model after LoRA.
     channels_last: bool = False
+    # families whose forward takes its image-encoder output from ``feature_cache`` when one is attached
+    # (models/feature_cache.py, train.feature_cache)
+    supports_feature_cache: bool = False
+    feature_cache = None
 
     def __init__(self, net: nn.Module, in_channels: int):
         super().__init__()
@@ -119,6 +123,16 @@ class SegModel(nn.Module):
         """Embedding rows trained under LoRA as PEFT trainable tokens ({module name: token ids}), e.g. an added
         ``[SEG]`` token's row, instead of a full embedding copy in ``modules_to_save``."""
         return None
+
+    def image_encoder(self) -> nn.Module | None:
+        """The image encoder whose output depends on the image alone (SAM's vision encoder): what
+        ``model.freeze_image_encoder`` freezes and ``train.feature_cache`` caches. None: no separate encoder (U-Net)."""
+        return None
+
+    def encoder_description(self) -> dict:
+        """Everything besides the encoder's weights that decides its output for a given input tensor (config,
+        preprocessing, input size, dtype): part of the feature cache's fingerprint."""
+        raise NotImplementedError(f"{type(self).__name__} must describe its image encoder to cache its output")
 
     def frozen_by_design(self) -> str | None:
         """Regex (searched in parameter names) of parameters that cannot influence ``forward_logits`` (e.g. SAM's IoU

@@ -48,6 +48,24 @@ def family_builder(family: str) -> Callable[[Config], SegModel]:
     return builder
 
 
+def freeze_image_encoder(seg: SegModel, mode: str) -> None:
+    """``model.freeze_image_encoder``: the image encoder keeps its weights. Full fine-tuning then trains the rest
+    (SAM: prompt encoder + mask decoder); LoRA adapters in the encoder would contradict the setting, so they are refused
+    rather than silently frozen."""
+    encoder = seg.image_encoder()
+    if encoder is None:
+        raise ConfigError(f"model.freeze_image_encoder: family {seg.family!r} has no separate image encoder (sam and "
+                          "sam2 have); remove the setting")
+    if mode == "lora":
+        adapted = [n for n, p in encoder.named_parameters() if p.requires_grad]
+        if adapted:
+            raise ConfigError(f"model.freeze_image_encoder=true, but lora.target_modules puts adapters in the image "
+                              f"encoder ({adapted[0]} ...); target the decoder, e.g. "
+                              r"lora.target_modules='^mask_decoder\.transformer\..*_proj$' lora.modules_to_save=[]")
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+
+
 def build_model(cfg: Config) -> SegModel:
     family = cfg.model.family
     builder = family_builder(family)
@@ -78,6 +96,8 @@ def build_model(cfg: Config) -> SegModel:
         for name, p in seg.net.named_parameters():
             if re.search(unused, name):
                 p.requires_grad_(False)
+    if cfg.model.freeze_image_encoder:
+        freeze_image_encoder(seg, mode)
     trainable, total = seg.param_counts()
     log.info("built %s (%s fine-tuning): %d / %d parameters trainable (%.2f%%)", family, mode, trainable, total,
              100.0 * trainable / max(total, 1))

@@ -8,6 +8,11 @@ The single-mask output (``multimask_output=False``) is upsampled to the input si
 
 LoRA defaults: the vision encoder's attention ``qkv`` and output ``proj`` linears (anchored, so the mask decoder's
 attention layers are never hit), plus the whole mask decoder trained fully via ``modules_to_save``.
+
+``model.freeze_image_encoder`` keeps the vision encoder frozen (decoder-only fine-tuning); ``train.feature_cache``
+then feeds the network cached encoder outputs (``image_embeddings``) instead of ``pixel_values``
+(models/feature_cache.py). SAM caches the image embedding; SAM 2 the vision encoder's FPN levels, before the mask
+decoder's ``conv_s0``/``conv_s1`` and ``no_memory_embedding``, which train with the decoder.
 """
 from __future__ import annotations
 
@@ -82,6 +87,7 @@ def tiny_sam2_config(**overrides: Any):
 class SamSegModel(SegModel):
     family = "sam"
     model_type = "sam"
+    supports_feature_cache = True
     DEFAULT_TARGETS = r"^vision_encoder\.layers\.\d+\.attn\.(?:qkv|proj)$"
     DEFAULT_MODULES_TO_SAVE = ["mask_decoder"]
 
@@ -101,16 +107,25 @@ class SamSegModel(SegModel):
         weight = next((p for p in patch.parameters() if p.is_floating_point()), None)
         return weight.dtype if weight is not None else torch.float32
 
+    def _encoder_input(self, image: torch.Tensor) -> torch.Tensor:
+        h, w = image.shape[-2:]
+        size = self.image_size
+        x = image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=(h > size or w > size))
+        return ((x - self.pixel_mean) / self.pixel_std).to(self._input_dtype())
+
     def forward_logits(self, image: torch.Tensor, box: torch.Tensor | None = None) -> torch.Tensor:
         if image.ndim != 4 or image.shape[1] != self.in_channels:
             raise ValueError(f"{self.family} expects images [B, {self.in_channels}, H, W], got {tuple(image.shape)}")
         b, c, h, w = image.shape
         size = self.image_size
-        x = image.expand(-1, 3, -1, -1) if c == 1 else image
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=(h > size or w > size))
-        x = ((x - self.pixel_mean) / self.pixel_std).to(self._input_dtype())
-        kwargs: dict[str, Any] = {"pixel_values": x, "multimask_output": False}
+        kwargs: dict[str, Any] = {"multimask_output": False}
+        if self.feature_cache is not None and not image.requires_grad:  # a gradient w.r.t. the image needs the encoder
+            kwargs["image_embeddings"] = self._decoder_embeddings(self.feature_cache.features(image,
+                                                                                             self.encoder_features))
+        else:
+            kwargs["pixel_values"] = self._encoder_input(image)
         if self.prompt == "box":
             if box is None:
                 raise ValueError(f"model.prompt=box: {self.family} needs a box [B, 4] (x1, y1, x2, y2 in input pixels) "
@@ -118,10 +133,32 @@ class SamSegModel(SegModel):
             if box.shape != (b, 4):
                 raise ValueError(f"box must be [B, 4] = [{b}, 4], got {tuple(box.shape)}")
             scale = torch.tensor([size / w, size / h, size / w, size / h], device=box.device, dtype=torch.float32)
-            kwargs["input_boxes"] = (box.float() * scale)[:, None, :].to(x.device)
+            kwargs["input_boxes"] = (box.float() * scale)[:, None, :].to(image.device)
         out = self.net(**kwargs)
         logits = out.pred_masks[:, 0].float()  # [B, 1 prompt, 1 mask, h, w] -> [B, 1, h, w]
         return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+
+    # --- frozen image encoder and its feature cache -------------------------------------------------------------
+    def image_encoder(self) -> nn.Module:
+        return self.base_network.vision_encoder
+
+    def encoder_description(self) -> dict:
+        vision = self.base_network.config.vision_config
+        return {"family": self.family, "in_channels": self.in_channels, "image_size": self.image_size,
+                "input_dtype": str(self._input_dtype()), "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+                "resize": "bilinear, antialiased when shrinking", "vision_config": vision.to_dict(),
+                "attention": getattr(vision, "_attn_implementation", None),
+                "quantized": bool(getattr(self.base_network, "is_loaded_in_4bit", False))}
+
+    def encoder_features(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """The image encoder's output for ``image`` [B, C, H, W] in [0, 1]: what the feature cache stores. SAM: the
+        image embedding [B, 256, 64, 64] at ViT-B scale."""
+        return [self.image_encoder()(self._encoder_input(image)).last_hidden_state]
+
+    def _decoder_embeddings(self, features: list[torch.Tensor]):
+        """``image_embeddings`` for the network's forward from ``encoder_features`` (what its pixel_values path
+        computes from the encoder output)."""
+        return features[0]
 
     def default_lora_targets(self) -> str:
         return self.DEFAULT_TARGETS
@@ -161,6 +198,23 @@ class Sam2SegModel(SamSegModel):
     family = "sam2"
     model_type = "sam2"
     DEFAULT_TARGETS = r"^vision_encoder\.backbone\.blocks\.\d+\.attn\.(?:qkv|proj)$"
+
+    def encoder_features(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """The vision encoder's FPN levels [B, C, h, w], high to low resolution. Not ``get_image_embeddings``: that
+        also runs the mask decoder's conv_s0/conv_s1 and adds no_memory_embedding, which train with the decoder."""
+        out = self.image_encoder()(self._encoder_input(image), return_dict=True)
+        return list(out.fpn_hidden_states)
+
+    def _decoder_embeddings(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        # Sam2Model.forward's pixel_values path from the vision encoder's output on (transformers 5.x), op for op
+        net = self.base_network
+        maps = list(features)
+        maps[0] = net.mask_decoder.conv_s0(maps[0])
+        maps[1] = net.mask_decoder.conv_s1(maps[1])
+        maps = [m.flatten(2).permute(2, 0, 1) for m in maps]
+        maps[-1] = maps[-1] + net.no_memory_embedding
+        b = features[-1].shape[0]
+        return [m.permute(1, 2, 0).view(b, -1, *size) for m, size in zip(maps, net.backbone_feature_sizes)]
 
 
 def _config_from_overrides(family: str, overrides: dict[str, Any]):

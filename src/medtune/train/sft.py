@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from medtune.config import Config
 from medtune.data.datasets import StepBatchSampler
 from medtune.data.run_split import check_readable, load_split_samples, prepare_split
+from medtune.models.feature_cache import use_feature_cache
 from medtune.models.registry import build_model
 from medtune.tasks import selection, task_for
 from medtune.train.loop import Bookkeeping
@@ -58,6 +59,7 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
     check_readable(cfg, data)
     task = task_for(cfg)
     model = build_model(cfg).to(device)
+    use_feature_cache(model, cfg, run_dir)  # train.feature_cache: a frozen image encoder runs once per image
     dataset = task.train_dataset(train_samples, cfg, model)
     accum = cfg.optim.grad_accum
 
