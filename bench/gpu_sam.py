@@ -64,15 +64,20 @@ def measure(mode: str, batch: int, steps: int, base: Path) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    model.train()  # build_model returns training mode; without it transformers skips checkpointing (issue 10)
     for _ in range(3):
         step()
+    from medtune.train.utilisation import count_flops
+
+    flops_per_image = count_flops(step) / batch
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(steps):
         step()
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t
-    result = {"mode": mode, "images_per_s": batch * steps / elapsed, "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+    result = {"mode": mode, "images_per_s": batch * steps / elapsed, "flops_per_image": flops_per_image,
+              "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
               "trainable_params_m": trainable / 1e6, "total_params_m": total / 1e6}
     model = opt = None  # noqa: F841 -- free GPU memory before the next mode
     return result
@@ -84,7 +89,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--modes", default="lora,full,qlora,lora-gc")
     args = parser.parse_args()
-    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, batch {args.batch} x 1024^2, bf16")
+    from medtune.train.utilisation import measure_matmul_peak
+
+    peak = measure_matmul_peak("cuda", torch.bfloat16)
+    print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, batch {args.batch} x 1024^2, bf16; "
+          f"measured bf16 matmul peak {peak.flops_per_s / 1e12:.0f} TFLOP/s (n={peak.matmul_size})")
     rows = []
     base = save_random_sam(Path(tempfile.mkdtemp()) / "sam-vit-b")
     for mode in args.modes.split(","):
@@ -94,7 +103,9 @@ def main() -> None:
             print(f"{mode}: failed: {type(err).__name__}: {err}")
             continue
         r = rows[-1]
-        print(f"{mode:6s} {r['images_per_s']:7.2f} img/s  peak {r['peak_gb']:6.2f} GB  "
+        achieved = r["flops_per_image"] * r["images_per_s"]
+        print(f"{mode:6s} {r['images_per_s']:7.2f} img/s  {r['flops_per_image'] / 1e12:.2f} TFLOP/img  "
+              f"{achieved / 1e12:6.1f} TFLOP/s  MFU {achieved / peak.flops_per_s:5.1%}  peak {r['peak_gb']:6.2f} GB  "
               f"trainable {r['trainable_params_m']:.2f} M / {r['total_params_m']:.1f} M")
     by = {r["mode"]: r for r in rows}
     if "lora" in by and "full" in by:

@@ -369,6 +369,25 @@ def test_sam_gradient_checkpointing_still_trains_lora(sam_folder):
     assert lora_b and all(g is not None and g.abs().sum() > 0 for g in lora_b)
 
 
+def test_built_model_is_in_training_mode_so_checkpointing_really_saves_memory(sam_folder):
+    """from_pretrained leaves a transformers network in eval mode, where activation checkpointing is skipped without
+    a word (bench/gpu_sam.py once measured 'no memory saved' that way). build_model hands out a training-mode model,
+    and with checkpointing its forward stores far less for backward; put back in eval mode, it would not."""
+
+    def stored_for_backward(seg) -> int:
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            seg.forward_logits(torch.rand(1, 3, 32, 32)).mean().backward()
+        return sum(sizes)
+
+    plain = build_model(_cfg(family="sam", path=str(sam_folder)))
+    checkpointed = build_model(_cfg(family="sam", path=str(sam_folder), gradient_checkpointing=True))
+    assert plain.training and checkpointed.training and checkpointed.base_network.training
+    full, reduced = stored_for_backward(plain), stored_for_backward(checkpointed)
+    assert reduced < 0.8 * full
+    assert stored_for_backward(checkpointed.eval()) >= full  # the old bench's situation: nothing saved
+
+
 def test_remote_code_needs_flag(sam_folder, tmp_path):
     import shutil
 

@@ -103,4 +103,7 @@ def build_model(cfg: Config) -> SegModel:
              100.0 * trainable / max(total, 1))
     if trainable == 0:
         raise ConfigError(f"{family} built with 0 trainable parameters; nothing would train")
-    return seg
+    # Training mode, as a freshly constructed nn.Module is: from_pretrained leaves transformers' networks in eval
+    # mode, where their activation checkpointing (and dropout) silently does nothing. That is how bench/gpu_sam.py
+    # once measured "checkpointing does not lower SAM's peak memory".
+    return seg.train()
