@@ -12,13 +12,15 @@ AdamW. Variants, alternated round by round so that load on the shared machine hi
 
 Printed per variant: ms per step, images/s, FLOPs per image (torch.utils.flop_counter, fwd + bwd), achieved
 GFLOP/s, MFU against the fp32 matmul peak measured in the same run, and the data pipeline's share of the step.
-`--compile` adds torch.compile(model) of the shipped variant (warm-up excluded).
+`--compile` adds torch.compile(model) of the shipped variant (warm-up excluded). Memory: the activation bytes one
+step keeps for backward, per variant, and the process's peak RSS.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import math
+import resource
 import statistics
 import tempfile
 import time
@@ -116,7 +118,17 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    flops = {}
+    def saved_for_backward_mb(name, batch) -> float:
+        """Activation memory of one step: bytes autograd keeps from the forward for the backward."""
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            loss = combo(variants[name][1](batch["image"]), batch["mask"], batch["fov"])[0]
+        loss.backward()
+        state[name][0].zero_grad(set_to_none=True)
+        return sum(sizes) / 1e6
+
+    flops, activations = {}, {}
     for name in variants:  # warm-up (compile happens here) and the FLOP count of one step
         for _ in range(3):
             step(name, load(name))
@@ -124,6 +136,7 @@ def main() -> None:
         flops[name] = count_flops(lambda: combo(variants[name][1](batch["image"]), batch["mask"], batch["fov"])[0]
                                   .backward()) / batch["image"].shape[0]
         state[name][0].zero_grad(set_to_none=True)
+        activations[name] = saved_for_backward_mb(name, batch)
     times = {name: {"data": [], "step": []} for name in variants}
     for _ in range(args.rounds):
         for name in variants:
@@ -142,7 +155,7 @@ def main() -> None:
           f"{peak.flops_per_s / 1e9:.1f} GFLOP/s (n={peak.matmul_size}); medians over {args.rounds} x {args.steps} "
           f"steps; data: {'DRIVE' if Path(args.data).is_dir() else 'synthetic'}")
     print(f"{'variant':22s} {'ms/step':>8s} {'data ms':>8s} {'img/s':>7s} {'GFLOP/img':>9s} {'GFLOP/s':>8s} "
-          f"{'MFU':>6s} {'MFU model only':>14s}")
+          f"{'MFU':>6s} {'MFU model only':>14s} {'act. MB':>8s}")
     base = None
     for name in variants:
         data = statistics.median(times[name]["data"])
@@ -152,7 +165,10 @@ def main() -> None:
         achieved = flops[name] * b / total
         print(f"{name:22s} {total * 1e3:8.1f} {data * 1e3:8.1f} {b / total:7.1f} {flops[name] / 1e9:9.3f} "
               f"{achieved / 1e9:8.1f} {achieved / peak.flops_per_s:6.1%} "
-              f"{flops[name] * b / compute / peak.flops_per_s:14.1%}   x{base / total:.2f} vs before")
+              f"{flops[name] * b / compute / peak.flops_per_s:14.1%} {activations[name]:8.0f}   "
+              f"x{base / total:.2f} vs before")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"act. MB = tensors saved for backward in one step; process peak RSS {rss:.0f} MB (all variants together)")
 
 
 if __name__ == "__main__":

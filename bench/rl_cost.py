@@ -4,7 +4,10 @@
 
 RL iteration = policy forward (with grad) + reference forward (adapters disabled, no grad) + G masks sampled per image
 + vectorised rewards + clipped objective + KL + backward + optimizer step (inner_epochs=1). With inner_epochs=2 the
-second update adds one forward/backward; its cost per optimizer update is printed too. Target: ratio <= 2.
+second update adds one forward/backward; its cost per optimizer update is printed too. Target: ratio <= 1.5.
+LoRA dropout is 0 in both (the RL recipe turns dropout off; the supervised step gets the same model, so the ratio is
+the cost of RL's extra work, not of dropout). FLOPs per step are counted (torch.utils.flop_counter) and MFU printed
+against the fp32 (GPU: tf32/fp32) matmul peak measured in the same run.
 """
 from __future__ import annotations
 
@@ -23,8 +26,8 @@ def build(tmp: Path, args, device):
 
     base = build_config({}, ["model.family=unet"])
     build_model(base).save_base(tmp / "base")
-    cfg = build_config({}, [f"model.path={tmp / 'base'}", "lora.preset=small", f"rl.group_size={args.group}",
-                            "rl.reward=multi_objective"])
+    cfg = build_config({}, [f"model.path={tmp / 'base'}", "lora.preset=small", "lora.dropout=0",
+                            f"rl.group_size={args.group}", "rl.reward=multi_objective"])
     model = build_model(cfg).to(device)
     g = torch.Generator().manual_seed(0)
     mask = (torch.rand(args.batch, 1, args.size, args.size, generator=g) > 0.88).float()
@@ -85,10 +88,21 @@ def main() -> None:
         rl1.append(timed(lambda: rl_iteration(1)))
         rl2.append(timed(lambda: rl_iteration(2)))
     s, r1, r2 = statistics.median(sup), statistics.median(rl1), statistics.median(rl2)
-    print(f"device {device}, batch {args.batch}x{args.size}^2, G={args.group}, {torch.get_num_threads()} threads")
-    print(f"supervised step           {s * 1000:8.1f} ms")
-    print(f"RL iteration, 1 update    {r1 * 1000:8.1f} ms   ratio {r1 / s:.2f}")
-    print(f"RL iteration, 2 updates   {r2 * 1000:8.1f} ms   ratio {r2 / s:.2f} ({r2 / 2 / s:.2f} per update)")
+    from medtune.train.utilisation import count_flops, measure_matmul_peak
+
+    flops = {"sup": count_flops(supervised_step), "rl1": count_flops(lambda: rl_iteration(1)),
+             "rl2": count_flops(lambda: rl_iteration(2))}
+    peak = measure_matmul_peak(device).flops_per_s
+
+    def util(key, seconds):
+        return f"{flops[key] / 1e9:6.2f} GFLOP  MFU {flops[key] / seconds / peak:5.1%}"
+
+    print(f"device {device}, batch {args.batch}x{args.size}^2, G={args.group}, {torch.get_num_threads()} threads, "
+          f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+    print(f"supervised step           {s * 1000:8.1f} ms   {util('sup', s)}")
+    print(f"RL iteration, 1 update    {r1 * 1000:8.1f} ms   {util('rl1', r1)}   ratio {r1 / s:.2f}")
+    print(f"RL iteration, 2 updates   {r2 * 1000:8.1f} ms   {util('rl2', r2)}   ratio {r2 / s:.2f} "
+          f"({r2 / 2 / s:.2f} per update)")
 
 
 if __name__ == "__main__":
