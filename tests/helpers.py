@@ -39,3 +39,15 @@ def write_generic(root: Path, n: int = 4, size: int = 32, seed: int = 0, mask_su
         Image.fromarray(image).save(root / "images" / f"img{i}.png")
         Image.fromarray(mask).save(root / "masks" / f"img{i}{mask_suffix}.png")
     return root
+
+
+def assert_logs_mfu(run_dir: Path) -> None:
+    """Every recipe and family logs MFU: FLOPs of its first step counted, a peak measured, mfu in (0, 1)."""
+    import json
+
+    from medtune.runs.files import read_metrics
+
+    info = json.loads((run_dir / "utilisation.json").read_text())
+    assert info["flops_per_image"] > 0 and info["peak"]["flops_per_s"] > 0
+    logged = [r["mfu"] for r in read_metrics(run_dir) if "mfu" in r]
+    assert logged and all(0 < m < 1 for m in logged)

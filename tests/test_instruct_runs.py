@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import REPO
+from helpers import REPO, assert_logs_mfu
 from vlm_helpers import write_vqa
 
 from medtune.cli import main
@@ -82,6 +82,7 @@ def test_supervised_runs_preflight_learning_and_exact_resume(runs, kind):
     assert pre["passed"] and pre["zero_grad_first_step"] and all("lora_A" in n for n in pre["zero_grad_first_step"])
     assert (lora / "checkpoints" / "best" / "adapter" / "adapter_model.safetensors").is_file()
     assert (run / "checkpoints" / "best" / "model" / "model.safetensors").is_file()
+    assert_logs_mfu(run)
     records = read_metrics(run)
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == FULL_STEPS and losses[-1] < 0.2 * losses[0]
@@ -170,6 +171,7 @@ def test_grpo_from_the_supervised_run_and_compare(runs, kind, capsys):
     assert json.loads((run / "parent.json").read_text())["parent_run"] == str(parent)
     assert json.loads((run / "split.json").read_text()) == json.loads((parent / "split.json").read_text())
     assert json.loads((run / "preflight.json").read_text())["passed"]
+    assert_logs_mfu(run)
     records = [r for r in read_metrics(run) if "reward_mean" in r]
     assert len(records) == 4
     assert {"kl", "clip_fraction", "reward_correct", "reward_format", "answers_finished"} <= set(records[0])

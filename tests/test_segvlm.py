@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import assert_logs_mfu
 from PIL import Image
 
 from medtune.config import build_config
@@ -51,6 +52,7 @@ def test_training_passes_the_preflight_and_validates_by_dice(trained):
     assert [r["step"] for r in records if "val_dice" in r] == [3, 6]
     assert all("loss_lm" in r for r in records if "loss" in r)  # the LM term is trained and logged
     assert (run / "checkpoints" / "best" / "adapter" / "adapter_model.safetensors").is_file()
+    assert_logs_mfu(run)
 
 
 def test_training_never_calls_generate(tmp_path, monkeypatch):
@@ -146,6 +148,7 @@ def test_rl_recipe_runs_on_segvlm_and_reaches_the_language_model(trained):
     run = train(cfg)
     report = json.loads((run / "preflight.json").read_text())
     assert report["passed"]
+    assert_logs_mfu(run)
     model = build_model(json_cfg(run))
     lm_lora = [n for n, p in model.named_parameters() if "language_model" in n and "lora_" in n and p.requires_grad]
     assert lm_lora  # the fresh RL adapter sits in the language model, and the preflight saw all of it move

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from helpers import REPO, tiny_cfg
+from helpers import REPO, assert_logs_mfu, tiny_cfg
 from peft import PeftModel
 
 from medtune.evaluate import evaluate_run
@@ -77,6 +77,7 @@ def test_tiny_sam_semantic_and_box_runs(tmp_path):
                          "data.derive_fov=false", steps=3, name="sam"))
     assert json.loads((run / "preflight.json").read_text())["passed"]
     assert (run / "checkpoints" / "last" / "adapter" / "adapter_model.safetensors").is_file()
+    assert_logs_mfu(run)
     box = train(tiny_cfg(tmp_path, "model.family=sam", f"model.config={sam}", "model.finetune=lora",
                          "model.prompt=box", "data.sampling=whole_image", steps=3, name="sam-box"))
     summary = evaluate_run(box)

@@ -44,9 +44,11 @@ def compute_dtype(mixed_precision: str) -> torch.dtype:
 
 
 def measure_matmul_peak(device: torch.device | str, dtype: torch.dtype = torch.float32,
-                        size: int | None = None) -> Peak:
+                        size: int | None = None, again: bool = False) -> Peak:
     """The best achieved FLOP/s of an n x n by n x n matmul, n = PEAK_MATMUL_SIZE[device type] unless given;
-    measured once per process, device and dtype (a second run in the same process reuses it)."""
+    measured once per process, device and dtype (a second run in the same process reuses it) unless ``again``."""
+    if again:
+        _measure.cache_clear()
     return _measure(str(torch.device(device)), dtype, size)
 
 
