@@ -8,13 +8,19 @@ second update adds one forward/backward; its cost per optimizer update is printe
 LoRA dropout is 0 in both (the RL recipe turns dropout off; the supervised step gets the same model, so the ratio is
 the cost of RL's extra work, not of dropout). FLOPs per step are counted (torch.utils.flop_counter) and MFU printed
 against the fp32 (GPU: tf32/fp32) matmul peak measured in the same run.
+
+"RL before" runs the same iteration with the sampling, log-probability and reward code of commit f33d689 (read
+from git history, so that comparison needs a clone with history), alternated with the current code.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import subprocess
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -34,6 +40,38 @@ def build(tmp: Path, args, device):
     batch = {"image": (torch.rand(args.batch, 3, args.size, args.size, generator=g) * 0.5 + mask * 0.5),
              "mask": mask, "fov": torch.ones_like(mask), "box": torch.zeros(args.batch, 4)}
     return cfg, model, {k: v.to(device) for k, v in batch.items()}
+
+
+BEFORE = "f33d689"  # the last commit with the old sampling / log-prob / reward code
+
+
+def old_module(path: str, name: str) -> types.ModuleType:
+    repo = Path(__file__).resolve().parents[1]
+    source = subprocess.run(["git", "show", f"{BEFORE}:{path}"], cwd=repo, capture_output=True, text=True,
+                            check=True).stdout
+    module = types.ModuleType(name)
+    exec(compile(source, f"{BEFORE}:{path}", "exec"), module.__dict__)
+    return module
+
+
+@contextlib.contextmanager
+def old_rl_pieces():
+    """medtune.train.rl with the sampling, log-probs and rewards of BEFORE (gt repeated G times, float skeletons)."""
+    import medtune.train.rl as rl
+
+    policy, rewards = old_module("src/medtune/policy.py", "policy_before"), \
+        old_module("src/medtune/rewards.py", "rewards_before")
+
+    def combined_reward(pred, gt, fov, weights, precision_floor, precision_floor_k, group_size):
+        return rewards.combined_reward(pred, gt.repeat_interleave(group_size, 0), fov.repeat_interleave(group_size, 0),
+                                       weights, precision_floor=precision_floor, precision_floor_k=precision_floor_k)
+
+    saved = rl.sample_group, rl.group_logprob, rl.combined_reward
+    rl.sample_group, rl.group_logprob, rl.combined_reward = policy.sample_group, policy.group_logprob, combined_reward
+    try:
+        yield
+    finally:
+        rl.sample_group, rl.group_logprob, rl.combined_reward = saved
 
 
 def main() -> None:
@@ -80,18 +118,23 @@ def main() -> None:
         sync()
         return time.perf_counter() - t
 
+    def rl_before():
+        with old_rl_pieces():
+            rl_iteration(1)
+
     for _ in range(3):  # warm-up
-        supervised_step(), rl_iteration(1)
-    sup, rl1, rl2 = [], [], []
+        supervised_step(), rl_iteration(1), rl_before()
+    sup, rl1, rl2, rl0 = [], [], [], []
     for _ in range(args.iters):
         sup.append(timed(supervised_step))
         rl1.append(timed(lambda: rl_iteration(1)))
         rl2.append(timed(lambda: rl_iteration(2)))
-    s, r1, r2 = statistics.median(sup), statistics.median(rl1), statistics.median(rl2)
+        rl0.append(timed(rl_before))
+    s, r1, r2, r0 = statistics.median(sup), statistics.median(rl1), statistics.median(rl2), statistics.median(rl0)
     from medtune.train.utilisation import count_flops, measure_matmul_peak
 
     flops = {"sup": count_flops(supervised_step), "rl1": count_flops(lambda: rl_iteration(1)),
-             "rl2": count_flops(lambda: rl_iteration(2))}
+             "rl2": count_flops(lambda: rl_iteration(2)), "rl0": count_flops(rl_before)}
     peak = measure_matmul_peak(device).flops_per_s
 
     def util(key, seconds):
@@ -100,6 +143,7 @@ def main() -> None:
     print(f"device {device}, batch {args.batch}x{args.size}^2, G={args.group}, {torch.get_num_threads()} threads, "
           f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
     print(f"supervised step           {s * 1000:8.1f} ms   {util('sup', s)}")
+    print(f"RL before ({BEFORE}), 1 upd {r0 * 1000:6.1f} ms   {util('rl0', r0)}   ratio {r0 / s:.2f}")
     print(f"RL iteration, 1 update    {r1 * 1000:8.1f} ms   {util('rl1', r1)}   ratio {r1 / s:.2f}")
     print(f"RL iteration, 2 updates   {r2 * 1000:8.1f} ms   {util('rl2', r2)}   ratio {r2 / s:.2f} "
           f"({r2 / 2 / s:.2f} per update)")
