@@ -9,8 +9,10 @@ LoRA dropout is 0 in both (the RL recipe turns dropout off; the supervised step 
 the cost of RL's extra work, not of dropout). FLOPs per step are counted (torch.utils.flop_counter) and MFU printed
 against the fp32 (GPU: tf32/fp32) matmul peak measured in the same run.
 
-"RL before" runs the same iteration with the sampling, log-probability and reward code of commit f33d689 (read
-from git history, so that comparison needs a clone with history), alternated with the current code.
+Each measurement runs twice, in two processes: with glibc's default malloc thresholds and with freed host memory
+kept in the process (what every medtune recipe sets, train/utilisation.py). "RL before" runs the same iteration
+with the sampling, log-probability and reward code of commit f33d689 (read from git history, so that comparison
+needs a clone with history), alternated with the current code.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import argparse
 import contextlib
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import types
@@ -85,7 +88,20 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--allocator", choices=["both", "default", "kept"], default="both",
+                        help="kept: freed host memory stays in the process, as the recipes set it "
+                             "(utilisation.keep_freed_host_memory); both: one process each, default first")
     args = parser.parse_args()
+    if args.allocator == "both":
+        for allocator in ("default", "kept"):
+            argv = [a for a in sys.argv[1:] if not a.startswith("--allocator")]
+            print(f"--- glibc malloc {allocator}", flush=True)
+            subprocess.run([sys.executable, __file__, *argv, f"--allocator={allocator}"], check=True)
+        return
+    if args.allocator == "kept":
+        from medtune.train.utilisation import keep_freed_host_memory
+
+        assert keep_freed_host_memory(), "not glibc: nothing to compare"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:

@@ -40,25 +40,30 @@ SKELETON_ITERS = 10
 
 # ---- shared pieces ----------------------------------------------------------------------------------------------------
 def _prepare(pred: torch.Tensor, gt: torch.Tensor, fov: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate shapes, cast to float32 (bf16 counts are inexact above 256) and zero everything outside the FOV."""
+    """Validate shapes, binarise (> 0.5) and clear everything outside the FOV. Boolean maps: a byte per pixel and
+    no float products, which on CPU made up most of the reward's time."""
     if pred.ndim != 4 or pred.shape[1] != 1:
         raise ValueError(f"pred must be [G,1,H,W], got {tuple(pred.shape)}")
     if gt.ndim != 4 or gt.shape[1:] != pred.shape[1:] or gt.shape[0] not in (1, pred.shape[0]):
         raise ValueError(f"gt must be [1,1,H,W] or [G,1,H,W] matching pred {tuple(pred.shape)}, got {tuple(gt.shape)}")
-    pred = pred.float()
-    gt = gt.float()
+    pred, gt = _binary(pred), _binary(gt)
     if fov is not None:
         if fov.ndim != 4 or fov.shape[1:] != pred.shape[1:] or fov.shape[0] not in (1, pred.shape[0]):
             raise ValueError(f"fov must be [1,1,H,W] or [G,1,H,W] matching pred {tuple(pred.shape)}, "
                              f"got {tuple(fov.shape)}")
-        fov = fov.float()
-        pred = pred * fov
-        gt = gt * fov
+        fov = _binary(fov)
+        pred = pred & fov
+        gt = gt & fov
     return pred, gt
 
 
+def _binary(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.bool else x > 0.5
+
+
 def _count(x: torch.Tensor) -> torch.Tensor:
-    return x.sum(dim=(1, 2, 3))
+    """Foreground pixels per boolean mask, as float32 (exact up to 2^24 pixels)."""
+    return torch.count_nonzero(x.flatten(1), dim=1).float()
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor, if_empty: torch.Tensor | float) -> torch.Tensor:
@@ -101,7 +106,12 @@ def _dilate(img: torch.Tensor) -> torch.Tensor:
 
 
 def skeleton(mask: torch.Tensor, iters: int = SKELETON_ITERS) -> torch.Tensor:
-    """clDice's soft skeleton of binary masks [N,1,H,W] (nonzero = foreground) -> float {0,1} centre lines,
+    """``skeleton_map`` as float {0, 1}."""
+    return skeleton_map(mask, iters).float()
+
+
+def skeleton_map(mask: torch.Tensor, iters: int = SKELETON_ITERS) -> torch.Tensor:
+    """clDice's soft skeleton of binary masks [N,1,H,W] (nonzero = foreground) -> boolean centre lines,
     vectorised over N.
 
     Same recurrence as ``monai.losses.cldice.soft_skel`` on binary input (skel |= img AND NOT open(img) after each
@@ -121,44 +131,52 @@ def skeleton(mask: torch.Tensor, iters: int = SKELETON_ITERS) -> torch.Tensor:
     # Whatever survives all erosions is a blob wider than 2*iters px whose centre line was never reached (a square
     # is even invariant under opening, so it would have no skeleton at all). Counting it as "skeleton" keeps a
     # painted-over region from scoring as a perfect, zero-length topology; vessel-width masks leave nothing here.
-    return (skel | eroded).float()
+    return skel | eroded
 
 
 class _Stats:
     """Per-call counts and skeletons, each computed at most once and shared by the components that need them.
 
     ``group``: pred holds ``group`` consecutive samples per row of gt/fov ([N*G] against [N]); what depends on the
-    ground truth alone (its area, its skeleton) is then computed once per image and repeated, not G times."""
+    ground truth alone (its area, its skeleton) is then computed once per image, and pred-with-gt overlaps are formed
+    by broadcasting the image's maps over its G samples, never by copying them G times."""
 
     def __init__(self, pred: torch.Tensor, gt: torch.Tensor, fov: torch.Tensor | None,
                  iters: int = SKELETON_ITERS, group: int = 1):
-        if group > 1:
-            if gt.shape[0] * group != pred.shape[0] or (fov is not None and fov.shape[0] != gt.shape[0]):
-                raise ValueError(f"group {group}: pred must hold {group} rows per gt/fov row, got pred "
-                                 f"{tuple(pred.shape)}, gt {tuple(gt.shape)}")
-            self.gt_once = _prepare(gt, gt, fov)[1]
-            fov = None if fov is None else fov.repeat_interleave(group, dim=0)
-            gt = gt.repeat_interleave(group, dim=0)
-        self.pred, self.gt = _prepare(pred, gt, fov)
-        if group == 1:
-            self.gt_once = self.gt
         self.iters, self.group = iters, group
         self._cache: dict[str, torch.Tensor] = {}
+        if group == 1:
+            self.pred, self.gt_once = _prepare(pred, gt, fov)
+            return
+        if gt.shape[0] * group != pred.shape[0] or (fov is not None and fov.shape[0] != gt.shape[0]):
+            raise ValueError(f"group {group}: pred must hold {group} rows per gt/fov row, got pred "
+                             f"{tuple(pred.shape)}, gt {tuple(gt.shape)}")
+        self.gt_once = _prepare(gt, gt, fov)[1]
+        pred = _prepare(pred, pred, None)[0]
+        self.pred = pred if fov is None else self._overlap(pred, _binary(fov))
 
     def _get(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         if key not in self._cache:
             self._cache[key] = compute()
         return self._cache[key]
 
+    def _overlap(self, per_sample: torch.Tensor, per_image: torch.Tensor) -> torch.Tensor:
+        """per_sample [P,1,H,W] AND the map of its image ([1] or [P] rows; with a group, [P / G] rows)."""
+        if self.group == 1:
+            return per_sample & per_image
+        n = per_image.shape[0]
+        grouped = per_sample.view(n, self.group, *per_sample.shape[1:]) & per_image.unsqueeze(1)
+        return grouped.view(per_sample.shape)
+
     def _per_sample(self, per_image: torch.Tensor) -> torch.Tensor:
-        """A ground-truth-only quantity computed on gt_once -> one row per sampled mask."""
+        """A count computed on gt_once -> one value per sampled mask."""
         if self.group > 1:
             return per_image.repeat_interleave(self.group, dim=0)
-        return per_image.expand(self.pred.shape[0], *per_image.shape[1:])
+        return per_image.expand(self.pred.shape[0])
 
     @property
     def tp(self) -> torch.Tensor:
-        return self._get("tp", lambda: _count(self.pred * self.gt))
+        return self._get("tp", lambda: _count(self._overlap(self.pred, self.gt_once)))
 
     @property
     def p(self) -> torch.Tensor:
@@ -170,12 +188,26 @@ class _Stats:
 
     @property
     def s_pred(self) -> torch.Tensor:
-        return self._get("s_pred", lambda: skeleton(self.pred, self.iters))
+        return self._get("s_pred", lambda: skeleton_map(self.pred, self.iters))
 
     @property
-    def s_gt(self) -> torch.Tensor:
+    def s_gt_once(self) -> torch.Tensor:
         # skeletonised once per image, not once per sample
-        return self._get("s_gt", lambda: self._per_sample(skeleton(self.gt_once, self.iters)))
+        return self._get("s_gt", lambda: skeleton_map(self.gt_once, self.iters))
+
+    @property
+    def skeleton_on_gt(self) -> torch.Tensor:
+        """|S_pred & gt| per sample"""
+        return self._get("sp_gt", lambda: _count(self._overlap(self.s_pred, self.gt_once)))
+
+    @property
+    def gt_skeleton_covered(self) -> torch.Tensor:
+        """|S_gt & pred| per sample"""
+        return self._get("sg_pred", lambda: _count(self._overlap(self.pred, self.s_gt_once)))
+
+    @property
+    def gt_skeleton_length(self) -> torch.Tensor:
+        return self._get("lg", lambda: self._per_sample(_count(self.s_gt_once)))
 
 
 def _dice(s: _Stats) -> torch.Tensor:
@@ -196,15 +228,15 @@ def _area_ratio(s: _Stats) -> torch.Tensor:
 
 
 def _topology(s: _Stats) -> torch.Tensor:
-    sp, sg = _count(s.s_pred), _count(s.s_gt)
-    tprec = _ratio(_count(s.s_pred * s.gt), sp, 1.0)
-    tsens = _ratio(_count(s.s_gt * s.pred), sg, 1.0)
+    sp, sg = _count(s.s_pred), s.gt_skeleton_length
+    tprec = _ratio(s.skeleton_on_gt, sp, 1.0)
+    tsens = _ratio(s.gt_skeleton_covered, sg, 1.0)
     cl = _ratio(2 * tprec * tsens, tprec + tsens, 0.0)
     return torch.where((sp == 0) & (sg == 0), torch.ones_like(cl), cl)
 
 
 def _length(s: _Stats) -> torch.Tensor:
-    lp, lg = _count(s.s_pred), _count(s.s_gt)
+    lp, lg = _count(s.s_pred), s.gt_skeleton_length
     score = 1.0 - ((lp - lg).abs() / lg.clamp(min=1e-12)).clamp(max=1.0)
     return torch.where(lg > 0, score, _both_empty(lp, lg))
 

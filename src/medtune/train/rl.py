@@ -183,7 +183,9 @@ def rl_loss(logits, roll: dict, cfg: Config, combo: ComboLoss | None):
     new_logprob = group_logprob(logits, roll["masks"], fov, cfg.rl.temperature, reduction)
     pg, clip_fraction, ratio = clipped_objective(new_logprob, roll["old_logprob"], roll["advantages"], cfg.rl.clip_eps)
     kl = bernoulli_kl(logits, roll["ref_logits"], fov, cfg.rl.temperature, reduction)
-    entropy = bernoulli_entropy(logits, fov, cfg.rl.temperature, reduction)
+    # logged always; part of the graph only when it is part of the loss (its backward is not free)
+    with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.rl.entropy_coef != 0):
+        entropy = bernoulli_entropy(logits, fov, cfg.rl.temperature, reduction)
     loss = pg + cfg.rl.kl_coef * kl - cfg.rl.entropy_coef * entropy
     if combo is not None and cfg.rl.sft_mix > 0:
         sft = combo(logits, roll["target"], fov)[0]

@@ -29,6 +29,7 @@ from medtune.runs.files import (
     write_run_files,
     write_text_atomic,
 )
+from medtune.train.utilisation import keep_freed_host_memory
 
 log = logging.getLogger("medtune")
 
@@ -112,6 +113,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     """One accelerator for both recipes. Without a GPU, `cpu=True` is what makes accelerate honour torchrun's
     environment (MULTI_CPU over gloo) instead of running every process as its own rank 0. The project dir is a
     placeholder until the run folder is agreed between processes (start_run)."""
+    keep_freed_host_memory()  # CPU steps stop paying page faults for memory they just freed (utilisation.py)
     return Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=cfg.train.trackers or None, project_dir=".",
                        cpu=not torch.cuda.is_available())
 
