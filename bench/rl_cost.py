@@ -38,11 +38,13 @@ def build(tmp: Path, args, device):
     cfg = build_config({}, [f"model.path={tmp / 'base'}", "lora.preset=small", "lora.dropout=0",
                             f"rl.group_size={args.group}", "rl.reward=multi_objective"])
     model = build_model(cfg).to(device)
+    # the supervised recipe keeps the adapter's dropout (lora.dropout default); the RL recipe turns it off
+    sft_model = build_model(cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"dropout": 0.05})})).to(device)
     g = torch.Generator().manual_seed(0)
     mask = (torch.rand(args.batch, 1, args.size, args.size, generator=g) > 0.88).float()
     batch = {"image": (torch.rand(args.batch, 3, args.size, args.size, generator=g) * 0.5 + mask * 0.5),
              "mask": mask, "fov": torch.ones_like(mask), "box": torch.zeros(args.batch, 4)}
-    return cfg, model, {k: v.to(device) for k, v in batch.items()}
+    return cfg, model, sft_model, {k: v.to(device) for k, v in batch.items()}
 
 
 BEFORE = "f33d689"  # the last commit with the old sampling / log-prob / reward code
@@ -77,6 +79,65 @@ def old_rl_pieces():
         rl.sample_group, rl.group_logprob, rl.combined_reward = saved
 
 
+def print_parts(model, batch, cfg, weights, opt, combo, iters: int) -> None:
+    """Median time of each part of an RL iteration and of a supervised step, timed inside the same loop."""
+    import medtune.train.rl as rl
+    from medtune.tasks.masks import TASK as MASKS
+
+    parts: dict[str, list[float]] = {}
+
+    def mark(name, since):
+        now = time.perf_counter()
+        parts.setdefault(name, []).append(now - since)
+        return now
+
+    def rl_parts():
+        t = time.perf_counter()
+        logits, target, fov = rl.policy_logits(model, MASKS, batch)
+        t = mark("RL policy forward", t)
+        with torch.no_grad(), model.adapters_disabled():
+            ref = rl.policy_logits(model, MASKS, batch)[0]
+        t = mark("RL reference forward", t)
+        masks = rl.sample_group(logits, cfg.rl.group_size, cfg.rl.temperature)
+        t = mark("RL sampling", t)
+        n, g = masks.shape[:2]
+        total, _ = rl.combined_reward(masks.flatten(0, 1), target, fov, weights, precision_floor=cfg.rl.precision_floor,
+                                      precision_floor_k=cfg.rl.precision_floor_k, group_size=g)
+        t = mark("RL rewards", t)
+        roll = {"ref_logits": ref, "masks": masks, "target": target, "fov": fov,
+                "advantages": rl.group_advantages(total.view(n, g)),
+                "old_logprob": rl.group_logprob(logits.detach(), masks, fov, cfg.rl.temperature,
+                                                cfg.rl.logprob_reduction)}
+        t = mark("RL advantages + old log-probs", t)
+        loss, _ = rl.rl_loss(logits, roll, cfg, None)
+        t = mark("RL loss", t)
+        loss.backward()
+        t = mark("RL backward", t)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mark("RL optimizer", t)
+
+    def supervised_parts():
+        t = time.perf_counter()
+        out = model(batch["image"])
+        t = mark("SFT forward", t)
+        loss, _ = combo(out, batch["mask"], batch["fov"])
+        t = mark("SFT loss", t)
+        loss.backward()
+        t = mark("SFT backward", t)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        mark("SFT optimizer", t)
+
+    for _ in range(3):
+        rl_parts(), supervised_parts()
+    parts.clear()
+    for _ in range(iters):
+        rl_parts(), supervised_parts()
+    for name, values in parts.items():
+        print(f"  {name:30s} {statistics.median(values) * 1000:7.2f} ms")
+
+
 def main() -> None:
     from medtune.losses import ComboLoss
     from medtune.rewards import resolve_weights
@@ -88,6 +149,7 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--parts", action="store_true", help="also time each part of an iteration")
     parser.add_argument("--allocator", choices=["both", "default", "kept"], default="both",
                         help="kept: freed host memory stays in the process, as the recipes set it "
                              "(utilisation.keep_freed_host_memory); both: one process each, default first")
@@ -105,16 +167,19 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, model, batch = build(Path(tmp), args, device)
+        cfg, model, sft_model, batch = build(Path(tmp), args, device)
     combo = ComboLoss(cfg.loss)
     weights = resolve_weights(cfg.rl.reward)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
-    def supervised_step():
-        loss, _ = combo(model(batch["image"]), batch["mask"], batch["fov"])
+    def supervised_step(net=model, optimizer=opt):
+        loss, _ = combo(net(batch["image"]), batch["mask"], batch["fov"])
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    sft_opt = torch.optim.AdamW([p for p in sft_model.parameters() if p.requires_grad], lr=1e-4)
+    sft_model.train()
 
     def rl_iteration(inner_epochs: int):
         roll = rollout(model, model, MASKS, batch, cfg, weights)
@@ -139,10 +204,11 @@ def main() -> None:
             rl_iteration(1)
 
     for _ in range(3):  # warm-up
-        supervised_step(), rl_iteration(1), rl_before()
-    sup, rl1, rl2, rl0 = [], [], [], []
+        supervised_step(), rl_iteration(1), rl_before(), supervised_step(sft_model, sft_opt)
+    sup, rl1, rl2, rl0, sft = [], [], [], [], []
     for _ in range(args.iters):
         sup.append(timed(supervised_step))
+        sft.append(timed(lambda: supervised_step(sft_model, sft_opt)))
         rl1.append(timed(lambda: rl_iteration(1)))
         rl2.append(timed(lambda: rl_iteration(2)))
         rl0.append(timed(rl_before))
@@ -163,6 +229,11 @@ def main() -> None:
     print(f"RL iteration, 1 update    {r1 * 1000:8.1f} ms   {util('rl1', r1)}   ratio {r1 / s:.2f}")
     print(f"RL iteration, 2 updates   {r2 * 1000:8.1f} ms   {util('rl2', r2)}   ratio {r2 / s:.2f} "
           f"({r2 / 2 / s:.2f} per update)")
+    if args.parts:
+        print_parts(model, batch, cfg, weights, opt, combo, args.iters)
+    f = statistics.median(sft)
+    print(f"supervised step as the SFT recipe runs it (LoRA dropout 0.05): {f * 1000:.1f} ms; RL iteration (1 update, "
+          f"no dropout, as the RL recipe runs it) / that: {r1 / f:.2f}")
 
 
 if __name__ == "__main__":
