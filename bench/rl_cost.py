@@ -105,10 +105,8 @@ def print_parts(model, batch, cfg, weights, opt, combo, iters: int) -> None:
                                       precision_floor_k=cfg.rl.precision_floor_k, group_size=g)
         t = mark("RL rewards", t)
         roll = {"ref_logits": ref, "masks": masks, "target": target, "fov": fov,
-                "advantages": rl.group_advantages(total.view(n, g)),
-                "old_logprob": rl.group_logprob(logits.detach(), masks, fov, cfg.rl.temperature,
-                                                cfg.rl.logprob_reduction)}
-        t = mark("RL advantages + old log-probs", t)
+                "advantages": rl.group_advantages(total.view(n, g)), "old_logprob": None}
+        t = mark("RL advantages", t)
         loss, _ = rl.rl_loss(logits, roll, cfg, None)
         t = mark("RL loss", t)
         loss.backward()
