@@ -35,7 +35,7 @@ def build(tmp: Path, args, device):
 
     base = build_config({}, ["model.family=unet"])
     build_model(base).save_base(tmp / "base")
-    cfg = build_config({}, [f"model.path={tmp / 'base'}", "lora.preset=small", "lora.dropout=0",
+    cfg = build_config({}, [f"model.path={tmp / 'base'}", "lora.preset=small", f"lora.dropout={args.lora_dropout}",
                             f"rl.group_size={args.group}", "rl.reward=multi_objective"])
     model = build_model(cfg).to(device)
     # the supervised recipe keeps the adapter's dropout (lora.dropout default); the RL recipe turns it off
@@ -148,6 +148,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--parts", action="store_true", help="also time each part of an iteration")
+    parser.add_argument("--lora-dropout", type=float, default=0.0,
+                        help="in both the supervised step and RL (the bench before issue 10 had 0.05 in both)")
     parser.add_argument("--allocator", choices=["both", "default", "kept"], default="both",
                         help="kept: freed host memory stays in the process, as the recipes set it "
                              "(utilisation.keep_freed_host_memory); both: one process each, default first")
