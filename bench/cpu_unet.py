@@ -6,7 +6,7 @@ One step = what `medtune train configs/drive_unet.yaml` does per step: a batch o
 training images with augmentation (num_workers 0, as the preset), the U-Net forward, ComboLoss, backward, clipping,
 AdamW. Variants, alternated round by round so that load on the shared machine hits them alike:
 
-  before          MONAI dictionary transforms per patch (the pipeline medtune used until this change), NCHW
+  before          MONAI dictionary transforms per patch (medtune's pipeline at f33d689, read from git), NCHW
   augment         medtune.data.augment (one grid_sample per patch), NCHW
   augment+nhwc    the same, model and input channels-last (what medtune ships: SegModel.channels_last)
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import resource
 import statistics
 import tempfile
@@ -27,41 +26,26 @@ import time
 from pathlib import Path
 
 import torch
+from history import old_module
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+BEFORE = "f33d689"  # the last commit whose training patches went through MONAI's dictionary transforms
+
+
 class MonaiAugment:
-    """The MONAI pipeline medtune used before (datasets._build_augment at commit f33d689), same call signature."""
+    """The augmentation medtune used before (datasets._build_augment of BEFORE, read from git history), called like
+    data.augment.Augmentation."""
 
     def __init__(self, aug):
-        from monai.transforms import (
-            Compose,
-            RandAdjustContrastd,
-            RandAffined,
-            RandFlipd,
-            RandRotate90d,
-            RandScaleIntensityd,
-            RandShiftIntensityd,
-        )
-
-        keys, p, k = ["image", "mask", "fov"], aug.prob, aug.intensity
-        lo, hi = aug.scale_range
-        self.compose = Compose([
-            RandFlipd(keys, prob=p, spatial_axis=0), RandFlipd(keys, prob=p, spatial_axis=1),
-            RandRotate90d(keys, prob=p, max_k=3, spatial_axes=(0, 1)),
-            RandAffined(keys, prob=p, rotate_range=math.radians(aug.rotate_degrees),
-                        scale_range=((lo - 1.0, hi - 1.0), (lo - 1.0, hi - 1.0)),
-                        mode=("bilinear", "nearest", "nearest"), padding_mode="zeros"),
-            RandScaleIntensityd("image", factors=k, prob=p), RandShiftIntensityd("image", offsets=k, prob=p),
-            RandAdjustContrastd("image", gamma=(max(0.1, 1.0 - k), 1.0 + k), prob=p),
-        ])
+        old = old_module(BEFORE, "src/medtune/data/datasets.py", "datasets_before")
+        self.compose, self.plain = old._build_augment(aug), old._plain
 
     def __call__(self, image, mask, fov, rng):
         self.compose.set_random_state(seed=int(rng.integers(0, 2**31 - 1)))
         out = self.compose({"image": image, "mask": mask, "fov": fov})
-        return tuple(torch.as_tensor(out[k].as_tensor() if hasattr(out[k], "as_tensor") else out[k])
-                     for k in ("image", "mask", "fov"))
+        return self.plain(out["image"]), self.plain(out["mask"]), self.plain(out["fov"])
 
 
 def main() -> None:
@@ -77,10 +61,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "DRIVE"))
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--channels", default=None, help="U-Net widths instead of the preset's, e.g. 16,32,64,128")
     args = parser.parse_args()
 
     overrides = [f"data.path={args.data}"] if Path(args.data).is_dir() else \
         ["data.layout=synthetic", "data.path=/tmp/medtune-bench-synthetic", "data.synthetic.size=256"]
+    if args.channels:
+        overrides.append(f"model.config={{channels: [{args.channels}]}}")
     cfg = load_config(REPO / "configs" / "drive_unet.yaml", overrides)
     with tempfile.TemporaryDirectory() as tmp:
         split = prepare_split(cfg, Path(tmp), True, lambda: None)

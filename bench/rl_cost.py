@@ -10,7 +10,7 @@ the cost of RL's extra work, not of dropout). FLOPs per step are counted (torch.
 against the fp32 (GPU: tf32/fp32) matmul peak measured in the same run.
 
 Each measurement runs twice, in two processes: with glibc's default malloc thresholds and with freed host memory
-kept in the process (what every medtune recipe sets, train/utilisation.py). "RL before" runs the same iteration
+kept in the process (what every medtune recipe sets, train/setup.py). "RL before" runs the same iteration
 with the sampling, log-probability and reward code of commit f33d689 (read from git history, so that comparison
 needs a clone with history), alternated with the current code.
 """
@@ -23,10 +23,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
+from history import old_module
 
 
 def build(tmp: Path, args, device):
@@ -50,22 +50,13 @@ def build(tmp: Path, args, device):
 BEFORE = "f33d689"  # the last commit with the old sampling / log-prob / reward code
 
 
-def old_module(path: str, name: str) -> types.ModuleType:
-    repo = Path(__file__).resolve().parents[1]
-    source = subprocess.run(["git", "show", f"{BEFORE}:{path}"], cwd=repo, capture_output=True, text=True,
-                            check=True).stdout
-    module = types.ModuleType(name)
-    exec(compile(source, f"{BEFORE}:{path}", "exec"), module.__dict__)
-    return module
-
-
 @contextlib.contextmanager
 def old_rl_pieces():
     """medtune.train.rl with the sampling, log-probs and rewards of BEFORE (gt repeated G times, float skeletons)."""
     import medtune.train.rl as rl
 
-    policy, rewards = old_module("src/medtune/policy.py", "policy_before"), \
-        old_module("src/medtune/rewards.py", "rewards_before")
+    policy = old_module(BEFORE, "src/medtune/policy.py", "policy_before")
+    rewards = old_module(BEFORE, "src/medtune/rewards.py", "rewards_before")
 
     def combined_reward(pred, gt, fov, weights, precision_floor, precision_floor_k, group_size):
         return rewards.combined_reward(pred, gt.repeat_interleave(group_size, 0), fov.repeat_interleave(group_size, 0),
@@ -105,8 +96,10 @@ def print_parts(model, batch, cfg, weights, opt, combo, iters: int) -> None:
                                       precision_floor_k=cfg.rl.precision_floor_k, group_size=g)
         t = mark("RL rewards", t)
         roll = {"ref_logits": ref, "masks": masks, "target": target, "fov": fov,
-                "advantages": rl.group_advantages(total.view(n, g)), "old_logprob": None}
-        t = mark("RL advantages", t)
+                "advantages": rl.group_advantages(total.view(n, g)),
+                "old_logprob": rl.group_logprob(logits.detach(), masks, fov, cfg.rl.temperature,
+                                                cfg.rl.logprob_reduction)}
+        t = mark("RL advantages + old log-probs", t)
         loss, _ = rl.rl_loss(logits, roll, cfg, None)
         t = mark("RL loss", t)
         loss.backward()
@@ -152,7 +145,7 @@ def main() -> None:
                         help="in both the supervised step and RL (the bench before issue 10 had 0.05 in both)")
     parser.add_argument("--allocator", choices=["both", "default", "kept"], default="both",
                         help="kept: freed host memory stays in the process, as the recipes set it "
-                             "(utilisation.keep_freed_host_memory); both: one process each, default first")
+                             "(setup.keep_freed_host_memory); both: one process each, default first")
     args = parser.parse_args()
     if args.allocator == "both":
         for allocator in ("default", "kept"):
@@ -161,7 +154,7 @@ def main() -> None:
             subprocess.run([sys.executable, __file__, *argv, f"--allocator={allocator}"], check=True)
         return
     if args.allocator == "kept":
-        from medtune.train.utilisation import keep_freed_host_memory
+        from medtune.train.setup import keep_freed_host_memory
 
         assert keep_freed_host_memory(), "not glibc: nothing to compare"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

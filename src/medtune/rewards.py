@@ -206,6 +206,10 @@ class _Stats:
         return self._get("sg_pred", lambda: _count(self._overlap(self.pred, self.s_gt_once)))
 
     @property
+    def pred_skeleton_length(self) -> torch.Tensor:
+        return self._get("lp", lambda: _count(self.s_pred))
+
+    @property
     def gt_skeleton_length(self) -> torch.Tensor:
         return self._get("lg", lambda: self._per_sample(_count(self.s_gt_once)))
 
@@ -228,7 +232,7 @@ def _area_ratio(s: _Stats) -> torch.Tensor:
 
 
 def _topology(s: _Stats) -> torch.Tensor:
-    sp, sg = _count(s.s_pred), s.gt_skeleton_length
+    sp, sg = s.pred_skeleton_length, s.gt_skeleton_length
     tprec = _ratio(s.skeleton_on_gt, sp, 1.0)
     tsens = _ratio(s.gt_skeleton_covered, sg, 1.0)
     cl = _ratio(2 * tprec * tsens, tprec + tsens, 0.0)
@@ -236,7 +240,7 @@ def _topology(s: _Stats) -> torch.Tensor:
 
 
 def _length(s: _Stats) -> torch.Tensor:
-    lp, lg = _count(s.s_pred), s.gt_skeleton_length
+    lp, lg = s.pred_skeleton_length, s.gt_skeleton_length
     score = 1.0 - ((lp - lg).abs() / lg.clamp(min=1e-12)).clamp(max=1.0)
     return torch.where(lg > 0, score, _both_empty(lp, lg))
 

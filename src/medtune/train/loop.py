@@ -51,6 +51,7 @@ class Bookkeeping:
         self.flops = StepFlops(enabled=cfg.train.log_mfu and self.is_main)
         self.peak = measure_matmul_peak(accelerator.device, compute_dtype(cfg.train.mixed_precision)) \
             if self.flops.enabled else None
+        self._utilisation_written = False
         self._window_start, self._window_images, self._window_excluded = time.perf_counter(), 0, 0.0
         self._last_saved = time.monotonic()
 
@@ -146,15 +147,15 @@ class Bookkeeping:
     def _utilisation(self, images_per_s: float) -> dict:
         if self.flops.per_image is None or self.peak is None:
             return {}
-        if not (self.run_dir / "utilisation.json").exists():
-            write_text_atomic(self.run_dir / "utilisation.json", json.dumps(self._utilisation_info(), indent=2))
         achieved = self.flops.per_image * images_per_s
         if achieved > self.peak.flops_per_s:
             # the peak was measured while something else held the cores: measure again, keep the higher one
             again = measure_matmul_peak(self.acc.device, compute_dtype(self.cfg.train.mixed_precision), again=True)
             if again.flops_per_s > self.peak.flops_per_s:
-                self.peak = again
-                write_text_atomic(self.run_dir / "utilisation.json", json.dumps(self._utilisation_info(), indent=2))
+                self.peak, self._utilisation_written = again, False
+        if not self._utilisation_written:  # this session's count and peak (a resumed run measures its own)
+            write_text_atomic(self.run_dir / "utilisation.json", json.dumps(self._utilisation_info(), indent=2))
+            self._utilisation_written = True
         return {"tflops_per_s": achieved / 1e12,
                 "mfu": mfu(self.flops.per_image, images_per_s, self.peak.flops_per_s, self.acc.num_processes)}
 

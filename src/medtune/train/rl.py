@@ -168,24 +168,19 @@ def rollout(model, reference, task: Task, batch: dict, cfg: Config, weights: dic
     total, components = combined_reward(flat, target, fov, weights, precision_floor=cfg.rl.precision_floor,
                                         precision_floor_k=cfg.rl.precision_floor_k, group_size=g)
     rewards = total.view(n, g)
+    old_logprob = group_logprob(logits.detach(), masks, fov, cfg.rl.temperature, cfg.rl.logprob_reduction)
     return {
         "logits": logits, "ref_logits": ref_logits, "masks": masks, "rewards": rewards, "target": target,
-        # the sampling policy's log-probs: set by the first rl_loss, which sees these very logits (saves a pass)
-        "fov": fov, "advantages": group_advantages(rewards), "old_logprob": None,
+        "fov": fov, "advantages": group_advantages(rewards), "old_logprob": old_logprob,
         "components": {k: float(v.mean()) for k, v in components.items()},
     }
 
 
 def rl_loss(logits, roll: dict, cfg: Config, combo: ComboLoss | None):
-    """The first call on a rollout must pass the rollout's own logits: it records them as the sampling policy's
-    log-probs (roll["old_logprob"]), the reference of the PPO ratio for every later update.
-
-    With logprob_reduction "sum" every term is per image (the per-pixel ones summed over the FOV), so kl_coef,
+    """With logprob_reduction "sum" every term is per image (the per-pixel ones summed over the FOV), so kl_coef,
     entropy_coef and sft_mix weigh against the policy term as they do under "mean"."""
     reduction, fov = cfg.rl.logprob_reduction, roll["fov"]
     new_logprob = group_logprob(logits, roll["masks"], fov, cfg.rl.temperature, reduction)
-    if roll["old_logprob"] is None:  # the first update on this rollout: `logits` are the sampling forward's own
-        roll["old_logprob"] = new_logprob.detach()
     pg, clip_fraction, ratio = clipped_objective(new_logprob, roll["old_logprob"], roll["advantages"], cfg.rl.clip_eps)
     kl = bernoulli_kl(logits, roll["ref_logits"], fov, cfg.rl.temperature, reduction)
     # logged always; part of the graph only when it is part of the loss (its backward is not free)

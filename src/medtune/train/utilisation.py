@@ -14,9 +14,7 @@ excluded).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
-import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -108,26 +106,3 @@ def count_flops(fn) -> int:
 def mfu(flops_per_image: float, images_per_s: float, peak_flops_per_s: float, processes: int = 1) -> float:
     return flops_per_image * images_per_s / (peak_flops_per_s * processes)
 
-
-# glibc malloc serves every block above M_MMAP_THRESHOLD (128 KiB at start) with fresh mmap'd pages and hands freed
-# heap tops above M_TRIM_THRESHOLD back to the kernel. A CPU training step allocates and frees megabyte-sized
-# activations and reward maps many times, so each step pays page faults for memory it just released (a quarter of
-# an elementwise op's time on a 64 x 96^2 float map). Keeping freed memory in the process removes that: 11 % per RL
-# iteration and 3 % per supervised U-Net step on the 2-core CPU (bench/rl_cost.py). The cost: RSS does not shrink
-# after a peak until the process ends. CUDA memory is unaffected (PyTorch's caching allocator already keeps it).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, <malloc.h>
-MMAP_THRESHOLD_BYTES = 32 * 1024**2  # glibc's largest allowed value on 64-bit
-TRIM_THRESHOLD_BYTES = 1024**3
-
-
-@functools.lru_cache(maxsize=None)
-def keep_freed_host_memory() -> bool:
-    """Set the two malloc thresholds above, once per process; False where the C library is not glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # musl or another libc without mallopt
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD,
-                                                                                   TRIM_THRESHOLD_BYTES))
