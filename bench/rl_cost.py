@@ -212,8 +212,20 @@ def main() -> None:
              "rl2": count_flops(lambda: rl_iteration(2)), "rl0": count_flops(rl_before)}
     peak = measure_matmul_peak(device).flops_per_s
 
+    def saved_mb(fn) -> float:
+        """Activation memory: bytes autograd keeps for backward while ``fn`` runs (peak of what is held at once is
+        at most this)."""
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            fn()
+        return sum(sizes) / 1e6
+
+    memory = {"sup": saved_mb(supervised_step), "rl1": saved_mb(lambda: rl_iteration(1)),
+              "rl2": saved_mb(lambda: rl_iteration(2)), "rl0": saved_mb(rl_before)}
+
     def util(key, seconds):
-        return f"{flops[key] / 1e9:6.2f} GFLOP  MFU {flops[key] / seconds / peak:5.1%}"
+        return f"{flops[key] / 1e9:6.2f} GFLOP  MFU {flops[key] / seconds / peak:5.1%}  saved {memory[key]:5.0f} MB"
 
     print(f"device {device}, batch {args.batch}x{args.size}^2, G={args.group}, {torch.get_num_threads()} threads, "
           f"fp32 matmul peak {peak / 1e9:.0f} GFLOP/s")
