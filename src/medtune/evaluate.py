@@ -20,7 +20,8 @@ from medtune.data.types import LoadedSample
 from medtune.errors import UserError
 from medtune.metrics import image_metrics, pooled_metrics
 from medtune.models.base import SegModel
-from medtune.runs.files import load_run_config, write_csv_atomic, write_text_atomic
+from medtune.atomic import write_csv_atomic, write_text_atomic
+from medtune.runs.files import load_run_config
 from medtune.runs.load import default_device, load_run_model
 from medtune.stats import aggregate
 from medtune.tasks import TargetPrediction, Task, task_for

@@ -21,7 +21,7 @@ from medtune.data.layouts import discover
 from medtune.data.loading import load_all, scale_factors
 from medtune.data.splits import check_split, load_split, make_split, save_split
 from medtune.data.types import DataError, LoadedSample, Sample
-from medtune.runs.files import write_text_atomic
+from medtune.atomic import write_text_atomic
 
 log = logging.getLogger("medtune")
 

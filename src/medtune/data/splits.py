@@ -123,7 +123,7 @@ def make_split(
 
 
 def save_split(path: str | Path, split: dict[str, list[str]]) -> None:
-    from medtune.runs.files import write_text_atomic  # a reader in another process never sees half a file
+    from medtune.atomic import write_text_atomic  # a reader in another process never sees half a file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

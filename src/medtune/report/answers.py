@@ -116,7 +116,8 @@ def _training_section(records: list[dict]) -> str:
 
 
 def write_answers_report(run_dir: Path, split: str = "test") -> Path:
-    from medtune.runs.files import load_run_config, read_metrics, write_text_atomic
+    from medtune.atomic import write_text_atomic
+    from medtune.runs.files import load_run_config, read_metrics
 
     run_dir = Path(run_dir)
     ev = eval_dir(run_dir, split)

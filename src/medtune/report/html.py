@@ -367,7 +367,8 @@ def sort_worst_first(values: np.ndarray, ids: list[str]) -> list[int]:
 def write_report(run_dir: str | Path, split: str = "test") -> Path:
     """Write RUN/report.html and return its path. FileNotFoundError when the split was not evaluated yet."""
     from medtune.data.run_split import use_recorded_image_max
-    from medtune.runs.files import load_run_config, read_metrics, write_text_atomic
+    from medtune.atomic import write_text_atomic
+    from medtune.runs.files import load_run_config, read_metrics
 
     run_dir = Path(run_dir)
     ev = eval_dir(run_dir, split)

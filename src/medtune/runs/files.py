@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from medtune.atomic import write_text_atomic
 from medtune.config import Config, ConfigError, build_config
 
 # Settings that change how a run is logged and saved, not what it trains: `--resume auto` accepts a config that differs
@@ -97,28 +98,6 @@ def forget_progress(run_dir: Path) -> None:
     for name in ("metrics.jsonl", "preflight.json"):
         (run_dir / name).unlink(missing_ok=True)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """The old text or the new, never half of it, also after a crash of the machine (fsync before the rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_csv_atomic(path: Path, rows: list[dict]) -> None:
-    """rows -> CSV (header from the first row's keys), renamed into place so a reader never sees half a table."""
-    import csv
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["id"])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _git_commit() -> str | None:

@@ -29,7 +29,7 @@ from medtune.data.layouts import format_problems
 from medtune.data.types import DataError, LoadedSample, Sample
 from medtune.errors import UserError
 from medtune.models.vlm import IGNORE_INDEX, ChatCodec, collate, to_pil
-from medtune.runs.files import write_csv_atomic
+from medtune.atomic import write_csv_atomic
 from medtune.tasks.base import LossFn, Task
 
 log = logging.getLogger("medtune")
@@ -241,7 +241,7 @@ def evaluate_model(model, cfg: Config, run_dir: Path, split: str = "test", devic
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", device=None) -> dict:
     """RUN/eval/<split>/{answers.csv, per_image.csv (id, correct), summary.json}."""
     from medtune.evaluate import _jsonable
-    from medtune.runs.files import write_text_atomic
+    from medtune.atomic import write_text_atomic
     from medtune.runs.load import default_device, load_run_model
 
     run_dir = Path(run_dir)

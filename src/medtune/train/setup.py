@@ -17,6 +17,7 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import broadcast_object_list
 from transformers import get_cosine_schedule_with_warmup
 
+from medtune.atomic import write_text_atomic
 from medtune.config import Config
 from medtune.errors import UserError
 from medtune.runs.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, recover_checkpoints
@@ -30,7 +31,6 @@ from medtune.runs.files import (
     read_written_config,
     with_operational_settings,
     write_run_files,
-    write_text_atomic,
 )
 
 log = logging.getLogger("medtune")
