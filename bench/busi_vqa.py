@@ -102,7 +102,7 @@ def main(argv: list[str]) -> None:
     from medtune.data.to_vqa import format_conversion, to_vqa
     from medtune.evaluate import evaluate_run, format_summary
     from medtune.report.answers import read_answers
-    from medtune.report.html import write_report
+    from medtune.reporting import write_report
     from medtune.stats import bootstrap_ci, mcnemar, paired_bootstrap
     from medtune.train import train
 
@@ -155,7 +155,7 @@ def main(argv: list[str]) -> None:
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
     }
     if args.grpo_steps:
-        from medtune.report.answers import compare_answer_runs
+        from medtune.reporting import compare_runs
 
         grpo_cfg = load_config(REPO / "configs" / "vlm_grpo.yaml", [
             f"rl.init_from={run}", f"run.output_dir={out / 'runs'}", "run.name=busi-vqa-grpo",
@@ -167,7 +167,7 @@ def main(argv: list[str]) -> None:
         grpo_summary = evaluate_run(grpo_run)
         result["grpo_accuracy"] = grpo_summary["classification"]["accuracy"]
         result["grpo_invalid"] = grpo_summary["classification"]["n_invalid"]
-        result["grpo_vs_sft"] = compare_answer_runs([run, grpo_run])
+        result["grpo_vs_sft"] = compare_runs([run, grpo_run])
         print(result["grpo_vs_sft"])
     (out / "busi_vqa_result.json").write_text(json.dumps(result, indent=2))
 

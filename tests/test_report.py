@@ -116,7 +116,7 @@ def runs(tmp_path_factory, data_dir) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def report_html(runs) -> str:
-    from medtune.report.html import write_report
+    from medtune.reporting import write_report
 
     out = write_report(runs[1])
     assert out == runs[1] / "report.html"
@@ -149,7 +149,7 @@ def test_report_per_image_table_worst_first(report_html):
 
 
 def test_report_needs_eval(tmp_path, data_dir):
-    from medtune.report.html import write_report
+    from medtune.reporting import write_report
 
     run = tmp_path / "fresh"
     run.mkdir()
@@ -160,7 +160,7 @@ def test_report_needs_eval(tmp_path, data_dir):
 
 def test_report_without_ground_truth(tmp_path, data_dir):
     """Moved data: the report still has the metrics and says why the pictures are missing."""
-    from medtune.report.html import write_report
+    from medtune.reporting import write_report
 
     run = write_run(tmp_path, "moved", data_dir, better=False, lora_r=8)
     cfg_text = (run / "config.yaml").read_text().replace(str(data_dir), str(tmp_path / "gone"))
@@ -204,7 +204,7 @@ def test_pr_curve_matches_brute_force():
 
 @pytest.fixture(scope="module")
 def compared(runs, tmp_path_factory):
-    from medtune.report.compare import compare_runs
+    from medtune.reporting import compare_runs
 
     out = tmp_path_factory.mktemp("cmp")
     return compare_runs(list(runs), out_dir=out), out
@@ -245,7 +245,7 @@ def test_compare_files(compared):
 
 
 def test_compare_pairs_only_common_images(tmp_path, data_dir, runs):
-    from medtune.report.compare import compare_runs
+    from medtune.reporting import compare_runs
 
     other = write_run(tmp_path, "run-c", data_dir, better=True, lora_r=32, test_ids=TEST_IDS[:6])
     text = compare_runs([runs[0], other])
@@ -255,7 +255,7 @@ def test_compare_pairs_only_common_images(tmp_path, data_dir, runs):
 
 
 def test_compare_needs_eval(tmp_path, runs):
-    from medtune.report.compare import compare_runs
+    from medtune.report.compare import compare_runs  # the mask comparison's own check (x holds no evaluation)
 
     (tmp_path / "x").mkdir()
     with pytest.raises(FileNotFoundError, match="medtune eval"):
@@ -266,7 +266,7 @@ def test_compare_needs_eval(tmp_path, runs):
 
 def test_compare_refuses_runs_evaluated_differently(tmp_path, data_dir, runs):
     """A flip-TTA baseline against a run evaluated without TTA: the difference would be partly the TTA."""
-    from medtune.report.compare import compare_runs
+    from medtune.reporting import compare_runs
 
     tta = write_run(tmp_path, "run-tta", data_dir, better=False, lora_r=8, overrides=("eval.tta=true",))
     for at in ("cal", "t050"):
@@ -413,7 +413,7 @@ def test_run_cv_refuses_rl_from_a_parent(tmp_path):
 
 
 def test_compare_warns_when_too_few_pairs(tmp_path, data_dir):
-    from medtune.report.compare import compare_runs
+    from medtune.reporting import compare_runs
 
     a = write_run(tmp_path, "few-a", data_dir, better=False, lora_r=8, test_ids=TEST_IDS[:4])
     b = write_run(tmp_path, "few-b", data_dir, better=True, lora_r=8, test_ids=TEST_IDS[:4])

@@ -50,30 +50,8 @@ def _eval(args) -> None:
     print(f"written: {Path(args.run) / 'eval' / args.split}")
 
 
-def _is_instruct_run(run: str) -> bool:
-    from medtune.config import ConfigError
-    from medtune.runs.files import load_run_config
-
-    try:
-        return load_run_config(run).task_kind() == "instruct"
-    except ConfigError:  # not a run folder: the mask path below says so
-        return False
-
-
 def _predict(args) -> None:
     from medtune.predict import predict_images
-
-    if args.question is not None or (not args.box and _is_instruct_run(args.run)):
-        from medtune.tasks.instruct import predict_answers
-
-        if args.question is None:
-            raise ValueError(f"{args.run} is an instruction-tuned VLM run: pass --question \"...\" (asked about each "
-                             "image)")
-        rows = predict_answers(args.run, args.images, args.question, args.out, checkpoint=args.checkpoint)
-        for row in rows:
-            print(f"{row['image']}: {row['answer']}" + (f"  [{row['label']}]" if row["label"] else ""))
-        print(f"answers written to {Path(args.out) / 'answers.json'} and answers.csv")
-        return
 
     box = None
     if args.box:
@@ -83,9 +61,9 @@ def _predict(args) -> None:
             box = ()
         if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
             raise UserError(f"--box {args.box!r}: give x1,y1,x2,y2 in pixels with x1 < x2 and y1 < y2")
-    written = predict_images(args.run, args.images, args.out, checkpoint=args.checkpoint, threshold=args.threshold,
-                             box=box, prompt=args.prompt)
-    print(f"{len(written)} masks (+ probability maps, overlays) written to {args.out}")
+    for line in predict_images(args.run, args.images, args.out, checkpoint=args.checkpoint, threshold=args.threshold,
+                               box=box, prompt=args.prompt, question=args.question):
+        print(line)
 
 
 def _demo(args) -> None:
@@ -131,13 +109,13 @@ def _export(args) -> None:
 
 
 def _report(args) -> None:
-    from medtune.report.html import write_report
+    from medtune.reporting import write_report
 
     print(f"report: {write_report(Path(args.run), split=args.split)}")
 
 
 def _compare(args) -> None:
-    from medtune.report.compare import compare_runs
+    from medtune.reporting import compare_runs
 
     at = {"calibrated": "cal", "0.5": "t050"}[args.threshold]
     print(compare_runs([Path(r) for r in args.runs], out_dir=Path(args.out) if args.out else None, split=args.split,

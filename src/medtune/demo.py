@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 
 from medtune.config import build_config
-from medtune.evaluate import evaluate_model, evaluate_run, format_summary
+from medtune.evaluate import evaluate_run, format_summary
 from medtune.models.lora import export_merged
 from medtune.models.registry import build_model
 from medtune.runs.load import default_device, load_run_model
+from medtune.tasks import task_for
+from medtune.tasks.mask_eval import evaluate_model
 from medtune.train.sft import train
 
 # enough steps for the tiny model to learn the answer and the vessels on 2 CPU cores within the 3-minute budget
@@ -59,7 +61,8 @@ def run_demo(out: Path, fast: bool = False) -> dict:
     # measured by the same protocol on the same split.
     device = default_device()
     before_model = build_model(lora_cfg).to(device).eval()
-    before, *_ = evaluate_model(before_model, lora_cfg, lora_run, "test", device, checkpoint_name="base (no LoRA)")
+    before, *_ = evaluate_model(before_model, task_for(lora_cfg), lora_cfg, lora_run, "test", device,
+                                checkpoint_name="base (no LoRA)")
     after = evaluate_run(lora_run)
     print(format_summary(after))
     result = {
@@ -103,7 +106,8 @@ def run_segvlm_demo(out: Path, fast: bool = False) -> dict:
     device = default_device()
     print("[2/3] before / after on the test split (teacher-forced prompt, threshold calibrated on val)")
     before_model = build_model(cfg).to(device).eval()  # the same seed's initial weights, before any step
-    before, *_ = evaluate_model(before_model, cfg, run, "test", device, checkpoint_name="initial weights")
+    before, *_ = evaluate_model(before_model, task_for(cfg), cfg, run, "test", device,
+                                checkpoint_name="initial weights")
     after = evaluate_run(run)
     print("[3/3] free generation on one test image")
     test_image = _first_test_image(run, cfg)

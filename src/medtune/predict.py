@@ -1,137 +1,17 @@
-"""`medtune predict RUN IMAGES... --out DIR`: binary masks, probability maps and overlays as PNG."""
+"""`medtune predict RUN IMAGES... --out DIR`: the run's own task writes its outputs (masks, probability maps and
+overlays; a segmenting VLM's answers with one mask per [SEG]; an instruction-tuned VLM's answers and labels)."""
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-from tqdm.auto import tqdm
-
-from medtune.data.loading import fov_diameter, load_sample, resample_to_native
-from medtune.data.run_split import use_recorded_image_max
-from medtune.data.types import DataError, Sample
-from medtune.inference import predict_prob, uses_whole_image
-from medtune.runs.load import default_device, load_run_model
-
-log = logging.getLogger("medtune")
-
-
-def calibrated_threshold(run_dir: Path) -> tuple[float, str]:
-    for split in ("test", "val"):
-        path = run_dir / "eval" / split / "calibration.json"
-        if path.exists():
-            return float(json.loads(path.read_text())["threshold"]), f"calibrated on val ({path})"
-    return 0.5, "0.5 (run `medtune eval RUN` first to calibrate a threshold on val)"
-
-
-def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    rgb = image if image.shape[0] == 3 else np.repeat(image, 3, axis=0)
-    rgb = (rgb.transpose(1, 2, 0) * 255).astype(np.float32)
-    tint = np.array([0, 255, 0], dtype=np.float32)
-    rgb[mask > 0] = 0.5 * rgb[mask > 0] + 0.5 * tint
-    return rgb.clip(0, 255).astype(np.uint8)
+from medtune.tasks import PredictRequest, task_of_run
 
 
 def predict_images(run_dir: str | Path, images: list[str | Path], out_dir: str | Path, checkpoint: str = "best",
                    threshold: float | None = None, box: tuple[float, float, float, float] | None = None,
-                   prompt: str | None = None) -> list[Path]:
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    device = default_device()
-    cfg, model, _ = load_run_model(run_dir, checkpoint, device)
-    use_recorded_image_max(cfg, run_dir)  # 16-bit images scaled like the training data
-    if cfg.task_kind() == "segvlm":
-        return predict_segvlm(cfg, model, run_dir, images, out_dir, threshold, prompt, device)
-    if prompt is not None:
-        raise DataError(f"--prompt is for segmenting VLM runs (family segvlm); {run_dir} is a "
-                        f"{cfg.model.family} run")
-    if cfg.model.prompt == "box" and box is None:
-        raise DataError("this run was trained with box prompts: pass --box x1,y1,x2,y2 (pixels of the input image)")
-    thr, source = (threshold, "given") if threshold is not None else calibrated_threshold(run_dir)
-    target_diameter = None
-    if cfg.data.scale_norm.enabled:
-        scale_file = run_dir / "scale.json"
-        if not scale_file.exists():
-            raise DataError(f"{scale_file} missing: the run used scale normalisation but recorded no target")
-        target_diameter = float(json.loads(scale_file.read_text())["target_fov_diameter"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in tqdm([Path(p) for p in images], desc="predict", unit="img"):
-        if not path.is_file():
-            raise DataError(f"{path}: no such image file")
-        sample = load_sample(Sample(id=path.stem, image=path), cfg.data)  # FOV derived as in training
-        image, fov = sample.image, sample.fov
-        if box is not None:  # inference takes the prompt box from the "mask"'s bounding box
-            x1, y1, x2, y2 = (int(round(v)) for v in box)
-            sample.mask[:] = 0
-            sample.mask[y1:y2, x1:x2] = 1
-        if target_diameter is not None and not uses_whole_image(cfg):
-            # the model learned vessel widths at the training scale: resample like training, map back
-            scaled = load_sample(Sample(id=path.stem, image=path), cfg.data,
-                                 scale=target_diameter / max(fov_diameter(fov), 1.0))
-            prob = resample_to_native(predict_prob(model, scaled, cfg, device), fov.shape) * fov
-        else:
-            prob = predict_prob(model, sample, cfg, device) * fov
-        binary = (prob >= thr).astype(np.uint8)
-        stem = out_dir / path.stem
-        Image.fromarray(binary * 255).save(f"{stem}_mask.png")
-        Image.fromarray((prob * 255).round().astype(np.uint8)).save(f"{stem}_prob.png")
-        Image.fromarray(overlay(image, binary)).save(f"{stem}_overlay.png")
-        written.append(Path(f"{stem}_mask.png"))
-    (out_dir / "predict.json").write_text(json.dumps({"run": str(run_dir), "threshold": thr, "threshold_source": source,
-                                                       "images": [str(p) for p in images]}, indent=2))
-    return written
-
-
-def generated_masks(model, cfg, image: np.ndarray, question: str, device) -> tuple[str, np.ndarray]:
-    """(answer, probabilities [K, H, W] at the image's resolution): greedy generation, then one mask per [SEG] of
-    the generated answer, decoded from the hidden states of a forward over the generated sequence."""
-    import torch
-    import torch.nn.functional as F
-
-    size = int(cfg.data.patch_size)
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
-    h, w = x.shape[-2:]
-    resized = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    with torch.no_grad():  # inference: the model's own mask forward is differentiable for training's sake
-        answer, logits = model.generate_masks(resized, question, max_new_tokens=cfg.task.max_new_tokens)
-    if logits.shape[0] == 0:
-        return answer, np.zeros((0, h, w), dtype=np.float32)
-    logits = F.interpolate(logits[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
-    return answer, torch.sigmoid(logits).cpu().numpy()
-
-
-def predict_segvlm(cfg, model, run_dir: Path, images: list[str | Path], out_dir: Path, threshold: float | None,
-                   prompt: str | None, device) -> list[Path]:
-    """Generated answers with one mask per [SEG]: `STEM_answer.txt`, `STEM_seg{k}_{mask,prob,overlay}.png`, and
-    predict.json listing every answer and the images whose answer held no [SEG]."""
-    thr, source = (threshold, "given") if threshold is not None else calibrated_threshold(run_dir)
-    question = prompt or cfg.task.prompt.format(class_name=cfg.task.class_name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written, answers, without_seg = [], {}, []
-    for path in tqdm([Path(p) for p in images], desc="predict", unit="img"):
-        if not path.is_file():
-            raise DataError(f"{path}: no such image file")
-        sample = load_sample(Sample(id=path.stem, image=path), cfg.data)
-        answer, probs = generated_masks(model, cfg, sample.image, question, device)
-        probs = probs * sample.fov  # as for the other families: nothing outside the field of view
-        answers[str(path)] = answer
-        stem = out_dir / path.stem
-        Path(f"{stem}_answer.txt").write_text(answer + "\n")
-        if probs.shape[0] == 0:
-            without_seg.append(str(path))
-        for k, prob in enumerate(probs):
-            binary = (prob >= thr).astype(np.uint8)
-            Image.fromarray(binary * 255).save(f"{stem}_seg{k}_mask.png")
-            Image.fromarray((prob * 255).round().astype(np.uint8)).save(f"{stem}_seg{k}_prob.png")
-            Image.fromarray(overlay(sample.image, binary)).save(f"{stem}_seg{k}_overlay.png")
-            written.append(Path(f"{stem}_seg{k}_mask.png"))
-    if without_seg:
-        log.warning("%d of %d answers hold no %s, so no mask: %s", len(without_seg), len(answers),
-                    cfg.model.vlm.seg_token, without_seg[:5])
-    (out_dir / "predict.json").write_text(json.dumps({
-        "run": str(run_dir), "question": question, "threshold": thr, "threshold_source": source,
-        "answers": answers, "answers_without_seg": without_seg,
-        "no_seg_rate": len(without_seg) / max(len(answers), 1)}, indent=2))
-    return written
+                   prompt: str | None = None, question: str | None = None) -> list[str]:
+    """Predict ``images`` with a run; returns the lines `medtune predict` prints. An option the run's task does not
+    take (``--question`` to a mask run, ``--box`` to a VLM) is refused in one line."""
+    request = PredictRequest(run_dir=Path(run_dir), images=[Path(p) for p in images], out_dir=Path(out_dir),
+                             checkpoint=checkpoint, threshold=threshold, box=box, prompt=prompt, question=question)
+    return task_of_run(run_dir).predict(request)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from medtune.atomic import write_text_atomic
 from medtune.config import Config
 from medtune.data.inspect import duplicate_groups, find_near_duplicates
 from medtune.data.io import dataset_image_max
@@ -21,7 +22,6 @@ from medtune.data.layouts import discover
 from medtune.data.loading import load_all, scale_factors
 from medtune.data.splits import check_split, load_split, make_split, save_split
 from medtune.data.types import DataError, LoadedSample, Sample
-from medtune.atomic import write_text_atomic
 
 log = logging.getLogger("medtune")
 

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from medtune.errors import MissingFileError, UserError
-from medtune.report.html import (
-    _preflight_section,
+from medtune.report.page import (
     ci_text,
     esc,
     eval_dir,
     fmt,
     img,
     page,
+    preflight_section,
     read_json,
     table,
     training_curves,
@@ -33,11 +33,6 @@ N_BOOT = 2000
 SEED = 0
 ANSWER_CURVES_KEYS = ("val_accuracy", "val_macro_f1", "val_invalid_rate", "val_lm_loss", "loss_lm", "reward_correct",
                       "reward_format")
-
-
-def is_answer_run(run_dir: Path, split: str) -> bool:
-    summary = read_json(Path(run_dir) / "eval" / split / "summary.json") or {}
-    return summary.get("task") == "instruct"
 
 
 def read_answers(path: Path) -> list[dict]:
@@ -131,7 +126,7 @@ def write_answers_report(run_dir: Path, split: str = "test") -> Path:
                                                                                 summary), left_cols=2)
             + f"<details><summary>full resolved config (config.yaml)</summary><pre>"
               f"{esc((run_dir / 'config.yaml').read_text())}</pre></details>",
-            _preflight_section(read_json(run_dir / "preflight.json")),
+            preflight_section(read_json(run_dir / "preflight.json")),
             _training_section(read_metrics(run_dir)),
             _metrics_section(summary),
             _answers_section(answers)]
@@ -149,7 +144,7 @@ def compare_answer_runs(runs: list[Path], out_dir: Path | None = None, split: st
     tables = []
     for run in runs:
         summary = read_json(eval_dir(Path(run), split) / "summary.json")
-        if summary.get("task") != "instruct":
+        if "classification" not in (summary or {}):  # answer metrics, not mask metrics
             raise UserError(f"{run} was not evaluated as an instruction-tuned VLM run; compare answer runs with "
                              "answer runs")
         rows = read_answers(Path(run) / "eval" / split / "answers.csv")

@@ -18,7 +18,8 @@ import yaml
 
 from medtune.errors import UserError
 from medtune.report import plots
-from medtune.report.html import LOWER_IS_BETTER, ci_text, esc, eval_dir, fmt, img, page, read_json, read_per_image, table
+from medtune.report.page import ci_text, esc, eval_dir, fmt, img, page, read_json, read_per_image, table
+from medtune.stats import LOWER_IS_BETTER
 
 COMPARE_METRICS = ["dice", "iou", "precision", "recall", "specificity", "auc", "cldice", "betti0_error",
                    "betti1_error", "hd95"]
@@ -363,10 +364,6 @@ def compare_runs(runs: list[Path], out_dir: Path | None = None, split: str = "te
         raise ValueError(f"threshold must be 'cal' or 't050', got {at!r}")
     if len(runs) < 2:
         raise UserError("compare needs at least two run folders (the first is the baseline)")
-    from medtune.report.answers import compare_answer_runs, is_answer_run
-
-    if any(is_answer_run(Path(r), split) for r in runs):  # answers: paired by sample id, McNemar
-        return compare_answer_runs([Path(r) for r in runs], out_dir, split)
     evals = [load_run_eval(Path(r), split) for r in runs]
     _unique_labels(evals)
     mismatch = eval_mismatch(evals, at)

@@ -7,9 +7,11 @@ the recipes (``train/sft.py``, ``train/rl.py``) stay flat and call only these. C
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 from medtune.config import Config
-from medtune.tasks.base import TargetPrediction, Task, selection
+from medtune.errors import UserError
+from medtune.tasks.base import PredictRequest, TargetPrediction, Task, selection
 
 TASKS: dict[str, str] = {
     "masks": "medtune.tasks.masks:TASK",
@@ -18,10 +20,24 @@ TASKS: dict[str, str] = {
 }
 
 
-def task_for(cfg: Config) -> Task:
-    kind = cfg.task_kind()
+def task_named(kind: str) -> Task:
+    if kind not in TASKS:
+        raise UserError(f"unknown task {kind!r}; the tasks are {', '.join(TASKS)}")
     module_name, _, attr = TASKS[kind].partition(":")
     return getattr(importlib.import_module(module_name), attr)
 
 
-__all__ = ["TASKS", "Task", "TargetPrediction", "selection", "task_for"]
+def task_for(cfg: Config) -> Task:
+    return task_named(cfg.task_kind())
+
+
+def task_of_run(run_dir: str | Path) -> Task:
+    """The task a run folder was trained for (from its config.yaml), which then evaluates, predicts, reports and
+    compares it."""
+    from medtune.runs.files import load_run_config
+
+    return task_for(load_run_config(run_dir))
+
+
+__all__ = ["TASKS", "PredictRequest", "Task", "TargetPrediction", "selection", "task_for", "task_named",
+           "task_of_run"]

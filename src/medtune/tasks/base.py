@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch.utils.data.dataloader import default_collate
 
 from medtune.config import Config
 from medtune.data.types import LoadedSample
+from medtune.errors import UserError
 
 
 @dataclass
@@ -30,6 +32,27 @@ class TargetPrediction:
         return sample.mask if self.target is None else sample.target_masks()[self.target]
 
 
+@dataclass
+class PredictRequest:
+    """What `medtune predict` was asked; each task takes the options it understands and refuses the others in one
+    line (a --question to a mask run, a --box to an answer run)."""
+
+    run_dir: Path
+    images: list[Path]
+    out_dir: Path
+    checkpoint: str = "best"
+    threshold: float | None = None  # mask tasks: None = the run's calibrated threshold
+    box: tuple[float, float, float, float] | None = None  # box-prompted mask runs
+    prompt: str | None = None  # segmenting VLM: the request (default: the run's task.prompt)
+    question: str | None = None  # instruction-tuned VLM: asked about each image
+
+    def refuse(self, task: str, **unsupported: str) -> None:
+        """One line for each option this task does not take (``option name -> what it is for``)."""
+        for name, purpose in unsupported.items():
+            if getattr(self, name) is not None:
+                raise UserError(f"--{name} is for {purpose}; {self.run_dir} is a {task} run")
+
+
 # loss_fn(model, batch) -> (scalar loss, {part: float}); built once per run by Task.make_loss(cfg)
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
 
@@ -43,6 +66,17 @@ class Task:
     # validation during training: {"val_<metric>": value}; `selection_metric` among them picks `best`
     validate: Callable[[torch.nn.Module, list[LoadedSample], Config, torch.device], dict[str, float]]
     selection_metric: str
+    # -- after training: what `medtune eval / predict / report / compare` call, so nothing there asks which task --
+    # evaluate_run(run_dir, split, checkpoint, device, strategy) -> summary (also written to RUN/eval/<split>/)
+    evaluate_run: Callable[..., dict]
+    # format_summary(summary) -> the text `medtune eval` prints
+    format_summary: Callable[[dict], str]
+    # predict(PredictRequest) -> lines to print (what was written where)
+    predict: Callable[[PredictRequest], list[str]]
+    # write_report(run_dir, split) -> the report's path
+    write_report: Callable[[Path, str], Path]
+    # compare(runs, out_dir, split, threshold_at, allow_eval_mismatch) -> the comparison as text
+    compare: Callable[..., str]
     higher_is_better: bool = True
     collate: Callable[[list[dict]], dict] = default_collate
     # mask tasks: per-target probability maps for calibration / evaluation / RL validation (None: not a mask task)
@@ -54,6 +88,7 @@ class Task:
     # text-generating tasks: metrics of free generation on an evaluated split (e.g. the rate of answers without
     # [SEG]), reported next to the teacher-forced mask metrics
     generation_metrics: Callable[[torch.nn.Module, list[LoadedSample], Config, torch.device], dict] | None = None
+
 
 
 def selection(cfg: Config, task: Task) -> tuple[str, bool]:

@@ -23,14 +23,14 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from medtune.answers import INVALID, answer_vocabulary, classification_metrics, format_classification, parse_answer
+from medtune.atomic import write_csv_atomic, write_json_atomic
 from medtune.config import Config
 from medtune.data.conversations import final_answer, question_turns
 from medtune.data.layouts import format_problems
 from medtune.data.types import DataError, LoadedSample, Sample
 from medtune.errors import UserError
 from medtune.models.vlm import IGNORE_INDEX, ChatCodec, collate, to_pil
-from medtune.atomic import write_csv_atomic
-from medtune.tasks.base import LossFn, Task
+from medtune.tasks.base import LossFn, PredictRequest, Task
 
 log = logging.getLogger("medtune")
 
@@ -238,12 +238,13 @@ def evaluate_model(model, cfg: Config, run_dir: Path, split: str = "test", devic
 
 
 
-def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", device=None) -> dict:
+def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", device=None,
+                 strategy: str | None = None) -> dict:
     """RUN/eval/<split>/{answers.csv, per_image.csv (id, correct), summary.json}."""
-    from medtune.evaluate import _jsonable
-    from medtune.atomic import write_text_atomic
     from medtune.runs.load import default_device, load_run_model
 
+    if strategy is not None:
+        raise UserError("--calibration sets how a mask threshold is fitted; answers have no threshold (instruct run)")
     run_dir = Path(run_dir)
     device = device or default_device()
     cfg, model, ckpt = load_run_model(run_dir, checkpoint, device)
@@ -253,7 +254,7 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
     write_csv_atomic(out / "answers.csv", rows)
     # the per-sample score, paired by id in `medtune compare`
     write_csv_atomic(out / "per_image.csv", [{"id": r["id"], "correct": r["correct"]} for r in rows])
-    write_text_atomic(out / "summary.json", json.dumps(_jsonable(summary), indent=2))
+    write_json_atomic(out / "summary.json", summary)
     return summary
 
 
@@ -276,18 +277,20 @@ def _evaluated_labels(run_dir: Path) -> list[str] | None:
     return None
 
 
-def predict_answers(run_dir: str | Path, images: list[str | Path], question: str, out_dir: str | Path,
-                    checkpoint: str = "best", device=None) -> list[dict]:
+def predict_answers(req: PredictRequest, device=None) -> list[dict]:
     """`medtune predict RUN IMAGES --question "..."`: the greedy answer (and its label) for each image, saved to
     OUT/answers.json and OUT/answers.csv."""
     from medtune.data.io import read_image
     from medtune.runs.load import default_device, load_run_model
 
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    req.refuse("instruction-tuned VLM", box="box-prompted mask runs", prompt="segmenting VLM runs (family segvlm)",
+               threshold="mask runs")
+    if req.question is None:
+        raise UserError(f"{req.run_dir} is an instruction-tuned VLM run: pass --question \"...\" (asked about each "
+                        "image)")
+    run_dir, out_dir, images, question = Path(req.run_dir), Path(req.out_dir), req.images, req.question
     device = device or default_device()
-    cfg, model, ckpt = load_run_model(run_dir, checkpoint, device)
-    if cfg.task_kind() != "instruct":
-        raise UserError(f"{run_dir} is a {cfg.task_kind()} run; --question is for instruction-tuned VLM runs")
+    cfg, model, ckpt = load_run_model(run_dir, req.checkpoint, device)
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:
         raise DataError(f"{missing[0]}: no such image file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
@@ -307,11 +310,36 @@ def predict_answers(run_dir: str | Path, images: list[str | Path], question: str
     return rows
 
 
+def predict(req: PredictRequest) -> list[str]:
+    rows = predict_answers(req)
+    return [f"{row['image']}: {row['answer']}" + (f"  [{row['label']}]" if row["label"] else "") for row in rows] + [
+        f"answers written to {Path(req.out_dir) / 'answers.json'} and answers.csv"]
+
+
+def write_report(run_dir: Path, split: str = "test") -> Path:
+    from medtune.report.answers import write_answers_report
+
+    return write_answers_report(run_dir, split)
+
+
+def compare(runs: list[Path], out_dir: Path | None = None, split: str = "test", at: str = "cal",
+            allow_eval_mismatch: bool = False) -> str:
+    """Answers paired by sample id (paired bootstrap, McNemar); no threshold, so ``at`` does not apply."""
+    from medtune.report.answers import compare_answer_runs
+
+    return compare_answer_runs(runs, out_dir, split)
+
+
 TASK = Task(
     name="instruct",
     train_dataset=train_dataset,
     make_loss=make_loss,
     validate=validate,
     selection_metric="val_accuracy",
+    evaluate_run=evaluate_run,
+    format_summary=format_summary,
+    predict=predict,
+    write_report=write_report,
+    compare=compare,
     collate=train_collate,
 )

@@ -2,6 +2,8 @@
 by pooled Dice at 0.5 inside the FOV."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from medtune.config import Config
@@ -10,6 +12,7 @@ from medtune.data.types import LoadedSample
 from medtune.inference import predict_prob
 from medtune.losses import ComboLoss
 from medtune.metrics import pooled_metrics
+from medtune.tasks import mask_eval, mask_predict
 from medtune.tasks.base import LossFn, TargetPrediction, Task
 
 
@@ -48,12 +51,36 @@ def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict[str, f
     return pooled_validation([p for s in val for p in target_probabilities(model, s, cfg, device)])
 
 
+# ---- after training: shared by every task whose outputs are masks (segvlm takes these too) --------------------------
+def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", device=None,
+                 strategy: str | None = None) -> dict:
+    return mask_eval.evaluate_run(TASK, run_dir, split, checkpoint, device, strategy)
+
+
+def write_report(run_dir: Path, split: str = "test") -> Path:
+    from medtune.report.html import write_report as write_mask_report  # matplotlib: only when a report is asked for
+
+    return write_mask_report(run_dir, split)
+
+
+def compare(runs: list[Path], out_dir: Path | None = None, split: str = "test", at: str = "cal",
+            allow_eval_mismatch: bool = False) -> str:
+    from medtune.report.compare import compare_runs
+
+    return compare_runs(runs, out_dir, split, at, allow_eval_mismatch)
+
+
 TASK = Task(
     name="masks",
     train_dataset=train_dataset,
     make_loss=make_loss,
     validate=validate,
     selection_metric="val_dice",
+    evaluate_run=evaluate_run,
+    format_summary=mask_eval.format_summary,
+    predict=mask_predict.predict_masks,
+    write_report=write_report,
+    compare=compare,
     target_probabilities=target_probabilities,
     mask_targets=mask_targets,
 )

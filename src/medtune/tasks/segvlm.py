@@ -21,6 +21,7 @@ from medtune.data.datasets import loss_region
 from medtune.data.types import DataError, LoadedSample
 from medtune.errors import UserError
 from medtune.losses import ComboLoss
+from medtune.tasks import mask_eval, mask_predict, masks
 from medtune.tasks.base import LossFn, TargetPrediction, Task
 from medtune.tasks.masks import pooled_validation
 
@@ -215,12 +216,22 @@ def collate(items: list[dict]) -> dict:
     return make_collate(int(items[0]["pad_token_id"]))(items)
 
 
+def evaluate_run(run_dir, split: str = "test", checkpoint: str = "best", device=None,
+                 strategy: str | None = None) -> dict:
+    return mask_eval.evaluate_run(TASK, run_dir, split, checkpoint, device, strategy)
+
+
 TASK = Task(
     name="segvlm",
     train_dataset=train_dataset,
     make_loss=make_loss,
     validate=validate,
     selection_metric="val_dice",
+    evaluate_run=evaluate_run,
+    format_summary=mask_eval.format_summary,
+    predict=mask_predict.predict_segvlm,
+    write_report=masks.write_report,
+    compare=masks.compare,
     collate=collate,
     target_probabilities=target_probabilities,
     mask_targets=mask_targets,

@@ -16,9 +16,9 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from medtune.atomic import write_text_atomic
 from medtune.config import Config
 from medtune.runs.checkpoint import TrainerState, rotate_step_checkpoints, save_checkpoint
-from medtune.atomic import write_text_atomic
 from medtune.runs.files import MetricsLog
 from medtune.train.setup import StopFlag, TrainingStopped, frozen_metric_warning, warn
 from medtune.train.utilisation import StepFlops, compute_dtype, measure_matmul_peak, mfu

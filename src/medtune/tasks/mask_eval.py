@@ -1,0 +1,143 @@
+"""Evaluation of the tasks whose outputs are masks (``masks``, ``segvlm``): calibrate the threshold on val only, then
+measure the split at 0.5 and at the calibrated threshold.
+
+Writes RUN/eval/<split>/{per_image.csv, summary.json, calibration.json, probs.npz}. Pooled metrics (all test pixels
+inside the FOV, the usual DRIVE protocol) and per-image means with bootstrap CIs are both reported. The task is an
+argument (its ``target_probabilities`` and ``generation_metrics``), so nothing here depends on which task it is.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from medtune.atomic import write_csv_atomic, write_json_atomic
+from medtune.calibration import calibrate
+from medtune.config import Config
+from medtune.data.loading import load_all, resample_to_native
+from medtune.data.run_split import RunData, load_split_samples, prepare_split
+from medtune.data.types import LoadedSample
+from medtune.errors import UserError
+from medtune.metrics import image_metrics, pooled_metrics
+from medtune.models.base import SegModel
+from medtune.runs.load import default_device, load_run_model
+from medtune.stats import aggregate
+from medtune.tasks.base import TargetPrediction, Task
+
+log = logging.getLogger("medtune")
+
+PER_IMAGE_METRICS = ["dice", "iou", "precision", "recall", "specificity", "accuracy", "auc", "cldice",
+                     "betti0_error", "betti1_error", "hd95", "assd"]
+
+
+def predictions(model: SegModel, task: Task, samples: list[LoadedSample], natives: list[LoadedSample], cfg: Config,
+                device, desc: str) -> list[TargetPrediction]:
+    """One prediction per target (per image, or per referring expression), at each sample's native resolution
+    (undoing scale normalisation), paired with its native ground truth."""
+    out = []
+    for s, nat in tqdm(list(zip(samples, natives)), desc=desc, unit="img", leave=False):
+        for p in task.target_probabilities(model, s, cfg, device):
+            prob = p.prob
+            if tuple(prob.shape) != tuple(nat.mask.shape):
+                prob = resample_to_native(prob, nat.mask.shape)
+            out.append(TargetPrediction(p.id, prob, p.ground_truth(nat), nat.fov, nat, p.target))
+    return out
+
+
+def native(cfg: Config, data: RunData, split: str, loaded: list[LoadedSample]) -> list[LoadedSample]:
+    """Ground truth at native resolution: metrics are always measured where the annotator drew them."""
+    if not cfg.data.scale_norm.enabled:
+        return loaded
+    return load_all([data.samples[i] for i in data.split[split]], cfg.data)
+
+
+def evaluate_model(model: SegModel, task: Task, cfg: Config, run_dir: Path, split: str = "test", device=None,
+                   strategy: str | None = None, checkpoint_name: str = "-") -> tuple[dict, list[dict], dict, list]:
+    """Calibrate on val, measure `split`. Returns (summary, per-image rows, calibration, probabilities)."""
+    device = device or default_device()
+    strategy = strategy or cfg.eval.calibration
+    data = prepare_split(cfg, run_dir)
+    if not data.split.get(split):
+        raise UserError(f"split '{split}' of {run_dir / 'split.json'} is empty; choose one of "
+                        f"{[k for k, v in data.split.items() if v]}")
+
+    # 1. threshold from val only
+    if task.target_probabilities is None:
+        raise ValueError(f"task {task.name!r} has no masks to calibrate; it is evaluated by its own evaluation")
+    val = load_split_samples(cfg, data, "val", run_dir)
+    if val and split != "val":
+        val_preds = predictions(model, task, val, native(cfg, data, "val", val), cfg, device, "val")
+        calib = calibrate([p.prob for p in val_preds], [p.mask for p in val_preds], [p.fov for p in val_preds],
+                          strategy=strategy, beta=cfg.eval.beta, target_recall=cfg.eval.target_recall)
+    else:
+        calib = {"threshold": 0.5, "strategy": "none", "note": "no validation split: threshold 0.5"}
+        log.warning("no validation images: the calibrated threshold is 0.5")
+    threshold = float(calib["threshold"])
+
+    # 2. the split at 0.5 and at the calibrated threshold
+    test = load_split_samples(cfg, data, split, run_dir)
+    preds = predictions(model, task, test, native(cfg, data, split, test), cfg, device, split)
+    probs, gts, fovs = [p.prob for p in preds], [p.mask for p in preds], [p.fov for p in preds]
+    rows = []
+    for p in preds:
+        row = {"id": p.id}
+        for tag, thr in (("t050", 0.5), ("cal", threshold)):
+            m = image_metrics(p.prob, p.mask, p.fov, threshold=thr)
+            row.update({f"{k}@{tag}": v for k, v in m.items()})
+        rows.append(row)
+
+    generation = task.generation_metrics(model, test, cfg, device) if task.generation_metrics else None
+    summary = {
+        "task": task.name, "run": str(run_dir), "checkpoint": checkpoint_name, "split": split, "n_images": len(rows),
+        "threshold": threshold, "calibration": {k: v for k, v in calib.items() if k != "curve"},
+        "pooled@t050": pooled_metrics(probs, gts, fovs, threshold=0.5),
+        "pooled@cal": pooled_metrics(probs, gts, fovs, threshold=threshold),
+        "per_image@t050": aggregate([{k[:-5]: v for k, v in r.items() if k.endswith("@t050")} for r in rows],
+                                    PER_IMAGE_METRICS, n_boot=cfg.eval.bootstrap),
+        "per_image@cal": aggregate([{k[:-4]: v for k, v in r.items() if k.endswith("@cal")} for r in rows],
+                                   PER_IMAGE_METRICS, n_boot=cfg.eval.bootstrap),
+    }
+    if generation is not None:
+        summary["generation"] = generation
+    return summary, rows, calib, [(p.id, p.prob) for p in preds]
+
+
+def evaluate_run(task: Task, run_dir: str | Path, split: str = "test", checkpoint: str = "best", device=None,
+                 strategy: str | None = None) -> dict:
+    run_dir = Path(run_dir)
+    device = device or default_device()
+    cfg, model, ckpt = load_run_model(run_dir, checkpoint, device)
+    summary, rows, calib, probs = evaluate_model(model, task, cfg, run_dir, split, device, strategy, ckpt.name)
+    out = run_dir / "eval" / split
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv_atomic(out / "per_image.csv", rows)
+    write_json_atomic(out / "summary.json", summary)
+    write_json_atomic(out / "calibration.json", calib)
+    # probabilities kept (8-bit) so reports and comparisons can draw curves and overlays without re-running
+    np.savez_compressed(out / "probs.npz", ids=np.array([i for i, _ in probs]),
+                        **{f"p{k}": (p * 255).round().astype(np.uint8) for k, (_, p) in enumerate(probs)})
+    return summary
+
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{summary['run']}  [{summary['split']}, {summary['n_images']} images, checkpoint {summary['checkpoint']}]",
+             f"calibrated threshold {summary['threshold']:.3f} ({summary['calibration'].get('strategy')}, fitted on val)"]
+    for tag in ("t050", "cal"):
+        pooled = summary[f"pooled@{tag}"]
+        per = summary[f"per_image@{tag}"]
+        label = "0.5" if tag == "t050" else f"{summary['threshold']:.3f}"
+        lines.append(f"  threshold {label}: pooled " + "  ".join(
+            f"{k} {pooled[k]:.4f}" for k in ("dice", "iou", "precision", "recall", "specificity", "auc") if k in pooled))
+        for k in ("dice", "cldice", "betti0_error", "betti1_error", "hd95"):
+            if k in per and per[k].get("mean") is not None:
+                c = per[k]
+                lines.append(f"      per-image {k:<13} {c['mean']:.4f}  95% CI [{c['lo']:.4f}, {c['hi']:.4f}]"
+                             + (f"  ({c['n_nan']} NaN)" if c.get("n_nan") else ""))
+    gen = summary.get("generation")
+    if gen:
+        lines.append(f"  free generation ({gen['n']} images): answers without {gen['seg_token']} "
+                     f"{gen['no_seg_rate']:.1%}, wrong {gen['seg_token']} count {gen['wrong_seg_count_rate']:.1%}")
+    return "\n".join(lines)
