@@ -17,7 +17,7 @@ transformers.utils.logging.set_verbosity_error()
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from medtune.models.tiny_vlm import save_tiny_vlm
+    from medtune.models.vlm.tiny import save_tiny_vlm
 
     root = tmp_path_factory.mktemp("instruct")
     data = write_vqa(root / "data", n=8)
@@ -43,7 +43,7 @@ def test_dataset_refuses_every_sample_that_would_be_truncated(setup):
 
 
 def test_loss_is_normalised_by_the_global_number_of_supervised_tokens(setup):
-    from medtune.models.vlm import token_loss
+    from medtune.models.vlm.model import token_loss
     from medtune.tasks.instruct import make_loss, train_collate, train_dataset
 
     _, _, _, cfg, samples = setup

@@ -54,7 +54,7 @@ def grpo_cfg(root, parent, *overrides, name="grpo"):
 def runs(tmp_path_factory):
     """Per tiny VLM, from the shipped configs, on bright (benign) / dark (malignant) images: a full fine-tuning run
     from the model's config (it learns the task) and a LoRA run on a saved base (the usual user set-up)."""
-    from medtune.models.tiny_vlm import save_tiny_vlm
+    from medtune.models.vlm.tiny import save_tiny_vlm
 
     root = tmp_path_factory.mktemp("instruct-runs")
     write_vqa(root / "data", n=12)
@@ -104,7 +104,8 @@ def test_supervised_runs_preflight_learning_and_exact_resume(runs, kind):
 def test_eval_report_export_parity_and_predict(runs, kind, tmp_path, capsys):
     from transformers import AutoModelForImageTextToText
 
-    from medtune.models.vlm import collate, load_processor, to_pil
+    from medtune.models.vlm.model import collate
+    from medtune.models.vlm.processing import load_processor, to_pil
     from medtune.runs.load import load_run_model
 
     run = runs[f"{kind}-lora"]
@@ -138,7 +139,7 @@ def test_eval_report_export_parity_and_predict(runs, kind, tmp_path, capsys):
     samples = load_all([s for s in discover(cfg.data) if s.id in split["test"] + split["val"]], cfg.data)
     items = [model.codec.encode(s.conversations, to_pil(s.image), s.id, for_generation=True) for s in samples]
     prompts = collate(items, "left")
-    from medtune.models.vlm import ChatCodec
+    from medtune.models.vlm.model import ChatCodec
 
     merged_codec = ChatCodec(processor)
     merged_prompts = collate([merged_codec.encode(s.conversations, to_pil(s.image), s.id, for_generation=True)

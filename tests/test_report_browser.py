@@ -54,8 +54,7 @@ def _chromium(exe: str, page: Path, tmp: Path, *mode: str) -> subprocess.Complet
 
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory) -> tuple[Path, Path]:
-    from medtune.reporting import compare_runs
-    from medtune.reporting import write_report
+    from medtune.reporting import compare_runs, write_report
 
     root = tmp_path_factory.mktemp("browser")
     data = write_generic(root / "data", n=N_DATA, size=32)

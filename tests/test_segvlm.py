@@ -238,7 +238,7 @@ def test_rl_from_a_parent_composed_from_folders_with_an_untied_head(tmp_path):
     """A real-data parent is composed from vlm_path + sam_path (here LLaVA-style, untied lm_head): RL adopts the
     exported reference, the parent's task (its prompt) and loss, and its preflight passes (no LM term in RL, so the
     untied [SEG] output row is not trained)."""
-    from medtune.models.segvlm.tiny import save_tiny_parts
+    from medtune.models.vlm.seg.tiny import save_tiny_parts
     from medtune.runs.files import load_run_config
     from medtune.train import train
 

@@ -69,7 +69,7 @@ def _perturb(seg, seed=0):
 @pytest.fixture(scope="module")
 def internvl_parts(tmp_path_factory):
     """Tiny InternVL (tied embeddings; its processor needs torchvision, so the fallback path) + tiny SAM 2."""
-    from medtune.models.segvlm.tiny import save_tiny_parts
+    from medtune.models.vlm.seg.tiny import save_tiny_parts
 
     return save_tiny_parts(tmp_path_factory.mktemp("internvl"), vlm="internvl", sam="sam2")
 
@@ -77,7 +77,7 @@ def internvl_parts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llava_parts(tmp_path_factory):
     """Tiny LLaVA (untied lm_head; the real LlavaProcessor) + tiny SAM."""
-    from medtune.models.segvlm.tiny import save_tiny_parts
+    from medtune.models.vlm.seg.tiny import save_tiny_parts
 
     return save_tiny_parts(tmp_path_factory.mktemp("llava"), vlm="llava", sam="sam")
 
@@ -535,9 +535,9 @@ def test_sa2va_import_maps_every_weight(llm, tmp_path):
     from safetensors.torch import save_file
     from transformers import AutoModelForImageTextToText, LlamaConfig
 
-    from medtune.models.sa2va_import import import_sa2va
-    from medtune.models.segvlm.model import new_projection
-    from medtune.models.segvlm.tiny import TINY_TEXT, tiny_sam, tiny_tokenizer, tiny_vlm_config
+    from medtune.models.vlm.sa2va_import import import_sa2va
+    from medtune.models.vlm.seg.model import new_projection
+    from medtune.models.vlm.seg.tiny import TINY_TEXT, tiny_sam, tiny_tokenizer, tiny_vlm_config
 
     torch.manual_seed(0)
     tokenizer = tiny_tokenizer("internvl")

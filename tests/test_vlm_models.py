@@ -26,7 +26,7 @@ TURNS = [{"role": "user", "content": "<image>\nIs the lesion benign or malignant
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    from medtune.models.tiny_vlm import save_tiny_vlm
+    from medtune.models.vlm.tiny import save_tiny_vlm
 
     root = tmp_path_factory.mktemp("vlm")
     return {kind: save_tiny_vlm(root / kind, kind, seed=0) for kind in KINDS}
@@ -47,7 +47,7 @@ def _image(seed=0, h=40, w=50):
 
 
 def _batch(seg, conversations, for_generation=False):
-    from medtune.models.vlm import collate
+    from medtune.models.vlm.model import collate
 
     items = [seg.codec.encode(turns, _image(i), f"s{i}", for_generation=for_generation)
              for i, turns in enumerate(conversations)]
@@ -167,7 +167,7 @@ def test_only_assistant_answers_and_end_of_turn_are_supervised(folders, kind):
 
 def test_labels_agree_with_transformers_assistant_mask(folders):
     """Cross-check with transformers' own {% generation %} mask on a template that has the markers."""
-    from medtune.models.tiny_vlm import tiny_chat_template
+    from medtune.models.vlm.tiny import tiny_chat_template
 
     template = tiny_chat_template().replace(
         "{%- if message['content'] is string -%}",
@@ -175,7 +175,7 @@ def test_labels_agree_with_transformers_assistant_mask(folders):
         "{% endgeneration %}{{ '\\n' }}{%- elif message['content'] is string -%}"
     )
     seg = build_model(_cfg(folders["llava"], chat_template=template))
-    from medtune.models.vlm import _messages
+    from medtune.models.vlm.model import _messages
 
     ref = seg.processor.apply_chat_template(
         [_messages(TURNS)], chat_template=template, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
@@ -200,7 +200,7 @@ def test_truncation_is_refused_with_the_sample_id(folders, kind):
 
 
 def test_collate_keeps_every_processor_key_and_pads_sequence_keys(folders):
-    from medtune.models.vlm import collate
+    from medtune.models.vlm.model import collate
 
     seg = build_model(_cfg(folders["llava"]))
     processor = seg.codec.processor
@@ -244,7 +244,7 @@ def test_batched_greedy_generation_equals_one_by_one(folders, kind):
                                         {"role": "assistant", "content": "x"}]]
     together = seg.generate(_batch(seg, conversations, for_generation=True), max_new_tokens=6)
     for i, turns in enumerate(conversations):
-        from medtune.models.vlm import collate
+        from medtune.models.vlm.model import collate
 
         alone = seg.generate(collate([seg.codec.encode(turns, _image(i), f"s{i}", for_generation=True)], "left"), 6)
         assert seg.codec.decode(together[i]) == seg.codec.decode(alone[0])
@@ -266,7 +266,7 @@ def test_adapter_parity_disabled_is_base_peft_loads_and_merged_folder_answers_th
     from transformers import AutoModelForImageTextToText
 
     from medtune.models.lora import load_trainable, save_trainable
-    from medtune.models.vlm import load_processor
+    from medtune.models.vlm.processing import load_processor
 
     cfg = _cfg(folders[kind], train_projector=True)
     seg = build_model(cfg).eval()

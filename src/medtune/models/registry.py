@@ -27,8 +27,8 @@ BUILDERS: dict[str, str] = {
     "unet": "medtune.models.unet:build_unet",
     "sam": "medtune.models.sam:build_sam",
     "sam2": "medtune.models.sam:build_sam2",
-    "segvlm": "medtune.models.segvlm:build_segvlm",
-    "vlm": "medtune.models.vlm:build_vlm",
+    "segvlm": "medtune.models.vlm.seg:build_segvlm",
+    "vlm": "medtune.models.vlm.model:build_vlm",
 }
 
 

@@ -29,7 +29,8 @@ from medtune.data.conversations import final_answer, question_turns
 from medtune.data.layouts import format_problems
 from medtune.data.types import DataError, LoadedSample, Sample
 from medtune.errors import UserError
-from medtune.models.vlm import IGNORE_INDEX, ChatCodec, collate, to_pil
+from medtune.models.vlm.model import IGNORE_INDEX, ChatCodec, collate
+from medtune.models.vlm.processing import to_pil
 from medtune.tasks.base import LossFn, PredictRequest, Task
 
 log = logging.getLogger("medtune")

@@ -31,7 +31,8 @@ from medtune.data.run_split import check_readable, load_split_samples, prepare_s
 from medtune.data.types import LoadedSample
 from medtune.errors import UserError
 from medtune.models.registry import build_model
-from medtune.models.vlm import ChatCodec, collate, to_pil
+from medtune.models.vlm.model import ChatCodec, collate
+from medtune.models.vlm.processing import to_pil
 from medtune.policy import group_advantages
 from medtune.tasks import selection, task_for
 from medtune.tasks.instruct import reference_label, require_conversations, resolve_labels

@@ -116,7 +116,7 @@ def tiny_processor(kind: str, config, tokenizer, chat_template: str | None = Non
                               num_additional_image_tokens=1, chat_template=template)
     from transformers.models.got_ocr2 import GotOcr2ImageProcessorPil
 
-    from medtune.models.vlm import ImageOnlyInternVLProcessor
+    from medtune.models.vlm.processing import ImageOnlyInternVLProcessor
 
     size = int(vision.image_size[0])
     # one tile per image (no dynamic crops): a fixed, small number of image tokens
@@ -149,7 +149,7 @@ def save_tiny_vlm(folder, kind: str = "llava", seed: int = 0, overrides: dict[st
     """Write a tiny VLM + processor folder that ``model.path`` (family vlm) loads; returns the folder."""
     from pathlib import Path
 
-    from medtune.models.vlm import save_processor
+    from medtune.models.vlm.processing import save_processor
 
     folder = Path(folder)
     net, processor = tiny_vlm(kind, overrides, seed=seed)

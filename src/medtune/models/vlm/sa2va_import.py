@@ -1,6 +1,6 @@
 """Opt-in importer: a Sa2VA checkpoint (InternVL-based Sa2VA-1B / 4B / 8B) -> a composed segvlm folder.
 
-    python -m medtune.models.sa2va_import <Sa2VA folder> <out folder>      # then model.path=<out folder>
+    python -m medtune.models.vlm.sa2va_import <Sa2VA folder> <out folder>      # then model.path=<out folder>
 
 A Sa2VA release (ByteDance/Sa2VA-*) is remote code: ``Sa2VAChatModel`` = ``vision_model`` (InternViT) + ``mlp1``
 (LayerNorm, Linear, GELU, Linear) + ``language_model`` (Qwen2ForCausalLM for 1B/4B, InternLM2ForCausalLM for 8B) +
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from medtune.errors import MissingFileError, UserError
-from medtune.models.segvlm.parts import FORMAT_VERSION, PROJECTION_FILE, SAM_DIR, SEGVLM_JSON, VLM_DIR
+from medtune.models.vlm.seg.parts import FORMAT_VERSION, PROJECTION_FILE, SAM_DIR, SEGVLM_JSON, VLM_DIR
 
 # --- transcribed from transformers models/internvl/convert_internvl_weights_to_hf.py -----------------------------
 INTERNVL_VISION_MAP = {

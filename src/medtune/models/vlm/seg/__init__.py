@@ -31,8 +31,8 @@ import logging
 
 from medtune.config import Config
 from medtune.errors import UserError
-from medtune.models.segvlm.codec import TextCodec
-from medtune.models.segvlm.model import SegVLMModel, SegVLMNet
+from medtune.models.vlm.seg.codec import TextCodec
+from medtune.models.vlm.seg.model import SegVLMModel, SegVLMNet
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ def build_segvlm(cfg: Config) -> SegVLMModel:
     from safetensors.torch import load_file
 
     from medtune.models.hf import prepare_for_training
-    from medtune.models.segvlm import parts, tiny
-    from medtune.models.segvlm.model import new_projection
+    from medtune.models.vlm.seg import parts, tiny
+    from medtune.models.vlm.seg.model import new_projection
 
     vcfg = cfg.model.vlm
     sources = parts.resolve_sources(cfg)

@@ -14,8 +14,8 @@ from medtune.config import VLMCfg
 from medtune.errors import UserError
 from medtune.models.base import ModelOutput, SegModel, load_safetensors_folder
 from medtune.models.sam import IMAGENET_MEAN, IMAGENET_STD, Sam2SegModel, SamSegModel
-from medtune.models.segvlm.codec import IGNORE_INDEX, TextCodec
-from medtune.models.segvlm.parts import (
+from medtune.models.vlm.seg.codec import IGNORE_INDEX, TextCodec
+from medtune.models.vlm.seg.parts import (
     FORMAT_VERSION,
     PROJECTION_FILE,
     SAM_DIR,

@@ -86,7 +86,7 @@ def resolve_sources(cfg: Config) -> Sources | None:
 
 def tiny_choice(cfg: Config) -> dict[str, Any]:
     """``model.config`` for random tiny parts: {preset: tiny, vlm: internvl|llava, sam: sam2|sam}."""
-    from medtune.models.segvlm.tiny import TINY_SAM_KINDS, TINY_VLM_KINDS
+    from medtune.models.vlm.seg.tiny import TINY_SAM_KINDS, TINY_VLM_KINDS
 
     conf = dict(cfg.model.config)
     if conf.get("preset") != "tiny":

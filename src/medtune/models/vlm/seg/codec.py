@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from medtune.errors import UserError
-from medtune.models.segvlm.parts import render, user_turn
+from medtune.models.vlm.seg.parts import render, user_turn
 
 IGNORE_INDEX = -100
 _PROBE_ANSWER = "medtune probe answer"

@@ -1,0 +1,13 @@
+"""Vision-language models: one package for both VLM families.
+
+- ``model``: the plain VLM (family ``vlm``, task ``instruct``): loading a local folder (transformers' native VLMs,
+  remote code only with ``model.trust_remote_code``), the chat codec (assistant-only labels through the model's own
+  template), LoRA placement on the language model, generation.
+- ``processing``: processors (loading, saving, image-only stand-ins) and chat templates.
+- ``seg``: the segmenting VLM (family ``segvlm``, Sa2VA / LISA style) = a VLM + a mask head (projection of the
+  ``[SEG]`` hidden state + SAM / SAM 2 prompt encoder and mask decoder).
+- ``tiny``: offline tiny VLMs built from transformers config classes (tests, demos).
+- ``sa2va_import``: maps a published Sa2VA checkpoint onto the composed segmenting-VLM folder.
+
+Nothing is imported here: the families are built through ``medtune.models.registry``.
+"""
