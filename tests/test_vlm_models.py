@@ -1,5 +1,5 @@
 """Family vlm: LoRA placement, projector training, assistant-only labels, truncation refusal, batching, generation,
-adapter / merged parity, bad-input lines. Tiny LLaVA and tiny InternVL, built offline, CPU, seconds."""
+adapter / merged parity, bad-input lines. Tiny LLaVA, InternVL, Qwen2.5-VL and Qwen3-VL, built offline, CPU, seconds."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()
 transformers.utils.logging.set_verbosity_error()
 
-KINDS = ("llava", "internvl")
+KINDS = ("llava", "internvl", "qwen2_5_vl", "qwen3_vl")  # every tiny kind the vlm family builds
 TURNS = [{"role": "user", "content": "<image>\nIs the lesion benign or malignant?"},
          {"role": "assistant", "content": "benign"},
          {"role": "user", "content": "Are you sure?"},
@@ -81,11 +81,14 @@ def test_lora_lands_in_the_language_model_only_and_projector_trains_when_asked(f
 
     with_projector = build_model(_cfg(folders[kind], train_projector=True))
     names = [n for n, _ in with_projector.trainable_named_parameters()]
-    projector = [n for n in names if "multi_modal_projector" in n]
+    # LLaVA / InternVL: multi_modal_projector; Qwen-VL: the merger at the end of its vision tower (model.visual.merger)
+    projector_name, vision_name = with_projector.parts.projector, with_projector.parts.vision
+    assert projector_name.rsplit(".", 1)[-1] in ("multi_modal_projector", "merger")
+    projector = [n for n in names if f"{projector_name}." in n]
     assert projector and all(".modules_to_save." in n for n in projector)
-    assert not any("vision_tower" in n for n in names)
+    assert not any(f"{vision_name}." in n and f"{projector_name}." not in n for n in names)
     # trainable after wrapping, and it really learns: one step moves the projector copy, not the original
-    before = {n: p.detach().clone() for n, p in with_projector.net.named_parameters() if "multi_modal_projector" in n}
+    before = {n: p.detach().clone() for n, p in with_projector.net.named_parameters() if f"{projector_name}." in n}
     opt = torch.optim.SGD([p for _, p in with_projector.trainable_named_parameters()], lr=0.1)
     with_projector(batch=_batch(with_projector, [TURNS])).lm_loss.backward()
     opt.step()

@@ -60,8 +60,9 @@ def resolve_local_folder(value: str, key: str, cfg: Config) -> Path:
 
 
 def remote_code_kwargs(cfg: Config) -> dict[str, Any]:
-    # Only passed when the user set it, so nothing in a plain run can opt into executing folder code.
-    return {"trust_remote_code": True} if cfg.model.trust_remote_code else {}
+    # Always passed, False unless the user set it: nothing in a plain run executes folder code, and transformers never
+    # stops at its interactive "run the custom code? [y/N]" prompt (what it does when the argument is absent).
+    return {"trust_remote_code": bool(cfg.model.trust_remote_code)}
 
 
 def read_config_json(path: Path) -> dict[str, Any]:

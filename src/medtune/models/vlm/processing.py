@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from transformers import InternVLProcessor
+from transformers import InternVLProcessor, Qwen2_5_VLProcessor, Qwen3VLProcessor
 
 from medtune.config import Config
 from medtune.errors import UserError
@@ -14,52 +14,76 @@ from medtune.models.hf import read_config_json, remote_code_kwargs
 
 
 # ---- processors -----------------------------------------------------------------------------------------------------
+# transformers' processors of the VLMs that also take video build a video processor, which needs torchvision (absent
+# on some platforms, this one included). The image-only stand-ins below leave it out (their ``__init__`` names no
+# video processor, so ``ProcessorMixin`` expects none) and process images exactly as the full processor does. They
+# are module-level classes so a codec holding one pickles into DataLoader workers.
 class ImageOnlyInternVLProcessor(InternVLProcessor):
-    """InternVL's processor without its video processor, which needs torchvision (absent on some platforms); images
-    are processed exactly as by ``InternVLProcessor``."""
+    """``InternVLProcessor`` without its video processor."""
 
     def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, None, image_seq_length=image_seq_length,
                          chat_template=chat_template, **kwargs)
 
 
-# Processors that have an image-only stand-in when the full one cannot be built (no torchvision): model_type -> the
-# processor class name written to processor_config.json, so a machine with torchvision loads the standard one.
-_IMAGE_ONLY = {"internvl": "InternVLProcessor"}
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """``Qwen2_5_VLProcessor`` without its video processor."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    """``Qwen3VLProcessor`` without its video processor."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+# model_type -> (stand-in, the keys of processor_config.json it takes). save_processor writes the standard class name
+# to processor_config.json, so a machine with torchvision loads the standard processor from the same folder.
+IMAGE_ONLY: dict[str, tuple[type, tuple[str, ...]]] = {
+    "internvl": (ImageOnlyInternVLProcessor, ("image_seq_length",)),
+    "qwen2_5_vl": (ImageOnlyQwen2_5_VLProcessor, ()),
+    "qwen3_vl": (ImageOnlyQwen3VLProcessor, ()),
+}
 
 
 def save_processor(processor, folder: str | Path) -> None:
     folder = Path(folder)
     processor.save_pretrained(str(folder))
     config = folder / "processor_config.json"
-    if isinstance(processor, ImageOnlyInternVLProcessor) and config.is_file():
+    stand_in = next((cls for cls, _ in IMAGE_ONLY.values() if type(processor) is cls), None)
+    if stand_in is not None and config.is_file():
         data = json.loads(config.read_text())
-        data["processor_class"] = _IMAGE_ONLY["internvl"]
+        data["processor_class"] = stand_in.__mro__[1].__name__  # the standard processor it stands in for
         config.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def load_processor(path: Path, cfg: Config):
-    """The folder's processor (tokenizer + image processor + chat template) through ``AutoProcessor``; for InternVL
-    without torchvision, the image-only stand-in built from the same files."""
+    """The folder's processor (tokenizer + image processor + chat template) through ``AutoProcessor``; for the VLMs
+    whose processor needs torchvision (InternVL, Qwen2.5-VL, Qwen3-VL), the image-only stand-in built from the same
+    files."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, ProcessorMixin
 
     processor, error = None, None
+    remote = remote_code_kwargs(cfg)
     try:
-        processor = AutoProcessor.from_pretrained(str(path), **remote_code_kwargs(cfg))
+        processor = AutoProcessor.from_pretrained(str(path), **remote)
     except (ImportError, AttributeError, OSError, ValueError, TypeError, KeyError) as err:
         error = err
     if isinstance(processor, ProcessorMixin) and hasattr(processor, "tokenizer"):
         return processor
     model_type = read_config_json(path).get("model_type")
-    if model_type in _IMAGE_ONLY:
+    if model_type in IMAGE_ONLY:
+        stand_in, keys = IMAGE_ONLY[model_type]
         saved = json.loads((path / "processor_config.json").read_text()) if (path / "processor_config.json").is_file() \
             else {}
         template = path / "chat_template.jinja"
-        return ImageOnlyInternVLProcessor(
-            image_processor=AutoImageProcessor.from_pretrained(str(path)),
-            tokenizer=AutoTokenizer.from_pretrained(str(path)),
-            image_seq_length=int(saved.get("image_seq_length", 256)),
-            chat_template=template.read_text() if template.is_file() else None)
+        return stand_in(image_processor=AutoImageProcessor.from_pretrained(str(path), **remote),
+                        tokenizer=AutoTokenizer.from_pretrained(str(path), **remote),
+                        chat_template=template.read_text() if template.is_file() else None,
+                        **{k: saved[k] for k in keys if k in saved})
     got = f"{type(processor).__name__}" if processor is not None else f"{type(error).__name__}: {error}"
     raise UserError(f"{path}: no multimodal processor could be loaded (AutoProcessor gave {got}); a vlm folder "
                      "needs the processor files saved next to the model (processor.save_pretrained(folder))")
