@@ -62,6 +62,8 @@ VOCAB = answer_vocabulary(LABELS)
     ("no malignant features, benign", "benign"),
     ("not malignant, rather benign", "benign"),
     ("Not malignant but benign.", "benign"),
+    ("It isn\u2019t malignant; it\u2019s benign.", "benign"),
+    ("It isn't benign.", None),
     ("benign rather than malignant", "benign"),
     ("Benign, unlikely to be malignant.", "benign"),
     ("The lesion is not benign; it is malignant.", "malignant"),

@@ -174,7 +174,7 @@ def _scope(spans: list[_Span], i: int, step: int, text: str) -> list[int]:
 
 def parse_answer(text: str, vocab: Mapping[str, str]) -> ParsedAnswer:
     """The label an answer commits to (see the module docstring), or None (an invalid answer)."""
-    lowered = " ".join(text.lower().split())
+    lowered = " ".join(text.lower().replace("\u2019", "'").split())  # typographic apostrophes: "isn\u2019t"
     spans = _spans(lowered, vocab)
     context: dict[int, set[str]] = {}
     for i, span in enumerate(spans):
