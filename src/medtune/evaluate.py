@@ -63,6 +63,8 @@ def evaluate_model(model: SegModel, cfg: Config, run_dir: Path, split: str = "te
     if data_file is None and not data.split.get(split):
         raise UserError(f"split '{split}' of {run_dir / 'split.json'} is empty; choose one of "
                         f"{[k for k, v in data.split.items() if v]}")
+    # the other data set is read (and refused, if it must be) before the validation pass
+    external = external_data(cfg, data, data_file, image_root, run_dir) if data_file is not None else None
 
     # 1. threshold from val only
     task = task_for(cfg)
@@ -80,8 +82,8 @@ def evaluate_model(model: SegModel, cfg: Config, run_dir: Path, split: str = "te
 
     # 2. the split (or the other data set) at 0.5 and at the calibrated threshold
     source = {}
-    if data_file is not None:
-        cfg, data = external_data(cfg, data, data_file, image_root, run_dir)
+    if external is not None:
+        cfg, data = external
         split = next(iter(data.split))
         source = {"data": cfg.data.path}
     test = load_split_samples(cfg, data, split, run_dir)
