@@ -67,7 +67,8 @@ class Task:
     validate: Callable[[torch.nn.Module, list[LoadedSample], Config, torch.device], dict[str, float]]
     selection_metric: str
     # -- after training: what `medtune eval / predict / report / compare` call, so nothing there asks which task --
-    # evaluate_run(run_dir, split, checkpoint, device, strategy) -> summary (also written to RUN/eval/<split>/)
+    # evaluate_run(run_dir, split, checkpoint, device, strategy, data_file, image_root) -> summary (also written to
+    # RUN/eval/<split>/, or RUN/eval/data-<name>/ for another data file)
     evaluate_run: Callable[..., dict]
     # format_summary(summary) -> the text `medtune eval` prints
     format_summary: Callable[[dict], str]

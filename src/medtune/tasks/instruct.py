@@ -210,20 +210,27 @@ def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict[str, f
 
 # ---- evaluation of a run -------------------------------------------------------------------------------------------
 def evaluate_model(model, cfg: Config, run_dir: Path, split: str = "test", device=None,
-                   checkpoint_name: str = "-") -> tuple[dict, list[dict]]:
-    from medtune.data.run_split import load_split_samples, prepare_split
+                   checkpoint_name: str = "-", data_file: str | Path | None = None,
+                   image_root: str | Path | None = None) -> tuple[dict, list[dict]]:
+    """Answers to ``split`` of the run's data, or (``data_file``) to every sample of another data file, scored
+    against the run's label set (its whole data set's, as in validation)."""
+    from medtune.data.run_split import external_data, load_split_samples, prepare_split
 
     data = prepare_split(cfg, run_dir)
-    if not data.split.get(split):
+    if data_file is None and not data.split.get(split):
         raise UserError(f"split '{split}' of {run_dir / 'split.json'} is empty; choose one of "
                          f"{[k for k, v in data.split.items() if v]}")
-    all_samples = list(data.samples.values())
-    labels = resolve_labels(cfg, all_samples)
+    labels = resolve_labels(cfg, list(data.samples.values()))
     vocab = answer_vocabulary(labels, cfg.task.synonyms)
     train_refs = Counter(reference_label(data.samples[i], vocab, labels) for i in data.split.get("train", []))
     train_refs.pop(None, None)
     majority = min(train_refs, key=lambda k: (-train_refs[k], k)) if train_refs else None
 
+    source = {}
+    if data_file is not None:
+        cfg, data = external_data(cfg, data, data_file, image_root, run_dir)
+        split = next(iter(data.split))
+        source = {"data": cfg.data.path}
     samples = load_split_samples(cfg, data, split, run_dir)
     require_conversations(samples)
     rows = score(samples, generate_answers(model, samples, cfg, device, split), labels, cfg)
@@ -231,17 +238,18 @@ def evaluate_model(model, cfg: Config, run_dir: Path, split: str = "test", devic
     metrics = classification_metrics([r["reference_label"] for r in scored],
                                      [None if r["answer_label"] == INVALID else r["answer_label"] for r in scored],
                                      labels, n_boot=cfg.eval.bootstrap, majority_label=majority)
-    summary = {"task": "instruct", "run": str(run_dir), "checkpoint": checkpoint_name, "split": split,
+    summary = {"task": "instruct", "run": str(run_dir), "checkpoint": checkpoint_name, "split": split, **source,
                "n_samples": len(rows), "n_without_reference_label": len(rows) - len(scored),
                "generation": {"greedy": True, "max_new_tokens": cfg.task.max_new_tokens},
                "classification": metrics}
     return summary, rows
 
 
-
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", device=None,
-                 strategy: str | None = None) -> dict:
-    """RUN/eval/<split>/{answers.csv, per_image.csv (id, correct), summary.json}."""
+                 strategy: str | None = None, data_file: str | Path | None = None,
+                 image_root: str | Path | None = None) -> dict:
+    """RUN/eval/<split>/{answers.csv, per_image.csv (id, correct), summary.json}; with ``data_file``, every sample
+    of that file in RUN/eval/data-<its name>/ (the run's own evaluations stay)."""
     from medtune.runs.load import default_device, load_run_model
 
     if strategy is not None:
@@ -249,8 +257,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
     run_dir = Path(run_dir)
     device = device or default_device()
     cfg, model, ckpt = load_run_model(run_dir, checkpoint, device)
-    summary, rows = evaluate_model(model, cfg, run_dir, split, device, ckpt.name)
-    out = run_dir / "eval" / split
+    summary, rows = evaluate_model(model, cfg, run_dir, split, device, ckpt.name, data_file, image_root)
+    out = run_dir / "eval" / summary["split"]
     out.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(out / "answers.csv", rows)
     # the per-sample score, paired by id in `medtune compare`
@@ -262,7 +270,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
 def format_summary(summary: dict) -> str:
     head = (f"{summary['run']}  [{summary['split']}, {summary['n_samples']} samples, checkpoint "
             f"{summary['checkpoint']}, greedy answers]")
-    lines = [head] + format_classification(summary["classification"])
+    lines = [head] + ([f"  data: {summary['data']}"] if summary.get("data") else [])
+    lines += format_classification(summary["classification"])
     if summary.get("n_without_reference_label"):
         lines.append(f"  {summary['n_without_reference_label']} sample(s) whose reference answer names no label were "
                      "not scored")

@@ -17,7 +17,7 @@ from medtune.atomic import write_csv_atomic, write_json_atomic
 from medtune.calibration import calibrate
 from medtune.config import Config
 from medtune.data.loading import load_all, resample_to_native
-from medtune.data.run_split import RunData, load_split_samples, prepare_split
+from medtune.data.run_split import RunData, external_data, load_split_samples, prepare_split
 from medtune.data.types import LoadedSample
 from medtune.errors import UserError
 from medtune.metrics import image_metrics, pooled_metrics
@@ -54,14 +54,18 @@ def native(cfg: Config, data: RunData, split: str, loaded: list[LoadedSample]) -
 
 
 def evaluate_model(model: SegModel, task: Task, cfg: Config, run_dir: Path, split: str = "test", device=None,
-                   strategy: str | None = None, checkpoint_name: str = "-") -> tuple[dict, list[dict], dict, list]:
-    """Calibrate on val, measure `split`. Returns (summary, per-image rows, calibration, probabilities)."""
+                   strategy: str | None = None, checkpoint_name: str = "-", data_file: str | Path | None = None,
+                   image_root: str | Path | None = None) -> tuple[dict, list[dict], dict, list]:
+    """Calibrate on val, measure `split` (or, with ``data_file``, every sample of another data set in the run's
+    layout). Returns (summary, per-image rows, calibration, probabilities)."""
     device = device or default_device()
     strategy = strategy or cfg.eval.calibration
     data = prepare_split(cfg, run_dir)
-    if not data.split.get(split):
+    if data_file is None and not data.split.get(split):
         raise UserError(f"split '{split}' of {run_dir / 'split.json'} is empty; choose one of "
                         f"{[k for k, v in data.split.items() if v]}")
+    # the other data set is read (and refused, if it must be) before the validation pass
+    external = external_data(cfg, data, data_file, image_root, run_dir) if data_file is not None else None
 
     # 1. threshold from val only
     if task.target_probabilities is None:
@@ -76,7 +80,12 @@ def evaluate_model(model: SegModel, task: Task, cfg: Config, run_dir: Path, spli
         log.warning("no validation images: the calibrated threshold is 0.5")
     threshold = float(calib["threshold"])
 
-    # 2. the split at 0.5 and at the calibrated threshold
+    # 2. the split (or the other data set) at 0.5 and at the calibrated threshold
+    source = {}
+    if external is not None:
+        cfg, data = external
+        split = next(iter(data.split))
+        source = {"data": cfg.data.path}
     test = load_split_samples(cfg, data, split, run_dir)
     preds = predictions(model, task, test, native(cfg, data, split, test), cfg, device, split)
     probs, gts, fovs = [p.prob for p in preds], [p.mask for p in preds], [p.fov for p in preds]
@@ -90,7 +99,8 @@ def evaluate_model(model: SegModel, task: Task, cfg: Config, run_dir: Path, spli
 
     generation = task.generation_metrics(model, test, cfg, device) if task.generation_metrics else None
     summary = {
-        "task": task.name, "run": str(run_dir), "checkpoint": checkpoint_name, "split": split, "n_images": len(rows),
+        "task": task.name, "run": str(run_dir), "checkpoint": checkpoint_name, "split": split, **source,
+        "n_images": len(rows),
         "threshold": threshold, "calibration": {k: v for k, v in calib.items() if k != "curve"},
         "pooled@t050": pooled_metrics(probs, gts, fovs, threshold=0.5),
         "pooled@cal": pooled_metrics(probs, gts, fovs, threshold=threshold),
@@ -105,12 +115,14 @@ def evaluate_model(model: SegModel, task: Task, cfg: Config, run_dir: Path, spli
 
 
 def evaluate_run(task: Task, run_dir: str | Path, split: str = "test", checkpoint: str = "best", device=None,
-                 strategy: str | None = None) -> dict:
+                 strategy: str | None = None, data_file: str | Path | None = None,
+                 image_root: str | Path | None = None) -> dict:
     run_dir = Path(run_dir)
     device = device or default_device()
     cfg, model, ckpt = load_run_model(run_dir, checkpoint, device)
-    summary, rows, calib, probs = evaluate_model(model, task, cfg, run_dir, split, device, strategy, ckpt.name)
-    out = run_dir / "eval" / split
+    summary, rows, calib, probs = evaluate_model(model, task, cfg, run_dir, split, device, strategy, ckpt.name,
+                                                 data_file, image_root)
+    out = run_dir / "eval" / summary["split"]
     out.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(out / "per_image.csv", rows)
     write_json_atomic(out / "summary.json", summary)
@@ -124,6 +136,7 @@ def evaluate_run(task: Task, run_dir: str | Path, split: str = "test", checkpoin
 
 def format_summary(summary: dict) -> str:
     lines = [f"{summary['run']}  [{summary['split']}, {summary['n_images']} images, checkpoint {summary['checkpoint']}]",
+             *([f"data: {summary['data']}"] if summary.get("data") else []),
              f"calibrated threshold {summary['threshold']:.3f} ({summary['calibration'].get('strategy')}, fitted on val)"]
     for tag in ("t050", "cal"):
         pooled = summary[f"pooled@{tag}"]

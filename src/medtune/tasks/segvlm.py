@@ -217,8 +217,8 @@ def collate(items: list[dict]) -> dict:
 
 
 def evaluate_run(run_dir, split: str = "test", checkpoint: str = "best", device=None,
-                 strategy: str | None = None) -> dict:
-    return mask_eval.evaluate_run(TASK, run_dir, split, checkpoint, device, strategy)
+                 strategy: str | None = None, data_file=None, image_root=None) -> dict:
+    return mask_eval.evaluate_run(TASK, run_dir, split, checkpoint, device, strategy, data_file, image_root)
 
 
 TASK = Task(

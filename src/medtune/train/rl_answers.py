@@ -39,7 +39,7 @@ from medtune.tasks.instruct import reference_label, require_conversations, resol
 from medtune.text_policy import clipped_token_loss, completion_mask, token_entropy, token_kl, token_logprobs
 from medtune.train.loop import Bookkeeping
 from medtune.train.preflight import run_preflight
-from medtune.train.rl import sampling_generator, start_rl_run
+from medtune.train.rl import disable_dropout, sampling_generator, start_rl_run
 from medtune.train.setup import (
     StopFlag,
     batch_to,
@@ -191,6 +191,7 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
         raise UserError("objective: rl needs finetune: lora (the KL reference is the model with adapters disabled); "
                          "set rl.init_from to a supervised run or model.path to a pretrained VLM")
     model = build_model(cfg).to(device)
+    disable_dropout(model, cfg)  # as the mask recipe: sampled in eval mode, updated in train mode
     dataset = PromptDataset(train_samples, model.text_codec())
 
     def batches(start_step: int):
