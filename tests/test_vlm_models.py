@@ -323,3 +323,26 @@ def test_remote_code_folder_needs_opt_in_and_qlora_needs_cuda(folders, tmp_path)
         assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="preset: tiny"):
         build_model(build_config({"model": {"family": "vlm"}}))
+
+
+# ------------------------------------------------------------------------------------------ non-persistent buffers
+@pytest.mark.parametrize("kind", KINDS)
+def test_build_recomputes_non_persistent_buffers_the_loader_left_uninitialised(folders, kind, monkeypatch):
+    """As with remote code: transformers' loader materialises non-persistent buffers with empty_like and only the
+    model's own _init_weights writes them again. With that hook silenced (for every sub-model) and the memory poisoned, the family's
+    loader still gives the values a fresh construction computes."""
+    from medtune.models.tiny_vlm import tiny_vlm
+
+    eager, _ = tiny_vlm(kind, seed=0)
+    expected = {n: b for n, b in eager.named_buffers()}
+    real = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like",
+                        lambda t, *a, **k: real(t, *a, **k).fill_(float("nan") if t.is_floating_point() else -7))
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(PreTrainedModel, "_initialize_weights", lambda self, module, is_custom_code=False: None)
+    seg = build_model(_cfg(folders[kind]))
+    loaded = dict(seg.base_network.named_buffers())
+    assert any(n.endswith("inv_freq") for n in loaded)
+    for name, value in expected.items():
+        assert torch.equal(loaded[name], value), name

@@ -35,7 +35,14 @@ from medtune.data.conversations import IMAGE_PLACEHOLDER, question_turns
 from medtune.data.types import DataError
 from medtune.errors import UserError
 from medtune.models.base import ModelOutput, SegModel
-from medtune.models.hf import load_kwargs, prepare_for_training, read_config_json, remote_code_kwargs, resolve_model_path
+from medtune.models.hf import (
+    load_kwargs,
+    load_pretrained,
+    prepare_for_training,
+    read_config_json,
+    remote_code_kwargs,
+    resolve_model_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -544,7 +551,7 @@ def build_vlm(cfg: Config) -> VLMModel:
         processor = load_processor(path, cfg)
         # QLoRA: the projector (trained fully when asked) and lm_head stay unquantised
         keep = list(PROJECTOR_NAMES) + ["lm_head"]
-        net = _auto_class(meta, path).from_pretrained(str(path), **load_kwargs(cfg, keep))
+        net = load_pretrained(_auto_class(meta, path), path, **load_kwargs(cfg, keep))
     codec = ChatCodec(processor, read_chat_template(cfg.model.vlm.chat_template), cfg.model.vlm.max_length)
     net = prepare_for_training(net, cfg, input_grads=True)
     return VLMModel(net, processor, codec, cfg.model.vlm)
