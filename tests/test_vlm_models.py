@@ -236,6 +236,42 @@ def test_collate_keeps_every_processor_key_and_pads_sequence_keys(folders):
     assert torch.equal(left["input_ids"][1, n - len(b["input_ids"]):], b["input_ids"])
 
 
+def test_collate_keeps_per_image_keys_per_image_whatever_their_length(folders):
+    """Hulu-Med-style per-image keys (grid_sizes [n, 3], merge_sizes [n]) and a 1-D per-patch key whose length equals
+    the prompt length by chance: concatenated per image, never padded as token rows."""
+    from medtune.models.vlm import SEQUENCE_KEYS, collate
+
+    seg = build_model(_cfg(folders["llava"]))
+    processor = seg.codec.processor
+    original = type(processor).__call__
+
+    class PerImageKeys(type(processor)):
+        def __call__(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            n_images, t0 = out["pixel_values"].shape[0], out["input_ids"].shape[1]
+            out["grid_sizes"] = torch.tensor([[1, 4, 4]] * n_images)
+            out["merge_sizes"] = torch.ones(n_images, dtype=torch.long)
+            out["patch_ids"] = torch.arange(t0) + 100  # one value per patch; t0 patches by chance
+            return out
+
+    questions = [[TURNS[0]], [{"role": "user", "content": "<image>\nBenign?"}]]
+    processor.__class__ = PerImageKeys
+    try:
+        items = [seg.codec.encode(turns, _image(i), f"s{i}", for_generation=True) for i, turns in enumerate(questions)]
+    finally:
+        processor.__class__ = type(processor).__mro__[1]
+    lengths = [len(it["input_ids"]) for it in items]
+    assert lengths[0] != lengths[1] and [len(it["patch_ids"]) for it in items] == lengths  # the same length as T
+    assert set(items[0][SEQUENCE_KEYS]) == {"input_ids", "attention_mask", "labels"}
+    for side in ("left", "right"):
+        batch = collate(items, side)
+        assert batch["input_ids"].shape == (2, max(lengths))
+        assert torch.equal(batch["merge_sizes"], torch.tensor([1, 1]))  # [1] + [1], not padded to [2, T]
+        assert torch.equal(batch["grid_sizes"], torch.tensor([[1, 4, 4], [1, 4, 4]]))
+        assert torch.equal(batch["patch_ids"], torch.cat([torch.arange(n) + 100 for n in lengths]))
+        assert batch[SEQUENCE_KEYS] == items[0][SEQUENCE_KEYS] and SEQUENCE_KEYS not in seg.model_inputs(batch)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_batched_greedy_generation_equals_one_by_one(folders, kind):
     seg = build_model(_cfg(folders[kind])).eval()

@@ -51,8 +51,18 @@ IGNORE_INDEX = -100
 # remote-code models use (LLaVA, InternVL, Qwen-VL, Idefics, Gemma3, PaliGemma, Hulu-Med / VideoLLaMA3 ...).
 VISION_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_encoder", "vpm")
 PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "mlp1", "merger", "connector", "aligner")
+# An encoded sample / a batch names its per-token keys under this key (``ChatCodec.encode`` finds them; ``collate``
+# pads exactly those and concatenates every other tensor per image).
+SEQUENCE_KEYS = "sequence_keys"
 # Batch keys that are not model inputs.
-NON_MODEL_KEYS = frozenset({"ids", "labels", "num_items_in_batch", "pad_token_id"})
+NON_MODEL_KEYS = frozenset({"ids", "labels", "num_items_in_batch", "pad_token_id", SEQUENCE_KEYS})
+# Processor outputs that are per image (or per image patch), never per token, whatever their shape happens to be:
+# a single image's [1, k] tensor must not pass for a [1, T] token row when k == T by chance.
+PER_IMAGE_KEYS = frozenset({"pixel_values", "pixel_attention_mask", "image_sizes", "image_grid_thw", "grid_sizes",
+                            "merge_sizes", "spatial_shapes", "pixel_values_videos", "video_grid_thw",
+                            "aspect_ratio_ids", "aspect_ratio_mask"})
+# Items made without ChatCodec (no SEQUENCE_KEYS entry) pad only these.
+DEFAULT_SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 # ---- processors -----------------------------------------------------------------------------------------------------
@@ -221,7 +231,8 @@ class ChatCodec:
     def encode(self, turns: list[dict[str, str]], image, sample_id: str, for_generation: bool = False,
                check_length: bool = True) -> dict:
         """Model inputs of one sample: sequence keys 1-D [T] (input_ids, attention_mask, labels, and any other
-        per-token key of the processor), every other processor key (pixel_values, image_grid_thw ...) as returned.
+        per-token key of the processor: a [1, T] output not in ``PER_IMAGE_KEYS``), every other processor key
+        (pixel_values, image_grid_thw, merge_sizes ...) as returned; ``item[SEQUENCE_KEYS]`` names the sequence keys.
         ``for_generation``: the prompt for the last answer (labels all ignored)."""
         if for_generation and turns and turns[-1]["role"] == "assistant":
             turns = question_turns(turns)
@@ -229,7 +240,8 @@ class ChatCodec:
         first = self.processor(text=[pieces[0][0]], images=[image] if image is not None else None,
                                return_tensors="pt", add_special_tokens=False)
         t0 = first["input_ids"].shape[1]
-        token_keys = [k for k, v in first.items() if torch.is_tensor(v) and v.ndim == 2 and v.shape == (1, t0)]
+        token_keys = [k for k, v in first.items()
+                      if torch.is_tensor(v) and v.ndim == 2 and v.shape == (1, t0) and k not in PER_IMAGE_KEYS]
         ids = first["input_ids"][0].tolist()
         labels = [IGNORE_INDEX] * t0
         for text, supervised in pieces[1:]:
@@ -242,7 +254,8 @@ class ChatCodec:
             labels += toks[:cut] + [IGNORE_INDEX] * (len(toks) - cut)
         if check_length:
             self._check_length(ids, labels, sample_id)
-        item: dict[str, Any] = {"id": sample_id, "pad_token_id": self.pad_token_id}
+        item: dict[str, Any] = {"id": sample_id, "pad_token_id": self.pad_token_id,
+                                SEQUENCE_KEYS: tuple(dict.fromkeys([*token_keys, "input_ids", "labels"]))}
         extra = len(ids) - t0
         for key in token_keys:
             fill = 1 if key == "attention_mask" else 0  # appended tokens are real text tokens
@@ -271,26 +284,33 @@ class ChatCodec:
 
 
 def collate(items: list[dict], padding_side: str = "right") -> dict:
-    """Pad the sequence keys (1-D) to the batch maximum, concatenate every other tensor along dim 0 and every list
-    (non-tensor processor outputs) in sample order; ``ids`` = the sample ids. Right padding for training, left
-    padding for generation."""
+    """Pad the sequence keys (those ``ChatCodec.encode`` found to be per token, named in ``item[SEQUENCE_KEYS]``) to
+    the batch maximum; concatenate every other tensor along dim 0 (per-image keys stay per image: pixel_values,
+    grid_sizes, merge_sizes ..., whatever their number of dimensions or length) and every list (non-tensor processor
+    outputs) in sample order; ``ids`` = the sample ids, ``batch[SEQUENCE_KEYS]`` = the padded keys. Right padding for
+    training, left padding for generation."""
     batch: dict[str, Any] = {"ids": [it["id"] for it in items]}
     pad_id = items[0].get("pad_token_id", 0)
+    sequence = tuple(items[0].get(SEQUENCE_KEYS, DEFAULT_SEQUENCE_KEYS))
+    batch[SEQUENCE_KEYS] = sequence
     keys = [k for k, v in items[0].items() if torch.is_tensor(v)]
-    for key in [k for k, v in items[0].items() if not torch.is_tensor(v) and k not in ("id", "pad_token_id")]:
+    for key in [k for k, v in items[0].items() if not torch.is_tensor(v) and k not in ("id", "pad_token_id",
+                                                                                        SEQUENCE_KEYS)]:
         # non-tensor processor outputs (e.g. a list of modalities per sample) are joined in sample order
         values = [it[key] for it in items]
         batch[key] = [v for vs in values for v in vs] if all(isinstance(v, list) for v in values) else values
     length = max(len(it["input_ids"]) for it in items)
     for key in keys:
         values = [it[key] for it in items]
-        if values[0].ndim == 1:
+        if key in sequence:
             fill = pad_id if key == "input_ids" else IGNORE_INDEX if key == "labels" else 0
             padded = []
             for v in values:
                 pad = torch.full((length - len(v),), fill, dtype=v.dtype)
                 padded.append(torch.cat([pad, v] if padding_side == "left" else [v, pad]))
             batch[key] = torch.stack(padded)
+        elif values[0].ndim == 0:  # one number per sample
+            batch[key] = torch.stack(values)
         else:
             batch[key] = torch.cat(values, dim=0)
     return batch
