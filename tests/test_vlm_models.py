@@ -286,6 +286,31 @@ def test_batched_greedy_generation_equals_one_by_one(folders, kind):
         assert seg.codec.decode(together[i]) == seg.codec.decode(alone[0])
 
 
+def test_generation_returns_the_new_tokens_whether_or_not_the_model_echoes_the_prompt(folders):
+    """transformers' VLMs echo the prompt; Hulu-Med's generate (inputs_embeds alone) returns only the new tokens."""
+    from medtune.errors import UserError
+
+    seg = build_model(_cfg(folders["llava"])).eval()
+    _perturb(seg)
+    prompts = _batch(seg, [TURNS, TURNS[:2]], for_generation=True)
+    t = prompts["input_ids"].shape[1]
+    real = seg.net.generate
+    echoed = real(**seg.model_inputs(prompts), max_new_tokens=6, do_sample=False, temperature=None, top_k=None,
+                  top_p=None, eos_token_id=seg.codec.stop_ids, pad_token_id=seg.codec.pad_token_id)
+    assert torch.equal(echoed[:, :t], prompts["input_ids"])  # this model echoes
+    answers = seg.generate(prompts, max_new_tokens=6)
+    assert torch.equal(answers, echoed[:, t:]) and answers.shape[1] >= 1
+    seg.net.generate = lambda **kwargs: real(**kwargs)[:, kwargs["input_ids"].shape[1]:]  # the stand-in
+    try:
+        assert torch.equal(seg.generate(prompts, max_new_tokens=6), answers)
+        seg.net.generate = lambda **kwargs: torch.zeros(2, t + 3, dtype=torch.long)  # neither: refused
+        with pytest.raises(UserError, match=r"returned \d+ tokens per sample for a \d+-token prompt") as err:
+            seg.generate(prompts, max_new_tokens=6)
+        assert "\n" not in str(err.value)
+    finally:
+        del seg.net.generate
+
+
 def test_generation_prompt_is_the_training_prompt(folders):
     seg = build_model(_cfg(folders["llava"]))
     train = seg.codec.encode(TURNS, _image(), "s0")

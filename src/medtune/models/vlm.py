@@ -316,6 +316,25 @@ def collate(items: list[dict], padding_side: str = "right") -> dict:
     return batch
 
 
+def new_tokens(output: torch.Tensor, prompt_ids: torch.Tensor, max_new_tokens: int, model_name: str = "the model"):
+    """The new tokens of a ``generate()`` output, whether the model echoes the prompt or not.
+
+    transformers' VLMs generate from ``input_ids`` and return prompt + new tokens; a model that generates from
+    ``inputs_embeds`` alone (Hulu-Med, many remote-code VLMs) returns only the new tokens. The output is an echo
+    exactly when it starts with the (left-padded) prompt ids, token for token; otherwise it must be new tokens only,
+    so no longer than ``max_new_tokens``. Anything else is refused rather than cut at a guessed position.
+    """
+    t = prompt_ids.shape[1]
+    if output.shape[0] == prompt_ids.shape[0] and output.shape[1] >= t \
+            and torch.equal(output[:, :t], prompt_ids.to(output.device)):
+        return output[:, t:]
+    if output.shape[1] <= max_new_tokens:
+        return output
+    raise UserError(f"{model_name}.generate() returned {output.shape[1]} tokens per sample for a {t}-token prompt and "
+                     f"max_new_tokens={max_new_tokens}: neither the prompt followed by new tokens nor new tokens alone, "
+                     "so the answer cannot be located; the model's generate() is not the transformers one")
+
+
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, normaliser: torch.Tensor | float | None = None):
     """Next-token cross-entropy summed over supervised positions / ``normaliser`` (default: their number here)."""
     shift_logits = logits[:, :-1].float()
@@ -405,7 +424,7 @@ class VLMModel(SegModel):
         else:
             kwargs.update(temperature=None, top_k=None, top_p=None)
         out = self.net.generate(**inputs, **kwargs)
-        return out[:, inputs["input_ids"].shape[1]:]
+        return new_tokens(out, inputs["input_ids"], max_new_tokens, type(self.base_network).__name__)
 
     # -- where LoRA goes ------------------------------------------------------------------------------------------
     def _linear_names(self, inside: str | None = None) -> list[str]:
