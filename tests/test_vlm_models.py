@@ -195,8 +195,25 @@ def test_truncation_is_refused_with_the_sample_id(folders, kind):
                                         r"\d+ of its \d+ image tokens"):
         short.codec.encode(TURNS, _image(), "case-12")
     answer_cut = build_model(_cfg(folders[kind], max_length=full - 3))
-    with pytest.raises(DataError, match="answer tokens"):
+    with pytest.raises(DataError, match="answer tokens") as err:
         answer_cut.codec.encode(TURNS, _image(), "case-13")
+    # the image's share is named, with where the image size is set
+    ids = answer_cut.codec.encode(TURNS, _image(), "x", check_length=False)["input_ids"].tolist()
+    n_image = sum(t in answer_cut.codec.image_token_ids for t in ids)
+    assert n_image > 0 and f"make the images smaller ({n_image} of the {full} tokens are image tokens; " in str(err.value)
+    assert "preprocessor_config.json" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_too_long_names_the_image_processor_knob_of_a_dynamic_resolution_model(folders):
+    from medtune.models.vlm import ChatCodec
+
+    seg = build_model(_cfg(folders["llava"]))
+    processor = seg.codec.processor
+    processor.image_processor.max_tokens = 16384  # Hulu-Med's image processor bounds its image tokens so
+    codec = ChatCodec(processor, max_length=6)
+    with pytest.raises(DataError, match=r"of the \d+ tokens are image tokens; lower the image processor's "
+                                        r"max_tokens=16384 in the model folder's preprocessor_config.json\)"):
+        codec.encode(TURNS, _image(), "case-14")
 
 
 def test_collate_keeps_every_processor_key_and_pads_sequence_keys(folders):
@@ -390,8 +407,8 @@ def test_remote_code_folder_needs_opt_in_and_qlora_needs_cuda(folders, tmp_path)
 @pytest.mark.parametrize("kind", KINDS)
 def test_build_recomputes_non_persistent_buffers_the_loader_left_uninitialised(folders, kind, monkeypatch):
     """As with remote code: transformers' loader materialises non-persistent buffers with empty_like and only the
-    model's own _init_weights writes them again. With that hook silenced (for every sub-model) and the memory poisoned, the family's
-    loader still gives the values a fresh construction computes."""
+    model's own _init_weights writes them again. With that hook silenced (for every sub-model) and the memory
+    poisoned, the family's loader still gives the values a fresh construction computes."""
     from medtune.models.tiny_vlm import tiny_vlm
 
     eager, _ = tiny_vlm(kind, seed=0)
@@ -407,3 +424,29 @@ def test_build_recomputes_non_persistent_buffers_the_loader_left_uninitialised(f
     assert any(n.endswith("inv_freq") for n in loaded)
     for name, value in expected.items():
         assert torch.equal(loaded[name], value), name
+
+
+def test_token_compression_with_more_than_one_sample_per_forward_is_a_config_error(folders, tmp_path):
+    """Hulu-Med's hub configs set use_token_compression: true, which its forward supports at batch size 1 only."""
+    import shutil
+
+    from medtune.errors import UserError
+
+    folder = tmp_path / "compressing"
+    shutil.copytree(folders["llava"], folder)
+    meta = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**meta, "use_token_compression": True}))
+    cfg = _cfg(folder)
+    cfg.data.batch_size = 4
+    with pytest.raises(UserError, match=r"config.json sets use_token_compression: true, .* batches 4 "
+                                        r"\(data.batch_size=4\); set use_token_compression to false .* or set "
+                                        r"data.batch_size=1") as err:
+        build_model(cfg)
+    assert "\n" not in str(err.value)
+    cfg.objective = "rl"
+    cfg.data.batch_size = 1
+    with pytest.raises(UserError, match=r"batches \d+ \(data.batch_size=1 x rl.group_size=\d+ answers per "
+                                        r"prompt\)"):
+        build_model(cfg)
+    cfg.objective = "supervised"
+    assert build_model(cfg).codec is not None  # one sample per forward: fine

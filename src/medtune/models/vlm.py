@@ -63,6 +63,11 @@ PER_IMAGE_KEYS = frozenset({"pixel_values", "pixel_attention_mask", "image_sizes
                             "aspect_ratio_ids", "aspect_ratio_mask"})
 # Items made without ChatCodec (no SEQUENCE_KEYS entry) pad only these.
 DEFAULT_SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")
+# Image-processor settings (preprocessor_config.json) that bound the image tokens of dynamic-resolution VLMs:
+# Hulu-Med's max_tokens, Qwen-VL's max_pixels (older folders), InternVL's tile count max_patches.
+IMAGE_SIZE_KNOBS = ("max_tokens", "max_pixels", "max_patches")
+# config.json flag of Hulu-Med (VideoLLaMA3 lineage), true in its hub configs: its forward asserts batch size 1.
+TOKEN_COMPRESSION_KEY = "use_token_compression"
 
 
 # ---- processors -----------------------------------------------------------------------------------------------------
@@ -186,6 +191,7 @@ class ChatCodec:
         ids = getattr(processor, "image_token_ids", None) or [getattr(processor, "image_token_id", None)]
         self.image_token_ids = {i for i in ids if i is not None}
         self.end_of_turn_id = self._end_of_turn()
+        self.image_size_hint = _image_size_hint(processor)
         eos = self.tokenizer.eos_token_id
         self.stop_ids = sorted({i for i in (self.end_of_turn_id, eos) if i is not None})
         # never sampled: an image token in an answer would break the teacher-forced re-forward of GRPO (image
@@ -275,12 +281,24 @@ class ChatCodec:
         cut_answer = sum(lab != IGNORE_INDEX for lab in labels[self.max_length:])
         what = (f"{cut_images} of its {len(image_pos)} image tokens (the image features would no longer match the "
                 "image tokens)") if cut_images else f"{cut_answer} answer tokens" if cut_answer else "its last tokens"
+        images = (f", make the images smaller ({len(image_pos)} of the {len(ids)} tokens are image tokens; "
+                  f"{self.image_size_hint})") if image_pos else ""
         raise DataError(f"sample {sample_id}: {len(ids)} tokens > model.vlm.max_length={self.max_length}; "
-                        f"truncation would cut {what}. Raise model.vlm.max_length or shorten the conversation")
+                        f"truncation would cut {what}. Raise model.vlm.max_length{images} or shorten the conversation")
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def _image_size_hint(processor) -> str:
+    """Where the number of image tokens is set, for the too-long message."""
+    image_processor = getattr(processor, "image_processor", None)
+    for name in IMAGE_SIZE_KNOBS:
+        value = getattr(image_processor, name, None)
+        if value is not None and not (isinstance(value, int) and value <= 1):  # (one tile cannot be lowered)
+            return f"lower the image processor's {name}={value} in the model folder's preprocessor_config.json"
+    return "the model folder's preprocessor_config.json sets the image size"
 
 
 def collate(items: list[dict], padding_side: str = "right") -> dict:
@@ -570,6 +588,24 @@ def _auto_class(meta: dict, path: Path):
     return AutoModelForImageTextToText
 
 
+def check_token_compression(meta: dict, cfg: Config, path: Path) -> None:
+    """Hulu-Med's ``use_token_compression`` (true in its hub configs) works at batch size 1 only: its forward asserts
+    it deep inside. Refused here, from config.json alone, before anything loads."""
+    if not meta.get(TOKEN_COMPRESSION_KEY):
+        return
+    rl = cfg.objective == "rl"
+    per_forward = cfg.data.batch_size * (cfg.rl.group_size if rl else 1)
+    if per_forward <= 1:
+        return
+    where = (f"data.batch_size={cfg.data.batch_size} x rl.group_size={cfg.rl.group_size} answers per prompt" if rl
+             else f"data.batch_size={cfg.data.batch_size}")
+    fix = "" if rl else " or set data.batch_size=1"
+    raise UserError(f"{path / 'config.json'} sets {TOKEN_COMPRESSION_KEY}: true, which this model supports only one "
+                     f"sample per forward, but this run batches {per_forward} ({where}); set {TOKEN_COMPRESSION_KEY} "
+                     f"to false in that config.json (for images it changes nothing; Hulu-Med's own notebook turns it "
+                     f"off){fix}")
+
+
 def build_vlm(cfg: Config) -> VLMModel:
     path = resolve_model_path(cfg)  # refuses remote code without model.trust_remote_code
     if path is None:
@@ -585,6 +621,7 @@ def build_vlm(cfg: Config) -> VLMModel:
         net, processor = tiny_vlm(kind, overrides)
     else:
         meta = read_config_json(path)
+        check_token_compression(meta, cfg, path)
         if cfg.model.config:
             log.warning("model.config is ignored with model.path: the architecture comes from %s/config.json", path)
         processor = load_processor(path, cfg)
