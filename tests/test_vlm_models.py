@@ -450,3 +450,22 @@ def test_token_compression_with_more_than_one_sample_per_forward_is_a_config_err
         build_model(cfg)
     cfg.objective = "supervised"
     assert build_model(cfg).codec is not None  # one sample per forward: fine
+
+
+def test_published_hulumed_config_with_a_batch_is_refused_before_loading():
+    """The published Hulu-Med config.json (fixture) has use_token_compression: true."""
+    from helpers import REPO
+
+    from medtune.errors import UserError
+    from medtune.models.hf import read_config_json
+    from medtune.models.vlm import check_token_compression
+
+    folder = REPO.parent / "shared" / "fixtures" / "hulumed-tiny" / "model"
+    if not (folder / "config.json").is_file():
+        pytest.skip(f"Hulu-Med fixture absent ({folder})")
+    cfg = build_config({"model": {"family": "vlm", "path": str(folder), "trust_remote_code": True},
+                        "data": {"batch_size": 2}})
+    with pytest.raises(UserError, match="use_token_compression: true"):
+        check_token_compression(read_config_json(folder), cfg, folder)
+    cfg.data.batch_size = 1
+    check_token_compression(read_config_json(folder), cfg, folder)
