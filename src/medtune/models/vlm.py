@@ -14,6 +14,9 @@ internvl}`` builds the offline tiny models of ``tiny_vlm``. What this module add
   template, and a generation prompt is token for token the training prompt.
 * Truncation: a sample longer than ``model.vlm.max_length`` is refused with its id (never cut: a cut through the
   image tokens breaks the image-feature/token match, a cut answer teaches a wrong stop).
+* Batches: only the keys ``ChatCodec.encode`` found to be per token are padded; per-image keys (``grid_sizes``,
+  ``merge_sizes`` ...) are concatenated per image whatever their shape. Generation returns the new tokens whether or
+  not the model's ``generate()`` echoes the prompt (``new_tokens``).
 """
 from __future__ import annotations
 
@@ -600,8 +603,8 @@ def check_token_compression(meta: dict, cfg: Config, path: Path) -> None:
     where = (f"data.batch_size={cfg.data.batch_size} x rl.group_size={cfg.rl.group_size} answers per prompt" if rl
              else f"data.batch_size={cfg.data.batch_size}")
     fix = "" if rl else " or set data.batch_size=1"
-    raise UserError(f"{path / 'config.json'} sets {TOKEN_COMPRESSION_KEY}: true, which this model supports only one "
-                     f"sample per forward, but this run batches {per_forward} ({where}); set {TOKEN_COMPRESSION_KEY} "
+    raise UserError(f"{path / 'config.json'} sets {TOKEN_COMPRESSION_KEY}: true, which this model supports with one "
+                     f"sample per forward only, but this run batches {per_forward} ({where}); set {TOKEN_COMPRESSION_KEY} "
                      f"to false in that config.json (for images it changes nothing; Hulu-Med's own notebook turns it "
                      f"off){fix}")
 

@@ -8,7 +8,8 @@ truncation, or whose conversation the chat template cannot render turn by turn, 
 Validation and evaluation: greedy, batched generation of each sample's last answer from the conversation before it,
 parsed into a label (``medtune.answers``): accuracy (``val_accuracy`` picks `best`), macro-F1, per-class
 precision / recall / F1, the confusion matrix with its "invalid answer" column, bootstrap CIs, and the majority-class
-rate of the training split to read them against.
+rate of the training split to read them against. An evaluation or prediction whose answers are all empty is an error
+(generation that does not work), never an accuracy of 0; validation logs it and training goes on.
 """
 from __future__ import annotations
 
