@@ -98,3 +98,28 @@ def test_score_rows_and_labels(setup):
     finally:
         for i, s in enumerate(no_labels):
             s.label = "benign" if i % 2 == 0 else "malignant"
+
+
+def test_evaluation_with_only_empty_answers_is_an_error_not_an_accuracy_of_zero(setup, caplog):
+    from medtune.errors import UserError
+    from medtune.tasks.instruct import evaluate_model, validate
+
+    root, _, _, cfg, samples = setup
+    model = build_model(cfg)
+    stop = model.codec.stop_ids[0]
+    # a model that ends every answer at once (or a generate() output read at the wrong place)
+    model.generate = lambda batch, max_new_tokens, **kw: torch.full((len(batch["ids"]), 2), stop)
+    run_dir = root / "empty_run"
+    run_dir.mkdir()
+    with pytest.raises(UserError, match=r"generation produced no text: all \d+ answers \(split 'test'\) are empty") \
+            as err:
+        evaluate_model(model, cfg, run_dir, "test", "cpu")
+    assert "\n" not in str(err.value) and "model.vlm.chat_template" in str(err.value)
+    with caplog.at_level("WARNING", logger="medtune"):
+        val = validate(model, samples[:2], cfg, "cpu")  # training goes on, with the reason in the log
+    assert val["val_invalid_rate"] == 1.0 and "generation produced no text" in caplog.text
+    model.generate = lambda batch, max_new_tokens, **kw: torch.tensor(  # one answer with text: scored as usual
+        [model.codec.tokenizer("benign", add_special_tokens=False).input_ids[:1] + [stop]]
+        + [[stop, stop]] * (len(batch["ids"]) - 1))
+    summary, rows = evaluate_model(model, cfg, run_dir, "test", "cpu")
+    assert summary["n_samples"] == len(rows) >= 1 and any(r["answer"] for r in rows)

@@ -21,9 +21,8 @@ def test_grpo_ratio_is_exactly_one_and_weights_unchanged_with_dropout_configured
     """lr 0, lora.dropout 0.5 and attention dropout 0.5 in the language model's config: answers are sampled in eval
     mode and updated in train mode, so every dropout must be off for the second inner epoch's log-probs to equal the
     first's (ratio exactly 1). Measured before the fix: ratio 1.114."""
-    from medtune.models.vlm.tiny import save_tiny_vlm
-
     import medtune.train.rl_answers as rl_answers
+    from medtune.models.vlm.tiny import save_tiny_vlm
 
     data = write_vqa(tmp_path / "data", n=8)
     base = save_tiny_vlm(tmp_path / "base", "llava", seed=0, overrides={"text_config": {"attention_dropout": DROPOUT}})

@@ -27,7 +27,7 @@ from torch import nn
 from medtune.config import Config, deep_merge
 from medtune.errors import ConfigError, UserError
 from medtune.models.base import SegModel, load_safetensors_folder
-from medtune.models.hf import load_kwargs, prepare_for_training, read_config_json, resolve_model_path
+from medtune.models.hf import load_kwargs, load_pretrained, prepare_for_training, read_config_json, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def _build(cfg: Config, cls: type[SamSegModel]) -> SamSegModel:
                               f"model.family to match the checkpoint")
         keep = cfg.lora.modules_to_save if cfg.lora.modules_to_save is not None else cls.DEFAULT_MODULES_TO_SAVE
         loader = AutoModel if cfg.model.trust_remote_code else model_cls
-        net = loader.from_pretrained(str(path), **load_kwargs(cfg, keep))
+        net = load_pretrained(loader, path, **load_kwargs(cfg, keep))
     if cls.model_type == "sam2":
         # SAM 2 swaps in another mask token in eval mode when the first one looks unstable; training and
         # evaluation must run the same function, so always take the single-mask token.

@@ -8,7 +8,8 @@ truncation, or whose conversation the chat template cannot render turn by turn, 
 Validation and evaluation: greedy, batched generation of each sample's last answer from the conversation before it,
 parsed into a label (``medtune.answers``): accuracy (``val_accuracy`` picks `best`), macro-F1, per-class
 precision / recall / F1, the confusion matrix with its "invalid answer" column, bootstrap CIs, and the majority-class
-rate of the training split to read them against.
+rate of the training split to read them against. An evaluation or prediction whose answers are all empty is an error
+(generation that does not work), never an accuracy of 0; validation logs it and training goes on.
 """
 from __future__ import annotations
 
@@ -131,6 +132,18 @@ def generate_answers(model, samples: list[LoadedSample], cfg: Config, device, de
     return answers
 
 
+def require_text(answers: list[str], what: str) -> None:
+    """Refuse an answer set without any text: that is a generation that does not work (a model stopping at once, a
+    generate() output read at the wrong place), which scoring would turn into a plausible-looking accuracy of 0."""
+    if answers and not any(a.strip() for a in answers):
+        raise UserError(
+            f"generation produced no text: all {len(answers)} answers ({what}) are empty, so each would be scored "
+            "as an invalid answer. Likely cause: the model ends its turn at once because the generation prompt is not "
+            "the one it was trained on (check model.vlm.chat_template and the checkpoint's chat template / stop "
+            "tokens), or the model's generate() returns no answer tokens"
+        )
+
+
 def resolve_labels(cfg: Config, samples: list[LoadedSample] | list[Sample]) -> list[str]:
     """task.labels, else the samples' class labels (llava_json "label"), else their distinct reference answers when
     there are few of them."""
@@ -196,7 +209,12 @@ def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict[str, f
     from medtune.data.layouts import discover
 
     labels = resolve_labels(cfg, discover(cfg.data))
-    rows = score(val, generate_answers(model, val, cfg, device, "val answers"), labels, cfg)
+    answers = generate_answers(model, val, cfg, device, "val answers")
+    try:
+        require_text(answers, "validation")
+    except UserError as err:  # training goes on (a model early in training may stop at once); the log says why
+        log.warning("%s", err)
+    rows = score(val, answers, labels, cfg)
     scored = [r for r in rows if r["reference_label"]]
     out = {"val_lm_loss": teacher_forced_loss(model, val, cfg, device)}
     if scored:
@@ -233,7 +251,9 @@ def evaluate_model(model, cfg: Config, run_dir: Path, split: str = "test", devic
         source = {"data": cfg.data.path}
     samples = load_split_samples(cfg, data, split, run_dir)
     require_conversations(samples)
-    rows = score(samples, generate_answers(model, samples, cfg, device, split), labels, cfg)
+    answers = generate_answers(model, samples, cfg, device, split)
+    require_text(answers, f"split {split!r}")
+    rows = score(samples, answers, labels, cfg)
     scored = [r for r in rows if r["reference_label"]]
     metrics = classification_metrics([r["reference_label"] for r in scored],
                                      [None if r["answer_label"] == INVALID else r["answer_label"] for r in scored],
@@ -309,6 +329,7 @@ def predict_answers(req: PredictRequest, device=None) -> list[dict]:
     samples = [LoadedSample(id=Path(p).stem, image=read_image(Path(p), cfg.data.channels), mask=None, fov=None,
                             conversations=[{"role": "user", "content": text}]) for p in images]
     answers = generate_answers(model, samples, cfg, device, "predict")
+    require_text(answers, "predict")
     labels = cfg.task.labels or _evaluated_labels(run_dir)
     vocab = answer_vocabulary(labels, cfg.task.synonyms) if labels else None
     rows = [{"image": str(p), "question": question, "answer": a,

@@ -14,6 +14,9 @@ internvl}`` builds the offline tiny models of ``tiny_vlm``. What this module add
   template, and a generation prompt is token for token the training prompt.
 * Truncation: a sample longer than ``model.vlm.max_length`` is refused with its id (never cut: a cut through the
   image tokens breaks the image-feature/token match, a cut answer teaches a wrong stop).
+* Batches: only the keys ``ChatCodec.encode`` found to be per token are padded; per-image keys (``grid_sizes``,
+  ``merge_sizes`` ...) are concatenated per image whatever their shape. Generation returns the new tokens whether or
+  not the model's ``generate()`` echoes the prompt (``new_tokens``).
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from medtune.data.conversations import IMAGE_PLACEHOLDER, question_turns
 from medtune.data.types import DataError
 from medtune.errors import UserError
 from medtune.models.base import ModelOutput, SegModel
-from medtune.models.hf import load_kwargs, prepare_for_training, read_config_json, resolve_model_path
+from medtune.models.hf import load_kwargs, load_pretrained, prepare_for_training, read_config_json, resolve_model_path
 from medtune.models.vlm.processing import load_processor, read_chat_template, save_processor
 
 log = logging.getLogger(__name__)
@@ -42,8 +45,23 @@ IGNORE_INDEX = -100
 # remote-code models use (LLaVA, InternVL, Qwen-VL, Idefics, Gemma3, PaliGemma, Hulu-Med / VideoLLaMA3 ...).
 VISION_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_encoder", "vpm")
 PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "mlp1", "merger", "connector", "aligner")
+# An encoded sample / a batch names its per-token keys under this key (``ChatCodec.encode`` finds them; ``collate``
+# pads exactly those and concatenates every other tensor per image).
+SEQUENCE_KEYS = "sequence_keys"
 # Batch keys that are not model inputs.
-NON_MODEL_KEYS = frozenset({"ids", "labels", "num_items_in_batch", "pad_token_id"})
+NON_MODEL_KEYS = frozenset({"ids", "labels", "num_items_in_batch", "pad_token_id", SEQUENCE_KEYS})
+# Processor outputs that are per image (or per image patch), never per token, whatever their shape happens to be:
+# a single image's [1, k] tensor must not pass for a [1, T] token row when k == T by chance.
+PER_IMAGE_KEYS = frozenset({"pixel_values", "pixel_attention_mask", "image_sizes", "image_grid_thw", "grid_sizes",
+                            "merge_sizes", "spatial_shapes", "pixel_values_videos", "video_grid_thw",
+                            "aspect_ratio_ids", "aspect_ratio_mask"})
+# Items made without ChatCodec (no SEQUENCE_KEYS entry) pad only these.
+DEFAULT_SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")
+# Image-processor settings (preprocessor_config.json) that bound the image tokens of dynamic-resolution VLMs:
+# Hulu-Med's max_tokens, Qwen-VL's max_pixels (older folders), InternVL's tile count max_patches.
+IMAGE_SIZE_KNOBS = ("max_tokens", "max_pixels", "max_patches")
+# config.json flag of Hulu-Med (VideoLLaMA3 lineage), true in its hub configs: its forward asserts batch size 1.
+TOKEN_COMPRESSION_KEY = "use_token_compression"
 
 
 # ---- conversations -> tokens ----------------------------------------------------------------------------------------
@@ -89,6 +107,7 @@ class ChatCodec:
         ids = getattr(processor, "image_token_ids", None) or [getattr(processor, "image_token_id", None)]
         self.image_token_ids = {i for i in ids if i is not None}
         self.end_of_turn_id = self._end_of_turn()
+        self.image_size_hint = _image_size_hint(processor)
         eos = self.tokenizer.eos_token_id
         self.stop_ids = sorted({i for i in (self.end_of_turn_id, eos) if i is not None})
         # never sampled: an image token in an answer would break the teacher-forced re-forward of GRPO (image
@@ -134,7 +153,8 @@ class ChatCodec:
     def encode(self, turns: list[dict[str, str]], image, sample_id: str, for_generation: bool = False,
                check_length: bool = True) -> dict:
         """Model inputs of one sample: sequence keys 1-D [T] (input_ids, attention_mask, labels, and any other
-        per-token key of the processor), every other processor key (pixel_values, image_grid_thw ...) as returned.
+        per-token key of the processor: a [1, T] output not in ``PER_IMAGE_KEYS``), every other processor key
+        (pixel_values, image_grid_thw, merge_sizes ...) as returned; ``item[SEQUENCE_KEYS]`` names the sequence keys.
         ``for_generation``: the prompt for the last answer (labels all ignored)."""
         if for_generation and turns and turns[-1]["role"] == "assistant":
             turns = question_turns(turns)
@@ -142,7 +162,8 @@ class ChatCodec:
         first = self.processor(text=[pieces[0][0]], images=[image] if image is not None else None,
                                return_tensors="pt", add_special_tokens=False)
         t0 = first["input_ids"].shape[1]
-        token_keys = [k for k, v in first.items() if torch.is_tensor(v) and v.ndim == 2 and v.shape == (1, t0)]
+        token_keys = [k for k, v in first.items()
+                      if torch.is_tensor(v) and v.ndim == 2 and v.shape == (1, t0) and k not in PER_IMAGE_KEYS]
         ids = first["input_ids"][0].tolist()
         labels = [IGNORE_INDEX] * t0
         for text, supervised in pieces[1:]:
@@ -155,7 +176,8 @@ class ChatCodec:
             labels += toks[:cut] + [IGNORE_INDEX] * (len(toks) - cut)
         if check_length:
             self._check_length(ids, labels, sample_id)
-        item: dict[str, Any] = {"id": sample_id, "pad_token_id": self.pad_token_id}
+        item: dict[str, Any] = {"id": sample_id, "pad_token_id": self.pad_token_id,
+                                SEQUENCE_KEYS: tuple(dict.fromkeys([*token_keys, "input_ids", "labels"]))}
         extra = len(ids) - t0
         for key in token_keys:
             fill = 1 if key == "attention_mask" else 0  # appended tokens are real text tokens
@@ -175,38 +197,76 @@ class ChatCodec:
         cut_answer = sum(lab != IGNORE_INDEX for lab in labels[self.max_length:])
         what = (f"{cut_images} of its {len(image_pos)} image tokens (the image features would no longer match the "
                 "image tokens)") if cut_images else f"{cut_answer} answer tokens" if cut_answer else "its last tokens"
+        images = (f", make the images smaller ({len(image_pos)} of the {len(ids)} tokens are image tokens; "
+                  f"{self.image_size_hint})") if image_pos else ""
         raise DataError(f"sample {sample_id}: {len(ids)} tokens > model.vlm.max_length={self.max_length}; "
-                        f"truncation would cut {what}. Raise model.vlm.max_length or shorten the conversation")
+                        f"truncation would cut {what}. Raise model.vlm.max_length{images} or shorten the conversation")
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
+def _image_size_hint(processor) -> str:
+    """Where the number of image tokens is set, for the too-long message."""
+    image_processor = getattr(processor, "image_processor", None)
+    for name in IMAGE_SIZE_KNOBS:
+        value = getattr(image_processor, name, None)
+        if value is not None and not (isinstance(value, int) and value <= 1):  # (one tile cannot be lowered)
+            return f"lower the image processor's {name}={value} in the model folder's preprocessor_config.json"
+    return "the model folder's preprocessor_config.json sets the image size"
+
+
 def collate(items: list[dict], padding_side: str = "right") -> dict:
-    """Pad the sequence keys (1-D) to the batch maximum, concatenate every other tensor along dim 0 and every list
-    (non-tensor processor outputs) in sample order; ``ids`` = the sample ids. Right padding for training, left
-    padding for generation."""
+    """Pad the sequence keys (those ``ChatCodec.encode`` found to be per token, named in ``item[SEQUENCE_KEYS]``) to
+    the batch maximum; concatenate every other tensor along dim 0 (per-image keys stay per image: pixel_values,
+    grid_sizes, merge_sizes ..., whatever their number of dimensions or length) and every list (non-tensor processor
+    outputs) in sample order; ``ids`` = the sample ids, ``batch[SEQUENCE_KEYS]`` = the padded keys. Right padding for
+    training, left padding for generation."""
     batch: dict[str, Any] = {"ids": [it["id"] for it in items]}
     pad_id = items[0].get("pad_token_id", 0)
+    sequence = tuple(items[0].get(SEQUENCE_KEYS, DEFAULT_SEQUENCE_KEYS))
+    batch[SEQUENCE_KEYS] = sequence
     keys = [k for k, v in items[0].items() if torch.is_tensor(v)]
-    for key in [k for k, v in items[0].items() if not torch.is_tensor(v) and k not in ("id", "pad_token_id")]:
+    for key in [k for k, v in items[0].items() if not torch.is_tensor(v) and k not in ("id", "pad_token_id",
+                                                                                        SEQUENCE_KEYS)]:
         # non-tensor processor outputs (e.g. a list of modalities per sample) are joined in sample order
         values = [it[key] for it in items]
         batch[key] = [v for vs in values for v in vs] if all(isinstance(v, list) for v in values) else values
     length = max(len(it["input_ids"]) for it in items)
     for key in keys:
         values = [it[key] for it in items]
-        if values[0].ndim == 1:
+        if key in sequence:
             fill = pad_id if key == "input_ids" else IGNORE_INDEX if key == "labels" else 0
             padded = []
             for v in values:
                 pad = torch.full((length - len(v),), fill, dtype=v.dtype)
                 padded.append(torch.cat([pad, v] if padding_side == "left" else [v, pad]))
             batch[key] = torch.stack(padded)
+        elif values[0].ndim == 0:  # one number per sample
+            batch[key] = torch.stack(values)
         else:
             batch[key] = torch.cat(values, dim=0)
     return batch
+
+
+def new_tokens(output: torch.Tensor, prompt_ids: torch.Tensor, max_new_tokens: int, model_name: str = "the model"):
+    """The new tokens of a ``generate()`` output, whether the model echoes the prompt or not.
+
+    transformers' VLMs generate from ``input_ids`` and return prompt + new tokens; a model that generates from
+    ``inputs_embeds`` alone (Hulu-Med, many remote-code VLMs) returns only the new tokens. The output is an echo
+    exactly when it starts with the (left-padded) prompt ids, token for token; otherwise it must be new tokens only,
+    so no longer than ``max_new_tokens``. Anything else is refused rather than cut at a guessed position.
+    """
+    t = prompt_ids.shape[1]
+    if output.shape[0] == prompt_ids.shape[0] and output.shape[1] >= t \
+            and torch.equal(output[:, :t], prompt_ids.to(output.device)):
+        return output[:, t:]
+    if output.shape[1] <= max_new_tokens:
+        return output
+    raise UserError(f"{model_name}.generate() returned {output.shape[1]} tokens per sample for a {t}-token prompt and "
+                     f"max_new_tokens={max_new_tokens}: neither the prompt followed by new tokens nor new tokens alone, "
+                     "so the answer cannot be located; the model's generate() is not the transformers one")
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, normaliser: torch.Tensor | float | None = None):
@@ -298,7 +358,7 @@ class VLMModel(SegModel):
         else:
             kwargs.update(temperature=None, top_k=None, top_p=None)
         out = self.net.generate(**inputs, **kwargs)
-        return out[:, inputs["input_ids"].shape[1]:]
+        return new_tokens(out, inputs["input_ids"], max_new_tokens, type(self.base_network).__name__)
 
     # -- where LoRA goes ------------------------------------------------------------------------------------------
     def _linear_names(self, inside: str | None = None) -> list[str]:
@@ -444,6 +504,24 @@ def _auto_class(meta: dict, path: Path):
     return AutoModelForImageTextToText
 
 
+def check_token_compression(meta: dict, cfg: Config, path: Path) -> None:
+    """Hulu-Med's ``use_token_compression`` (true in its hub configs) works at batch size 1 only: its forward asserts
+    it deep inside. Refused here, from config.json alone, before anything loads."""
+    if not meta.get(TOKEN_COMPRESSION_KEY):
+        return
+    rl = cfg.objective == "rl"
+    per_forward = cfg.data.batch_size * (cfg.rl.group_size if rl else 1)
+    if per_forward <= 1:
+        return
+    where = (f"data.batch_size={cfg.data.batch_size} x rl.group_size={cfg.rl.group_size} answers per prompt" if rl
+             else f"data.batch_size={cfg.data.batch_size}")
+    fix = "" if rl else " or set data.batch_size=1"
+    raise UserError(f"{path / 'config.json'} sets {TOKEN_COMPRESSION_KEY}: true, which this model supports with one "
+                     f"sample per forward only, but this run batches {per_forward} ({where}); set {TOKEN_COMPRESSION_KEY} "
+                     f"to false in that config.json (for images it changes nothing; Hulu-Med's own notebook turns it "
+                     f"off){fix}")
+
+
 def build_vlm(cfg: Config) -> VLMModel:
     path = resolve_model_path(cfg)  # refuses remote code without model.trust_remote_code
     if path is None:
@@ -459,12 +537,13 @@ def build_vlm(cfg: Config) -> VLMModel:
         net, processor = tiny_vlm(kind, overrides)
     else:
         meta = read_config_json(path)
+        check_token_compression(meta, cfg, path)
         if cfg.model.config:
             log.warning("model.config is ignored with model.path: the architecture comes from %s/config.json", path)
         processor = load_processor(path, cfg)
         # QLoRA: the projector (trained fully when asked) and lm_head stay unquantised
         keep = list(PROJECTOR_NAMES) + ["lm_head"]
-        net = _auto_class(meta, path).from_pretrained(str(path), **load_kwargs(cfg, keep))
+        net = load_pretrained(_auto_class(meta, path), path, **load_kwargs(cfg, keep))
     codec = ChatCodec(processor, read_chat_template(cfg.model.vlm.chat_template), cfg.model.vlm.max_length)
     net = prepare_for_training(net, cfg, input_grads=True)
     return VLMModel(net, processor, codec, cfg.model.vlm)

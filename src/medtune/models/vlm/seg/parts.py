@@ -25,7 +25,7 @@ from torch import nn
 
 from medtune.config import Config
 from medtune.errors import UserError
-from medtune.models.hf import load_kwargs, read_config_json, resolve_local_folder
+from medtune.models.hf import load_kwargs, load_pretrained, read_config_json, resolve_local_folder
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +123,13 @@ def load_sam(path: Path, key: str) -> nn.Module:
             f"or sam2_video); point {key} at a SAM checkpoint folder such as facebook/sam2.1-hiera-tiny"
         )
     if SAM_MODEL_TYPES[model_type] == "sam":
-        net = SamModel.from_pretrained(str(path), dtype=torch.float32)
+        net = load_pretrained(SamModel, path, dtype=torch.float32)
     else:
         # Build the image model's config from the checkpoint's sub-configs, so a video checkpoint loads without
         # transformers' "model of type sam2_video" warning (the extra memory weights are simply not used).
         config = Sam2Config(**{k: meta[k] for k in ("vision_config", "prompt_encoder_config", "mask_decoder_config")
                                if k in meta})
-        net = Sam2Model.from_pretrained(str(path), config=config, dtype=torch.float32)
+        net = load_pretrained(Sam2Model, path, config=config, dtype=torch.float32)
     prepare_sam(net)
     return net
 
@@ -160,7 +160,7 @@ def load_vlm(path: Path, key: str, cfg: Config) -> nn.Module:
         )
     # Under QLoRA, everything but the language model's linears stays unquantised.
     keep = ["lm_head", "multi_modal_projector", "vision_tower"]
-    return AutoModelForImageTextToText.from_pretrained(str(path), **load_kwargs(cfg, keep))
+    return load_pretrained(AutoModelForImageTextToText, path, **load_kwargs(cfg, keep))
 
 
 def module_name(root: nn.Module, target: nn.Module) -> str:
