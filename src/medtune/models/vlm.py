@@ -35,6 +35,8 @@ from medtune.data.conversations import IMAGE_PLACEHOLDER, question_turns
 from medtune.data.types import DataError
 from medtune.errors import UserError
 from medtune.models.base import ModelOutput, SegModel
+from medtune.models.hulumed import is_hulumed_config
+from medtune.models.hulumed import load_folder as load_hulumed_folder
 from medtune.models.hf import load_kwargs, prepare_for_training, read_config_json, remote_code_kwargs, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -541,10 +543,13 @@ def build_vlm(cfg: Config) -> VLMModel:
         meta = read_config_json(path)
         if cfg.model.config:
             log.warning("model.config is ignored with model.path: the architecture comes from %s/config.json", path)
-        processor = load_processor(path, cfg)
         # QLoRA: the projector (trained fully when asked) and lm_head stay unquantised
         keep = list(PROJECTOR_NAMES) + ["lm_head"]
-        net = _auto_class(meta, path).from_pretrained(str(path), **load_kwargs(cfg, keep))
+        if is_hulumed_config(meta):  # medtune's own Hulu-Med: no code from the folder, with or without the opt-in
+            net, processor = load_hulumed_folder(path, **load_kwargs(cfg, keep))
+        else:
+            processor = load_processor(path, cfg)
+            net = _auto_class(meta, path).from_pretrained(str(path), **load_kwargs(cfg, keep))
     codec = ChatCodec(processor, read_chat_template(cfg.model.vlm.chat_template), cfg.model.vlm.max_length)
     net = prepare_for_training(net, cfg, input_grads=True)
     return VLMModel(net, processor, codec, cfg.model.vlm)

@@ -20,3 +20,16 @@ MODEL_TYPES = {"hulumed_qwen3": "qwen3", "hulumed_qwen2": "qwen2"}
 def is_hulumed_config(config_json: dict[str, Any]) -> bool:
     """True for a config.json medtune loads natively as Hulu-Med (its auto_map is then never executed)."""
     return config_json.get("model_type") in MODEL_TYPES
+
+
+def load_folder(path, **load_kwargs) -> tuple[Any, Any]:
+    """(network, processor) of a Hulu-Med folder through medtune's own implementation; ``load_kwargs`` go to
+    ``from_pretrained`` (dtype, quantization_config, device_map)."""
+    import json
+    from pathlib import Path
+
+    from medtune.models.hulumed.modeling import load_hulumed
+    from medtune.models.hulumed.processing import load_processor
+
+    model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    return load_hulumed(path, model_type, **load_kwargs), load_processor(path)

@@ -52,7 +52,21 @@ def _legacy_rope(config, out: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class HulumedQwen3Config(Qwen3Config):
+class _HulumedConfig:
+    """What both Hulu-Med configs add to their causal LM's config class."""
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs):
+        # Hulu-Med's config.json writes "rope_scaling": null, which transformers 5 reports as deprecated on each load
+        if "rope_scaling" in config_dict and config_dict["rope_scaling"] is None:
+            config_dict = {k: v for k, v in config_dict.items() if k != "rope_scaling"}
+        return super().from_dict(config_dict, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _legacy_rope(self, super().to_dict())
+
+
+class HulumedQwen3Config(_HulumedConfig, Qwen3Config):
     """config.json of HulumedQwen3ForCausalLM (Hulu-Med-4B / 14B)."""
 
     model_type = "hulumed_qwen3"
@@ -62,11 +76,8 @@ class HulumedQwen3Config(Qwen3Config):
     vision_encoder: str | None = None
     vision_encoder_config: dict | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return _legacy_rope(self, super().to_dict())
 
-
-class HulumedQwen2Config(Qwen2Config):
+class HulumedQwen2Config(_HulumedConfig, Qwen2Config):
     """config.json of HulumedQwen2ForCausalLM (Hulu-Med-7B / 32B)."""
 
     model_type = "hulumed_qwen2"
@@ -75,9 +86,6 @@ class HulumedQwen2Config(Qwen2Config):
     use_token_compression: bool = False
     vision_encoder: str | None = None
     vision_encoder_config: dict | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return _legacy_rope(self, super().to_dict())
 
 
 CONFIG_CLASSES = {"hulumed_qwen3": HulumedQwen3Config, "hulumed_qwen2": HulumedQwen2Config}
