@@ -287,3 +287,89 @@ def test_export_is_a_hulumed_folder_that_loads_back(tmp_path):
     assert again.codec.template == seg.codec.template
     with torch.no_grad():
         _close(again(batch=batch).token_logits, expected)
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+N_CASES = 10  # 6 / 2 / 2 after the split
+
+
+def _write_vqa(root):
+    """root/train.json (llava_json) + images: crops of the fixture's two BUSI images, so no two images are equal."""
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    entries = []
+    for i in range(N_CASES):
+        label = SAMPLES[i % 2]
+        image = Image.open(FIXTURE / "images" / f"{label}.png")
+        w, h = image.size
+        image.crop((4 * i, 3 * i, w - 2 * i, h - i)).resize((w // 2, h // 2)).save(root / "images" / f"case{i}.png")
+        entries.append({"id": f"case{i}", "image": f"images/case{i}.png", "label": label,
+                        "conversations": [{"from": "human", "value": QUESTION}, {"from": "gpt", "value": label}]})
+    (root / "train.json").write_text(json.dumps(entries))
+    return root / "train.json"
+
+
+@pytest.fixture
+def generic_vlm_path_standins(monkeypatch):
+    """Stand-ins for two generic VLM-path bugs fixed elsewhere (issue 14): ``collate`` pads ``merge_sizes`` (one value
+    per image) like a token sequence, and ``VLMModel.generate`` cuts the prompt length off ``generate()``'s output
+    although Hulu-Med returns the new tokens only. Both stand-ins are no-ops once medtune does it right."""
+    import medtune.models.vlm as vlm
+    import medtune.tasks.instruct as instruct
+    import medtune.train.rl_answers as rl_answers
+    from medtune.models.hulumed.modeling import HulumedMixin
+
+    original_collate, original_generate = vlm.collate, HulumedMixin.generate
+
+    def collate(items, padding_side="right"):
+        batch = original_collate(items, padding_side)
+        if "merge_sizes" in items[0]:
+            batch["merge_sizes"] = torch.cat([it["merge_sizes"] for it in items])
+        return batch
+
+    def generate(self, input_ids=None, **kwargs):
+        new = original_generate(self, input_ids=input_ids, **kwargs)
+        return torch.cat([input_ids, new], dim=1) if torch.is_tensor(new) else new
+
+    for module in (vlm, instruct, rl_answers):
+        monkeypatch.setattr(module, "collate", collate)
+    monkeypatch.setattr(HulumedMixin, "generate", generate)
+
+
+def test_cli_trains_evaluates_predicts_and_exports_the_published_folder(tmp_path, capsys, generic_vlm_path_standins):
+    from medtune.cli import main
+    from medtune.models.registry import build_model
+    from medtune.runs.files import read_metrics
+
+    data = _write_vqa(tmp_path / "data")
+    run = tmp_path / "runs" / "hulumed"
+    assert main(["train", str(REPO / "configs" / "vlm_llava_tiny.yaml"), "run.name=hulumed",
+                 f"run.output_dir={tmp_path / 'runs'}", f"data.path={data}", f"model.path={MODEL}", "model.config={}",
+                 "data.batch_size=2", "optim.max_steps=4", "optim.lr=0.02", "optim.warmup_steps=1",
+                 "train.eval_every=4", "train.save_every=4", "train.log_every=1", "train.trackers=[]",
+                 "eval.bootstrap=50", "task.max_new_tokens=4"]) == 0
+    assert json.loads((run / "preflight.json").read_text())["passed"]
+    assert len([r for r in read_metrics(run) if "loss" in r]) == 4
+    assert (run / "checkpoints" / "best" / "adapter" / "adapter_model.safetensors").is_file()
+
+    assert main(["eval", str(run)]) == 0
+    summary = json.loads((run / "eval" / "test" / "summary.json").read_text())
+    assert summary["task"] == "instruct" and summary["n_samples"] == 2
+    import csv
+
+    with open(run / "eval" / "test" / "answers.csv", newline="") as f:
+        answers = [row["answer"] for row in csv.DictReader(f)]
+    assert len(answers) == 2 and all(answers)  # generated text, not the empty cut of a prompt-less output
+
+    image = tmp_path / "data" / "images" / "case0.png"
+    assert main(["predict", str(run), str(image), "--question", "Is the lesion benign or malignant?",
+                 "--out", str(tmp_path / "pred")]) == 0
+    saved = json.loads((tmp_path / "pred" / "answers.json").read_text())["answers"]
+    assert saved[0]["image"] == str(image) and saved[0]["answer"]
+
+    export = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(export)]) == 0
+    assert json.loads((export / "config.json").read_text())["model_type"] == "hulumed_qwen3"
+    assert (export / "preprocessor_config.json").is_file() and (export / "processor_config.json").is_file()
+    assert build_model(_cfg(export)).codec.processor.image_processor.patch_size == 14
