@@ -1,5 +1,6 @@
-"""Family ``vlm``: instruction tuning of a vision-language model (LLaVA / InternVL / Qwen-VL style, or a remote-code
-model such as Hulu-Med when ``model.trust_remote_code`` is set) on image + conversation data.
+"""Family ``vlm``: instruction tuning of a vision-language model (LLaVA / InternVL / Qwen-VL style; Hulu-Med through
+medtune's own implementation in ``models/hulumed``; another remote-code model when ``model.trust_remote_code`` is set)
+on image + conversation data.
 
 The network is whatever ``from_pretrained`` builds from a local folder (``AutoModelForImageTextToText``, or
 ``AutoModelForCausalLM`` for remote code), with the folder's processor; ``model.config: {preset: tiny, vlm: llava |
