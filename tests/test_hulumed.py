@@ -287,6 +287,14 @@ def test_export_is_a_hulumed_folder_that_loads_back(tmp_path):
     assert again.codec.template == seg.codec.template
     with torch.no_grad():
         _close(again(batch=batch).token_logits, expected)
+    # a full fine-tuning checkpoint's weights load into a model built from the published folder
+    from medtune.config import build_config
+    from medtune.models.vlm import build_vlm
+
+    full = build_vlm(build_config({"model": {"family": "vlm", "path": str(MODEL), "finetune": "full"}})).eval()
+    full.load_base_weights(out)
+    with torch.no_grad():
+        _close(full(batch=batch).token_logits, expected)
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
@@ -373,3 +381,37 @@ def test_cli_trains_evaluates_predicts_and_exports_the_published_folder(tmp_path
     assert json.loads((export / "config.json").read_text())["model_type"] == "hulumed_qwen3"
     assert (export / "preprocessor_config.json").is_file() and (export / "processor_config.json").is_file()
     assert build_model(_cfg(export)).codec.processor.image_processor.patch_size == 14
+
+
+# ----------------------------------------------------------------------------------------------------- Qwen2 kind
+def test_a_qwen2_hulumed_folder_loads_natively_by_name(tmp_path):
+    """Hulu-Med-7B / 32B are hulumed_qwen2 (Qwen2 LM, biased q/k/v): a random-weight folder in that layout, with the
+    fixture's tokenizer and processor files, loads through build_model and gives the saved model's logits."""
+    import shutil
+
+    from medtune.models.hulumed.config import HulumedQwen2Config
+    from medtune.models.hulumed.modeling import HulumedQwen2ForCausalLM
+    from medtune.models.registry import build_model
+
+    meta = json.loads((MODEL / "config.json").read_text())
+    for key in ("model_type", "architectures", "auto_map", "head_dim", "transformers_version", "torch_dtype"):
+        meta.pop(key)
+    torch.manual_seed(0)
+    source = HulumedQwen2ForCausalLM(HulumedQwen2Config(**meta)).eval()
+    folder = tmp_path / "qwen2"
+    source.save_pretrained(str(folder))
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
+                 "chat_template.json"):
+        shutil.copy(MODEL / name, folder / name)
+    saved = json.loads((folder / "config.json").read_text())
+    assert saved["model_type"] == "hulumed_qwen2" and saved["rope_theta"] == meta["rope_theta"]
+
+    seg = build_model(_cfg(folder)).eval()
+    base = seg.base_network
+    assert type(base).__name__ == "HulumedQwen2ForCausalLM" and base.model.layers[0].self_attn.q_proj.bias is not None
+    assert torch.equal(base.model.vision_encoder.encoder.rotary_pos_emb.inv_freq,
+                       source.model.vision_encoder.encoder.rotary_pos_emb.inv_freq)
+    batch = _batch(seg, ["malignant"])
+    with torch.no_grad():
+        expected = source(**seg.model_inputs(batch)).logits
+        _close(seg(batch=batch).token_logits, expected)
