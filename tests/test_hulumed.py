@@ -209,6 +209,25 @@ def test_bad_multimodal_inputs_are_one_line(net, ref):
         net(input_ids=cut[None], **_image_inputs(r))
 
 
+def test_a_folder_whose_weights_do_not_fit_is_refused_in_one_line(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from medtune.errors import UserError
+    from medtune.models.hulumed.modeling import load_hulumed
+
+    folder = tmp_path / "broken"
+    shutil.copytree(MODEL, folder)
+    weights = load_file(str(MODEL / "model.safetensors"))
+    weights.pop("model.mm_projector.readout.2.bias")
+    weights["model.vision_encoder.extra.weight"] = torch.zeros(1)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"missing \['model\.mm_projector\.readout\.2\.bias'\]") as err:
+        load_hulumed(folder, "hulumed_qwen3")
+    assert "model.vision_encoder.extra.weight" in str(err.value) and "\n" not in str(err.value)
+
+
 # ------------------------------------------------------------------------------------------------ medtune family
 def _cfg(path, **vlm):
     from medtune.config import build_config
