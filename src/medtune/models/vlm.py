@@ -36,9 +36,9 @@ from medtune.data.conversations import IMAGE_PLACEHOLDER, question_turns
 from medtune.data.types import DataError
 from medtune.errors import UserError
 from medtune.models.base import ModelOutput, SegModel
+from medtune.models.hf import load_kwargs, prepare_for_training, read_config_json, remote_code_kwargs, resolve_model_path
 from medtune.models.hulumed import is_hulumed_config
 from medtune.models.hulumed import load_folder as load_hulumed_folder
-from medtune.models.hf import load_kwargs, prepare_for_training, read_config_json, remote_code_kwargs, resolve_model_path
 
 log = logging.getLogger(__name__)
 

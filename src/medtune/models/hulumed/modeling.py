@@ -19,7 +19,6 @@ size 1 whenever the flag is set); video input is not supported by medtune's proc
 """
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,6 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from medtune.errors import UserError
 from medtune.models.hulumed.config import (CONFIG_CLASSES, VISION_ROPE_THETA, HulumedQwen2Config,
                                            HulumedQwen3Config, VisionSettings)
-
-log = logging.getLogger(__name__)
 
 IMAGE_MODAL = "image"
 TEXT_MODAL = "text"  # a placeholder image whose features Hulu-Med drops (text-only samples in a mixed batch)

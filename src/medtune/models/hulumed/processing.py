@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from transformers import BatchFeature
 
 from medtune.errors import MissingFileError, UserError
