@@ -244,9 +244,18 @@ class HulumedMixin:
     def from_pretrained(cls, *args, **kwargs):
         # medtune's own code for this architecture: the folder's auto_map is never executed, so the opt-in is moot
         kwargs.pop("trust_remote_code", None)
-        loaded = super().from_pretrained(*args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded).reset_computed_buffers()
-        return loaded
+        want_info = kwargs.pop("output_loading_info", False)
+        net, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        # every tensor by name, none left over: a tensor left at its random init would change every output silently
+        missing, unexpected = list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or [])
+        if missing or unexpected:
+            raise UserError(f"{args[0] if args else kwargs.get('pretrained_model_name_or_path')}: the weights do not "
+                            f"fit a {cls.config_class.model_type} model built from its config.json (missing "
+                            f"{missing[:4]}{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                            f"{' ...' if len(unexpected) > 4 else ''}); is the folder complete and its config.json "
+                            "the checkpoint's own?")
+        net.reset_computed_buffers()
+        return (net, info) if want_info else net
 
     def reset_computed_buffers(self) -> None:
         """Recompute every rotary frequency buffer. They are not in the checkpoint (non-persistent), and a
@@ -352,12 +361,4 @@ def load_hulumed(path: str | Path, model_type: str, **kwargs) -> nn.Module:
     cls = model_class(model_type)
     config = CONFIG_CLASSES[model_type].from_pretrained(str(path))
     kwargs.setdefault("dtype", torch.float32)
-    net, info = cls.from_pretrained(str(path), config=config, output_loading_info=True, **kwargs)
-    # every tensor by name, none left over: a tensor left at its random init would change every output silently
-    missing, unexpected = list(info.get("missing_keys") or []), list(info.get("unexpected_keys") or [])
-    if missing or unexpected:
-        raise UserError(f"{path}: the weights do not fit a {model_type} model built from its config.json (missing "
-                        f"{missing[:4]}{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
-                        f"{' ...' if len(unexpected) > 4 else ''}); is the folder complete and its config.json the "
-                        "checkpoint's own?")
-    return net
+    return cls.from_pretrained(str(path), config=config, **kwargs)
