@@ -456,7 +456,8 @@ def test_token_compression_with_more_than_one_sample_per_forward_is_a_config_err
 
 
 def test_published_hulumed_config_with_a_batch_is_refused_before_loading():
-    """The published Hulu-Med config.json (fixture) has use_token_compression: true."""
+    """The published Hulu-Med config.json (fixture) has use_token_compression: true: the check that guards a
+    remote-code forward refuses a batch (medtune's native Hulu-Med takes one: tests/test_hulumed.py)."""
     from helpers import REPO
 
     from medtune.errors import UserError

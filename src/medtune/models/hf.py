@@ -21,6 +21,7 @@ from torch import nn
 
 from medtune.config import Config
 from medtune.errors import ConfigError, MissingFileError, UserError
+from medtune.models.vlm.hulumed import is_hulumed_config
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,9 @@ def resolve_local_folder(value: str, key: str, cfg: Config) -> Path:
             data = json.loads(config_json.read_text())
         except json.JSONDecodeError as err:
             raise UserError(f"{config_json} is not valid JSON ({err}); re-save the model") from None
-        if data.get("auto_map") and not cfg.model.trust_remote_code:
+        # a Hulu-Med folder in family vlm is loaded by medtune's own implementation: its auto_map never runs
+        native = cfg.model.family == "vlm" and is_hulumed_config(data)
+        if data.get("auto_map") and not cfg.model.trust_remote_code and not native:
             raise ConfigError(
                 f"{config_json} ({key}) declares custom model code (auto_map: {data['auto_map']}); loading it would "
                 f"run Python files from {path}. If you trust that folder, set model.trust_remote_code=true"

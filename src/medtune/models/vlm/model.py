@@ -1,5 +1,6 @@
-"""Family ``vlm``: instruction tuning of a vision-language model (LLaVA / InternVL / Qwen-VL style, or a remote-code
-model such as Hulu-Med when ``model.trust_remote_code`` is set) on image + conversation data.
+"""Family ``vlm``: instruction tuning of a vision-language model (LLaVA / InternVL / Qwen-VL style; Hulu-Med through
+medtune's own implementation in ``models/vlm/hulumed``; another remote-code model when ``model.trust_remote_code`` is set)
+on image + conversation data.
 
 The network is whatever ``from_pretrained`` builds from a local folder (``AutoModelForImageTextToText``, or
 ``AutoModelForCausalLM`` for remote code), with the folder's processor; ``model.config: {preset: tiny, vlm: llava |
@@ -36,6 +37,8 @@ from medtune.data.types import DataError
 from medtune.errors import UserError
 from medtune.models.base import ModelOutput, SegModel
 from medtune.models.hf import load_kwargs, load_pretrained, prepare_for_training, read_config_json, resolve_model_path
+from medtune.models.vlm.hulumed import is_hulumed_config
+from medtune.models.vlm.hulumed import load_folder as load_hulumed_folder
 from medtune.models.vlm.processing import load_processor, read_chat_template, save_processor
 
 log = logging.getLogger(__name__)
@@ -505,8 +508,9 @@ def _auto_class(meta: dict, path: Path):
 
 
 def check_token_compression(meta: dict, cfg: Config, path: Path) -> None:
-    """Hulu-Med's ``use_token_compression`` (true in its hub configs) works at batch size 1 only: its forward asserts
-    it deep inside. Refused here, from config.json alone, before anything loads."""
+    """Remote code with ``use_token_compression`` (Hulu-Med's / VideoLLaMA3's own forward, true in their hub configs)
+    works at batch size 1 only: that forward asserts it deep inside. Refused here, from config.json alone, before
+    anything loads. (medtune's own Hulu-Med implementation does not need this: compression is a no-op for images.)"""
     if not meta.get(TOKEN_COMPRESSION_KEY):
         return
     rl = cfg.objective == "rl"
@@ -537,13 +541,17 @@ def build_vlm(cfg: Config) -> VLMModel:
         net, processor = tiny_vlm(kind, overrides)
     else:
         meta = read_config_json(path)
-        check_token_compression(meta, cfg, path)
         if cfg.model.config:
             log.warning("model.config is ignored with model.path: the architecture comes from %s/config.json", path)
-        processor = load_processor(path, cfg)
         # QLoRA: the projector (trained fully when asked) and lm_head stay unquantised
         keep = list(PROJECTOR_NAMES) + ["lm_head"]
-        net = load_pretrained(_auto_class(meta, path), path, **load_kwargs(cfg, keep))
+        if is_hulumed_config(meta):  # medtune's own Hulu-Med: no code from the folder, with or without the opt-in;
+            # its token compression is a no-op for images at any batch size
+            net, processor = load_hulumed_folder(path, **load_kwargs(cfg, keep))
+        else:
+            check_token_compression(meta, cfg, path)  # before anything loads
+            processor = load_processor(path, cfg)
+            net = load_pretrained(_auto_class(meta, path), path, **load_kwargs(cfg, keep))
     codec = ChatCodec(processor, read_chat_template(cfg.model.vlm.chat_template), cfg.model.vlm.max_length)
     net = prepare_for_training(net, cfg, input_grads=True)
     return VLMModel(net, processor, codec, cfg.model.vlm)
