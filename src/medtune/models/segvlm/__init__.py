@@ -91,7 +91,10 @@ def build_segvlm(cfg: Config) -> SegVLMModel:
     net = SegVLMNet(vlm, sam, projection)
     # LLM LoRA behind frozen embeddings under checkpointing needs the embeddings' output to require grad (pitfall 3).
     net.vlm = prepare_for_training(net.vlm, cfg, input_grads=True)
-    seg = SegVLMModel(net, cfg.data.channels, processing, codec, vcfg)
+    meta = sources.meta if sources is not None else {}
+    stats = {k: meta[key] for k, key in (("sam_image_mean", parts.SAM_MEAN_KEY), ("sam_image_std", parts.SAM_STD_KEY))
+             if key in meta}
+    seg = SegVLMModel(net, cfg.data.channels, processing, codec, vcfg, **stats)
     # RL's loss has no LM term (the masks read the hidden state before lm_head): like lm_weight=0 for the output row
     seg.lm_loss_trained = cfg.task.lm_weight > 0 and cfg.objective != "rl"
     return seg

@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 SEGVLM_JSON = "segvlm.json"
 FORMAT_VERSION = 1
 VLM_DIR, SAM_DIR, PROJECTION_FILE = "vlm", "sam", "projection.safetensors"
+# segvlm.json keys: the mean / std SAM's input is normalised with (absent: ImageNet's). The Sa2VA importer writes the
+# bf16-rounded values Sa2VA's preprocess_image uses; save_base carries them on.
+SAM_MEAN_KEY, SAM_STD_KEY = "sam_image_mean", "sam_image_std"
 # SAM checkpoints by config model_type -> the single-image class used (a SAM 2 video checkpoint such as
 # facebook/sam2.1-hiera-tiny holds the same image encoder / prompt encoder / mask decoder weights).
 SAM_MODEL_TYPES = {"sam": "sam", "sam2": "sam2", "sam2_video": "sam2"}
