@@ -36,9 +36,10 @@ def _parts_cfg(parts, channels: int = 3, lora: dict | None = None, **model):
 
 
 def _batch(seg, pairs, size=(40, 48), channels=3, seed=0):
-    """Collate like the segvlm task: pad ids with the pad id, labels with -100, attention with 0."""
+    """Collate like the segvlm task: pad ids with the pad id, labels with -100, attention with 0. The prompts hold
+    the image tokens of the model's tiling of a ``size`` image (Sa2VA-imported folders tile, the tiny parts do not)."""
     codec = seg.text_codec()
-    encoded = [codec.encode(q, a) for q, a in pairs]
+    encoded = [codec.encode(q, a, num_tiles=seg.num_tiles(*size)) for q, a in pairs]
     length = max(len(e["input_ids"]) for e in encoded)
 
     def pad(x, value):
@@ -179,8 +180,14 @@ def test_lora_only_on_the_language_model_and_the_mask_path_alone_reaches_it(part
     reached = [n for n, g in grads.items() if g is not None and g.abs().sum() > 0]
     for part in ("mask_decoder.modules_to_save", "seg_projection.modules_to_save", "embed_tokens.token_adapter"):
         assert any(part in n for n in reached), part
-    # untied: the lm_head's [SEG] row learns from the LM loss only
-    assert all("lm_head" in n for n in grads if n not in reached and ".lora_A." not in n)
+    # untied: the lm_head's [SEG] row learns from the LM loss only; of SAM 2's three candidate-mask heads (best
+    # predicted IoU, as Sa2VA) only the chosen ones learn from a batch
+    chosen = seg.selected_by_prediction()
+    assert (chosen is not None) == (seg.sam_kind == "sam2")
+    if chosen:
+        assert any(re.search(chosen, n) for n in reached)
+    assert all("lm_head" in n or (chosen and re.search(chosen, n))
+               for n in grads if n not in reached and ".lora_A." not in n)
 
 
 def test_vision_lora_projector_flags_and_stray_adapters_refused(internvl_parts):
@@ -307,7 +314,11 @@ def test_full_finetune_tiny_preset_trains_everything_reachable(tmp_path):
     (out.mask_logits[out.mask_valid].mean() + out.lm_loss).backward()
     trainable = seg.trainable_named_parameters()
     dead = [n for n, p in trainable if p.grad is None or p.grad.abs().sum() == 0]
-    assert not dead  # frozen_by_design names exactly what cannot reach the outputs (incl. LLaVA's last CLIP layer)
+    # frozen_by_design names exactly what cannot reach the outputs (incl. LLaVA's last CLIP layer); of SAM 2's three
+    # candidate-mask heads only those the best predicted IoU picks are reached
+    chosen = seg.selected_by_prediction()
+    assert chosen and not [n for n in dead if not re.search(chosen, n)]
+    assert len([n for n in dead if re.search(chosen, n)]) < len([n for n, _ in trainable if re.search(chosen, n)])
     frozen = [n for n, p in seg.named_parameters() if not p.requires_grad]
     assert any("vision_tower.encoder.layers.1." in n for n in frozen) and any("iou_prediction_head" in n for n in frozen)
 

@@ -148,6 +148,9 @@ IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "cont
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 UNUSED_FILE = "unused_tensors.json"  # next to segvlm.json: Sa2VA tensors the image model does not use
 HIERA_L = "the default Hiera-L SAM 2"
+# Sa2VA's preparing_for_generation fixes the tiling whatever config.json says (its dynamic_image_size / use_thumbnail /
+# min/max_dynamic_patch are the training-time values): dynamic_preprocess with 1..12 tiles and a thumbnail.
+SA2VA_MIN_TILES, SA2VA_MAX_TILES = 1, 12
 # transformers' InternVL chat template (the conversion script's), with the image rendered as the context token the
 # segvlm codec expands to <img> + n x <IMG_CONTEXT> + </img>: the layout Sa2VA's own prompts use.
 CHAT_TEMPLATE = (
@@ -278,12 +281,72 @@ def sam2_hiera_large_config():
     """The SAM 2 (2.0) Hiera-L configuration Sa2VA's grounding encoder uses (``get_config("sam2_hiera_large")``)."""
     from transformers import Sam2Config, Sam2HieraDetConfig, Sam2VisionConfig
 
-    backbone = Sam2HieraDetConfig(hidden_size=144, embed_dim_per_stage=[144, 288, 576, 1152],
+    backbone = Sam2HieraDetConfig(hidden_size=144, num_attention_heads=2, embed_dim_per_stage=[144, 288, 576, 1152],
                                   num_attention_heads_per_stage=[2, 4, 8, 16], blocks_per_stage=[2, 6, 36, 4],
                                   global_attention_blocks=[23, 33, 43], window_positional_embedding_background_size=[7, 7],
                                   window_size_per_stage=[8, 4, 16, 8])
     return Sam2Config(vision_config=Sam2VisionConfig(backbone_config=backbone,
                                                      backbone_channel_list=[1152, 576, 288, 144]))
+
+
+# Sa2VA's sam2.py hard-codes its SAM 2 sizes as literal assignments / keyword arguments inside these functions
+SAM2_PY = "sam2.py"
+_SAM2_PY_NAMES = {
+    "build_trunk": ("embed_dim", "num_heads", "stages", "global_att_blocks", "window_pos_embed_bkg_spatial_size",
+                    "window_spec"),
+    "build_neck": ("d_model", "backbone_channel_list"),
+    "_build_sam_heads": ("mlp_dim", "num_heads", "iou_head_hidden_dim"),
+}
+
+
+def sam_config_from_sam2_py(path: Path) -> dict | None:
+    """Sam2Config kwargs read from Sa2VA's ``sam2.py`` as DATA (``ast``: literal assignments and literal keyword
+    arguments in ``build_trunk`` / ``build_neck`` / ``_build_sam_heads``); the file is never executed. None when a
+    size is missing or not a literal (then the user passes ``--sam-config``)."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_text())
+    except (SyntaxError, UnicodeDecodeError, OSError):
+        return None
+    found: dict[str, dict] = {name: {} for name in _SAM2_PY_NAMES}
+    for func in ast.walk(tree):
+        if not isinstance(func, ast.FunctionDef) or func.name not in _SAM2_PY_NAMES:
+            continue
+        wanted, values = _SAM2_PY_NAMES[func.name], found[func.name]
+        for node in ast.walk(func):
+            pairs = []
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                pairs.append((node.targets[0].id, node.value))
+            elif isinstance(node, ast.Call):
+                pairs += [(kw.arg, kw.value) for kw in node.keywords if kw.arg]
+            for name, value in pairs:
+                if name in wanted and name not in values:
+                    try:
+                        values[name] = ast.literal_eval(value)
+                    except ValueError:  # a variable, not a literal: its own assignment is read instead
+                        continue
+    if any(set(found[f]) != set(names) for f, names in _SAM2_PY_NAMES.items()):
+        return None
+    trunk, neck, heads = found["build_trunk"], found["build_neck"], found["_build_sam_heads"]
+    stages = len(trunk["stages"])
+    return {
+        "vision_config": {
+            "backbone_config": {
+                "model_type": "sam2_hiera_det_model", "hidden_size": trunk["embed_dim"],
+                "num_attention_heads": trunk["num_heads"],
+                "embed_dim_per_stage": [trunk["embed_dim"] * 2 ** i for i in range(stages)],
+                "num_attention_heads_per_stage": [trunk["num_heads"] * 2 ** i for i in range(stages)],
+                "blocks_per_stage": list(trunk["stages"]), "global_attention_blocks": list(trunk["global_att_blocks"]),
+                "window_positional_embedding_background_size": list(trunk["window_pos_embed_bkg_spatial_size"]),
+                "window_size_per_stage": list(trunk["window_spec"])},
+            "backbone_channel_list": list(neck["backbone_channel_list"]), "fpn_hidden_size": neck["d_model"]},
+        # SAM 2's prompt / decoder width is the FPN's d_model (256 in every published SAM 2)
+        "prompt_encoder_config": {"hidden_size": neck["d_model"]},
+        "mask_decoder_config": {"hidden_size": neck["d_model"], "mlp_dim": heads["mlp_dim"],
+                                "num_attention_heads": heads["num_heads"],
+                                "iou_head_hidden_dim": heads["iou_head_hidden_dim"]},
+    }
 
 
 def _load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -363,7 +426,12 @@ def import_sa2va(sa2va_dir: str | Path, out_dir: str | Path, sam_config=None, se
                          f"{', '.join(LLM_TYPES)})")
     if meta.get("ps_version", "v2") != "v2":
         raise UserError(f"{src}: ps_version {meta.get('ps_version')!r}; transformers' InternVL implements v2 only")
-    which = HIERA_L if sam_config is None else "the given SAM 2 config"
+    which = "the given SAM 2 config"
+    if sam_config is None and (src / SAM2_PY).is_file():
+        sam_config = sam_config_from_sam2_py(src / SAM2_PY)
+        which = f"the sizes read from {src / SAM2_PY}"
+    if sam_config is None:
+        which = HIERA_L
     sam_config = load_sam_config(sam_config) or sam2_hiera_large_config()
     try:
         # trust_remote_code explicit: never transformers' interactive "run the custom code? [y/N]"
@@ -401,11 +469,9 @@ def import_sa2va(sa2va_dir: str | Path, out_dir: str | Path, sam_config=None, se
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(vlm_dir))
     size = config.vision_config.image_size
-    # Sa2VA's dynamic_preprocess: 1..max tiles of the vision size, a thumbnail when there is more than one
-    tiling = bool(meta.get("dynamic_image_size", True))
-    GotOcr2ImageProcessorPil(size={"height": size[0], "width": size[1]}, crop_to_patches=tiling,
-                             min_patches=int(meta.get("min_dynamic_patch", 1)),
-                             max_patches=int(meta.get("max_dynamic_patch", 12)),
+    # Sa2VA's dynamic_preprocess: 1..12 tiles of the vision size, a thumbnail when there is more than one
+    GotOcr2ImageProcessorPil(size={"height": size[0], "width": size[1]}, crop_to_patches=True,
+                             min_patches=SA2VA_MIN_TILES, max_patches=SA2VA_MAX_TILES,
                              image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(str(vlm_dir))
     (vlm_dir / "processor_config.json").write_text(json.dumps(
         {"processor_class": "InternVLProcessor", "image_seq_length": config.image_seq_length}, indent=2))

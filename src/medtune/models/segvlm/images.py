@@ -91,13 +91,13 @@ class ImagePrep:
                      for r in range(rows) for c in range(cols)]
             if self.thumbnail and len(tiles) != 1:
                 tiles.append(pil.resize((tw, th), resample=self.resample))
-        return torch.from_numpy(np.stack([np.asarray(t) for t in tiles])).permute(0, 3, 1, 2).contiguous()
+        return torch.from_numpy(np.stack([np.array(t) for t in tiles])).permute(0, 3, 1, 2).contiguous()
 
     def sam_image(self, rgb: np.ndarray) -> torch.Tensor:
         """uint8 [3, S, S]: the image resized to SAM's input with PIL bicubic (Sa2VA's DirectResize)."""
         h, w = self.sam_size
         resized = Image.fromarray(rgb).resize((w, h), resample=PIL_BICUBIC)
-        return torch.from_numpy(np.asarray(resized)).permute(2, 0, 1).contiguous()
+        return torch.from_numpy(np.array(resized)).permute(2, 0, 1).contiguous()
 
     def __call__(self, image) -> dict[str, torch.Tensor]:
         """The model inputs of one image: ``sam_image`` uint8 [3, S, S], ``vlm_tiles`` uint8 [N, 3, th, tw],
