@@ -137,3 +137,135 @@ def test_sa2va_import_records_unused_tensors_and_tiling(parity):
     # Sa2VA's SAM mean/std tensors are bfloat16: 0.456 becomes 0.455078125
     assert meta["sam_image_mean"][1] == 0.455078125 and meta["sam_image_mean"] == seg.sam_image_mean
     assert seg.image_prep.tiling and seg.image_prep.max_tiles == 12
+
+
+# ------------------------------------------------------------------------------------------------ the importer
+def test_importer_refuses_a_sam2_of_other_sizes_in_one_line(tmp_path, capsys):
+    from medtune.models.sa2va_import import main
+
+    # no --sam-config: the default Hiera-L does not fit the fixture's shrunk SAM 2; refused before anything is written
+    with pytest.raises(SystemExit) as exc:
+        main([str(FIXTURE / "model"), str(tmp_path / "out")])
+    message = str(exc.value.code)
+    assert "\n" not in message and "Hiera-L" in message and "--sam-config FILE.json" in message
+    assert "weights [1, 1, 32] vs config [1, 1, 256]" in message or "shapes differ" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_sam2_sizes_read_from_sam2_py_as_data(tmp_path):
+    """A hub folder's sam2.py holds the SAM 2 sizes as literal assignments: they are read with ast, never run. The
+    file here mimics the layout of Sa2VA's (sizes in build_trunk / build_neck / _build_sam_heads) with the fixture's
+    values, and ends in a statement that would fail if it were executed."""
+    from medtune.models.sa2va_import import load_sam_config, sam_config_from_sam2_py
+
+    (tmp_path / "sam2.py").write_text('''
+class SAM2:
+    def build_image_encoder(self):
+        def build_trunk():
+            embed_dim = 16
+            num_heads = 2
+            stages = [1, 2, 3, 2]
+            global_att_blocks = [5]
+            window_pos_embed_bkg_spatial_size = [7, 7]
+            window_spec = [8, 4, 16, 8]
+            return Hiera(embed_dim=embed_dim, num_heads=num_heads, stages=stages)
+        def build_neck():
+            d_model = 32
+            backbone_channel_list = [128, 64, 32, 16]
+            return FpnNeck(d_model=d_model, backbone_channel_list=backbone_channel_list)
+
+class SAM2Base_:
+    def _build_sam_heads(self):
+        self.sam_mask_decoder = MaskDecoder(
+            transformer=TwoWayTransformer(depth=2, embedding_dim=self.dim, mlp_dim=256, num_heads=8),
+            iou_head_hidden_dim=32)
+
+raise SystemExit("executed")
+''')
+    read = load_sam_config(sam_config_from_sam2_py(tmp_path / "sam2.py")).to_dict()
+    want = load_sam_config(FIXTURE / "transformers_sam2_config.json").to_dict()
+    for part in ("vision_config", "prompt_encoder_config", "mask_decoder_config"):
+        assert read[part] == want[part], part
+    (tmp_path / "partial.py").write_text("def build_trunk():\n    embed_dim = width\n")
+    assert sam_config_from_sam2_py(tmp_path / "partial.py") is None  # not literal: the user passes --sam-config
+
+
+def test_default_hiera_l_config_builds():
+    from transformers import Sam2Model
+
+    from medtune.models.sa2va_import import sam2_hiera_large_config
+
+    config = sam2_hiera_large_config()  # a tuple here once failed transformers' strict config check
+    with torch.device("meta"):
+        model = Sam2Model(config)
+    assert config.vision_config.backbone_config.blocks_per_stage == [2, 6, 36, 4]
+    assert model.mask_decoder.config.hidden_size == 256
+
+
+def _sa2va_folder(tmp_path: Path, **changes) -> Path:
+    folder = tmp_path / "sa2va"
+    folder.mkdir(parents=True)
+    for f in (FIXTURE / "model").iterdir():
+        (folder / f.name).symlink_to(f)
+    for name, edit in changes.items():
+        (folder / name).unlink()
+        data = json.loads((FIXTURE / "model" / name).read_text())
+        edit(data)
+        (folder / name).write_text(json.dumps(data))
+    return folder
+
+
+def test_unknown_language_model_and_remote_code_tokenizer_are_one_line(tmp_path):
+    from medtune.errors import UserError
+    from medtune.models.sa2va_import import import_sa2va
+
+    def mistral(config):
+        config["llm_config"]["architectures"] = ["MistralForCausalLM"]
+
+    with pytest.raises(UserError, match=r"language model 'MistralForCausalLM'; supported: Qwen2ForCausalLM") as exc:
+        import_sa2va(_sa2va_folder(tmp_path / "a", **{"config.json": mistral}), tmp_path / "out")
+    assert "\n" not in str(exc.value)
+
+    def remote(tok):
+        tok["tokenizer_class"] = "MedtuneRemoteTokenizer"
+        tok["auto_map"] = {"AutoTokenizer": ["tokenization_remote.MedtuneRemoteTokenizer", None]}
+
+    folder = _sa2va_folder(tmp_path / "b", **{"tokenizer_config.json": remote})
+    with pytest.raises(UserError, match="--trust-remote-code") as exc:  # never transformers' [y/N] prompt
+        import_sa2va(folder, tmp_path / "out", sam_config=FIXTURE / "transformers_sam2_config.json")
+    assert "\n" not in str(exc.value)
+
+
+# ------------------------------------------------------------------------------------------------ the task's batches
+def test_task_batches_mix_tile_counts_and_keep_sa2va_numbers(parity):
+    """The training data path: each image prepared from its own pixels (1 tile and 13 tiles in one batch, as uint8
+    tensors), the prompts with each image's number of image tokens, masks at data.patch_size; the batched forward
+    (right padding) gives for each image the logits Sa2VA's low-res mask gives at that size."""
+    from PIL import Image
+
+    from medtune.config import build_config
+    from medtune.data.types import LoadedSample
+    from medtune.tasks.segvlm import SegVLMDataset, collate, mask_targets
+
+    seg, ref, meta = parity
+    size = 256  # Sa2VA's low-res mask size: the loss resolution Sa2VA uses
+    cfg = build_config({"data": {"channels": 3, "patch_size": size, "augment": {"enabled": False}},
+                        "model": {"family": "segvlm"}, "task": {"class_name": "blood vessel"}})
+    samples = []
+    for case in ("square", "wide"):
+        rgb = np.array(Image.open(FIXTURE / meta["cases"][case]["image"]).convert("RGB"))
+        ones = np.ones(rgb.shape[:2], dtype=np.uint8)
+        samples.append(LoadedSample(id=case, image=rgb.transpose(2, 0, 1).astype(np.float32) / 255.0, mask=ones,
+                                    fov=ones))
+    data = SegVLMDataset(samples, cfg, seg.text_codec(), seg.image_prep)
+    items = [data[(i, 0)] for i in range(2)]
+    assert [it["vlm_tiles"].shape[0] for it in items] == [1, 13] and items[1]["vlm_tiles"].dtype == torch.uint8
+    assert all(torch.equal(it["input_ids"], ref[f"{case}.input_ids"]) for it, case in zip(items, ("square", "wide")))
+    batch = collate(items)
+    assert batch["sam_image"].shape == (2, 3, 1024, 1024) and batch["vlm_tiles"].shape[0] == 14
+    with torch.no_grad():
+        out = seg(batch=batch)
+    logits, target, _ = mask_targets(out, batch)
+    assert logits.shape == target.shape == (2, 1, size, size)
+    for i, case in enumerate(("square", "wide")):
+        _close(f"batched {case}", logits[i], seg.upsample(ref[f"{case}.low_res_mask_logits"], (size, size))[0])

@@ -440,8 +440,7 @@ def import_sa2va(sa2va_dir: str | Path, out_dir: str | Path, sam_config=None, se
     except (ValueError, OSError) as err:
         hint = ("pass --trust-remote-code to run the folder's tokenizer code" if not trust_remote_code else
                 "InternLM2-based Sa2VA (8B) needs a converted Llama tokenizer in the folder")
-        raise UserError(f"{src}: its tokenizer does not load without remote code ({str(err).splitlines()[0]}); "
-                         f"{hint}") from None
+        raise UserError(f"{src}: its tokenizer does not load ({str(err).splitlines()[0]}); {hint}") from None
     for token in [seg_token, *IMAGE_TOKENS.values()]:
         ids = tokenizer(token, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:

@@ -4,8 +4,9 @@ Picklable (a tokenizer, a template string and a few ids), so DataLoader workers 
 rendered with the checkpoint's chat template (or ``model.vlm.chat_template``); the image item becomes the
 processor's image token, replaced by the expanded placeholder ids (e.g. ``<img>`` + 256 x ``<IMG_CONTEXT>`` +
 ``</img>``); an image cut into N tiles (InternVL's dynamic tiling) gets N times the image tokens of one tile inside
-the same start / end tokens, as InternVL and Sa2VA build their prompts. The prompt and the answer are tokenised separately and concatenated, exactly the token sequence
-``generate()`` continues from, so teacher forcing and generation see the same prompt tokens.
+the same start / end tokens, as InternVL and Sa2VA build their prompts. The prompt and the answer are tokenised
+separately and concatenated, exactly the token sequence ``generate()`` continues from, so teacher forcing and
+generation see the same prompt tokens.
 
 Labels are -100 everywhere except the answer tokens and the end-of-turn token (the first special token the
 template puts after the answer, e.g. ``<|im_end|>``; the tokenizer's EOS when it puts none).
