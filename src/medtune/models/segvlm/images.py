@@ -43,20 +43,15 @@ def to_uint8_rgb(image) -> np.ndarray:
 
 
 def tile_grid(width: int, height: int, min_tiles: int, max_tiles: int, tile: int) -> tuple[int, int]:
-    """(columns, rows) of InternVL's ``dynamic_preprocess``: the candidate grids (min <= cols*rows <= max, ordered
-    by tile count as InternVL orders them) with the aspect ratio closest to the image's; on a tie the later grid wins
-    when the image area exceeds half of the grid's canvas."""
-    candidates = sorted({(i, j) for n in range(min_tiles, max_tiles + 1) for i in range(1, n + 1)
-                         for j in range(1, n + 1) if min_tiles <= i * j <= max_tiles}, key=lambda r: r[0] * r[1])
-    aspect, area = width / height, width * height
-    best, best_diff = (1, 1), float("inf")
-    for cols, rows in candidates:
-        diff = abs(aspect - cols / rows)
-        if diff < best_diff:
-            best, best_diff = (cols, rows), diff
-        elif diff == best_diff and area > 0.5 * tile * tile * cols * rows:
-            best = (cols, rows)
-    return best
+    """(columns, rows) of InternVL's ``dynamic_preprocess``: among the grids of min..max tiles, the one whose aspect
+    ratio is closest to the image's (ties: the larger grid while the image covers more than half of its canvas).
+    transformers' GotOcr2 / InternVL processor implements that choice (``get_optimal_tiled_canvas``); it gives
+    Sa2VA's tiles and pixels exactly on the parity fixture and the same grid as Sa2VA's own code for every size
+    checked, so it is reused (its PIL module: no torchvision needed)."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+    cols, rows = get_optimal_tiled_canvas((height, width), (tile, tile), min_tiles, max_tiles)
+    return int(cols), int(rows)
 
 
 @dataclass(frozen=True)
