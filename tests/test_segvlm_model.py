@@ -596,3 +596,41 @@ def test_sa2va_import_maps_every_weight(llm, tmp_path):
     assert seg.text_codec().decode(seg.text_codec().encode(QUESTION, ANSWER)["input_ids"]).count("<IMG_CONTEXT>") == 4
     with torch.no_grad():
         assert seg(batch=_batch(seg, [(QUESTION, ANSWER)])).mask_logits.shape == (1, 1, 40, 48)
+
+
+# ------------------------------------------------------------------------------------------------ mask output
+def test_mask_output_best_iou_by_default_for_sam2_and_single_head_on_request(internvl_parts):
+    """SAM 2 (Sa2VA): the three multimask outputs, per prompt the one with the highest predicted IoU; ``single``
+    (LISA, and the default for SAM): the single-mask head, token 0."""
+    torch.manual_seed(0)
+    best = build_model(_parts_cfg(internvl_parts)).eval()
+    torch.manual_seed(0)
+    single = build_model(_parts_cfg(internvl_parts, vlm={"mask_output": "single"})).eval()
+    assert best.mask_output == "best_iou" and single.mask_output == "single"
+    sam = best.base_network.sam
+    pixels = torch.randn(2, 3, *best.image_prep.sam_size)
+    prompts = torch.randn(2, 3, sam.config.prompt_encoder_config.hidden_size)  # 3 prompts per image
+    with torch.no_grad():
+        features = best._sam_features(sam, pixels)
+        chosen = best._decode_masks(sam, features, prompts)
+        head = single._decode_masks(single.base_network.sam, features, prompts)
+        points = torch.zeros(2, 3, 1, 2)
+        sparse, dense = sam.prompt_encoder(input_points=points, input_labels=-torch.ones(2, 3, 1, dtype=torch.int32),
+                                           input_boxes=None, input_masks=None)
+        positional = sam.get_image_wide_positional_embeddings().repeat(2, 1, 1, 1)
+        all_masks = sam.mask_decoder(
+            image_embeddings=features["image_embedding"], image_positional_embeddings=positional,
+            sparse_prompt_embeddings=torch.cat([sparse, prompts[:, :, None]], dim=2), dense_prompt_embeddings=dense,
+            multimask_output=False, high_resolution_features=features["high_res"])[0]
+    assert chosen.candidates.shape[2] == 3 and head.candidates.shape[2] == 1
+    for b in range(2):
+        for k in range(3):
+            i = int(chosen.iou_scores[b, k].argmax())
+            assert int(chosen.index[b, k]) == i
+            assert torch.equal(chosen.low_res[b, k], chosen.candidates[b, k, i])
+    assert torch.allclose(head.low_res, all_masks[:, :, 0], atol=1e-6)  # token 0 (single-mask head)
+    # the single-mask head trains only with "single"; the three candidate heads only with best_iou
+    assert re.search(best.frozen_by_design(), "sam.mask_decoder.output_hypernetworks_mlps.0.proj_in.weight")
+    assert not re.search(single.frozen_by_design(), "sam.mask_decoder.output_hypernetworks_mlps.0.proj_in.weight")
+    assert re.search(single.frozen_by_design(), "sam.mask_decoder.output_hypernetworks_mlps.2.proj_in.weight")
+    assert single.selected_by_prediction() is None
