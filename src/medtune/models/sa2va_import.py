@@ -18,11 +18,12 @@ Checked offline (tests/test_segvlm_model.py): a fake tiny state dict with Sa2VA'
 original module layouts (InternViT ``attn.qkv``/``ls1``/``norm1``, Qwen2 / InternLM2 ``wqkv``, SAM 2 ``image_encoder.
 trunk`` ...) and anchored on checkpoint key names seen in public code that reads real SAM 2 checkpoints - converts
 with every key used or reported, loads into the composed model through transformers' own loader with no missing
-key, and reproduces every tensor of the model it was generated from. Not checkable offline: a real Sa2VA
-checkpoint (its exact key set, dtypes, config fields), numerical equivalence with Sa2VA's own forward, and the 8B
-InternLM2 tokenizer (remote code; it needs transformers' converted Llama tokenizer, which this importer does not
-build). The composed folder reproduces Sa2VA's own preprocessing and decoding: the image processor is written with
-InternVL's dynamic tiling (``crop_to_patches``, Sa2VA's min/max tiles), ``segvlm.json`` carries the bf16-rounded
+key, and reproduces every tensor of the model it was generated from. Not checked here: a full-size Sa2VA
+checkpoint (bf16 weights, Hiera-L) and the 8B InternLM2 tokenizer (remote code; it needs transformers' converted
+Llama tokenizer, which this importer does not build). SAM 2's sizes: ``--sam-config``, else read as data from the
+folder's ``sam2.py`` (``ast``, never executed), else Hiera-L; the weights' shapes are checked against them before
+anything is written. The composed folder reproduces Sa2VA's own preprocessing and decoding: the image processor is written with
+InternVL's dynamic tiling (``crop_to_patches``, 1..12 tiles + thumbnail as Sa2VA's predict_forward), ``segvlm.json`` carries the bf16-rounded
 ImageNet mean/std of Sa2VA's SAM input, and SAM 2's three masks are decoded with the best predicted IoU kept
 (``model.vlm.mask_output``), without object-score gating. tests/test_sa2va_parity.py checks this against tensors
 Sa2VA's own code computed (``../shared/fixtures/sa2va-tiny``).
