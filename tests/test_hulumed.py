@@ -53,8 +53,8 @@ def net():
 
 @pytest.fixture(scope="module")
 def codec():
-    from medtune.models.vlm.model import ChatCodec
     from medtune.models.vlm.hulumed.processing import load_processor
+    from medtune.models.vlm.model import ChatCodec
 
     return ChatCodec(load_processor(MODEL))
 

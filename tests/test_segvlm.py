@@ -181,7 +181,7 @@ def test_two_expressions_give_two_targets_and_two_seg_tokens(tmp_path):
                             "model.finetune=lora"])
     model = build_model(cfg)
     loaded = [load_sample(s, cfg.data) for s in discover(cfg.data)]
-    item = SegVLMDataset(loaded, cfg, model.text_codec())[(0, 0)]
+    item = SegVLMDataset(loaded, cfg, model.text_codec(), model.image_prep)[(0, 0)]
     assert item["mask"].shape == (2, 48, 48)  # two targets, not one union
     assert int((item["input_ids"] == model.text_codec().seg_token_id).sum()) == 2
     assert item["mask"][0, 10, 10] == 1 and item["mask"][0, 35, 35] == 0 and item["mask"][1, 35, 35] == 1
@@ -209,7 +209,7 @@ def test_answer_without_seg_is_one_clear_line(tmp_path):
     model = build_model(cfg)
     loaded = [load_sample(s, cfg.data) for s in discover(cfg.data)]
     with pytest.raises(DataError, match=r"sample a: the target answer .* holds 0 \[SEG\] token\(s\) for 2 target"):
-        SegVLMDataset(loaded, cfg, model.text_codec())
+        SegVLMDataset(loaded, cfg, model.text_codec(), model.image_prep)
 
 
 def test_segvlm_loss_defaults_are_recorded_in_the_resolved_config():

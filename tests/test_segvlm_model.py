@@ -36,9 +36,10 @@ def _parts_cfg(parts, channels: int = 3, lora: dict | None = None, **model):
 
 
 def _batch(seg, pairs, size=(40, 48), channels=3, seed=0):
-    """Collate like the segvlm task: pad ids with the pad id, labels with -100, attention with 0."""
+    """Collate like the segvlm task: pad ids with the pad id, labels with -100, attention with 0. The prompts hold
+    the image tokens of the model's tiling of a ``size`` image (Sa2VA-imported folders tile, the tiny parts do not)."""
     codec = seg.text_codec()
-    encoded = [codec.encode(q, a) for q, a in pairs]
+    encoded = [codec.encode(q, a, num_tiles=seg.num_tiles(*size)) for q, a in pairs]
     length = max(len(e["input_ids"]) for e in encoded)
 
     def pad(x, value):
@@ -179,8 +180,14 @@ def test_lora_only_on_the_language_model_and_the_mask_path_alone_reaches_it(part
     reached = [n for n, g in grads.items() if g is not None and g.abs().sum() > 0]
     for part in ("mask_decoder.modules_to_save", "seg_projection.modules_to_save", "embed_tokens.token_adapter"):
         assert any(part in n for n in reached), part
-    # untied: the lm_head's [SEG] row learns from the LM loss only
-    assert all("lm_head" in n for n in grads if n not in reached and ".lora_A." not in n)
+    # untied: the lm_head's [SEG] row learns from the LM loss only; of SAM 2's three candidate-mask heads (best
+    # predicted IoU, as Sa2VA) only the chosen ones learn from a batch
+    chosen = seg.selected_by_prediction()
+    assert (chosen is not None) == (seg.sam_kind == "sam2")
+    if chosen:
+        assert any(re.search(chosen, n) for n in reached)
+    assert all("lm_head" in n or (chosen and re.search(chosen, n))
+               for n in grads if n not in reached and ".lora_A." not in n)
 
 
 def test_vision_lora_projector_flags_and_stray_adapters_refused(internvl_parts):
@@ -307,7 +314,11 @@ def test_full_finetune_tiny_preset_trains_everything_reachable(tmp_path):
     (out.mask_logits[out.mask_valid].mean() + out.lm_loss).backward()
     trainable = seg.trainable_named_parameters()
     dead = [n for n, p in trainable if p.grad is None or p.grad.abs().sum() == 0]
-    assert not dead  # frozen_by_design names exactly what cannot reach the outputs (incl. LLaVA's last CLIP layer)
+    # frozen_by_design names exactly what cannot reach the outputs (incl. LLaVA's last CLIP layer); of SAM 2's three
+    # candidate-mask heads only those the best predicted IoU picks are reached
+    chosen = seg.selected_by_prediction()
+    assert chosen and not [n for n in dead if not re.search(chosen, n)]
+    assert len([n for n in dead if re.search(chosen, n)]) < len([n for n, _ in trainable if re.search(chosen, n)])
     frozen = [n for n, p in seg.named_parameters() if not p.requires_grad]
     assert any("vision_tower.encoder.layers.1." in n for n in frozen) and any("iou_prediction_head" in n for n in frozen)
 
@@ -585,3 +596,41 @@ def test_sa2va_import_maps_every_weight(llm, tmp_path):
     assert seg.text_codec().decode(seg.text_codec().encode(QUESTION, ANSWER)["input_ids"]).count("<IMG_CONTEXT>") == 4
     with torch.no_grad():
         assert seg(batch=_batch(seg, [(QUESTION, ANSWER)])).mask_logits.shape == (1, 1, 40, 48)
+
+
+# ------------------------------------------------------------------------------------------------ mask output
+def test_mask_output_best_iou_by_default_for_sam2_and_single_head_on_request(internvl_parts):
+    """SAM 2 (Sa2VA): the three multimask outputs, per prompt the one with the highest predicted IoU; ``single``
+    (LISA, and the default for SAM): the single-mask head, token 0."""
+    torch.manual_seed(0)
+    best = build_model(_parts_cfg(internvl_parts)).eval()
+    torch.manual_seed(0)
+    single = build_model(_parts_cfg(internvl_parts, vlm={"mask_output": "single"})).eval()
+    assert best.mask_output == "best_iou" and single.mask_output == "single"
+    sam = best.base_network.sam
+    pixels = torch.randn(2, 3, *best.image_prep.sam_size)
+    prompts = torch.randn(2, 3, sam.config.prompt_encoder_config.hidden_size)  # 3 prompts per image
+    with torch.no_grad():
+        features = best._sam_features(sam, pixels)
+        chosen = best._decode_masks(sam, features, prompts)
+        head = single._decode_masks(single.base_network.sam, features, prompts)
+        points = torch.zeros(2, 3, 1, 2)
+        sparse, dense = sam.prompt_encoder(input_points=points, input_labels=-torch.ones(2, 3, 1, dtype=torch.int32),
+                                           input_boxes=None, input_masks=None)
+        positional = sam.get_image_wide_positional_embeddings().repeat(2, 1, 1, 1)
+        all_masks = sam.mask_decoder(
+            image_embeddings=features["image_embedding"], image_positional_embeddings=positional,
+            sparse_prompt_embeddings=torch.cat([sparse, prompts[:, :, None]], dim=2), dense_prompt_embeddings=dense,
+            multimask_output=False, high_resolution_features=features["high_res"])[0]
+    assert chosen.candidates.shape[2] == 3 and head.candidates.shape[2] == 1
+    for b in range(2):
+        for k in range(3):
+            i = int(chosen.iou_scores[b, k].argmax())
+            assert int(chosen.index[b, k]) == i
+            assert torch.equal(chosen.low_res[b, k], chosen.candidates[b, k, i])
+    assert torch.allclose(head.low_res, all_masks[:, :, 0], atol=1e-6)  # token 0 (single-mask head)
+    # the single-mask head trains only with "single"; the three candidate heads only with best_iou
+    assert re.search(best.frozen_by_design(), "sam.mask_decoder.output_hypernetworks_mlps.0.proj_in.weight")
+    assert not re.search(single.frozen_by_design(), "sam.mask_decoder.output_hypernetworks_mlps.0.proj_in.weight")
+    assert re.search(single.frozen_by_design(), "sam.mask_decoder.output_hypernetworks_mlps.2.proj_in.weight")
+    assert single.selected_by_prediction() is None

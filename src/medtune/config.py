@@ -129,6 +129,10 @@ class VLMCfg(Section):
     sam_encoder_lora: bool = False  # segvlm: LoRA in the SAM image encoder (default: frozen)
     max_length: int | None = None  # token limit; a sample that would exceed it is refused, never truncated
     chat_template: str | None = None  # Jinja template (file path or text) overriding the checkpoint's
+    # segvlm: which mask-decoder output is the mask. best_iou: the three multimask outputs, keeping per prompt the one
+    # with the highest predicted IoU (Sa2VA, training and inference); single: the single-mask head (mask token 0;
+    # LISA's multimask_output=False); auto: best_iou with SAM 2, single with SAM.
+    mask_output: Literal["auto", "best_iou", "single"] = "auto"
 
 
 class ModelCfg(Section):

@@ -139,6 +139,11 @@ class SegModel(nn.Module):
         head): kept frozen in every fine-tuning mode, otherwise the preflight rightly reports them dead."""
         return None
 
+    def selected_by_prediction(self) -> str | None:
+        """Regex of trainable parameters that reach the loss only when the model's own prediction selects them (a
+        segmenting VLM's best-IoU mask heads): the preflight does not call them dead when its steps never pick one."""
+        return None
+
     def save_base(self, out_dir: str | Path) -> Path:  # pragma: no cover
         """Write the network (LoRA merged in) as a folder another run can use as ``model.path``."""
         raise NotImplementedError(f"{type(self).__name__} must implement save_base")

@@ -83,20 +83,14 @@ def predict_masks(req: PredictRequest) -> list[str]:
 
 def generated_masks(model, cfg, image: np.ndarray, question: str, device) -> tuple[str, np.ndarray]:
     """(answer, probabilities [K, H, W] at the image's resolution): greedy generation, then one mask per [SEG] of
-    the generated answer, decoded from the hidden states of a forward over the generated sequence."""
+    the generated answer, decoded from the hidden states of a forward over the generated sequence. The model
+    preprocesses the image at its own resolution and returns the logits at it."""
     import torch
-    import torch.nn.functional as F
 
-    size = int(cfg.data.patch_size)
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
-    h, w = x.shape[-2:]
-    resized = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     with torch.no_grad():  # inference: the model's own mask forward is differentiable for training's sake
-        answer, logits = model.generate_masks(resized, question, max_new_tokens=cfg.task.max_new_tokens)
-    if logits.shape[0] == 0:
-        return answer, np.zeros((0, h, w), dtype=np.float32)
-    logits = F.interpolate(logits[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
-    return answer, torch.sigmoid(logits).cpu().numpy()
+        answer, logits = model.generate_masks(x, question, max_new_tokens=cfg.task.max_new_tokens)
+    return answer, torch.sigmoid(logits.float()).cpu().numpy()
 
 
 def predict_segvlm(req: PredictRequest) -> list[str]:

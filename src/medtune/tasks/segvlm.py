@@ -7,6 +7,14 @@ own text codec, and one forward gives the answer's LM loss and one mask per ``[S
 masks (default BCE 2 / Dice 0.5, as Sa2VA and LISA use: ``config.SEGVLM_LOSS``, unless the config sets ``loss``)
 + ``task.lm_weight`` x the LM cross-entropy on the answer tokens. Evaluation uses the same teacher-forced prompt,
 so the masks are probabilities and calibration, metrics, CIs, reports and compare work as for the other families.
+
+Images reach the model at their own resolution: the model's ``prepare`` makes the SAM input (PIL bicubic uint8 to
+1024) and the VLM tiles (InternVL's dynamic tiling where the VLM uses it; the prompt gets each image's number of
+tiles) from the sample's pixels, never from a copy shrunk to ``data.patch_size``. Batches hold them as uint8
+tensors (``sam_image`` stacked, ``vlm_tiles`` concatenated). Masks and losses are computed at ``data.patch_size``
+x ``data.patch_size`` (the whole image, squared like SAM's input; Sa2VA computes its loss on the 256 x 256 low-res
+logits against the ground truth resized to them: ``data.patch_size=256`` is that); evaluation and prediction
+upsample the logits to each image's own size as Sa2VA does (256 -> 1024 -> H x W).
 """
 from __future__ import annotations
 
@@ -37,28 +45,31 @@ def conversation(sample_texts: list[str | None], cfg: Config) -> tuple[str, str]
     return " ".join(questions), " ".join(answers)
 
 
-def _resize(image: np.ndarray, labels: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-    img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-    lab = torch.from_numpy(labels.astype(np.float32))[None]
-    lab = F.interpolate(lab, size=(size, size), mode="nearest-exact")[0]
-    return img.clamp(0.0, 1.0), lab
+def _resize_labels(labels: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """Masks [K, H, W] -> float [K, size, size] (nearest): the resolution masks and losses are computed at."""
+    lab = labels if torch.is_tensor(labels) else torch.from_numpy(labels.astype(np.float32))
+    return F.interpolate(lab.float()[None], size=(size, size), mode="nearest-exact")[0]
 
 
 class SegVLMDataset(Dataset):
-    """Whole images resized to ``data.patch_size`` with their K target masks and the tokenised conversation, keyed
-    by ``(index, epoch)`` like the mask datasets so a resumed run replays the same batches.
+    """Whole images, prepared by the model from their original resolution (``sam_image``, ``vlm_tiles``), with
+    their K target masks at ``data.patch_size`` and the tokenised conversation, keyed by ``(index, epoch)`` like the
+    mask datasets so a resumed run replays the same batches.
 
-    Spatial augmentation runs only for class prompts: a flip would turn "the left vessel" into a wrong answer."""
+    Spatial augmentation runs only for class prompts: a flip would turn "the left vessel" into a wrong answer. It
+    runs at the image's resolution (before the model's preprocessing); it keeps the image's size, so the number of
+    tiles and the prompt do not change."""
 
-    def __init__(self, samples: list[LoadedSample], cfg: Config, codec):
+    def __init__(self, samples: list[LoadedSample], cfg: Config, codec, prepare):
         if not samples:
             raise UserError("the segvlm task needs at least one training sample")
         self.samples, self.cfg, self.codec = samples, cfg, codec
+        self.prepare = prepare  # the model's image preparation (SegVLMModel.image_prep: picklable)
         self.size = int(cfg.data.patch_size)
         self.seed = int(cfg.run.seed)
         self._augment = Augmentation(cfg.data.augment)
-        self._encoded = [encode_sample(s, cfg, codec) for s in samples]  # fails now, naming the sample
+        self._encoded = [encode_sample(s, cfg, codec, _num_tiles(prepare, s))
+                         for s in samples]  # fails now, naming the sample
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -69,18 +80,24 @@ class SegVLMDataset(Dataset):
         ls = self.samples[int(index) % len(self.samples)]
         targets = ls.target_masks()
         region = loss_region(ls.fov, ls.mask)  # training only: annotated foreground is in view by definition
-        image, labels = _resize(ls.image, np.concatenate([targets, region[None]]), self.size)
-        mask, fov = labels[:-1], labels[-1:]
+        image = torch.from_numpy(np.ascontiguousarray(ls.image, dtype=np.float32))
+        mask = torch.from_numpy(targets.astype(np.float32))
+        fov = torch.from_numpy(region[None].astype(np.float32))
         if all(t is None for t in ls.target_texts()):
             image, mask, fov = self._augment(image, mask, fov, rng)
-        return {"id": ls.id, "image": image.float().clamp(0.0, 1.0).contiguous(),
-                "mask": (mask > 0.5).float().contiguous(), "fov": (fov > 0.5).float().contiguous(),
+        return {"id": ls.id, **self.prepare(image.clamp(0.0, 1.0)),
+                "mask": (_resize_labels(mask, self.size) > 0.5).float().contiguous(),
+                "fov": (_resize_labels(fov, self.size) > 0.5).float().contiguous(),
                 "pad_token_id": self.codec.pad_token_id, **self._encoded[int(index) % len(self.samples)]}
 
 
-def encode_sample(ls: LoadedSample, cfg: Config, codec) -> dict[str, torch.Tensor]:
+def _num_tiles(prepare, ls: LoadedSample) -> int:
+    return prepare.num_tiles(*ls.image.shape[-2:])
+
+
+def encode_sample(ls: LoadedSample, cfg: Config, codec, num_tiles: int = 1) -> dict[str, torch.Tensor]:
     question, answer = conversation(ls.target_texts(), cfg)
-    enc = codec.encode(question, answer)
+    enc = codec.encode(question, answer, num_tiles=num_tiles)
     n_seg = int((enc["input_ids"] == codec.seg_token_id).sum())
     k = len(ls.target_texts())
     if n_seg != k:
@@ -91,7 +108,7 @@ def encode_sample(ls: LoadedSample, cfg: Config, codec) -> dict[str, torch.Tenso
 
 
 def train_dataset(samples: list[LoadedSample], cfg: Config, model) -> SegVLMDataset:
-    return SegVLMDataset(samples, cfg, model.text_codec())
+    return SegVLMDataset(samples, cfg, model.text_codec(), model.image_prep)
 
 
 def make_collate(pad_token_id: int):
@@ -99,10 +116,13 @@ def make_collate(pad_token_id: int):
         b = len(items)
         t = max(int(it["input_ids"].shape[0]) for it in items)
         k = max(int(it["mask"].shape[0]) for it in items)
-        size = items[0]["image"].shape[-2:]
+        size = items[0]["mask"].shape[-2:]
         batch = {
             "ids": [it["id"] for it in items],
-            "image": torch.stack([it["image"] for it in items]),
+            # images as the model prepared them (uint8): SAM inputs stacked, every image's VLM tiles in order
+            "sam_image": torch.stack([it["sam_image"] for it in items]),
+            "vlm_tiles": torch.cat([it["vlm_tiles"] for it in items]),
+            "image_size": torch.stack([it["image_size"] for it in items]),
             "fov": torch.stack([it["fov"] for it in items]),
             "mask": torch.zeros(b, k, *size),
             "target_valid": torch.zeros(b, k, dtype=torch.bool),
@@ -160,26 +180,23 @@ def make_loss(cfg: Config) -> LossFn:
 
 @torch.no_grad()
 def target_probabilities(model, sample: LoadedSample, cfg: Config, device) -> list[TargetPrediction]:
-    """Teacher-forced masks for every target of one image (the training prompt and answer), upsampled to the
-    sample's resolution."""
+    """Teacher-forced masks for every target of one image (the training prompt and answer), from the image at its
+    own resolution, at the sample's resolution (the model upsamples as Sa2VA does: 256 -> 1024 -> H x W)."""
     codec = model.text_codec()
-    size = int(cfg.data.patch_size)
     targets = sample.target_masks()
-    image, _ = _resize(sample.image, targets[:1], size)
-    item = {"id": sample.id, "pad_token_id": codec.pad_token_id, "image": image,
-            "mask": torch.zeros(targets.shape[0], size, size), "fov": torch.ones(1, size, size),
-            **encode_sample(sample, cfg, codec)}
+    h, w = sample.mask.shape
+    item = {"id": sample.id, "pad_token_id": codec.pad_token_id, **model.prepare(sample.image),
+            "mask": torch.zeros(targets.shape[0], 1, 1), "fov": torch.ones(1, 1, 1),
+            **encode_sample(sample, cfg, codec, model.num_tiles(h, w))}
     batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate([item]).items()}
+    batch["output_size"] = (h, w)
     was_training = model.training
     model.eval()
     try:
         out = model(batch=batch)
     finally:
         model.train(was_training)
-    h, w = sample.mask.shape
-    logits = F.interpolate(out.mask_logits[:, : targets.shape[0]].float(), size=(h, w), mode="bilinear",
-                           align_corners=False)
-    probs = torch.sigmoid(logits)[0].cpu().numpy()
+    probs = torch.sigmoid(out.mask_logits[:, : targets.shape[0]].float())[0].cpu().numpy()
     multi = sample.targets is not None
     return [TargetPrediction(f"{sample.id}#{k}" if multi else sample.id, probs[k], targets[k], sample.fov, sample,
                              k if multi else None) for k in range(targets.shape[0])]
@@ -190,13 +207,12 @@ def generation_metrics(model, samples: list[LoadedSample], cfg: Config, device) 
     """Free generation on the split (greedy, the training question): how often the answer holds no [SEG] at all
     (the most common complaint after fine-tuning a LISA/Sa2VA model) or a wrong number of them."""
     codec = model.text_codec()
-    size = int(cfg.data.patch_size)
     no_seg = wrong_count = 0
     examples = []
     for s in samples:
         question, _ = conversation(s.target_texts(), cfg)
-        image, _ = _resize(s.image, s.fov[None], size)
-        answer, logits = model.generate_masks(image[None].to(device), question, max_new_tokens=cfg.task.max_new_tokens)
+        image = torch.from_numpy(np.ascontiguousarray(s.image, dtype=np.float32))[None]  # its own resolution
+        answer, logits = model.generate_masks(image.to(device), question, max_new_tokens=cfg.task.max_new_tokens)
         k = int(logits.shape[0])
         no_seg += k == 0
         wrong_count += k != len(s.target_texts())

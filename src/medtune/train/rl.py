@@ -328,7 +328,8 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
     while state.step < cfg.optim.max_steps:
         model.train()
         batch = batch_to(next(stream), device)
-        with books.counting_flops(batch["image"].shape[0]):  # the whole iteration: rollout + inner_epochs updates
+        n_images = len(batch["ids"]) if "ids" in batch else batch["image"].shape[0]  # segvlm: prepared images
+        with books.counting_flops(n_images):  # the whole iteration: rollout + inner_epochs updates
             roll = rollout(model, reference, task, batch, cfg, weights,
                            sampling_generator(device, cfg.run.seed, state.step, accelerator.process_index))
             logits = roll["logits"]
@@ -347,7 +348,7 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
                 optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         state.step += 1
-        books.count_images(batch["image"].shape[0])
+        books.count_images(n_images)
         rewards = roll["rewards"]
         record = {"loss": float(global_loss), "skipped_updates": skipped, **stats, "reward_mean": float(rewards.mean()),
                   "reward_std": float(rewards.std(dim=1).mean()),

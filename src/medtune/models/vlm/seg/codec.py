@@ -3,8 +3,10 @@
 Picklable (a tokenizer, a template string and a few ids), so DataLoader workers can encode. The conversation is
 rendered with the checkpoint's chat template (or ``model.vlm.chat_template``); the image item becomes the
 processor's image token, replaced by the expanded placeholder ids (e.g. ``<img>`` + 256 x ``<IMG_CONTEXT>`` +
-``</img>``). The prompt and the answer are tokenised separately and concatenated, exactly the token sequence
-``generate()`` continues from, so teacher forcing and generation see the same prompt tokens.
+``</img>``); an image cut into N tiles (InternVL's dynamic tiling) gets N times the image tokens of one tile inside
+the same start / end tokens, as InternVL and Sa2VA build their prompts. The prompt and the answer are tokenised
+separately and concatenated, exactly the token sequence ``generate()`` continues from, so teacher forcing and
+generation see the same prompt tokens.
 
 Labels are -100 everywhere except the answer tokens and the end-of-turn token (the first special token the
 template puts after the answer, e.g. ``<|im_end|>``; the tokenizer's EOS when it puts none).
@@ -64,19 +66,30 @@ class TextCodec:
                              "no EOS token: cannot tell where an answer ends; set model.vlm.chat_template")
         return tok.eos_token
 
-    def _tokenize(self, text: str) -> list[int]:
+    def placeholder(self, num_tiles: int = 1) -> list[int]:
+        """The image's ids for ``num_tiles`` tiles: the one-tile placeholder with its run of image tokens repeated."""
+        if num_tiles == 1:
+            return list(self.placeholder_ids)
+        ids = self.placeholder_ids
+        image_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        first = ids.index(image_id)
+        last = len(ids) - 1 - ids[::-1].index(image_id)
+        return ids[:first] + ids[first:last + 1] * num_tiles + ids[last + 1:]
+
+    def _tokenize(self, text: str, num_tiles: int = 1) -> list[int]:
         ids: list[int] = []
         for i, piece in enumerate(text.split(self.image_token)):
             if i:
-                ids += self.placeholder_ids
+                ids += self.placeholder(num_tiles)
             if piece:
                 ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
         return ids
 
-    def encode(self, question: str, answer: str | None = None) -> dict[str, torch.Tensor]:
+    def encode(self, question: str, answer: str | None = None, num_tiles: int = 1) -> dict[str, torch.Tensor]:
         """``input_ids``, ``labels`` (-100 outside answer + end-of-turn), ``attention_mask``: LongTensor [T] each.
 
         ``answer=None``: the prompt with the generation prompt appended (what ``generate()`` continues).
+        ``num_tiles``: how many tiles the image is cut into (``SegVLMModel.image_prep.num_tiles(H, W)``).
         """
         for token, where in ((self.image_token, "question"), (self.seg_token, "question")):
             if token in question:
@@ -85,7 +98,7 @@ class TextCodec:
         if answer is not None and self.image_token in answer:
             raise UserError(f"the answer {answer!r} contains the image token {self.image_token!r}")
         prompt_text = render(self.tokenizer, self.chat_template, user_turn(question), add_generation_prompt=True)
-        prompt = self._tokenize(prompt_text)
+        prompt = self._tokenize(prompt_text, num_tiles)
         answer_ids: list[int] = []
         if answer is not None:
             messages = user_turn(question) + [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]

@@ -32,11 +32,14 @@ log = logging.getLogger(__name__)
 SEGVLM_JSON = "segvlm.json"
 FORMAT_VERSION = 1
 VLM_DIR, SAM_DIR, PROJECTION_FILE = "vlm", "sam", "projection.safetensors"
+# segvlm.json keys: the mean / std SAM's input is normalised with (absent: ImageNet's). The Sa2VA importer writes the
+# bf16-rounded values Sa2VA's preprocess_image uses; save_base carries them on.
+SAM_MEAN_KEY, SAM_STD_KEY = "sam_image_mean", "sam_image_std"
 # SAM checkpoints by config model_type -> the single-image class used (a SAM 2 video checkpoint such as
 # facebook/sam2.1-hiera-tiny holds the same image encoder / prompt encoder / mask decoder weights).
 SAM_MODEL_TYPES = {"sam": "sam", "sam2": "sam2", "sam2_video": "sam2"}
-# VLMs whose pixel_values are one [B, 3, S, S] tile per image and whose image placeholder expands to a fixed number
-# of tokens: the VLM's resizing and normalisation can then run in torch (differentiably) in forward_batch.
+# VLMs whose pixel_values are [N, 3, S, S] tiles (one per image, or InternVL's dynamic tiles) and whose image
+# placeholder expands to a fixed number of tokens per tile: images.ImagePrep makes the tiles, the codec the tokens.
 SUPPORTED_VLM_TYPES = ("internvl", "llava")
 # processor kwargs that make one image one tile (the whole image resized to the vision tower's input size)
 SINGLE_TILE_KWARGS: dict[str, dict[str, Any]] = {"internvl": {"crop_to_patches": False}}
