@@ -22,10 +22,11 @@ key, and reproduces every tensor of the model it was generated from. Not checked
 checkpoint (bf16 weights, Hiera-L) and the 8B InternLM2 tokenizer (remote code; it needs transformers' converted
 Llama tokenizer, which this importer does not build). SAM 2's sizes: ``--sam-config``, else read as data from the
 folder's ``sam2.py`` (``ast``, never executed), else Hiera-L; the weights' shapes are checked against them before
-anything is written. The composed folder reproduces Sa2VA's own preprocessing and decoding: the image processor
-is written with InternVL's dynamic tiling (``crop_to_patches``, 1..12 tiles + thumbnail as Sa2VA's predict_forward),
-``segvlm.json`` carries the bf16-rounded ImageNet mean/std of Sa2VA's SAM input, and SAM 2's three masks are decoded with the best predicted IoU kept
-(``model.vlm.mask_output``), without object-score gating. tests/test_sa2va_parity.py checks this against tensors
+anything is written. The composed folder reproduces Sa2VA's own preprocessing and decoding: the image processor is
+written with InternVL's dynamic tiling (``crop_to_patches``, 1..12 tiles + thumbnail as Sa2VA's predict_forward),
+``segvlm.json`` carries the bf16-rounded ImageNet mean/std of Sa2VA's SAM input, and SAM 2's three masks are decoded
+with the best predicted IoU kept (``model.vlm.mask_output``), without object-score gating. tests/test_sa2va_parity.py
+checks this against tensors
 Sa2VA's own code computed (``../shared/fixtures/sa2va-tiny``).
 
 Tensors the image model does not use (SAM 2's video parts: memory attention / encoder, object pointers, ...) are
