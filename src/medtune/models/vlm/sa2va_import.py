@@ -26,8 +26,7 @@ anything is written. The composed folder reproduces Sa2VA's own preprocessing an
 written with InternVL's dynamic tiling (``crop_to_patches``, 1..12 tiles + thumbnail as Sa2VA's predict_forward),
 ``segvlm.json`` carries the bf16-rounded ImageNet mean/std of Sa2VA's SAM input, and SAM 2's three masks are decoded
 with the best predicted IoU kept (``model.vlm.mask_output``), without object-score gating. tests/test_sa2va_parity.py
-checks this against tensors
-Sa2VA's own code computed (``../shared/fixtures/sa2va-tiny``).
+checks this against tensors Sa2VA's own code computed (``../shared/fixtures/sa2va-tiny``).
 
 Tensors the image model does not use (SAM 2's video parts: memory attention / encoder, object pointers, ...) are
 listed with their shapes in ``unused_tensors.json`` next to ``segvlm.json`` and in the importer's output.
