@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medtune.config import Config, deep_merge
-from medtune.errors import ConfigError, UserError
+from medtune.errors import ConfigError
 from medtune.models.base import SegModel, load_safetensors_folder
 from medtune.models.hf import load_kwargs, load_pretrained, prepare_for_training, read_config_json, resolve_model_path
 
@@ -184,9 +184,6 @@ class SamSegModel(SegModel):
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        if getattr(self.base_network, "is_loaded_in_4bit", False):
-            raise UserError("cannot save a 4-bit (QLoRA) base as a model folder; build the model unquantised "
-                               "(model.quantize_4bit=false), load the adapter with load_trainable, then save")
         merged_copy(self.net).save_pretrained(str(out_dir), safe_serialization=True)
         return out_dir
 

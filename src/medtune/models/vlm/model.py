@@ -473,9 +473,6 @@ class VLMModel(SegModel):
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        if getattr(self.base_network, "is_loaded_in_4bit", False):
-            raise UserError("cannot save a 4-bit (QLoRA) base as a model folder; export with "
-                             "model.quantize_4bit=false (`medtune export RUN --out DIR model.quantize_4bit=false`)")
         merged_copy(self.net).save_pretrained(str(out_dir), safe_serialization=True)
         self.processor.chat_template = self.codec.template
         save_processor(self.processor, out_dir)
