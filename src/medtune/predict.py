@@ -36,7 +36,7 @@ def overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def predict_images(run_dir: str | Path, images: list[str | Path], out_dir: str | Path, checkpoint: str = "best",
                    threshold: float | None = None, box: tuple[float, float, float, float] | None = None,
-                   prompt: str | None = None) -> list[Path]:
+                   prompt: str | list[str] | None = None) -> list[Path]:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     device = default_device()
     cfg, model, _ = load_run_model(run_dir, checkpoint, device)
@@ -84,9 +84,11 @@ def predict_images(run_dir: str | Path, images: list[str | Path], out_dir: str |
     return written
 
 
-def generated_masks(model, cfg, image: np.ndarray, question: str, device) -> tuple[str, np.ndarray]:
-    """(answer, probabilities [K, H, W] at the image's resolution): greedy generation, then one mask per [SEG] of
-    the generated answer, decoded from the hidden states of a forward over the generated sequence."""
+def generated_masks(model, cfg, image: np.ndarray, questions: list[str], device
+                    ) -> tuple[list[str], list[np.ndarray]]:
+    """(answers, per answer the probabilities [K_k, H, W] at the image's resolution): greedy generation turn by turn
+    (one question per turn, the image in the first), then one mask per [SEG] of the generated answers, decoded from
+    the hidden states of a forward over the generated conversation."""
     import torch
     import torch.nn.functional as F
 
@@ -95,43 +97,58 @@ def generated_masks(model, cfg, image: np.ndarray, question: str, device) -> tup
     h, w = x.shape[-2:]
     resized = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     with torch.no_grad():  # inference: the model's own mask forward is differentiable for training's sake
-        answer, logits = model.generate_masks(resized, question, max_new_tokens=cfg.task.max_new_tokens)
-    if logits.shape[0] == 0:
-        return answer, np.zeros((0, h, w), dtype=np.float32)
-    logits = F.interpolate(logits[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
-    return answer, torch.sigmoid(logits).cpu().numpy()
+        answers, logits = model.generate_turns(resized, questions, max_new_tokens=cfg.task.max_new_tokens)
+    probs = []
+    for turn in logits:
+        if turn.shape[0] == 0:
+            probs.append(np.zeros((0, h, w), dtype=np.float32))
+            continue
+        up = F.interpolate(turn[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
+        probs.append(torch.sigmoid(up).cpu().numpy())
+    return answers, probs
 
 
 def predict_segvlm(cfg, model, run_dir: Path, images: list[str | Path], out_dir: Path, threshold: float | None,
-                   prompt: str | None, device) -> list[Path]:
-    """Generated answers with one mask per [SEG]: `STEM_answer.txt`, `STEM_seg{k}_{mask,prob,overlay}.png`, and
-    predict.json listing every answer and the images whose answer held no [SEG]."""
+                   prompt: str | list[str] | None, device) -> list[Path]:
+    """Generated answers with one mask per [SEG]: `STEM_answer.txt`, `STEM_seg{k}_{mask,prob,overlay}.png` (k counts
+    the [SEG] of all answers in order), and predict.json listing every answer and the images whose answers held no
+    [SEG]. Several prompts are asked in one conversation, one turn each (as the model was trained on several
+    referring expressions of one image)."""
+    from medtune.tasks.segvlm import question as task_question
+
     thr, source = (threshold, "given") if threshold is not None else calibrated_threshold(run_dir)
-    question = prompt or cfg.task.prompt.format(class_name=cfg.task.class_name)
+    questions = [prompt] if isinstance(prompt, str) else list(prompt or []) or [task_question(None, cfg)]
     out_dir.mkdir(parents=True, exist_ok=True)
-    written, answers, without_seg = [], {}, []
+    written, answers, turns, without_seg = [], {}, {}, []
     for path in tqdm([Path(p) for p in images], desc="predict", unit="img"):
         if not path.is_file():
             raise DataError(f"{path}: no such image file")
         sample = load_sample(Sample(id=path.stem, image=path), cfg.data)
-        answer, probs = generated_masks(model, cfg, sample.image, question, device)
-        probs = probs * sample.fov  # as for the other families: nothing outside the field of view
-        answers[str(path)] = answer
+        turn_answers, turn_probs = generated_masks(model, cfg, sample.image, questions, device)
+        answers[str(path)] = "\n".join(turn_answers)
         stem = out_dir / path.stem
-        Path(f"{stem}_answer.txt").write_text(answer + "\n")
-        if probs.shape[0] == 0:
+        Path(f"{stem}_answer.txt").write_text(answers[str(path)] + "\n")
+        k = 0
+        turns[str(path)] = []
+        for q, answer, probs in zip(questions, turn_answers, turn_probs):
+            probs = probs * sample.fov  # as for the other families: nothing outside the field of view
+            files = []
+            for prob in probs:
+                binary = (prob >= thr).astype(np.uint8)
+                Image.fromarray(binary * 255).save(f"{stem}_seg{k}_mask.png")
+                Image.fromarray((prob * 255).round().astype(np.uint8)).save(f"{stem}_seg{k}_prob.png")
+                Image.fromarray(overlay(sample.image, binary)).save(f"{stem}_seg{k}_overlay.png")
+                written.append(Path(f"{stem}_seg{k}_mask.png"))
+                files.append(f"{path.stem}_seg{k}_mask.png")
+                k += 1
+            turns[str(path)].append({"question": q, "answer": answer, "masks": files})
+        if k == 0:
             without_seg.append(str(path))
-        for k, prob in enumerate(probs):
-            binary = (prob >= thr).astype(np.uint8)
-            Image.fromarray(binary * 255).save(f"{stem}_seg{k}_mask.png")
-            Image.fromarray((prob * 255).round().astype(np.uint8)).save(f"{stem}_seg{k}_prob.png")
-            Image.fromarray(overlay(sample.image, binary)).save(f"{stem}_seg{k}_overlay.png")
-            written.append(Path(f"{stem}_seg{k}_mask.png"))
     if without_seg:
-        log.warning("%d of %d answers hold no %s, so no mask: %s", len(without_seg), len(answers),
+        log.warning("%d of %d images got answers without %s, so no mask: %s", len(without_seg), len(answers),
                     cfg.model.vlm.seg_token, without_seg[:5])
     (out_dir / "predict.json").write_text(json.dumps({
-        "run": str(run_dir), "question": question, "threshold": thr, "threshold_source": source,
-        "answers": answers, "answers_without_seg": without_seg,
+        "run": str(run_dir), "question": questions[0] if len(questions) == 1 else questions, "threshold": thr,
+        "threshold_source": source, "answers": answers, "turns": turns, "answers_without_seg": without_seg,
         "no_seg_rate": len(without_seg) / max(len(answers), 1)}, indent=2))
     return written

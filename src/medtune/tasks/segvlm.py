@@ -1,14 +1,21 @@
 """Task ``segvlm``: a vision-language model answers a question about the image, and each ``[SEG]`` token of its
 answer becomes a mask (Sa2VA / LISA style).
 
-Training is teacher-forced: the question (the referring expression, or ``task.prompt`` with ``task.class_name`` for
-data without text) and the answer (``task.answer``, "It is [SEG].", once per target) are tokenised by the model's
-own text codec, and one forward gives the answer's LM loss and one mask per ``[SEG]``. The loss is ComboLoss on the
-masks (default BCE 2 / Dice 0.5, as Sa2VA and LISA use: ``config.SEGVLM_LOSS``, unless the config sets ``loss``)
-+ ``task.lm_weight`` x the LM cross-entropy on the answer tokens. Evaluation uses the same teacher-forced prompt,
-so the masks are probabilities and calibration, metrics, CIs, reports and compare work as for the other families.
+Training is teacher-forced: one user turn per target (``task.prompt`` with the target's referring expression, or
+with ``task.class_name`` for data without text), each answered by ``task.answer`` ("It is [SEG]."), the image in
+the first turn only, as Sa2VA's training data put several expressions of one image; the model's own text codec
+tokenises the conversation, and one forward gives the answers' LM loss and one mask per ``[SEG]``. The loss is
+ComboLoss on the masks (default BCE 2 / Dice 0.5, as Sa2VA and LISA use: ``config.SEGVLM_LOSS``, unless the config
+sets ``loss``) + ``task.lm_weight`` x the LM cross-entropy on the answer tokens.
+
+Evaluation measures both: the teacher-forced conversation (``target_probabilities``: the masks are probabilities,
+so calibration, metrics, CIs, reports and compare work as for the other families) and free generation
+(``free_generation``: what ``medtune predict`` does; the model answers each turn itself, and a target whose answer
+holds no ``[SEG]`` is scored as an empty mask).
 """
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import torch
@@ -25,15 +32,29 @@ from medtune.tasks.base import LossFn, TargetPrediction, Task
 from medtune.tasks.masks import pooled_validation
 
 IGNORE_INDEX = -100
+EXAMPLES_KEPT = 5  # generated conversations kept in summary.json to read
 
 
-def conversation(sample_texts: list[str | None], cfg: Config) -> tuple[str, str]:
-    """(question, answer) for one image's K targets: one request and one "[SEG]" answer per target, in order."""
-    questions, answers = [], []
-    for text in sample_texts:
-        questions.append(cfg.task.prompt.format(class_name=text if text is not None else cfg.task.class_name))
-        answers.append(cfg.task.answer)
-    return " ".join(questions), " ".join(answers)
+# an article right before {class_name} in task.prompt ("Please segment the {class_name} ..."), and one at the start
+# of a referring expression ("the larger lesion"): together they would read "segment the the larger lesion"
+_PROMPT_ARTICLE = re.compile(r"\b(?:the|a|an)\s+(?=\{class_name\})", re.IGNORECASE)
+_LEADING_ARTICLE = re.compile(r"^(?:the|a|an)\s", re.IGNORECASE)
+
+
+def question(text: str | None, cfg: Config) -> str:
+    """The request for one target: ``task.prompt`` with the referring expression (``task.class_name`` when the
+    target has none). An expression that brings its own article replaces the prompt's ("the larger lesion", not
+    "the the larger lesion"); a final full stop is dropped, as Sa2VA does, since the prompt goes on after it."""
+    name = (text if text is not None else cfg.task.class_name).strip()
+    name = name[:-1].rstrip() if name.endswith(".") else name
+    template = _PROMPT_ARTICLE.sub("", cfg.task.prompt) if _LEADING_ARTICLE.match(name) else cfg.task.prompt
+    return template.format(class_name=name)
+
+
+def conversation(sample_texts: list[str | None], cfg: Config) -> tuple[list[str], list[str]]:
+    """(questions, answers) for one image's K targets: one user turn per target, in order, each answered by
+    ``task.answer``. The codec puts the image in the first turn only."""
+    return [question(text, cfg) for text in sample_texts], [cfg.task.answer] * len(sample_texts)
 
 
 def _resize(image: np.ndarray, labels: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,14 +99,14 @@ class SegVLMDataset(Dataset):
 
 
 def encode_sample(ls: LoadedSample, cfg: Config, codec) -> dict[str, torch.Tensor]:
-    question, answer = conversation(ls.target_texts(), cfg)
-    enc = codec.encode(question, answer)
+    questions, answers = conversation(ls.target_texts(), cfg)
+    enc = codec.encode(questions, answers)
     n_seg = int((enc["input_ids"] == codec.seg_token_id).sum())
     k = len(ls.target_texts())
     if n_seg != k:
-        raise DataError(f"sample {ls.id}: the target answer {answer!r} holds {n_seg} {cfg.model.vlm.seg_token} "
-                        f"token(s) for {k} target mask(s); task.answer must contain {cfg.model.vlm.seg_token} "
-                        "exactly once (it is repeated once per target)")
+        raise DataError(f"sample {ls.id}: the target answer {cfg.task.answer!r} (one per target) holds {n_seg} "
+                        f"{cfg.model.vlm.seg_token} token(s) for {k} target mask(s) in all; task.answer must contain "
+                        f"{cfg.model.vlm.seg_token} exactly once (it answers each target's turn)")
     return enc
 
 
@@ -185,25 +206,55 @@ def target_probabilities(model, sample: LoadedSample, cfg: Config, device) -> li
 
 
 @torch.no_grad()
-def generation_metrics(model, samples: list[LoadedSample], cfg: Config, device) -> dict:
-    """Free generation on the split (greedy, the training question): how often the answer holds no [SEG] at all
-    (the most common complaint after fine-tuning a LISA/Sa2VA model) or a wrong number of them."""
-    codec = model.text_codec()
+def free_generation(model, sample: LoadedSample, cfg: Config, device) -> tuple[list[TargetPrediction], list[dict]]:
+    """What ``medtune predict`` does, scored: the model answers the conversation's questions itself (greedy, turn by
+    turn, each answer kept in the history); target k's mask is the first [SEG] of answer k, and an answer without
+    [SEG] is an empty mask (probability 0 everywhere), scored against the target like any other prediction.
+    Returns the predictions (ids as ``target_probabilities``) and one record per answer (question, answer, its
+    [SEG] count)."""
     size = int(cfg.data.patch_size)
-    no_seg = wrong_count = 0
-    examples = []
-    for s in samples:
-        question, _ = conversation(s.target_texts(), cfg)
-        image, _ = _resize(s.image, s.fov[None], size)
-        answer, logits = model.generate_masks(image[None].to(device), question, max_new_tokens=cfg.task.max_new_tokens)
-        k = int(logits.shape[0])
-        no_seg += k == 0
-        wrong_count += k != len(s.target_texts())
-        if len(examples) < 5:
-            examples.append({"id": s.id, "question": question, "answer": answer})
-    n = max(len(samples), 1)
-    return {"n": len(samples), "no_seg_rate": no_seg / n, "wrong_seg_count_rate": wrong_count / n,
-            "seg_token": codec.decode([codec.seg_token_id]), "examples": examples}
+    targets = sample.target_masks()
+    questions, _ = conversation(sample.target_texts(), cfg)
+    image, _ = _resize(sample.image, sample.fov[None], size)
+    was_training = model.training
+    model.eval()
+    try:
+        answers, masks = model.generate_turns(image[None].to(device), questions,
+                                              max_new_tokens=cfg.task.max_new_tokens)
+    finally:
+        model.train(was_training)
+    h, w = sample.mask.shape
+    multi = sample.targets is not None
+    preds, records = [], []
+    for k, (answer, logits) in enumerate(zip(answers, masks)):
+        if logits.shape[0]:
+            up = F.interpolate(logits[None, :1].float(), size=(h, w), mode="bilinear", align_corners=False)
+            prob = torch.sigmoid(up)[0, 0].cpu().numpy()
+        else:
+            prob = np.zeros((h, w), dtype=np.float32)
+        pid = f"{sample.id}#{k}" if multi else sample.id
+        preds.append(TargetPrediction(pid, prob, targets[k], sample.fov, sample, k if multi else None))
+        records.append({"id": pid, "sample": sample.id, "question": questions[k], "answer": answer,
+                        "n_seg": int(logits.shape[0])})
+    return preds, records
+
+
+def generation_summary(records: list[dict], cfg: Config) -> dict:
+    """Answer statistics of free generation over a split's images (records from ``free_generation``): how often an
+    image's answers hold no [SEG] at all (the most common complaint after fine-tuning a LISA/Sa2VA model), and how
+    often an image has an answer with other than exactly one."""
+    by_image: dict[str, list[dict]] = {}
+    for r in records:
+        by_image.setdefault(r["sample"], []).append(r)
+    n = max(len(by_image), 1)
+    no_seg = sum(all(r["n_seg"] == 0 for r in rs) for rs in by_image.values())
+    wrong = sum(any(r["n_seg"] != 1 for r in rs) for rs in by_image.values())
+    examples = [{"id": sid, "questions": [r["question"] for r in rs], "answers": [r["answer"] for r in rs]}
+                for sid, rs in list(by_image.items())[:EXAMPLES_KEPT]]
+    return {"n": len(by_image), "n_answers": len(records), "no_seg_rate": no_seg / n,
+            "wrong_seg_count_rate": wrong / n,
+            "answers_without_seg_rate": sum(r["n_seg"] == 0 for r in records) / max(len(records), 1),
+            "seg_token": cfg.model.vlm.seg_token, "max_new_tokens": cfg.task.max_new_tokens, "examples": examples}
 
 
 def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict[str, float]:
@@ -224,5 +275,6 @@ TASK = Task(
     collate=collate,
     target_probabilities=target_probabilities,
     mask_targets=mask_targets,
-    generation_metrics=generation_metrics,
+    free_generation=free_generation,
+    generation_summary=generation_summary,
 )
