@@ -139,6 +139,13 @@ def test_eval_predict_export(trained, tmp_path):
     n_seg = answer.count("[SEG]")
     assert len(list((tmp_path / "pred").glob("*_mask.png"))) == n_seg
     assert (str(image) in info["answers_without_seg"]) == (n_seg == 0)
+    # several prompts: one turn each, the masks of each turn listed with it
+    two = ["Please segment the blood vessel in this image.", "Please segment the optic disc in this image."]
+    predict_images(run, [image], tmp_path / "pred2", prompt=two)
+    turns = json.loads((tmp_path / "pred2" / "predict.json").read_text())["turns"][str(image)]
+    assert [t["question"] for t in turns] == two
+    assert [len(t["masks"]) for t in turns] == [t["answer"].count("[SEG]") for t in turns]
+    assert len(list((tmp_path / "pred2").glob("*_mask.png"))) == sum(len(t["masks"]) for t in turns)
 
     # export: the merged, composed folder loads back through model.path and gives the same masks
     _, model, _ = load_run_model(run, "best", "cpu")
