@@ -128,7 +128,8 @@ def test_eval_predict_export(trained, tmp_path):
     assert text.count("per-image dice") == 4  # two thresholds x (teacher-forced, free generation)
     report = write_report(run).read_text()
     assert "Free generation" in report and "Metrics on test" in report
-    assert "mean [95% CI]" in compare_runs([run, run])  # compare reads the teacher-forced blocks as before
+    compared = compare_runs([run, run])  # teacher-forced rows as before, plus free generation's Dice
+    assert "dice (free generation)" in compared and "pooled dice" in compared
 
     # predict: a generated answer for each image, one mask per [SEG] it holds, answers without [SEG] reported
     image = discover(cfg.data)[0].image

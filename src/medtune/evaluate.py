@@ -26,14 +26,13 @@ from medtune.data.types import LoadedSample
 from medtune.errors import UserError
 from medtune.metrics import image_metrics, pooled_metrics
 from medtune.models.base import SegModel
-from medtune.runs.files import load_run_config, write_csv_atomic, write_text_atomic
+from medtune.runs.files import FREE_GENERATION_CSV, load_run_config, write_csv_atomic, write_text_atomic
 from medtune.runs.load import default_device, load_run_model
 from medtune.stats import aggregate
 from medtune.tasks import TargetPrediction, Task, task_for
 
 log = logging.getLogger("medtune")
 
-FREE_GENERATION_CSV = "per_image_free_generation.csv"
 PER_IMAGE_METRICS = ["dice", "iou", "precision", "recall", "specificity", "accuracy", "auc", "cldice",
                      "betti0_error", "betti1_error", "hd95", "assd"]
 
