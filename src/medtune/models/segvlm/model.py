@@ -250,8 +250,10 @@ class SegVLMModel(SegModel):
         logits = self._forward(image, torch.tensor([sequence], device=image.device)).mask_logits[0]
         return answers, list(torch.split(logits, seg_counts))
 
-    def teacher_forced_masks(self, image: torch.Tensor, question: str, answer: str) -> torch.Tensor:
-        """Mask logits [K, H, W] for a given answer (K = its [SEG] count): the training forward on one sample."""
+    def teacher_forced_masks(self, image: torch.Tensor, question: str | list[str], answer: str | list[str]
+                             ) -> torch.Tensor:
+        """Mask logits [K, H, W] for given answers (K = their [SEG] count): the training forward on one sample. Lists:
+        one turn per question, as ``codec.encode``."""
         if image.ndim != 4 or image.shape[0] != 1:
             raise UserError(f"teacher_forced_masks takes one image [1, C, H, W], got {tuple(image.shape)}")
         enc = self.codec.encode(question, answer)
