@@ -127,6 +127,64 @@ def test_codec_supervises_exactly_the_answer_and_end_of_turn(internvl_lora):
         short.encode(QUESTION, ANSWER)
 
 
+def test_codec_puts_each_question_in_its_own_turn_and_supervises_every_answer(internvl_lora):
+    """Two referring expressions: two user turns (the image in the first only, as Sa2VA's data), each answered;
+    the prompt of turn 2 is the teacher-forced sequence up to it, and turn by turn it is what generation builds."""
+    codec = internvl_lora.text_codec()
+    q1, q2 = "Please segment the left blob in this image.", "Please segment the right blob in this image."
+    enc = codec.encode([q1, q2], [ANSWER, ANSWER])
+    ids, labels = enc["input_ids"], enc["labels"]
+    text = codec.decode(ids)
+    assert text == (f"<|im_start|>user\n<img>{'<IMG_CONTEXT>' * 4}</img>\n{q1}<|im_end|>\n<|im_start|>assistant\n"
+                    f"{ANSWER}<|im_end|>\n<|im_start|>user\n{q2}<|im_end|>\n<|im_start|>assistant\n{ANSWER}<|im_end|>")
+    assert int((ids == codec.seg_token_id).sum()) == 2
+    supervised = (labels != -100).int()
+    # two supervised spans, each exactly "It is [SEG].<|im_end|>", and nothing of the second question among them
+    starts = ((supervised[1:] - supervised[:-1]) == 1).nonzero().flatten() + 1
+    ends = ((supervised[1:] - supervised[:-1]) == -1).nonzero().flatten() + 1
+    spans = [codec.decode(ids[a:b]) for a, b in zip(starts.tolist(), ends.tolist() + [len(ids)])]
+    assert spans == [ANSWER + "<|im_end|>"] * 2
+    assert torch.equal(labels[labels != -100], ids[labels != -100])
+
+    # the prompt for turn 2 is the training sequence's prefix, and the first turn + prompt_ids builds it
+    prompt2 = codec.encode([q1, q2], [ANSWER])
+    assert (prompt2["labels"][len(codec.encode(q1, ANSWER)["input_ids"]):] == -100).all()
+    assert torch.equal(prompt2["input_ids"], ids[: len(prompt2["input_ids"])])
+    built = codec.encode(q1, ANSWER)["input_ids"].tolist() + codec.prompt_ids([q1, q2], [ANSWER])
+    assert built == prompt2["input_ids"].tolist()
+    # a single question is unchanged by the multi-turn codec (same ids as a one-element list)
+    assert torch.equal(codec.encode(q1, ANSWER)["input_ids"], codec.encode([q1], [ANSWER])["input_ids"])
+    with pytest.raises(ValueError, match="2 questions need 2 answers"):
+        codec.encode([q1, q2], [ANSWER, ANSWER, ANSWER])
+
+
+def test_generate_turns_matches_the_teacher_forced_conversation(internvl_lora):
+    """Turn-by-turn generation (each turn continuing the generated history) gives, for a scripted model that
+    answers like training, the teacher-forced masks of the two-turn conversation; the masks are split per answer,
+    and an answer without [SEG] gets none."""
+    seg = internvl_lora
+    codec = seg.text_codec()
+    q1, q2 = "Please segment the left blob in this image.", "Please segment the right blob in this image."
+    image = torch.rand(1, 3, 36, 44, generator=torch.Generator().manual_seed(1))
+    script = iter([ANSWER, ANSWER, ANSWER, "There is no object."])
+
+    def scripted_generate(input_ids, **kwargs):
+        answer = codec.tokenizer(next(script), add_special_tokens=False)["input_ids"] + [codec.end_of_turn_id]
+        return torch.cat([input_ids, torch.tensor([answer])], dim=1)
+
+    vlm = seg.base_network.vlm
+    with mock.patch.object(type(vlm), "generate", side_effect=scripted_generate), torch.no_grad():
+        answers, masks = seg.generate_turns(image, [q1, q2], max_new_tokens=16)
+        teacher = seg.teacher_forced_masks(image, [q1, q2], [ANSWER, ANSWER])
+        answers_none, masks_none = seg.generate_turns(image, [q1, q2], max_new_tokens=16)
+    assert answers == [ANSWER, ANSWER] and [m.shape for m in masks] == [(1, 36, 44)] * 2
+    # relative tolerances: the tiny random SAM 2 gives logits of ~1e-5
+    assert torch.allclose(torch.cat(masks), teacher, rtol=1e-4, atol=1e-10)
+    assert not torch.allclose(teacher[0], teacher[1], rtol=1e-2, atol=1e-10)  # the two turns' [SEG] differ
+    assert answers_none == [ANSWER, "There is no object."] and [m.shape[0] for m in masks_none] == [1, 0]
+    assert torch.allclose(masks_none[0], teacher[0:1], rtol=1e-3, atol=1e-10)  # turn 1 never sees turn 2
+
+
 def test_llava_codec_uses_the_real_processor_expansion(llava_parts):
     seg = build_model(_parts_cfg(llava_parts))
     assert type(seg.processing.processor).__name__ == "LlavaProcessor"

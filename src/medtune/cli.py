@@ -171,8 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best")
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--box", default=None, help="x1,y1,x2,y2 for box-prompted runs")
-    p.add_argument("--prompt", default=None, help="segmenting VLM runs: the question asked (default: the run's "
-                                                  "task.prompt); the answer and one mask per [SEG] are written")
+    p.add_argument("--prompt", default=None, action="append",
+                   help="segmenting VLM runs: the question asked (default: the run's task.prompt); the answer and one "
+                        "mask per [SEG] are written. Repeat it to ask several questions about one image, one turn each")
     p.add_argument("--question", default=None, help="instruction-tuned VLM runs: the question asked about each "
                                                     "image; answers are printed and saved")
     p.set_defaults(func=_predict)

@@ -43,7 +43,7 @@ class PredictRequest:
     checkpoint: str = "best"
     threshold: float | None = None  # mask tasks: None = the run's calibrated threshold
     box: tuple[float, float, float, float] | None = None  # box-prompted mask runs
-    prompt: str | None = None  # segmenting VLM: the request (default: the run's task.prompt)
+    prompt: str | list[str] | None = None  # segmenting VLM: the request(s), one turn each (default: task.prompt)
     question: str | None = None  # instruction-tuned VLM: asked about each image
 
     def refuse(self, task: str, **unsupported: str) -> None:
@@ -86,9 +86,13 @@ class Task:
     # mask tasks: (ModelOutput, batch) -> (logits, target, fov), each [N, 1, H, W] over the N real targets of the
     # batch; what the losses and the RL policy see
     mask_targets: Callable | None = None
-    # text-generating tasks: metrics of free generation on an evaluated split (e.g. the rate of answers without
-    # [SEG]), reported next to the teacher-forced mask metrics
-    generation_metrics: Callable[[torch.nn.Module, list[LoadedSample], Config, torch.device], dict] | None = None
+    # text-generating mask tasks: what prediction does, measured. (model, sample, cfg, device) -> (per-target
+    # predictions as target_probabilities gives, one record per generated answer); evaluation scores them like the
+    # teacher-forced ones (same threshold, same metrics and CIs) next to them
+    free_generation: Callable[[torch.nn.Module, LoadedSample, Config, torch.device],
+                              tuple[list[TargetPrediction], list[dict]]] | None = None
+    # (free_generation's records over a split, cfg) -> answer statistics (e.g. the rate of answers without [SEG])
+    generation_summary: Callable[[list[dict], Config], dict] | None = None
 
 
 

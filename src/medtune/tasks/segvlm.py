@@ -1,12 +1,17 @@
 """Task ``segvlm``: a vision-language model answers a question about the image, and each ``[SEG]`` token of its
 answer becomes a mask (Sa2VA / LISA style).
 
-Training is teacher-forced: the question (the referring expression, or ``task.prompt`` with ``task.class_name`` for
-data without text) and the answer (``task.answer``, "It is [SEG].", once per target) are tokenised by the model's
-own text codec, and one forward gives the answer's LM loss and one mask per ``[SEG]``. The loss is ComboLoss on the
-masks (default BCE 2 / Dice 0.5, as Sa2VA and LISA use: ``config.SEGVLM_LOSS``, unless the config sets ``loss``)
-+ ``task.lm_weight`` x the LM cross-entropy on the answer tokens. Evaluation uses the same teacher-forced prompt,
-so the masks are probabilities and calibration, metrics, CIs, reports and compare work as for the other families.
+Training is teacher-forced: one user turn per target (``task.prompt`` with the target's referring expression, or
+with ``task.class_name`` for data without text), each answered by ``task.answer`` ("It is [SEG]."), the image in
+the first turn only, as Sa2VA's training data put several expressions of one image; the model's own text codec
+tokenises the conversation, and one forward gives the answers' LM loss and one mask per ``[SEG]``. The loss is
+ComboLoss on the masks (default BCE 2 / Dice 0.5, as Sa2VA and LISA use: ``config.SEGVLM_LOSS``, unless the config
+sets ``loss``) + ``task.lm_weight`` x the LM cross-entropy on the answer tokens.
+
+Evaluation measures both: the teacher-forced conversation (``target_probabilities``: the masks are probabilities,
+so calibration, metrics, CIs, reports and compare work as for the other families) and free generation
+(``free_generation``: what ``medtune predict`` does; the model answers each turn itself, and a target whose answer
+holds no ``[SEG]`` is scored as an empty mask).
 
 Images reach the model at their own resolution: the model's ``prepare`` makes the SAM input (PIL bicubic uint8 to
 1024) and the VLM tiles (InternVL's dynamic tiling where the VLM uses it; the prompt gets each image's number of
@@ -18,31 +23,57 @@ upsample the logits to each image's own size as Sa2VA does (256 -> 1024 -> H x W
 """
 from __future__ import annotations
 
+import json
+import logging
+import re
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from medtune.config import Config
 from medtune.data.augment import Augmentation
 from medtune.data.datasets import loss_region
-from medtune.data.types import DataError, LoadedSample
+from medtune.data.loading import load_sample
+from medtune.data.run_split import use_recorded_image_max
+from medtune.data.types import DataError, LoadedSample, Sample
 from medtune.errors import UserError
 from medtune.losses import ComboLoss
+from medtune.runs.load import default_device, load_run_model
 from medtune.tasks import mask_eval, mask_predict, masks
-from medtune.tasks.base import LossFn, TargetPrediction, Task
+from medtune.tasks.base import LossFn, PredictRequest, TargetPrediction, Task
 from medtune.tasks.masks import pooled_validation
 
+log = logging.getLogger("medtune")
+
 IGNORE_INDEX = -100
+EXAMPLES_KEPT = 5  # generated conversations kept in summary.json to read
 
 
-def conversation(sample_texts: list[str | None], cfg: Config) -> tuple[str, str]:
-    """(question, answer) for one image's K targets: one request and one "[SEG]" answer per target, in order."""
-    questions, answers = [], []
-    for text in sample_texts:
-        questions.append(cfg.task.prompt.format(class_name=text if text is not None else cfg.task.class_name))
-        answers.append(cfg.task.answer)
-    return " ".join(questions), " ".join(answers)
+# an article right before {class_name} in task.prompt ("Please segment the {class_name} ..."), and one at the start
+# of a referring expression ("the larger lesion"): together they would read "segment the the larger lesion"
+_PROMPT_ARTICLE = re.compile(r"\b(?:the|a|an)\s+(?=\{class_name\})", re.IGNORECASE)
+_LEADING_ARTICLE = re.compile(r"^(?:the|a|an)\s", re.IGNORECASE)
+
+
+def question(text: str | None, cfg: Config) -> str:
+    """The request for one target: ``task.prompt`` with the referring expression (``task.class_name`` when the
+    target has none). An expression that brings its own article replaces the prompt's ("the larger lesion", not
+    "the the larger lesion"); a final full stop is dropped, as Sa2VA does, since the prompt goes on after it."""
+    name = (text if text is not None else cfg.task.class_name).strip()
+    name = name[:-1].rstrip() if name.endswith(".") else name
+    template = _PROMPT_ARTICLE.sub("", cfg.task.prompt) if _LEADING_ARTICLE.match(name) else cfg.task.prompt
+    return template.format(class_name=name)
+
+
+def conversation(sample_texts: list[str | None], cfg: Config) -> tuple[list[str], list[str]]:
+    """(questions, answers) for one image's K targets: one user turn per target, in order, each answered by
+    ``task.answer``. The codec puts the image in the first turn only."""
+    return [question(text, cfg) for text in sample_texts], [cfg.task.answer] * len(sample_texts)
 
 
 def _resize_labels(labels: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
@@ -96,14 +127,14 @@ def _num_tiles(prepare, ls: LoadedSample) -> int:
 
 
 def encode_sample(ls: LoadedSample, cfg: Config, codec, num_tiles: int = 1) -> dict[str, torch.Tensor]:
-    question, answer = conversation(ls.target_texts(), cfg)
-    enc = codec.encode(question, answer, num_tiles=num_tiles)
+    questions, answers = conversation(ls.target_texts(), cfg)
+    enc = codec.encode(questions, answers, num_tiles=num_tiles)
     n_seg = int((enc["input_ids"] == codec.seg_token_id).sum())
     k = len(ls.target_texts())
     if n_seg != k:
-        raise DataError(f"sample {ls.id}: the target answer {answer!r} holds {n_seg} {cfg.model.vlm.seg_token} "
-                        f"token(s) for {k} target mask(s); task.answer must contain {cfg.model.vlm.seg_token} "
-                        "exactly once (it is repeated once per target)")
+        raise DataError(f"sample {ls.id}: the target answer {cfg.task.answer!r} (one per target) holds {n_seg} "
+                        f"{cfg.model.vlm.seg_token} token(s) for {k} target mask(s) in all; task.answer must contain "
+                        f"{cfg.model.vlm.seg_token} exactly once (it answers each target's turn)")
     return enc
 
 
@@ -203,24 +234,53 @@ def target_probabilities(model, sample: LoadedSample, cfg: Config, device) -> li
 
 
 @torch.no_grad()
-def generation_metrics(model, samples: list[LoadedSample], cfg: Config, device) -> dict:
-    """Free generation on the split (greedy, the training question): how often the answer holds no [SEG] at all
-    (the most common complaint after fine-tuning a LISA/Sa2VA model) or a wrong number of them."""
-    codec = model.text_codec()
-    no_seg = wrong_count = 0
-    examples = []
-    for s in samples:
-        question, _ = conversation(s.target_texts(), cfg)
-        image = torch.from_numpy(np.ascontiguousarray(s.image, dtype=np.float32))[None]  # its own resolution
-        answer, logits = model.generate_masks(image.to(device), question, max_new_tokens=cfg.task.max_new_tokens)
-        k = int(logits.shape[0])
-        no_seg += k == 0
-        wrong_count += k != len(s.target_texts())
-        if len(examples) < 5:
-            examples.append({"id": s.id, "question": question, "answer": answer})
-    n = max(len(samples), 1)
-    return {"n": len(samples), "no_seg_rate": no_seg / n, "wrong_seg_count_rate": wrong_count / n,
-            "seg_token": codec.decode([codec.seg_token_id]), "examples": examples}
+def free_generation(model, sample: LoadedSample, cfg: Config, device) -> tuple[list[TargetPrediction], list[dict]]:
+    """What ``medtune predict`` does, scored: the model answers the conversation's questions itself (greedy, turn by
+    turn, each answer kept in the history); target k's mask is the first [SEG] of answer k, and an answer without
+    [SEG] is an empty mask (probability 0 everywhere), scored against the target like any other prediction.
+    Returns the predictions (ids as ``target_probabilities``) and one record per answer (question, answer, its
+    [SEG] count)."""
+    targets = sample.target_masks()
+    questions, _ = conversation(sample.target_texts(), cfg)
+    image = torch.from_numpy(np.ascontiguousarray(sample.image, dtype=np.float32))  # its own resolution
+    was_training = model.training
+    model.eval()
+    try:
+        answers, masks = model.generate_turns(image[None].to(device), questions,
+                                              max_new_tokens=cfg.task.max_new_tokens)
+    finally:
+        model.train(was_training)
+    h, w = sample.mask.shape
+    multi = sample.targets is not None
+    preds, records = [], []
+    for k, (answer, logits) in enumerate(zip(answers, masks)):
+        if logits.shape[0]:  # the model returns the logits at the image's own size
+            prob = torch.sigmoid(logits[0].float()).cpu().numpy()
+        else:
+            prob = np.zeros((h, w), dtype=np.float32)
+        pid = f"{sample.id}#{k}" if multi else sample.id
+        preds.append(TargetPrediction(pid, prob, targets[k], sample.fov, sample, k if multi else None))
+        records.append({"id": pid, "sample": sample.id, "question": questions[k], "answer": answer,
+                        "n_seg": int(logits.shape[0])})
+    return preds, records
+
+
+def generation_summary(records: list[dict], cfg: Config) -> dict:
+    """Answer statistics of free generation over a split's images (records from ``free_generation``): how often an
+    image's answers hold no [SEG] at all (the most common complaint after fine-tuning a LISA/Sa2VA model), and how
+    often an image has an answer with other than exactly one."""
+    by_image: dict[str, list[dict]] = {}
+    for r in records:
+        by_image.setdefault(r["sample"], []).append(r)
+    n = max(len(by_image), 1)
+    no_seg = sum(all(r["n_seg"] == 0 for r in rs) for rs in by_image.values())
+    wrong = sum(any(r["n_seg"] != 1 for r in rs) for rs in by_image.values())
+    examples = [{"id": sid, "questions": [r["question"] for r in rs], "answers": [r["answer"] for r in rs]}
+                for sid, rs in list(by_image.items())[:EXAMPLES_KEPT]]
+    return {"n": len(by_image), "n_answers": len(records), "no_seg_rate": no_seg / n,
+            "wrong_seg_count_rate": wrong / n,
+            "answers_without_seg_rate": sum(r["n_seg"] == 0 for r in records) / max(len(records), 1),
+            "seg_token": cfg.model.vlm.seg_token, "max_new_tokens": cfg.task.max_new_tokens, "examples": examples}
 
 
 def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict[str, float]:
@@ -230,6 +290,70 @@ def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict[str, f
 def collate(items: list[dict]) -> dict:
     """Pads with the pad id each item carries (the model's own: an arbitrary id could be an image token)."""
     return make_collate(int(items[0]["pad_token_id"]))(items)
+
+
+# ---- prediction (`medtune predict`) ----------------------------------------------------------------------------------
+def generated_masks(model, cfg, image: np.ndarray, questions: list[str], device
+                    ) -> tuple[list[str], list[np.ndarray]]:
+    """(answers, per answer the probabilities [K_k, H, W] at the image's resolution): greedy generation turn by turn
+    (one question per turn, the image in the first), then one mask per [SEG] of the generated answers, decoded from
+    the hidden states of a forward over the generated conversation. The model preprocesses the image at its own
+    resolution and returns the logits at it."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
+    with torch.no_grad():  # inference: the model's own mask forward is differentiable for training's sake
+        answers, logits = model.generate_turns(x, questions, max_new_tokens=cfg.task.max_new_tokens)
+    return answers, [torch.sigmoid(turn.float()).cpu().numpy() for turn in logits]
+
+
+def predict_segvlm(req: PredictRequest) -> list[str]:
+    """Generated answers with one mask per [SEG] (task ``segvlm``): `STEM_answer.txt`,
+    `STEM_seg{k}_{mask,prob,overlay}.png` (k counts the [SEG] of all answers in order), and predict.json listing
+    every answer and the images whose answers held no [SEG]. Several prompts (``--prompt`` repeated) are asked in
+    one conversation, one turn each (as the model was trained on several referring expressions of one image)."""
+    req.refuse("segmenting VLM", box="box-prompted mask runs", question="instruction-tuned VLM runs (family vlm)")
+    run_dir, out_dir, images, threshold, prompt = req.run_dir, req.out_dir, req.images, req.threshold, req.prompt
+    device = default_device()
+    cfg, model, _ = load_run_model(run_dir, req.checkpoint, device)
+    use_recorded_image_max(cfg, run_dir)
+    thr, source = (threshold, "given") if threshold is not None else mask_predict.calibrated_threshold(run_dir)
+    questions = [prompt] if isinstance(prompt, str) else list(prompt or []) or [question(None, cfg)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, answers, turns, without_seg = [], {}, {}, []
+    for path in tqdm([Path(p) for p in images], desc="predict", unit="img"):
+        if not path.is_file():
+            raise DataError(f"{path}: no such image file")
+        sample = load_sample(Sample(id=path.stem, image=path), cfg.data)
+        turn_answers, turn_probs = generated_masks(model, cfg, sample.image, questions, device)
+        answers[str(path)] = "\n".join(turn_answers)
+        stem = out_dir / path.stem
+        Path(f"{stem}_answer.txt").write_text(answers[str(path)] + "\n")
+        k = 0
+        turns[str(path)] = []
+        for q, answer, probs in zip(questions, turn_answers, turn_probs):
+            probs = probs * sample.fov  # as for the other families: nothing outside the field of view
+            files = []
+            for prob in probs:
+                binary = (prob >= thr).astype(np.uint8)
+                Image.fromarray(binary * 255).save(f"{stem}_seg{k}_mask.png")
+                Image.fromarray((prob * 255).round().astype(np.uint8)).save(f"{stem}_seg{k}_prob.png")
+                Image.fromarray(mask_predict.overlay(sample.image, binary)).save(f"{stem}_seg{k}_overlay.png")
+                written.append(Path(f"{stem}_seg{k}_mask.png"))
+                files.append(f"{path.stem}_seg{k}_mask.png")
+                k += 1
+            turns[str(path)].append({"question": q, "answer": answer, "masks": files})
+        if k == 0:
+            without_seg.append(str(path))
+    if without_seg:
+        log.warning("%d of %d images got answers without %s, so no mask: %s", len(without_seg), len(answers),
+                    cfg.model.vlm.seg_token, without_seg[:5])
+    (out_dir / "predict.json").write_text(json.dumps({
+        "run": str(run_dir), "question": questions[0] if len(questions) == 1 else questions, "threshold": thr,
+        "threshold_source": source, "answers": answers, "turns": turns, "answers_without_seg": without_seg,
+        "no_seg_rate": len(without_seg) / max(len(answers), 1)}, indent=2))
+    return [f"{path}: {answer}" for path, answer in answers.items()] + [
+        f"{len(written)} masks (+ probability maps, overlays) written to {out_dir} (threshold {thr:.3f}: {source})"]
 
 
 def evaluate_run(run_dir, split: str = "test", checkpoint: str = "best", device=None,
@@ -245,11 +369,12 @@ TASK = Task(
     selection_metric="val_dice",
     evaluate_run=evaluate_run,
     format_summary=mask_eval.format_summary,
-    predict=mask_predict.predict_segvlm,
+    predict=predict_segvlm,
     write_report=masks.write_report,
     compare=masks.compare,
     collate=collate,
     target_probabilities=target_probabilities,
     mask_targets=mask_targets,
-    generation_metrics=generation_metrics,
+    free_generation=free_generation,
+    generation_summary=generation_summary,
 )

@@ -315,32 +315,52 @@ class SegVLMModel(SegModel):
 
     def generate_masks(self, image: torch.Tensor, question: str, max_new_tokens: int = 32
                        ) -> tuple[str, torch.Tensor]:
-        """Greedy answer to ``question`` about ``image`` [1, C, H, W] (float in [0, 1], the original resolution: it is
-        preprocessed here as in training), and one mask per [SEG] in it.
+        """Greedy answer to ``question`` about ``image`` [1, C, H, W], and one mask per [SEG] in it: (answer text,
+        mask logits [K, H, W]); K = number of [SEG] in the answer, possibly 0. One turn of ``generate_turns``."""
+        answers, masks = self.generate_turns(image, [question], max_new_tokens)
+        return answers[0], masks[0]
 
-        ``generate()`` runs under no_grad; the masks come from ONE teacher-forced forward over prompt + generated
-        tokens (the training forward), so they are differentiable w.r.t. the mask path for the caller who wants
-        that. Returns (answer text, mask logits [K, H, W]); K = number of [SEG] in the answer, possibly 0.
+    def generate_turns(self, image: torch.Tensor, questions: list[str], max_new_tokens: int = 32
+                       ) -> tuple[list[str], list[torch.Tensor]]:
+        """A conversation about ``image`` [1, C, H, W], one greedy answer per question, each turn continuing the
+        previous turns' generated tokens (the image in the first turn only, as in training). Returns the answers
+        and, per answer, the mask logits [K_k, H, W] of its [SEG] tokens (K_k possibly 0).
+
+        ``generate()`` runs under no_grad; the masks come from ONE teacher-forced forward over the whole generated
+        conversation (the training forward), so they are differentiable w.r.t. the mask path for the caller who
+        wants that.
         """
-        inputs = self._one_image(image, "generate_masks")
+        inputs = self._one_image(image, "generate_turns")
         codec = self.codec
-        prompt = codec.encode(question, None, inputs["num_tiles"])["input_ids"][None].to(image.device)
-        with torch.no_grad():
-            generated = self.base_network.vlm.generate(
-                input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                pixel_values=self._vlm_pixels(inputs["vlm_tiles"]), max_new_tokens=max_new_tokens, do_sample=False,
-                num_beams=1, eos_token_id=codec.stop_token_ids, pad_token_id=codec.pad_token_id,
-            )
-        new = generated[0, prompt.shape[1]:].tolist()
         stops = set(codec.stop_token_ids)
-        end = next((i + 1 for i, t in enumerate(new) if t in stops), len(new))
-        sequence = torch.tensor([prompt[0].tolist() + new[:end]], device=image.device)
-        out = self._forward(inputs, sequence, None, None, tuple(image.shape[-2:]))
-        return codec.answer_text(new[:end]), out.mask_logits[0]
+        pixels = self._vlm_pixels(inputs["vlm_tiles"])
+        sequence: list[int] = []
+        answers: list[str] = []
+        seg_counts: list[int] = []
+        for k in range(len(questions)):
+            sequence += codec.prompt_ids(questions[:k + 1], answers, inputs["num_tiles"])
+            prompt = torch.tensor([sequence], device=image.device)
+            with torch.no_grad():
+                generated = self.base_network.vlm.generate(
+                    input_ids=prompt, attention_mask=torch.ones_like(prompt), pixel_values=pixels,
+                    max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=codec.stop_token_ids,
+                    pad_token_id=codec.pad_token_id,
+                )
+            new = generated[0, prompt.shape[1]:].tolist()
+            end = next((i + 1 for i, t in enumerate(new) if t in stops), len(new))
+            new = new[:end]
+            answers.append(codec.answer_text(new))
+            seg_counts.append(sum(t == codec.seg_token_id for t in new))
+            # an answer cut by max_new_tokens is closed as training closes every answer, before the next turn
+            sequence += new if new and new[-1] in stops else new + [codec.end_of_turn_id]
+        out = self._forward(inputs, torch.tensor([sequence], device=image.device), None, None,
+                            tuple(image.shape[-2:]))
+        return answers, list(torch.split(out.mask_logits[0], seg_counts))
 
-    def teacher_forced_masks(self, image: torch.Tensor, question: str, answer: str) -> torch.Tensor:
-        """Mask logits [K, H, W] for a given answer (K = its [SEG] count): the training forward on one image
-        [1, C, H, W] at its original resolution."""
+    def teacher_forced_masks(self, image: torch.Tensor, question: str | list[str], answer: str | list[str]
+                             ) -> torch.Tensor:
+        """Mask logits [K, H, W] for given answers (K = their [SEG] count): the training forward on one image
+        [1, C, H, W] at its original resolution. Lists: one turn per question, as ``codec.encode``."""
         inputs = self._one_image(image, "teacher_forced_masks")
         enc = self.codec.encode(question, answer, inputs["num_tiles"])
         return self._forward(inputs, enc["input_ids"][None], enc["attention_mask"][None], None,
