@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from medtune.config import VLMCfg
 from medtune.errors import UserError
 from medtune.models.base import ModelOutput, SegModel, load_safetensors_folder
 from medtune.models.sam import IMAGENET_MEAN, IMAGENET_STD, Sam2SegModel, SamSegModel
+from medtune.models.vlm.logits import forward_logits_at, logit_positions, token_loss
 from medtune.models.vlm.seg.codec import IGNORE_INDEX, TextCodec
 from medtune.models.vlm.seg.parts import (
     FORMAT_VERSION,
@@ -113,10 +115,13 @@ class SegVLMModel(SegModel):
         if missing:
             raise UserError(f"segvlm batch lacks {missing}: it needs the image and the conversation tokens from "
                              "seg.text_codec().encode(question, answer) (task.kind segvlm)")
-        return self._forward(batch["image"], batch["input_ids"], batch.get("attention_mask"), batch.get("labels"))
+        return self._forward(batch["image"], batch["input_ids"], batch.get("attention_mask"), batch.get("labels"),
+                             batch)
 
     def _forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 labels: torch.Tensor | None = None) -> ModelOutput:
+                 labels: torch.Tensor | None = None, batch: dict | None = None) -> ModelOutput:
+        """The VLM's token logits are computed where ``batch[LOGITS_AT]`` says (``models.vlm.logits``); by default
+        where the LM loss reads them, and nowhere without labels: the masks need only the hidden states."""
         if image.ndim != 4 or image.shape[1] != self.in_channels:
             raise UserError(f"segvlm expects images [B, {self.in_channels}, H, W], got {tuple(image.shape)}")
         b, _, h, w = image.shape
@@ -125,14 +130,17 @@ class SegVLMModel(SegModel):
         net = self.base_network
         input_ids = input_ids.to(image.device)
         attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(image.device))
-        supervised = labels is not None and bool((labels != IGNORE_INDEX).any())
-        out = net.vlm(input_ids=input_ids, attention_mask=attention_mask, pixel_values=self._vlm_pixels(image),
-                      labels=labels.to(image.device) if supervised else None, output_hidden_states=True,
-                      use_cache=False, return_dict=True)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": self._vlm_pixels(image)}
+        labels = labels.to(image.device) if labels is not None else None
+        positions = logit_positions(batch or {}, labels, image.device)
+        out, logits = forward_logits_at(partial(net.vlm, output_hidden_states=True, use_cache=False,
+                                                return_dict=True), net.vlm, inputs, positions)
         lm_loss = None
         if labels is not None:
-            # nothing supervised: a zero that is still part of the graph, not 0/0
-            lm_loss = out.loss if supervised else out.logits.sum() * 0.0
+            supervised = bool((labels != IGNORE_INDEX).any())
+            # the mean over the supervised tokens (what the VLM's own loss gives); nothing supervised: a zero that is
+            # still part of the graph, not 0/0
+            lm_loss = token_loss(logits, labels, None, positions) if supervised else logits.sum() * 0.0
         # hidden_states[-1] is the final-norm output, the lm_head input: the [SEG] token's own last hidden state
         prompts, valid = self._seg_hidden(out.hidden_states[-1], input_ids, attention_mask)
         if prompts.shape[1] == 0:
@@ -143,7 +151,8 @@ class SegVLMModel(SegModel):
             low = self._decode_masks(net.sam, self._sam_pixels(image), projection(prompts.to(weight_dtype)))
             mask_logits = F.interpolate(low.float(), size=(h, w), mode="bilinear", align_corners=False)
             mask_logits = torch.where(valid[:, :, None, None], mask_logits, torch.zeros_like(mask_logits))
-        return ModelOutput(mask_logits=mask_logits, lm_loss=lm_loss, token_logits=out.logits, mask_valid=valid)
+        return ModelOutput(mask_logits=mask_logits, lm_loss=lm_loss, token_logits=logits, mask_valid=valid,
+                           logit_positions=positions)
 
     def _seg_hidden(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """[B, K, H] hidden states at the [SEG] positions (K = most [SEG] in one sequence) and the [B, K] valid mask."""
