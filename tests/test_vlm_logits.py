@@ -48,11 +48,12 @@ def _image(seed, h=40, w=50):
     return Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
 
 
-def _instruct(folder):
-    """LoRA on the language model + the projector trained fully (modules_to_save), moved off their init, eval mode
-    (no dropout: two forwards must be comparable)."""
+def _instruct(folder, lora_targets: str | None = None):
+    """LoRA on the language model (or on ``lora_targets``) + the projector trained fully (modules_to_save), moved
+    off their init, eval mode (no dropout: two forwards must be comparable)."""
+    lora = {"r": 4, **({"target_modules": lora_targets} if lora_targets else {})}
     cfg = build_config({"model": {"family": "vlm", "path": str(folder), "vlm": {"train_projector": True}},
-                        "lora": {"r": 4}})
+                        "lora": lora})
     model = build_model(cfg).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -104,6 +105,18 @@ def test_instruct_loss_and_gradients_equal_full_logits_with_the_head_on_answer_r
     image_ids = torch.tensor(sorted(model.codec.image_token_ids))
     assert not torch.isin(batch["input_ids"][:, out.logit_positions], image_ids).any()
     assert out.token_logits.shape == (b, int(needed.sum()), model.base_network.config.get_text_config().vocab_size)
+
+
+def test_lora_on_the_output_head_gets_the_same_gradients(folders):
+    """A user's LoRA on lm_head runs on the kept rows only and still learns exactly what it learnt before."""
+    model = _instruct(folders["llava"], r"^(?:model\.language_model\.layers\.\d+\.self_attn\.q_proj|lm_head)$")
+    batch = collate([model.codec.encode(TURNS, _image(0), "s0")])
+    full_loss, full_grads = _loss_and_grads(model, lambda: model(batch={**batch, LOGITS_AT: ALL_POSITIONS}).lm_loss)
+    loss, grads = _loss_and_grads(model, lambda: model(batch=batch).lm_loss)
+    assert abs(float(loss) - float(full_loss)) <= LOSS_ATOL
+    _assert_same_grads(grads, full_grads)
+    head = [n for n in grads if "lm_head.lora_" in n]
+    assert len(head) == 2 and all(grads[n].abs().sum() > 0 for n in head)
 
 
 # ------------------------------------------------------------------------------------------------ GRPO log-probs
