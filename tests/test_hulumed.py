@@ -397,6 +397,8 @@ def test_a_qwen2_hulumed_folder_loads_natively_by_name(tmp_path):
     saved = json.loads((folder / "config.json").read_text())
     assert saved["model_type"] == "hulumed_qwen2" and saved["rope_theta"] == meta["rope_theta"]
 
+    from medtune.models.vlm.logits import ALL_POSITIONS, LOGITS_AT
+
     seg = build_model(_cfg(folder)).eval()
     base = seg.base_network
     assert type(base).__name__ == "HulumedQwen2ForCausalLM" and base.model.layers[0].self_attn.q_proj.bias is not None
@@ -405,4 +407,4 @@ def test_a_qwen2_hulumed_folder_loads_natively_by_name(tmp_path):
     batch = _batch(seg, ["malignant"])
     with torch.no_grad():
         expected = source(**seg.model_inputs(batch)).logits
-        _close(seg(batch=batch).token_logits, expected)
+        _close(seg(batch={**batch, LOGITS_AT: ALL_POSITIONS}).token_logits, expected)

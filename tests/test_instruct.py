@@ -43,6 +43,7 @@ def test_dataset_refuses_every_sample_that_would_be_truncated(setup):
 
 
 def test_loss_is_normalised_by_the_global_number_of_supervised_tokens(setup):
+    from medtune.models.vlm.logits import ALL_POSITIONS, LOGITS_AT
     from medtune.models.vlm.model import token_loss
     from medtune.tasks.instruct import make_loss, train_collate, train_dataset
 
@@ -54,11 +55,12 @@ def test_loss_is_normalised_by_the_global_number_of_supervised_tokens(setup):
     items = [long, dataset[1], dataset[2], dataset[3]]
     full = train_collate(items)
     loss, parts = make_loss(cfg)(model, full)
-    logits = model(batch=full).token_logits
+    logits = model(batch={**full, LOGITS_AT: ALL_POSITIONS}).token_logits
     n = (full["labels"][:, 1:] != -100).sum()
     assert torch.allclose(loss, token_loss(logits, full["labels"], n), atol=1e-6)
     # what two processes with half the batch each contribute: sum_i / (n_global / 2), averaged by DDP
-    halves = [train_collate(items[:2]), train_collate(items[2:])]
+    halves = [{**train_collate(items[:2]), LOGITS_AT: ALL_POSITIONS},
+              {**train_collate(items[2:]), LOGITS_AT: ALL_POSITIONS}]
     two = sum(token_loss(model(batch=h).token_logits, h["labels"], n / 2) for h in halves) / 2
     assert torch.allclose(two, loss, atol=1e-5)
     per_process_mean = sum(token_loss(model(batch=h).token_logits, h["labels"]) for h in halves) / 2

@@ -13,6 +13,7 @@ from vlm_helpers import write_vqa
 
 from medtune.cli import main
 from medtune.config import load_config
+from medtune.models.vlm.logits import ALL_POSITIONS, LOGITS_AT
 from medtune.runs.files import read_metrics
 from medtune.train import train
 
@@ -146,7 +147,7 @@ def test_eval_report_export_parity_and_predict(runs, kind, tmp_path, capsys):
                               for s in samples], "left")
     assert torch.equal(merged_prompts["input_ids"], prompts["input_ids"])
     with torch.no_grad():
-        adapter_logits = model(batch=prompts).token_logits
+        adapter_logits = model(batch={**prompts, LOGITS_AT: ALL_POSITIONS}).token_logits
         merged_logits = merged(**model.model_inputs(prompts)).logits
         assert torch.allclose(adapter_logits, merged_logits, atol=1e-4)
         adapter_answers = model.generate(prompts, 4)

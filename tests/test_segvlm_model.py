@@ -14,6 +14,7 @@ import torch
 from medtune.config import build_config
 from medtune.models.lora import export_merged, load_trainable, save_trainable
 from medtune.models.registry import build_model
+from medtune.models.vlm.logits import ALL_POSITIONS, LOGITS_AT
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()
@@ -267,16 +268,20 @@ def test_forward_masks_valid_slots_and_lm_loss(internvl_lora):
     batch = _batch(seg, [(QUESTION, ANSWER), (QUESTION, TWO_SEG)], size=(40, 48))
     with torch.no_grad():
         out = seg(batch=batch)
+        full = seg(batch={**batch, LOGITS_AT: ALL_POSITIONS})
     assert out.mask_logits.shape == (2, 2, 40, 48)  # K = most [SEG] in one sequence, at the input resolution
     assert out.mask_valid.tolist() == [[True, False], [True, True]]
     assert (out.mask_logits[0, 1] == 0).all() and out.mask_logits[1, 1].abs().sum() > 0
     assert not torch.allclose(out.mask_logits[1, 0], out.mask_logits[1, 1])  # two [SEG], two prompts
     # lm_loss is the CE of the next token on the supervised (answer + end-of-turn) positions only
-    logits, labels = out.token_logits, batch["labels"]
+    logits, labels = full.token_logits, batch["labels"]
     assert logits.shape[:2] == labels.shape
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                  labels[:, 1:].reshape(-1), ignore_index=-100)
     assert torch.allclose(out.lm_loss, expected, atol=1e-5)
+    # by default the logits are computed only where the loss reads them (never at the image tokens)
+    assert out.logit_positions.tolist() == (labels[:, 1:] != -100).any(0).nonzero().flatten().tolist()
+    assert torch.allclose(out.token_logits, logits[:, out.logit_positions], atol=1e-5)
     # a sample's masks do not depend on what else is in the batch (padding is masked)
     with torch.no_grad():
         alone = seg(batch={k: v[:1, : int(batch["attention_mask"][0].sum())] if k != "image" else v[:1]

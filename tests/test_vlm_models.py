@@ -12,6 +12,7 @@ import torch
 from medtune.config import build_config
 from medtune.data.types import DataError
 from medtune.models.registry import build_model
+from medtune.models.vlm.logits import ALL_POSITIONS, LOGITS_AT
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()
@@ -351,7 +352,8 @@ def test_adapter_parity_disabled_is_base_peft_loads_and_merged_folder_answers_th
 
     cfg = _cfg(folders[kind], train_projector=True)
     seg = build_model(cfg).eval()
-    batch = _batch(seg, [TURNS, TURNS[:2]])
+    # logits at every position, to compare with plain transformers / PEFT forwards
+    batch = {**_batch(seg, [TURNS, TURNS[:2]]), LOGITS_AT: ALL_POSITIONS}
     prompts = _batch(seg, [TURNS, TURNS[:2]], for_generation=True)
     base = AutoModelForImageTextToText.from_pretrained(str(folders[kind])).eval()
     with torch.no_grad():

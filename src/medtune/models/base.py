@@ -21,13 +21,15 @@ class ModelOutput:
     a segmenting VLM); ``lm_loss`` the language-model cross-entropy on supervised tokens (a scalar) and
     ``token_logits`` [B, T, V], for models that read and write text; ``mask_valid`` [B, K] bool: which of the K mask
     slots hold a real ``[SEG]`` mask (sequences with fewer ``[SEG]`` than the batch maximum leave slots empty; their
-    logits are zero). Absent parts are None.
+    logits are zero); ``logit_positions`` 1-D: the positions along T that ``token_logits`` [B, P, V] hold, when
+    the model computed them only where needed (None: every position). Absent parts are None.
     """
 
     mask_logits: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     token_logits: torch.Tensor | None = None
     mask_valid: torch.Tensor | None = None
+    logit_positions: torch.Tensor | None = None
 
 
 class SegModel(nn.Module):

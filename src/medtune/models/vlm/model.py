@@ -24,11 +24,11 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medtune.config import Config, VLMCfg
@@ -39,11 +39,11 @@ from medtune.models.base import ModelOutput, SegModel
 from medtune.models.hf import load_kwargs, load_pretrained, prepare_for_training, read_config_json, resolve_model_path
 from medtune.models.vlm.hulumed import is_hulumed_config
 from medtune.models.vlm.hulumed import load_folder as load_hulumed_folder
+from medtune.models.vlm.logits import IGNORE_INDEX, LOGITS_AT, forward_logits_at, logit_positions, token_loss
 from medtune.models.vlm.processing import load_processor, read_chat_template, save_processor
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 # Last name part of the vision encoder / the multimodal projector in the VLM families transformers and the common
 # remote-code models use (LLaVA, InternVL, Qwen-VL, Idefics, Gemma3, PaliGemma, Hulu-Med / VideoLLaMA3 ...).
 VISION_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_encoder", "vpm")
@@ -52,7 +52,7 @@ PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "mlp1", "merger", "c
 # pads exactly those and concatenates every other tensor per image).
 SEQUENCE_KEYS = "sequence_keys"
 # Batch keys that are not model inputs.
-NON_MODEL_KEYS = frozenset({"ids", "labels", "num_items_in_batch", "pad_token_id", SEQUENCE_KEYS})
+NON_MODEL_KEYS = frozenset({"ids", "labels", "num_items_in_batch", "pad_token_id", SEQUENCE_KEYS, LOGITS_AT})
 # Processor outputs that are per image (or per image patch), never per token, whatever their shape happens to be:
 # a single image's [1, k] tensor must not pass for a [1, T] token row when k == T by chance.
 PER_IMAGE_KEYS = frozenset({"pixel_values", "pixel_attention_mask", "image_sizes", "image_grid_thw", "grid_sizes",
@@ -272,19 +272,6 @@ def new_tokens(output: torch.Tensor, prompt_ids: torch.Tensor, max_new_tokens: i
                      "so the answer cannot be located; the model's generate() is not the transformers one")
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor, normaliser: torch.Tensor | float | None = None):
-    """Next-token cross-entropy summed over supervised positions / ``normaliser`` (default: their number here)."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:].to(logits.device)
-    total = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-    if normaliser is None:
-        normaliser = (shift_labels != IGNORE_INDEX).sum()
-    if torch.is_tensor(normaliser):
-        normaliser = normaliser.to(total.device, total.dtype)
-    return total / (normaliser.clamp(min=1) if torch.is_tensor(normaliser) else max(float(normaliser), 1.0))
-
-
 # ---- where the parts are --------------------------------------------------------------------------------------------
 def _under(name: str, prefix: str | None) -> bool:
     return prefix is not None and (name == prefix or name.startswith(prefix + "."))
@@ -341,12 +328,15 @@ class VLMModel(SegModel):
         return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
 
     def forward_batch(self, batch: dict) -> ModelOutput:
-        """Teacher-forced forward: token logits and, with ``labels``, the LM loss on the supervised tokens (sum over
-        them / ``batch["num_items_in_batch"]`` when given, else their number in this batch)."""
-        out = self.net(**self.model_inputs(batch), use_cache=False)
+        """Teacher-forced forward: token logits at the positions ``batch[LOGITS_AT]`` names (default: those the LM
+        loss reads; ``models.vlm.logits``) and, with ``labels``, the LM loss on the supervised tokens (sum over them
+        / ``batch["num_items_in_batch"]`` when given, else their number in this batch)."""
+        inputs = self.model_inputs(batch)
         labels = batch.get("labels")
-        loss = token_loss(out.logits, labels, batch.get("num_items_in_batch")) if labels is not None else None
-        return ModelOutput(lm_loss=loss, token_logits=out.logits)
+        positions = logit_positions(batch, labels, inputs["input_ids"].device)
+        _, logits = forward_logits_at(partial(self.net, use_cache=False), self.base_network, inputs, positions)
+        loss = token_loss(logits, labels, batch.get("num_items_in_batch"), positions) if labels is not None else None
+        return ModelOutput(lm_loss=loss, token_logits=logits, logit_positions=positions)
 
     @torch.no_grad()
     def generate(self, batch: dict, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from medtune.config import VLMCfg
 from medtune.errors import UserError
 from medtune.models.base import ModelOutput, SegModel, load_safetensors_folder
 from medtune.models.sam import IMAGENET_MEAN, IMAGENET_STD, Sam2SegModel, SamSegModel
+from medtune.models.vlm.logits import forward_logits_at, logit_positions, token_loss
 from medtune.models.vlm.seg.codec import IGNORE_INDEX, TextCodec
 from medtune.models.vlm.seg.images import PIL_BICUBIC, UINT8_MAX, ImagePrep
 from medtune.models.vlm.seg.parts import (
@@ -167,7 +169,7 @@ class SegVLMModel(SegModel):
         if size is None:
             size = batch["mask"].shape[-2:] if "mask" in batch else self._common_size(inputs["image_size"])
         return self._forward(inputs, batch["input_ids"], batch.get("attention_mask"), batch.get("labels"),
-                             (int(size[0]), int(size[1])))
+                             (int(size[0]), int(size[1])), batch)
 
     def _prepare_batch(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         if image.ndim != 4 or image.shape[1] != self.in_channels:
@@ -185,7 +187,9 @@ class SegVLMModel(SegModel):
         return next(iter(sizes))
 
     def _forward(self, inputs: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 labels: torch.Tensor | None, output_size: tuple[int, int]) -> ModelOutput:
+                 labels: torch.Tensor | None, output_size: tuple[int, int], batch: dict | None = None) -> ModelOutput:
+        """The VLM's token logits are computed where ``batch[LOGITS_AT]`` says (``models.vlm.logits``); by default
+        where the LM loss reads them, and nowhere without labels: the masks need only the hidden states."""
         sam_image, tiles = inputs["sam_image"], inputs["vlm_tiles"]
         b = sam_image.shape[0]
         if input_ids.ndim != 2 or input_ids.shape[0] != b:
@@ -195,14 +199,17 @@ class SegVLMModel(SegModel):
         input_ids = input_ids.to(device)
         attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device))
         self._check_image_tokens(input_ids, attention_mask, tiles.shape[0])
-        supervised = labels is not None and bool((labels != IGNORE_INDEX).any())
-        out = net.vlm(input_ids=input_ids, attention_mask=attention_mask, pixel_values=self._vlm_pixels(tiles),
-                      labels=labels.to(device) if supervised else None, output_hidden_states=True,
-                      use_cache=False, return_dict=True)
+        vlm_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": self._vlm_pixels(tiles)}
+        labels = labels.to(device) if labels is not None else None
+        positions = logit_positions(batch or {}, labels, device)
+        out, logits = forward_logits_at(partial(net.vlm, output_hidden_states=True, use_cache=False,
+                                                return_dict=True), net.vlm, vlm_inputs, positions)
         lm_loss = None
         if labels is not None:
-            # nothing supervised: a zero that is still part of the graph, not 0/0
-            lm_loss = out.loss if supervised else out.logits.sum() * 0.0
+            supervised = bool((labels != IGNORE_INDEX).any())
+            # the mean over the supervised tokens (what the VLM's own loss gives); nothing supervised: a zero that is
+            # still part of the graph, not 0/0
+            lm_loss = token_loss(logits, labels, None, positions) if supervised else logits.sum() * 0.0
         # hidden_states[-1] is the final-norm output, the lm_head input: the [SEG] token's own last hidden state
         prompts, valid = self._seg_hidden(out.hidden_states[-1], input_ids, attention_mask)
         if prompts.shape[1] == 0:
@@ -214,7 +221,8 @@ class SegVLMModel(SegModel):
             low = self._decode_masks(net.sam, features, projection(prompts.to(weight_dtype))).low_res
             mask_logits = self.upsample(low, output_size)
             mask_logits = torch.where(valid[:, :, None, None], mask_logits, torch.zeros_like(mask_logits))
-        return ModelOutput(mask_logits=mask_logits, lm_loss=lm_loss, token_logits=out.logits, mask_valid=valid)
+        return ModelOutput(mask_logits=mask_logits, lm_loss=lm_loss, token_logits=logits, mask_valid=valid,
+                           logit_positions=positions)
 
     def _check_image_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_tiles: int) -> None:
         """One line instead of transformers' feature-count error deep inside: the prompts must hold one tile's
