@@ -408,6 +408,30 @@ def test_remote_code_folder_needs_opt_in_and_qlora_needs_cuda(folders, tmp_path)
         build_model(build_config({"model": {"family": "vlm"}}))
 
 
+def test_remote_code_processor_with_missing_imports_is_one_line_naming_the_packages(folders, tmp_path):
+    """A remote-code processor that imports packages this environment lacks (Hulu-Med's imports cv2 / decord /
+    ffmpeg at module level): one line naming what to pip install (cv2 is opencv-python-headless), with the opt-in
+    given; transformers' own hint would say `pip install cv2`."""
+    import shutil
+
+    from medtune.errors import UserError
+    from medtune.models.vlm.processing import load_processor
+
+    remote = tmp_path / "remote-processor"
+    shutil.copytree(folders["llava"], remote)
+    (remote / "processing_medvlm.py").write_text(
+        "import cv2\nimport medtune_absent_package\nfrom transformers import ProcessorMixin\n\n\n"
+        "class MedProcessor(ProcessorMixin):\n    pass\n")
+    config = json.loads((remote / "processor_config.json").read_text())
+    config["auto_map"] = {"AutoProcessor": "processing_medvlm.MedProcessor"}
+    (remote / "processor_config.json").write_text(json.dumps(config))
+    cfg = build_config({"model": {"family": "vlm", "path": str(remote), "trust_remote_code": True}})
+    with pytest.raises(UserError, match=r"imports cv2, medtune_absent_package, not installed here; `pip install "
+                                        r"opencv-python-headless medtune_absent_package`") as err:
+        load_processor(remote, cfg)
+    assert "\n" not in str(err.value) and str(remote) in str(err.value)
+
+
 # ------------------------------------------------------------------------------------------ non-persistent buffers
 @pytest.mark.parametrize("kind", KINDS)
 def test_build_recomputes_non_persistent_buffers_the_loader_left_uninitialised(folders, kind, monkeypatch):
