@@ -408,3 +408,19 @@ def test_a_qwen2_hulumed_folder_loads_natively_by_name(tmp_path):
     with torch.no_grad():
         expected = source(**seg.model_inputs(batch)).logits
         _close(seg(batch={**batch, LOGITS_AT: ALL_POSITIONS}).token_logits, expected)
+
+
+def test_image_token_budget_is_a_config_setting():
+    """Hulu-Med's long image-token sequences: model.vlm.image_processor.max_tokens bounds them (the published
+    processor allows 16384), no folder editing."""
+    from PIL import Image
+
+    from medtune.config import build_config
+    from medtune.models.registry import build_model
+
+    budget = 64
+    seg = build_model(build_config({"model": {"family": "vlm", "path": str(MODEL),
+                                              "vlm": {"image_processor": {"max_tokens": budget}}}}))
+    image = Image.open(FIXTURE / "images" / "benign.png").convert("RGB")
+    grid = seg.codec.encode(_turns("benign"), image, "b")["grid_sizes"][0]
+    assert 0 < int(grid.prod()) <= budget < 270  # 270 image tokens with the published budget

@@ -216,8 +216,31 @@ def test_too_long_names_the_image_processor_knob_of_a_dynamic_resolution_model(f
     processor.image_processor.max_tokens = 16384  # Hulu-Med's image processor bounds its image tokens so
     codec = ChatCodec(processor, max_length=6)
     with pytest.raises(DataError, match=r"of the \d+ tokens are image tokens; lower the image processor's "
-                                        r"max_tokens=16384 in the model folder's preprocessor_config.json\)"):
+                                        r"max_tokens=16384: model.vlm.image_processor.max_tokens=...\)"):
         codec.encode(TURNS, _image(), "case-14")
+
+
+def test_image_processor_settings_bound_the_image_tokens_and_travel_with_the_export(folders, tmp_path):
+    """model.vlm.image_processor sets the folder's image processor (Qwen-VL's size.longest_edge here, in pixels;
+    Hulu-Med's max_tokens, InternVL's max_patches): fewer image tokens for a large image, kept in the export; a name
+    the image processor does not have is one line listing the ones it has."""
+    from medtune.errors import UserError
+
+    image = _image(h=120, w=120)
+    default = build_model(_cfg(folders["qwen2_5_vl"]))
+    unit = 14 * 2  # patch x merge: the pixels of one image token along each side
+    small = build_model(_cfg(folders["qwen2_5_vl"], image_processor={"size": {"longest_edge": (2 * unit) ** 2}}))
+    n_default, n_small = (sum(t in m.codec.image_token_ids for t in m.codec.encode(TURNS, image, "x")["input_ids"]
+                              .tolist()) for m in (default, small))
+    assert n_small == 4 < n_default
+    small.save_base(tmp_path / "export")
+    saved = json.loads((tmp_path / "export" / "processor_config.json").read_text())
+    saved = saved.get("image_processor", saved)
+    assert saved["size"]["longest_edge"] == (2 * unit) ** 2 and saved["size"]["shortest_edge"] > 0
+    with pytest.raises(UserError, match=r"model.vlm.image_processor: \w+ has no setting max_tokns; its settings: .*"
+                                        r"resample") as err:
+        build_model(_cfg(folders["llava"], image_processor={"max_tokns": 64}))
+    assert "\n" not in str(err.value)
 
 
 def test_collate_keeps_every_processor_key_and_pads_sequence_keys(folders):

@@ -40,7 +40,12 @@ from medtune.models.hf import load_kwargs, load_pretrained, prepare_for_training
 from medtune.models.vlm.hulumed import is_hulumed_config
 from medtune.models.vlm.hulumed import load_folder as load_hulumed_folder
 from medtune.models.vlm.logits import IGNORE_INDEX, LOGITS_AT, forward_logits_at, logit_positions, token_loss
-from medtune.models.vlm.processing import load_processor, read_chat_template, save_processor
+from medtune.models.vlm.processing import (
+    apply_image_processor_settings,
+    load_processor,
+    read_chat_template,
+    save_processor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +221,7 @@ def _image_size_hint(processor) -> str:
     for name in IMAGE_SIZE_KNOBS:
         value = getattr(image_processor, name, None)
         if value is not None and not (isinstance(value, int) and value <= 1):  # (one tile cannot be lowered)
-            return f"lower the image processor's {name}={value} in the model folder's preprocessor_config.json"
+            return f"lower the image processor's {name}={value}: model.vlm.image_processor.{name}=..."
     return "the model folder's preprocessor_config.json sets the image size"
 
 
@@ -539,6 +544,7 @@ def build_vlm(cfg: Config) -> VLMModel:
             check_token_compression(meta, cfg, path)  # before anything loads
             processor = load_processor(path, cfg)
             net = load_pretrained(_auto_class(meta, path), path, **load_kwargs(cfg, keep))
+    apply_image_processor_settings(processor, cfg.model.vlm.image_processor)
     codec = ChatCodec(processor, read_chat_template(cfg.model.vlm.chat_template), cfg.model.vlm.max_length)
     net = prepare_for_training(net, cfg, input_grads=True)
     return VLMModel(net, processor, codec, cfg.model.vlm)

@@ -114,6 +114,30 @@ def load_processor(path: Path, cfg: Config):
                      "needs the processor files saved next to the model (processor.save_pretrained(folder))")
 
 
+def apply_image_processor_settings(processor, settings: dict) -> None:
+    """``model.vlm.image_processor``: set attributes of the processor's image processor (the image-token budget of a
+    dynamic-resolution VLM, ...). A name the image processor does not have is refused in one line listing its
+    settings, rather than silently ignored."""
+    if not settings:
+        return
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        raise UserError(f"model.vlm.image_processor is set but {type(processor).__name__} has no image processor")
+    known = sorted(k for k in image_processor.to_dict() if not k.startswith("_"))
+    unknown = [k for k in settings if k not in known]
+    if unknown:
+        raise UserError(f"model.vlm.image_processor: {type(image_processor).__name__} has no setting "
+                        f"{', '.join(unknown)}; its settings: {', '.join(known)}")
+    for key, value in settings.items():
+        current = getattr(image_processor, key, None)
+        if isinstance(value, dict) and current is not None and not isinstance(current, (bool, int, float, str)):
+            # a partial size dict (e.g. {longest_edge: N} of Qwen-VL's size) updates the current one
+            fields = getattr(current, "__dataclass_fields__", None)
+            base = {k: getattr(current, k) for k in fields} if fields else dict(current)
+            value = {**{k: v for k, v in base.items() if v is not None}, **value}
+        setattr(image_processor, key, value)
+
+
 def read_chat_template(value: str | None) -> str | None:
     """``model.vlm.chat_template``: a file path or the Jinja text itself."""
     if value is None:
