@@ -1,12 +1,14 @@
 """End-to-end supervised runs on tiny models: run folder contract, checkpoints, resume, multi-process, eval."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,11 +142,35 @@ def test_two_process_gloo_matches_one_process(tmp_path):
 
 
 def _torchrun(port: int, *args: str, **kw):
-    """`medtune` on 2 gloo processes, in its own process group (so a kill -9 reaches torchrun and both workers)."""
+    """`medtune` on 2 gloo processes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                              str(port), "-m", "medtune.cli", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _descendants(pid: int) -> list[int]:
+    """pid's child processes, their children, ... (from /proc): torchrun starts its workers in sessions of their own,
+    so killing its process group does not reach them."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def _kill_9_tree(proc) -> None:
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _finish(proc, timeout=300) -> str:
@@ -161,7 +187,7 @@ def test_two_process_kill_9_then_resume_gives_bit_identical_weights(tmp_path):
     true if every rank gets back its own optimizer state and RNG state: rank 0's RNG on rank 1 changes its dropout."""
     from safetensors.torch import load_file
 
-    steps, save_every = 16, 4
+    steps, save_every = 200, 10  # the tiny steps take milliseconds: enough of them that the kill lands mid-run
     opts = ("train.preflight=false", "train.eval_every=100", f"train.save_every={save_every}",
             "model.config={channels: [4, 8, 16], strides: [2, 2], num_res_units: 1, dropout: 0.3}")
     full_cfg = _write_cfg(tmp_path, tiny_cfg(tmp_path, *opts, steps=steps, name="full"), "full.yaml")
@@ -171,12 +197,12 @@ def test_two_process_kill_9_then_resume_gives_bit_identical_weights(tmp_path):
 
     proc = _torchrun(29542, "train", str(killed_cfg))
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and len(losses(killed)) < save_every + 2:
+    while time.time() < deadline and proc.poll() is None and len(losses(killed)) < 2 * save_every + 2:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    _kill_9_tree(proc)  # torchrun and both workers, at once, with no chance to save
     proc.communicate(timeout=60)
     killed_at = len(losses(killed))
-    assert save_every + 2 <= killed_at < steps, "the kill must land mid-run, after a checkpoint"
+    assert 2 * save_every + 2 <= killed_at < steps, "the kill must land mid-run, after a checkpoint"
     _finish(_torchrun(29543, "train", "--resume", str(killed)))
 
     assert losses(killed) == losses(full)
