@@ -141,6 +141,7 @@ def save_checkpoint(ckpt_root: Path, name: str, model: SegModel, optimizer, sche
         if engine_holds_weights(accelerator) and engine_model is not None:
             gathered = accelerator.get_state_dict(engine_model)  # collective: every rank must call it
         accelerator.save_state(str(tmp / ENGINE_DIR))
+        accelerator.wait_for_everyone()  # every rank's files are in tmp before the main process renames it
         if is_main:
             save_trainable(model, tmp, state_dict=gathered)
     else:
