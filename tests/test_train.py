@@ -267,3 +267,20 @@ def test_micro_batch_weights_by_hand():
     assert [float(w) for w in weights] == pytest.approx([2 / 3, 1 / 3])
     # nothing supervised anywhere: weights 0, not NaN
     assert [float(w) for w in micro_batch_weights([{"n": 0}], tokens, _TwoProcessStub(0.0))] == [0.0]
+
+
+def test_an_adapter_saved_from_gathered_weights_holds_those_weights(tmp_path):
+    """FSDP shards the live parameters, so a checkpoint's adapter/ is written from the full state dict the engine
+    gathered (keys as SegModel.state_dict()): what lands in the PEFT folder are those values, not the live ones."""
+    from medtune.models.lora import load_trainable, save_trainable
+    from medtune.models.registry import build_model
+
+    cfg = tiny_cfg(tmp_path, "model.finetune=lora")
+    live, fresh = build_model(cfg), build_model(cfg)
+    gathered = {k: (torch.full_like(v, 0.5) if "lora_B" in k else v.clone()) for k, v in live.state_dict().items()}
+    save_trainable(live, tmp_path / "ckpt", state_dict=gathered)
+    load_trainable(fresh, tmp_path / "ckpt")
+    loaded = dict(fresh.state_dict())
+    lora_b = [k for k in gathered if "lora_B" in k]
+    assert lora_b and all(torch.equal(loaded[k], gathered[k]) for k in lora_b)
+    assert not any(torch.equal(live.state_dict()[k], gathered[k]) for k in lora_b)  # the live ones are zeros
