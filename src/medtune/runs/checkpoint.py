@@ -5,8 +5,8 @@ A checkpoint folder holds the trainable weights (``adapter/`` in PEFT format or 
 DeepSpeed also the engine's own, possibly sharded, weights and optimizer state, written by every rank),
 ``trainer_state.pt`` (scheduler, step, counters) and ``meta.json``. Every process takes part in a save and a load
 (FSDP gathers weights collectively; ZeRO / FSDP shard the optimizer per rank; each rank has its own RNG stream).
-Checkpoints written before ``engine/`` existed (optimizer and rank 0's RNG inside ``trainer_state.pt``) still load. A crash at any
-moment leaves either the previous or the new checkpoint complete, never neither (pitfall 12): a folder under its own
+Checkpoints written before ``engine/`` existed (optimizer and rank 0's RNG inside ``trainer_state.pt``) still load.
+A crash at any moment leaves either the previous or the new checkpoint complete, never neither (pitfall 12): a folder under its own
 name is complete by construction, ``.old-NAME`` is the previous one while the new one is being renamed into place,
 and ``.tmp-*`` / ``.deleting-*`` are half-written or half-deleted leftovers that ``recover_checkpoints`` removes.
 Files are fsynced before the rename, so the same holds when the machine itself goes down.

@@ -20,7 +20,6 @@ from transformers import get_cosine_schedule_with_warmup
 from medtune.atomic import write_text_atomic
 from medtune.config import Config
 from medtune.errors import UserError
-from medtune.threads import configure as configure_threads
 from medtune.runs.checkpoint import (
     TrainerState,
     keep_weights_out_of_engine_state,
@@ -39,6 +38,7 @@ from medtune.runs.files import (
     with_operational_settings,
     write_run_files,
 )
+from medtune.threads import configure as configure_threads
 
 log = logging.getLogger("medtune")
 
