@@ -1,6 +1,6 @@
 """The demo's U-Net training step alone and beside a CPU hog, old and new thread settings side by side (not a test).
 
-    PYTHONPATH=src .venv/bin/python bench/busy_machine.py [--seconds 5] [--hog-per-core 1]
+    PYTHONPATH=src .venv/bin/python bench/busy_machine.py [--seconds 6] [--rounds 3] [--hog-per-core 1]
 
 One step = what `medtune demo` does per step of its base U-Net (the demo's config: the default U-Net, a batch of 8
 crops of 64^2, ComboLoss, backward, clipping, AdamW) on random tensors of the demo's shapes (no data loading: the
@@ -13,8 +13,10 @@ once, when torch loads it:
                  (affinity / cgroup quota) left idle by other work at start (1-minute load average), one
                  inter-op thread
 
-Conditions: alone, then beside a hog of `--hog-per-core` busy-loop processes per usable core (started and stopped by
-this script, each bounded by a deadline so none outlives it). Printed: median ms per step, and loaded / alone. With
+Conditions: alone, and beside a hog of `--hog-per-core` busy-loop processes per usable core (started and stopped by
+this script, each bounded by a deadline so none outlives it), in `--rounds` alternated windows of `--seconds /
+--rounds` each, so that load from elsewhere drifting over the run hits both alike. Printed: median ms per step, and
+loaded / alone. With
 H hog processes per core, a process of T threads gets about T / (T + H x cores) of the machine's cores if the
 scheduler shares them fairly per thread,
 printed as the "fair" ratio (the threads' fair share of the cores against the cores it used alone).
@@ -41,9 +43,10 @@ VARIANTS = {
 }
 
 
-def worker(seconds: float, threads: int | None, use_medtune: bool) -> dict:
-    """Runs in a fresh process: time the demo's step for `seconds` alone, then again once the parent started the
-    hog. The thread count is chosen once, at start, as in a run."""
+def worker(seconds: float, threads: int | None, use_medtune: bool, rounds: int) -> dict:
+    """Runs in a fresh process: time the demo's step for `seconds` alone and `seconds` beside the hog, in `rounds`
+    alternated windows (the parent starts and stops the hog). The thread count is chosen once, at start, as in a
+    run."""
     if use_medtune:
         from medtune.threads import prepare_openmp
 
@@ -71,30 +74,38 @@ def worker(seconds: float, threads: int | None, use_medtune: bool) -> dict:
     n, size = cfg.data.batch_size, cfg.data.patch_size
     batch = {"image": torch.rand(n, 3, size, size), "mask": (torch.rand(n, 1, size, size) > 0.8).float(),
              "fov": torch.ones(n, 1, size, size)}
-    def timed(seconds: float) -> float:
-        times, end = [], None
-        while True:
-            t0 = time.perf_counter()
-            loss, _ = loss_fn(model, batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            t1 = time.perf_counter()
-            times.append(t1 - t0)
-            if len(times) == WARMUP_STEPS:
-                end = t1 + seconds
-            if end is not None and t1 >= end:
-                return 1000 * statistics.median(times[WARMUP_STEPS:])
 
-    alone = timed(seconds)
-    print(HOG_PLEASE, flush=True)  # the parent starts the hog, then answers on stdin
-    sys.stdin.readline()
-    loaded = timed(seconds)
-    return {"alone_ms": alone, "loaded_ms": loaded, **chosen}
+    def step() -> float:
+        t0 = time.perf_counter()
+        loss, _ = loss_fn(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    def window(seconds: float) -> list[float]:
+        """Steps for `seconds` (at least one) after the first step of the window (a step straddling the switch)."""
+        step()
+        times, end = [], time.perf_counter() + seconds
+        while not times or time.perf_counter() < end:
+            times.append(step())
+        return times
+
+    for _ in range(WARMUP_STEPS):
+        step()
+    alone, loaded = [], []
+    for _ in range(rounds):  # alternated, so that the other users' changing load hits both conditions alike
+        alone += window(seconds / rounds)
+        print(HOG_START, flush=True)  # the parent starts the hog, then answers on stdin
+        sys.stdin.readline()
+        loaded += window(seconds / rounds)
+        print(HOG_STOP, flush=True)
+        sys.stdin.readline()
+    return {"alone_ms": 1000 * statistics.median(alone), "loaded_ms": 1000 * statistics.median(loaded), **chosen}
 
 
-HOG_PLEASE = "start the hog"
+HOG_START, HOG_STOP = "start the hog", "stop the hog"
 HOG_CODE = "import time\nend = time.time() + {limit}\nx = 0\nwhile time.time() < end:\n    x += 1\n"
 
 
@@ -109,19 +120,20 @@ def stop_hog(hogs: list[subprocess.Popen]) -> None:
         h.wait(timeout=30)
 
 
-def measure(name: str, seconds: float, hog_count: int) -> dict:
+def measure(name: str, seconds: float, hog_count: int, rounds: int) -> dict:
     """One fresh process per setting: the step alone, then (same process, same warm caches) beside the hog."""
     spec = VARIANTS[name]
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     env["PYTHONPATH"] = str(REPO / "src") + os.pathsep + env.get("PYTHONPATH", "")
     args = [sys.executable, __file__, "--worker", json.dumps({"seconds": seconds, "threads": spec["threads"],
-                                                              "medtune": spec["medtune"]})]
+                                                              "medtune": spec["medtune"], "rounds": rounds})]
     proc = subprocess.Popen(args, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     hogs = []
     try:
         for line in proc.stdout:
-            if line.strip() == HOG_PLEASE:
-                hogs = start_hog(hog_count, HOG_LIMIT_S)
+            if line.strip() in (HOG_START, HOG_STOP):
+                stop_hog(hogs)
+                hogs = start_hog(hog_count, HOG_LIMIT_S) if line.strip() == HOG_START else []
                 proc.stdin.write("go\n")
                 proc.stdin.flush()
             elif line.startswith("{"):
@@ -134,13 +146,14 @@ def measure(name: str, seconds: float, hog_count: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=5.0, help="timed seconds per setting and condition")
+    parser.add_argument("--seconds", type=float, default=6.0, help="timed seconds per setting and condition")
     parser.add_argument("--hog-per-core", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="alone / loaded windows, alternated")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
-        print(json.dumps(worker(spec["seconds"], spec["threads"], spec["medtune"])))
+        print(json.dumps(worker(spec["seconds"], spec["threads"], spec["medtune"], spec["rounds"])))
         return
     sys.path.insert(0, str(REPO / "src"))
     from medtune.threads import usable_cores
@@ -148,7 +161,7 @@ def main() -> None:
     cores = usable_cores()["cores"]
     print(f"usable cores {cores}; load average before: {open('/proc/loadavg').read().split()[:4]}")
     hog = args.hog_per_core * cores
-    results = {name: measure(name, args.seconds, hog) for name in VARIANTS}
+    results = {name: measure(name, args.seconds, hog, args.rounds) for name in VARIANTS}
     print(f"\n{'setting':<15} {'threads':>7} {'wait policy':>11} {'alone ms':>9} {'loaded ms':>10} "
           f"{'loaded/alone':>12} {'fair':>5}")
     print("(fair: the step-time growth a fair per-thread share of the cores predicts)")
