@@ -284,3 +284,30 @@ def test_an_adapter_saved_from_gathered_weights_holds_those_weights(tmp_path):
     lora_b = [k for k in gathered if "lora_B" in k]
     assert lora_b and all(torch.equal(loaded[k], gathered[k]) for k in lora_b)
     assert not any(torch.equal(live.state_dict()[k], gathered[k]) for k in lora_b)  # the live ones are zeros
+
+
+def test_a_checkpoint_from_before_engine_state_still_resumes_exactly(tmp_path):
+    """Checkpoints written before engine/ existed kept optimizer and RNG in trainer_state.pt: one rewritten into that
+    form resumes to the same final weights as the uninterrupted run."""
+    import random
+    import shutil
+
+    from safetensors.torch import load_file
+
+    opts = ("train.save_every=2", "train.keep_last=5", "train.preflight=false")
+    run = train(tiny_cfg(tmp_path, *opts, steps=4, name="full"))
+    final = load_file(str(run / "checkpoints" / "last" / "model" / "model.safetensors"))
+    ckpt = run / "checkpoints" / "step-2"
+    engine = ckpt / "engine"
+    blob = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    rng = torch.load(engine / "random_states_0.pkl", weights_only=False)
+    blob.update(optimizer=torch.load(engine / "optimizer.bin", weights_only=True), scaler=None,
+                rng={"torch": rng["torch_manual_seed"], "python": rng["random_state"]})
+    torch.save(blob, ckpt / "trainer_state.pt")
+    shutil.rmtree(engine)
+    for name in ("last", "step-4", "best"):
+        shutil.rmtree(run / "checkpoints" / name, ignore_errors=True)
+    random.seed(12345)  # whatever state the process is in: the checkpoint's RNG must win
+    train(tiny_cfg(tmp_path, *opts, steps=4, name="full"), resume=run)
+    resumed = load_file(str(run / "checkpoints" / "last" / "model" / "model.safetensors"))
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
