@@ -18,10 +18,17 @@ from medtune.models.hf import read_config_json, remote_code_kwargs
 # on some platforms, this one included). The image-only stand-ins below leave it out (their ``__init__`` names no
 # video processor, so ``ProcessorMixin`` expects none) and process images exactly as the full processor does. They
 # are module-level classes so a codec holding one pickles into DataLoader workers.
+UNUSED_VIDEO_TOKEN = "<video>"
+
+
 class ImageOnlyInternVLProcessor(InternVLProcessor):
     """``InternVLProcessor`` without its video processor."""
 
     def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None, **kwargs):
+        if tokenizer is not None and not _has_token(tokenizer, "video_token"):
+            # InternVLProcessor reads the tokenizer's video token for its text pattern; an image-only processor never
+            # expands it, and a tokenizer without one (Sa2VA's) is not given a new vocabulary entry for it
+            tokenizer.video_token = UNUSED_VIDEO_TOKEN
         super().__init__(image_processor, tokenizer, None, image_seq_length=image_seq_length,
                          chat_template=chat_template, **kwargs)
 
@@ -38,6 +45,13 @@ class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+def _has_token(tokenizer, name: str) -> bool:
+    try:
+        return getattr(tokenizer, name) is not None
+    except AttributeError:
+        return False
 
 
 # model_type -> (stand-in, the keys of processor_config.json it takes). save_processor writes the standard class name
