@@ -92,6 +92,7 @@ def build_segvlm(cfg: Config) -> SegVLMModel:
     # the plain VLM's codec; [SEG] is answer text, and a conversation ends at its last end-of-turn token (Sa2VA's)
     codec = ChatCodec(processor, read_chat_template(vcfg.chat_template), vcfg.max_length,
                       answer_token_ids=(seg_id,), end_after_last_answer=True)
+    parts.check_template_has_image(codec, where)
     net = SegVLMNet(vlm, sam, projection)
     # LLM LoRA behind frozen embeddings under checkpointing needs the embeddings' output to require grad (pitfall 3).
     net.vlm = prepare_for_training(net.vlm, cfg, input_grads=True)

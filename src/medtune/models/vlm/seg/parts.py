@@ -175,6 +175,19 @@ def vision_unused_regex(vlm: nn.Module, vision: str | None, prefix: str) -> str 
     return rf"{re.escape(prefix + vision)}\.(?:{'|'.join(unused)})"
 
 
+def check_template_has_image(codec, where: str) -> None:
+    """A chat template that drops the image would leave the processor's image without its tokens: one line here,
+    not transformers' feature-count error deep in the forward."""
+    from medtune.data.conversations import IMAGE_PLACEHOLDER
+
+    token = getattr(codec.processor, "image_token", None)
+    text = codec.render([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "probe"}]}], True)
+    if token and token not in text:
+        raise UserError(f"the chat template of {where} renders a user turn with an image as {text!r}: no image "
+                         f"placeholder {token!r} ({IMAGE_PLACEHOLDER} in a conversation). Set model.vlm.chat_template "
+                         "to a template that renders {'type': 'image'} content items as that token")
+
+
 # ------------------------------------------------------------------------------------------------ [SEG]
 def add_seg_token(tokenizer, seg_token: str, where: str) -> int:
     """Add ``seg_token`` as one special token (no-op when present) and return its id; refuse a token that the
