@@ -12,6 +12,7 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import REPO
 
 from medtune.config import build_config
 from medtune.models.lora import export_merged, load_trainable, save_trainable
@@ -739,3 +740,31 @@ def test_mask_output_best_iou_by_default_for_sam2_and_single_head_on_request(int
     assert not re.search(single.frozen_by_design(), "sam.mask_decoder.output_hypernetworks_mlps.0.proj_in.weight")
     assert re.search(single.frozen_by_design(), "sam.mask_decoder.output_hypernetworks_mlps.2.proj_in.weight")
     assert single.selected_by_prediction() is None
+
+
+# ------------------------------------------------------------------------------------------------ Hulu-Med + SAM 2
+HULUMED = REPO.parent / "shared" / "fixtures" / "hulumed-tiny" / "model"
+
+
+@pytest.mark.skipif(not (HULUMED / "config.json").is_file(), reason=f"Hulu-Med fixture absent ({HULUMED})")
+def test_native_hulumed_carries_the_mask_head_and_trains(internvl_parts):
+    """The published Hulu-Med layout (medtune's own implementation, no remote code) + a tiny SAM 2: the VLM's own
+    processor keys (grid_sizes, merge_sizes, modals) reach its forward, LoRA lands in its language model only, and a
+    step through the mask path and the LM loss moves the adapters and the [SEG] row."""
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(0)
+    seg = build_model(_parts_cfg((HULUMED, internvl_parts[1]))).train()
+    assert (seg.parts.vision, seg.parts.projector) == ("model.vision_encoder", "model.mm_projector")
+    landed = [n for n, m in seg.base_network.named_modules() if isinstance(m, LoraLayer)]
+    assert landed and all(n.startswith("vlm.model.layers.") for n in landed)
+    batch = _batch(seg, [(QUESTION, ANSWER)])
+    assert {"grid_sizes", "merge_sizes"} <= set(batch)
+    out = seg(batch=batch)
+    assert out.mask_logits.shape == (1, 1, 40, 48) and out.lm_loss > 0
+    (out.mask_logits.mean() + out.lm_loss).backward()
+    before = {n: p.detach().clone() for n, p in seg.trainable_named_parameters()}
+    torch.optim.SGD([p for _, p in seg.trainable_named_parameters()], lr=1.0).step()
+    moved = {n for n, p in seg.trainable_named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert any(".lora_B." in n for n in moved) and any("trainable_tokens_delta" in n for n in moved)
+    assert moved and not [n for n in moved if "vlm.model.vision_encoder." in n]  # the vision encoder stays frozen
