@@ -6,12 +6,15 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from transformers import InternVLProcessor, Qwen2_5_VLProcessor, Qwen3VLProcessor
 
 from medtune.config import Config
 from medtune.errors import UserError
 from medtune.models.hf import read_config_json, remote_code_kwargs
 
+
+UINT8_MAX = 255
 
 # ---- processors -----------------------------------------------------------------------------------------------------
 # transformers' processors of the VLMs that also take video build a video processor, which needs torchvision (absent
@@ -115,15 +118,26 @@ def read_chat_template(value: str | None) -> str | None:
     raise UserError(f"model.vlm.chat_template {value!r} is neither an existing file nor a Jinja template text")
 
 
-def to_pil(image: np.ndarray):
+def to_uint8_rgb(image) -> np.ndarray:
+    """uint8 [H, W, 3] from a float [C, H, W] (or [H, W]) image in [0, 1] (the data loader's; 8-bit files round-trip
+    exactly), a uint8 [C, H, W] array / tensor, or one image [1, C, H, W]. Grey images are repeated to RGB (Sa2VA
+    converts every image to RGB)."""
+    x = image.detach().cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
+    if x.ndim == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3 or x.shape[0] not in (1, 3):
+        raise ValueError(f"expected an image [C, H, W] with C in (1, 3), got shape {x.shape}")
+    if x.dtype != np.uint8:
+        x = np.rint(np.clip(x.astype(np.float64), 0.0, 1.0) * UINT8_MAX).astype(np.uint8)
+    if x.shape[0] == 1:
+        x = np.repeat(x, 3, axis=0)
+    return np.ascontiguousarray(x.transpose(1, 2, 0))
+
+
+def to_pil(image):
     """LoadedSample image float [C, H, W] in [0, 1] -> RGB PIL image (what processors expect)."""
     from PIL import Image
 
-    arr = np.asarray(image, dtype=np.float32)
-    if arr.ndim == 3:
-        arr = arr.transpose(1, 2, 0)
-        if arr.shape[-1] == 1:
-            arr = np.repeat(arr, 3, axis=-1)
-    else:
-        arr = np.repeat(arr[..., None], 3, axis=-1)
-    return Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="RGB")
+    return Image.fromarray(to_uint8_rgb(image), mode="RGB")

@@ -17,24 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+
 PIL_BICUBIC = 3  # PIL.Image.Resampling.BICUBIC: Sa2VA's (and PIL's) default resize filter
-UINT8_MAX = 255
-
-
-def to_uint8_rgb(image) -> np.ndarray:
-    """uint8 [H, W, 3] from a float [C, H, W] image in [0, 1] (the data loader's; 8-bit files round-trip exactly),
-    a uint8 [C, H, W] array / tensor, or one image [1, C, H, W]. Grey images are repeated to RGB (Sa2VA converts
-    every image to RGB)."""
-    x = image.detach().cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
-    if x.ndim == 4 and x.shape[0] == 1:
-        x = x[0]
-    if x.ndim != 3 or x.shape[0] not in (1, 3):
-        raise ValueError(f"expected an image [C, H, W] with C in (1, 3), got shape {x.shape}")
-    if x.dtype != np.uint8:
-        x = np.rint(np.clip(x.astype(np.float64), 0.0, 1.0) * UINT8_MAX).astype(np.uint8)
-    if x.shape[0] == 1:
-        x = np.repeat(x, 3, axis=0)
-    return np.ascontiguousarray(x.transpose(1, 2, 0))
 
 
 @dataclass(frozen=True)

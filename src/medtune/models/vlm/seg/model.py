@@ -32,8 +32,8 @@ from medtune.models.vlm.model import (
     new_tokens,
 )
 from medtune.models.vlm.model import collate as collate_vlm
-from medtune.models.vlm.processing import save_processor
-from medtune.models.vlm.seg.images import UINT8_MAX, SamImagePrep, to_uint8_rgb
+from medtune.models.vlm.processing import UINT8_MAX, save_processor, to_uint8_rgb
+from medtune.models.vlm.seg.images import SamImagePrep
 from medtune.models.vlm.seg.parts import (
     FORMAT_VERSION,
     PROJECTION_FILE,
