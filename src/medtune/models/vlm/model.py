@@ -194,10 +194,8 @@ class ChatCodec:
             self._check_length(ids, labels, sample_id)
         item: dict[str, Any] = {"id": sample_id, "pad_token_id": self.pad_token_id,
                                 SEQUENCE_KEYS: tuple(dict.fromkeys([*token_keys, "input_ids", "labels"]))}
-        extra = len(ids) - t0
         for key in token_keys:
-            fill = 1 if key == "attention_mask" else 0  # appended tokens are real text tokens
-            item[key] = torch.cat([first[key][0], torch.full((extra,), fill, dtype=first[key].dtype)])
+            item[key] = extend_token_key(key, first[key][0], len(ids))
         item["input_ids"] = torch.tensor(ids, dtype=torch.long)
         item["labels"] = torch.tensor(labels, dtype=torch.long)
         for key, value in first.items():
@@ -235,6 +233,27 @@ class ChatCodec:
             return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         kept = [i for i in ids if i in self.answer_token_ids or i not in self.special_ids | self.image_token_ids]
         return self.tokenizer.decode(kept, skip_special_tokens=False).strip()
+
+
+def extend_token_key(key: str, values: torch.Tensor, length: int) -> torch.Tensor:
+    """A per-token processor key [T] (attention_mask, token types ...) extended to ``length`` for appended text
+    tokens: attention 1 (they are real tokens), anything else 0 (text)."""
+    fill = 1 if key == "attention_mask" else 0
+    return torch.cat([values, torch.full((length - len(values),), fill, dtype=values.dtype)])
+
+
+def generation_kwargs(codec: ChatCodec, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0
+                      ) -> dict[str, Any]:
+    """``generate()`` settings of both VLM families: greedy, or plain temperature sampling (no top-k / top-p;
+    special tokens but the stop tokens suppressed, so ``text_policy.token_logprobs`` with ``codec.suppress_ids`` is
+    exactly the sampling distribution); stopping at the codec's stop tokens."""
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                              "eos_token_id": codec.stop_ids, "pad_token_id": codec.pad_token_id}
+    if do_sample:
+        kwargs.update(temperature=temperature, top_k=0, top_p=1.0, suppress_tokens=codec.suppress_ids)
+    else:
+        kwargs.update(temperature=None, top_k=None, top_p=None)
+    return kwargs
 
 
 def _image_size_hint(processor) -> str:
@@ -430,13 +449,7 @@ class VLMModel(SegModel):
         (no top-k / top-p; special tokens but the stop tokens suppressed: ``text_policy.token_logprobs`` with
         ``codec.suppress_ids`` is exactly the sampling distribution)."""
         inputs = self.model_inputs(batch)
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                                  "eos_token_id": self.codec.stop_ids, "pad_token_id": self.codec.pad_token_id}
-        if do_sample:
-            kwargs.update(temperature=temperature, top_k=0, top_p=1.0, suppress_tokens=self.codec.suppress_ids)
-        else:
-            kwargs.update(temperature=None, top_k=None, top_p=None)
-        out = self.net.generate(**inputs, **kwargs)
+        out = self.net.generate(**inputs, **generation_kwargs(self.codec, max_new_tokens, do_sample, temperature))
         return new_tokens(out, inputs["input_ids"], max_new_tokens, type(self.base_network).__name__)
 
     # -- where LoRA goes ------------------------------------------------------------------------------------------

@@ -28,6 +28,8 @@ from medtune.models.vlm.model import (
     ChatCodec,
     VLMParts,
     check_lora_placement,
+    extend_token_key,
+    generation_kwargs,
     lora_target_patterns,
     new_tokens,
 )
@@ -383,9 +385,7 @@ class SegVLMModel(SegModel):
             batch = collate([_with_ids(item, sequence)])
             inputs = {key: (v.to(device) if torch.is_tensor(v) else v) for key, v in self.model_inputs(batch).items()}
             with torch.no_grad():
-                out = self.base_network.vlm.generate(
-                    **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, temperature=None,
-                    top_k=None, top_p=None, eos_token_id=codec.stop_ids, pad_token_id=codec.pad_token_id)
+                out = self.base_network.vlm.generate(**inputs, **generation_kwargs(codec, max_new_tokens), num_beams=1)
             new = new_tokens(out, inputs["input_ids"], max_new_tokens, type(self.base_network.vlm).__name__)
             new = new[0].tolist()
             end = next((i + 1 for i, t in enumerate(new) if t in stops), len(new))
@@ -530,14 +530,10 @@ def _with_ids(item: dict, ids: list[int]) -> dict:
     """``item`` with the token sequence ``ids`` (a prompt grown by generated turns), no labels; its other per-token
     keys extended as ``ChatCodec.encode`` extends them (attention 1, others 0)."""
     out = {k: v for k, v in item.items() if k != "labels"}
-    n = len(ids)
     out["input_ids"] = torch.tensor(ids, dtype=torch.long)
     for key in item[SEQUENCE_KEYS]:
-        if key in ("input_ids", "labels"):
-            continue
-        v = item[key][:n]
-        fill = 1 if key == "attention_mask" else 0
-        out[key] = torch.cat([v, torch.full((n - len(v),), fill, dtype=v.dtype)])
+        if key not in ("input_ids", "labels"):
+            out[key] = extend_token_key(key, item[key][:len(ids)], len(ids))
     out[SEQUENCE_KEYS] = tuple(k for k in item[SEQUENCE_KEYS] if k != "labels")
     return out
 
