@@ -591,7 +591,8 @@ def build_vlm(cfg: Config) -> VLMModel:
         preset, kind = overrides.pop("preset", None), overrides.pop("vlm", "llava")
         if preset != "tiny":
             raise UserError("family vlm builds from model.config only the offline test models ({preset: tiny, vlm: "
-                             "llava | internvl}); for a real VLM set model.path to a local checkpoint folder")
+                             "llava | internvl | qwen2_5_vl | qwen3_vl}); for a real VLM set model.path to a local "
+                             "checkpoint folder")
         from medtune.models.vlm.tiny import tiny_vlm
 
         net, processor = tiny_vlm(kind, overrides)
