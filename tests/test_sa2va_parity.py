@@ -237,6 +237,30 @@ def test_unknown_language_model_and_remote_code_tokenizer_are_one_line(tmp_path)
     assert "\n" not in str(exc.value)
 
 
+def test_a_sa2va_checkpoint_without_seg_is_one_line(tmp_path):
+    """A Sa2VA folder whose tokenizer lost [SEG]: refused before anything is converted (its [SEG] row would be another
+    token's)."""
+    from medtune.errors import UserError
+    from medtune.models.vlm.sa2va_import import import_sa2va
+
+    def without_seg(tok):
+        tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] != "[SEG]"]
+
+    def config_without_seg(cfg):
+        cfg["added_tokens_decoder"] = {k: v for k, v in cfg.get("added_tokens_decoder", {}).items()
+                                       if v["content"] != "[SEG]"}
+
+    def added_without_seg(added):
+        added.pop("[SEG]", None)
+
+    folder = _sa2va_folder(tmp_path / "noseg", **{"tokenizer.json": without_seg,
+                                                  "tokenizer_config.json": config_without_seg,
+                                                  "added_tokens.json": added_without_seg})
+    with pytest.raises(UserError, match=r"does not hold '\[SEG\]' as one token") as exc:
+        import_sa2va(folder, tmp_path / "out", sam_config=FIXTURE / "transformers_sam2_config.json")
+    assert "\n" not in str(exc.value) and not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------------ the task's batches
 def test_task_batches_mix_tile_counts_and_keep_sa2va_numbers(parity):
     """The training data path: each image prepared from its own pixels (1 tile and 13 tiles in one batch; SAM's input

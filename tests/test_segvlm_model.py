@@ -15,6 +15,7 @@ import torch
 from helpers import REPO
 
 from medtune.config import build_config
+from medtune.errors import UserError
 from medtune.models.lora import export_merged, load_trainable, save_trainable
 from medtune.models.registry import build_model
 from medtune.models.vlm.logits import ALL_POSITIONS, LOGITS_AT
@@ -341,6 +342,26 @@ def test_gradient_checkpointing_and_grayscale_still_train_lora(internvl_parts):
 
 
 # ------------------------------------------------------------------------------------------------ reference / round trips
+def test_a_trained_folder_whose_tokenizer_lost_seg_is_refused_in_one_line(internvl_lora, tmp_path):
+    """A composed (trained) segmenting VLM whose tokenizer has no [SEG]: adding the token anew could give it another,
+    untrained row without a word, so the folder is refused and re-exporting named."""
+    folder = tmp_path / "composed"
+    internvl_lora.save_base(folder)
+    tokenizer = folder / "vlm" / "tokenizer.json"
+    data = json.loads(tokenizer.read_text())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "[SEG]"]
+    data["model"]["vocab"].pop("[SEG]", None)
+    tokenizer.write_text(json.dumps(data))
+    config = folder / "vlm" / "tokenizer_config.json"
+    meta = json.loads(config.read_text())
+    meta["added_tokens_decoder"] = {k: v for k, v in meta.get("added_tokens_decoder", {}).items()
+                                    if v["content"] != "[SEG]"}
+    config.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"the tokenizer has no '\[SEG\]'.*export the run again") as err:
+        build_model(build_config({"model": {"family": "segvlm", "path": str(folder)}}))
+    assert "\n" not in str(err.value)
+
+
 def test_noop_reference_adapter_round_trips_and_merged_export(kind, tiny_parts, tmp_path):
     from peft import PeftModel
 

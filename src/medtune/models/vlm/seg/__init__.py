@@ -74,6 +74,13 @@ def build_segvlm(cfg: Config) -> SegVLMModel:
         vlm, processor = load_vlm_folder(sources.vlm, cfg)
         where = f"{vlm_key} {str(sources.vlm)!r}"
         sam = parts.load_sam(sources.sam, sam_key)
+    if sources is not None and sources.composed is not None and vcfg.seg_token not in processor.tokenizer.get_vocab():
+        # a trained segmenting VLM: its [SEG] row was learnt under the id segvlm.json records; adding the token anew
+        # could give it another row (an untrained one) without a word
+        raise UserError(f"{sources.vlm}: the tokenizer has no {vcfg.seg_token!r}, although {sources.composed} is a "
+                        f"trained segmenting VLM (segvlm.json: seg_token {sources.meta.get('seg_token')!r}, id "
+                        f"{sources.meta.get('seg_token_id')}); the folder is incomplete: export the run again "
+                        "(`medtune export RUN --out DIR`)")
     seg_id = parts.add_seg_token(processor.tokenizer, vcfg.seg_token, where)
     parts.fit_embeddings(vlm, processor.tokenizer)
     hidden = vlm.config.get_text_config().hidden_size
