@@ -127,16 +127,20 @@ def generate_answers(model, samples: list[LoadedSample], cfg: Config, device, de
     return answers
 
 
-def require_text(answers: list[str], what: str) -> None:
+def require_text(answers: list[str], what: str, scored: bool = True) -> None:
     """Refuse an answer set without any text: that is a generation that does not work (a model stopping at once, a
-    generate() output read at the wrong place), which scoring would turn into a plausible-looking accuracy of 0."""
+    generate() output read at the wrong place), which scoring would turn into a plausible-looking accuracy of 0.
+    ``scored=False`` (predict: the answers are written, not scored): the same line as a warning."""
     if answers and not any(a.strip() for a in answers):
-        raise UserError(
-            f"generation produced no text: all {len(answers)} answers ({what}) are empty, so each would be scored "
-            "as an invalid answer. Likely cause: the model ends its turn at once because the generation prompt is not "
-            "the one it was trained on (check model.vlm.chat_template and the checkpoint's chat template / stop "
-            "tokens), or the model's generate() returns no answer tokens"
-        )
+        message = (
+            f"generation produced no text: all {len(answers)} answers ({what}) are empty"
+            + (", so each would be scored as an invalid answer" if scored else "")
+            + ". Likely cause: the model ends its turn at once because the generation prompt is not the one it was "
+            "trained on (check model.vlm.chat_template and the checkpoint's chat template / stop tokens), or the "
+            "model's generate() returns no answer tokens")
+        if scored:
+            raise UserError(message)
+        log.warning(message)
 
 
 def resolve_labels(cfg: Config, samples: list[LoadedSample] | list[Sample]) -> list[str]:
@@ -324,7 +328,7 @@ def predict_answers(req: PredictRequest, device=None) -> list[dict]:
     samples = [LoadedSample(id=Path(p).stem, image=read_image(Path(p), cfg.data.channels), mask=None, fov=None,
                             conversations=[{"role": "user", "content": text}]) for p in images]
     answers = generate_answers(model, samples, cfg, device, "predict")
-    require_text(answers, "predict")
+    require_text(answers, "predict", scored=False)
     labels = cfg.task.labels or _evaluated_labels(run_dir)
     vocab = answer_vocabulary(labels, cfg.task.synonyms) if labels else None
     rows = [{"image": str(p), "question": question, "answer": a,
