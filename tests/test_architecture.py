@@ -145,5 +145,6 @@ def test_every_task_answers_every_command():
     for kind in TASKS:
         task = task_named(kind)
         assert task.name == kind
-        for hook in ("evaluate_run", "format_summary", "predict", "write_report", "compare"):
+        for hook in ("evaluate_run", "format_summary", "predict", "write_report", "compare", "predict_image",
+                     "prompt_option"):
             assert callable(getattr(task, hook)), f"task {kind} lacks {hook}"
