@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.*"
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,app]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -23,11 +23,12 @@ demo: $(STAMP)
 demo-segvlm: $(STAMP)
 	$(BIN)/medtune demo segvlm
 
-# Headless Chromium renders the HTML report in a test; installed here (Debian package) when missing and root.
+# Headless Chromium renders the HTML report and drives the app in tests; installed here (Debian package) when
+# missing and root.
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
 	  (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1; } || \
-	  echo "chromium not installed: the browser report test will skip"
+	  echo "chromium not installed: the browser tests (report, app) will skip"
 
 # Default suite: everything not marked slow, plus the slow tests marked ci (2-process run, RL recipe, browser).
 # Real-data tests skip with a reason when ../shared/data is absent.

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                "medtune.report.compare")),
     ("tasks", ("medtune.tasks",)),
     ("commands", ("medtune.train", "medtune.evaluate", "medtune.predict", "medtune.reporting", "medtune.report.cv",
-                  "medtune.demo")),
+                  "medtune.demo", "medtune.app")),
     ("cli", ("medtune.cli", "medtune", "medtune.report")),
 ]
 # The commands after training: they dispatch through the run's task and must not test its kind themselves.

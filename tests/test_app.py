@@ -1,0 +1,112 @@
+"""`medtune app` without a browser: what its pages compute (service.py) equals what `medtune predict` writes, uploads
+are checked, per-image metrics and curves come from the run folder; DICOM reads through pydicom."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from helpers import tiny_cfg
+from PIL import Image
+
+from medtune.app.service import BYTES_PER_MB, Workbench, pictures
+from medtune.errors import DataError, UserError
+
+
+@pytest.fixture(scope="module")
+def unet_run(tmp_path_factory):
+    from medtune.evaluate import evaluate_run
+    from medtune.train import train
+
+    root = tmp_path_factory.mktemp("app")
+    run = train(tiny_cfg(root, steps=2, name="unet"))
+    evaluate_run(run)
+    test_ids = json.loads((run / "split.json").read_text())["test"]
+    image = next((root / "data").rglob(f"{test_ids[0]}.png"))  # ids are paths relative to the data set
+    return run, image
+
+
+def test_the_app_predicts_what_predict_writes(unet_run, tmp_path):
+    from medtune.predict import predict_images
+
+    run, image = unet_run
+    bench = Workbench([run])
+    name = bench.names()[0]
+    pred = bench.predict(name, image)
+    assert pred.probs.shape == (1, *pred.image.shape[-2:]) and pred.answer is None
+    predict_images(run, [image], tmp_path / "pred")
+    written = np.asarray(Image.open(tmp_path / "pred" / f"{image.stem}_prob.png"))
+    np.testing.assert_array_equal((pred.probs[0] * 255).round().astype(np.uint8), written)
+    assert bench.loaded(bench.run(name)) is bench.loaded(bench.run(name))  # one load per run
+
+    # the threshold slider: everything in the FOV at 0, nothing above the maximum probability
+    thr = bench.run(name).threshold
+    assert thr == json.loads((run / "eval" / "test" / "calibration.json").read_text())["threshold"]
+    _, _, everything = pictures(pred, 0, 0.0)
+    _, _, nothing = pictures(pred, 0, float(pred.probs.max()) + 1e-6)
+    assert everything.max() == 255 and nothing.max() == 0
+    _, _, at_cal = pictures(pred, 0, thr)
+    assert np.array_equal(at_cal > 0, pred.probs[0] >= thr)
+
+
+def test_per_image_metrics_and_curves_come_from_the_run_folder(unet_run):
+    run, image = unet_run
+    bench = Workbench([run])
+    name = bench.names()[0]
+    rows = bench.per_image_metrics(name, image)
+    assert [r["id"] for r in rows] == [f"images/{image.stem}"] and rows[0]["split"] == "test"
+    assert 0 <= rows[0]["dice@cal"] <= 1
+    assert bench.per_image_metrics(name, image.with_name("elsewhere.png")) == []
+    panels = bench.curves(name)
+    assert panels["loss"]["loss"][0] == [1, 2]  # two training steps logged
+    assert any(k.startswith("val_") for k in panels["validation"])
+
+
+def test_bad_uploads_are_one_line(unet_run, tmp_path):
+    run, image = unet_run
+    bench = Workbench([run], max_upload_mb=1)
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    with pytest.raises(DataError, match="not an image this app reads"):
+        bench.check_upload(text)
+    fake = tmp_path / "fake.png"
+    fake.write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match="fake.png: cannot be read as an image"):
+        bench.check_upload(fake)
+    big = tmp_path / "big.png"
+    with big.open("wb") as f:
+        f.truncate(2 * BYTES_PER_MB)  # sparse: no disk written
+    with pytest.raises(DataError, match="big.png is 2 MB, more than the 1 MB"):
+        bench.check_upload(big)
+    with pytest.raises(DataError, match="upload an image first"):
+        bench.predict(bench.names()[0], None)
+    with pytest.raises(UserError, match="not a run folder"):
+        Workbench([tmp_path])
+
+
+def test_dicom_reads_like_the_same_pixels_in_png(tmp_path):
+    pydicom = pytest.importorskip("pydicom", reason="DICOM needs pydicom (pip install 'medtune[app]')")
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    from medtune.data.io import read_image
+
+    pixels = (np.arange(12 * 10).reshape(12, 10) * 30).astype(np.uint16)  # 12-bit detector values up to 3570
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 12, 10, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(tmp_path / "slice.dcm", enforce_file_format=True)
+    image = read_image(tmp_path / "slice.dcm", channels=1)
+    np.testing.assert_allclose(image[0], pixels / 4095.0, atol=1e-6)  # the 12-bit tier, as for a 16-bit PNG
+
+    ds.PhotometricInterpretation = "MONOCHROME1"  # 0 is white: inverted
+    ds.save_as(tmp_path / "inverted.dcm", enforce_file_format=True)
+    inverted = read_image(tmp_path / "inverted.dcm", channels=1)
+    np.testing.assert_allclose(inverted[0], (pixels.max() - pixels) / 4095.0, atol=1e-6)

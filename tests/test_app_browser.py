@@ -1,0 +1,225 @@
+"""`medtune app` in a real headless Chromium (Debian's, driven by Playwright): segment with a tiny U-Net run and a
+tiny segmenting VLM, move the threshold, ask a tiny VLM, compare two runs, watch the curves; bad input is a message in
+the page and the app keeps serving.
+
+Needs Chromium (`make test` installs Debian's package when run as root) and the `app` extra (Gradio, Playwright);
+without them the test skips and says why.
+"""
+from __future__ import annotations
+
+import io
+import json
+import socket
+import urllib.request
+
+import numpy as np
+import pytest
+from helpers import NO_BROWSER, find_chromium, tiny_cfg
+from PIL import Image
+from test_segvlm import segvlm_cfg
+from vlm_helpers import instruct_cfg, write_vqa
+
+pytestmark = [pytest.mark.slow, pytest.mark.ci]
+
+# Seconds a page action may wait for the app (model loading and a forward on CPU take about a second here).
+WAIT_MS = 60_000
+BIG_UPLOAD_MB = 200  # the issue's oversized upload; a sparse file, so nothing is written to disk
+QUESTION = "Is the lesion benign or malignant?"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip(NO_BROWSER)
+    pytest.importorskip("gradio", reason="the app needs Gradio: pip install 'medtune[app]'")
+    pytest.importorskip("playwright", reason="the browser test drives Chromium with Playwright: pip install "
+                                             "'medtune[app]'")
+    from medtune.app import build_app, launch
+    from medtune.evaluate import evaluate_run
+    from medtune.train import train
+
+    root = tmp_path_factory.mktemp("app-browser")
+    unet = train(tiny_cfg(root, steps=2, name="unet"))
+    evaluate_run(unet)  # a calibrated threshold and per-image metrics for Compare
+    segvlm = train(segvlm_cfg(root, "segvlm", steps=2))
+    vlm = train(instruct_cfg(root, data=write_vqa(root / "vqa", n=8), steps=2, name="vlm"))
+    test_id = json.loads((unet / "split.json").read_text())["test"][0]
+    image = next((root / "data").rglob(f"{test_id}.png"))
+
+    bench, demo = build_app([unet, segvlm, vlm])
+    port = _free_port()
+    launch(demo, bench, port=port, block=False)
+    try:
+        yield {"exe": exe, "url": f"http://127.0.0.1:{port}/", "image": image, "root": root, "bench": bench,
+               "answer_image": root / "vqa" / "images" / "case0.png"}
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=app["exe"], args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1300, "height": 1100})
+        page.set_default_timeout(WAIT_MS)
+        page.goto(app["url"])
+        page.wait_for_selector("#seg-file input[type=file]", state="attached")
+        yield page
+        browser.close()
+
+
+def _fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.read()
+
+
+def _downloads(page) -> dict[str, bytes]:
+    links = page.eval_on_selector_all("#seg-downloads a", "els => els.map(e => e.href)")
+    return {link.rsplit("/", 1)[-1]: _fetch(link) for link in links}
+
+
+def _upload(page, elem_id: str, path) -> None:
+    """Put a file into a Gradio file box, clearing the one it holds (a filled box hides its file input)."""
+    clear = page.locator(f"#{elem_id} button[aria-label='Clear']")
+    if clear.count() and clear.first.is_visible():
+        clear.first.click()
+    page.set_input_files(f"#{elem_id} input[type=file]", str(path))
+
+
+def _pick(page, elem_id: str, value: str) -> None:
+    """Choose a value of a Gradio dropdown (type to filter, Enter takes the first match)."""
+    box = page.locator(f"#{elem_id} input")
+    box.click()
+    box.fill(value)
+    box.press("Enter")
+
+
+def _wait_status(page, elem_id: str, text: str) -> str:
+    page.wait_for_function("([id, t]) => document.querySelector('#' + id)?.innerText.includes(t)", arg=[elem_id, text])
+    return page.inner_text(f"#{elem_id}")
+
+
+def _wait_new_downloads(page, before: set[str]) -> dict[str, bytes]:
+    page.wait_for_function("old => { const h = [...document.querySelectorAll('#seg-downloads a')].map(e => e.href);"
+                           " return h.length > 0 && h.some(x => !old.includes(x)); }", arg=sorted(before))
+    return _downloads(page)
+
+
+def _mask_and_prob(files: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray]:
+    mask = next(np.asarray(Image.open(io.BytesIO(v))) for k, v in files.items() if k.endswith("_mask.png"))
+    prob = next(np.load(io.BytesIO(v)) for k, v in files.items() if k.endswith("_prob.npy"))
+    return mask, prob
+
+
+def test_segment_threshold_ask_compare_and_runs_in_chromium(app, page, tmp_path):
+    # Segment, U-Net: the overlay and downloads appear; the mask is the probabilities at the slider's threshold
+    _upload(page, "seg-file", app["image"])
+    page.wait_for_selector("#seg-preview img")
+    page.click("#seg-go")
+    _wait_status(page, "seg-status", "1 mask(s)")
+    page.wait_for_selector("#seg-overlay img")
+    mask, prob = _mask_and_prob(_downloads(page))
+    threshold = float(page.input_value("#seg-thr input[type=number]"))
+    assert prob.shape == mask.shape == app_image_shape(app)
+    np.testing.assert_array_equal(mask > 0, prob >= threshold)
+
+    # move the threshold: a low one marks more pixels, and the page's mask follows the slider
+    counts = {}
+    for value in (0.01, 0.99):
+        before = set(page.eval_on_selector_all("#seg-downloads a", "els => els.map(e => e.href)"))
+        page.fill("#seg-thr input[type=range]", str(value))
+        mask, prob = _mask_and_prob(_wait_new_downloads(page, before))
+        np.testing.assert_array_equal(mask > 0, prob >= value)
+        counts[value] = int((mask > 0).sum())
+    assert counts[0.01] > 0 and counts[0.01] > counts[0.99]
+
+    # Segment, segmenting VLM: its default prompt is filled in; the page shows the answer the model generates (an
+    # untrained tiny model's may be blank) and one mask per [SEG] of it
+    _pick(page, "seg-run", "segvlm")
+    page.wait_for_function("() => document.querySelector('#seg-prompt textarea')?.value.includes('blood vessel')")
+    prompt = page.input_value("#seg-prompt textarea")
+    page.click("#seg-go")
+    page.wait_for_function("() => /mask\\(s\\)|no mask/.test(document.querySelector('#seg-status').innerText)")
+    answer = page.input_value("#seg-answer textarea")
+    assert answer == app["bench"].predict("segvlm", app["image"], prompt=prompt).answer  # greedy: deterministic
+    n_seg = answer.count("[SEG]")
+    status = page.inner_text("#seg-status")
+    assert (f"{n_seg} mask(s)" in status) if n_seg else ("no mask" in status)
+
+    # Ask: the tiny VLM answers a question about an uploaded image
+    page.click("button[role=tab]:has-text('Ask')")
+    _upload(page, "ask-file", app["answer_image"])
+    page.fill("#ask-question textarea", QUESTION)
+    page.click("#ask-go")
+    page.wait_for_function("() => document.querySelector('#ask-label textarea')?.value.trim().length > 0")
+    expected = app["bench"].predict("vlm", app["answer_image"], question=QUESTION)
+    assert page.input_value("#ask-answer textarea") == expected.answer
+    assert page.input_value("#ask-label textarea") == (expected.label or "(the run has no label set)")
+
+    # Compare: U-Net and segmenting VLM on the same test image, the U-Net's per-image metrics from its evaluation
+    page.click("button[role=tab]:has-text('Compare')")
+    _pick(page, "cmp-a", "unet")
+    _pick(page, "cmp-b", "segvlm")
+    _upload(page, "cmp-file", app["image"])
+    page.click("#cmp-go")
+    page.wait_for_selector("#cmp-img-a img")
+    page.wait_for_selector("#cmp-img-b img")
+    side_a = _wait_status(page, "cmp-md-a", "dice@cal")
+    assert f"images/{app['image'].stem}" in side_a and "test" in side_a
+
+    # Runs: curves of the run's metrics.jsonl are drawn
+    page.click("button[role=tab]:has-text('Runs')")
+    page.wait_for_selector("#runs-plot img, #runs-plot svg, #runs-plot canvas")
+    assert "task masks" in page.inner_text("#runs-info")
+
+    page.click("button[role=tab]:has-text('Segment')")
+    shot = tmp_path / "app.png"
+    page.screenshot(path=str(shot), full_page=True)
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.std() > 10  # the page was painted, not blank
+
+
+def app_image_shape(app) -> tuple[int, int]:
+    return np.asarray(Image.open(app["image"])).shape[:2]
+
+
+def test_bad_input_is_a_message_in_the_page(app, page, tmp_path):
+    page.click("button[role=tab]:has-text('Segment')")
+    _pick(page, "seg-run", "segvlm")
+    page.wait_for_function("() => document.querySelector('#seg-prompt textarea')?.value.length > 0")
+
+    # not an image
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    _upload(page, "seg-file", text)
+    assert "not an image this app reads" in _wait_status(page, "seg-status", "notes.txt")
+
+    # an empty prompt for the segmenting VLM
+    _upload(page, "seg-file", app["image"])
+    page.wait_for_selector("#seg-preview img")
+    page.fill("#seg-prompt textarea", "")
+    page.click("#seg-go")
+    _wait_status(page, "seg-status", "the prompt is empty")
+
+    # 200 MB: refused by the upload limit, with a message
+    big = tmp_path / "big.png"
+    with big.open("wb") as f:
+        f.truncate(BIG_UPLOAD_MB * 1024 * 1024)
+    _upload(page, "seg-file", big)
+    page.wait_for_function("() => /exceed|too large|maximum/i.test(document.body.innerText)")
+
+    # the app still serves: the U-Net segments again
+    _pick(page, "seg-run", "unet")
+    _upload(page, "seg-file", app["image"])
+    page.wait_for_selector("#seg-preview img")
+    page.click("#seg-go")
+    _wait_status(page, "seg-status", "1 mask(s)")
