@@ -110,3 +110,27 @@ def test_dicom_reads_like_the_same_pixels_in_png(tmp_path):
     ds.save_as(tmp_path / "inverted.dcm", enforce_file_format=True)
     inverted = read_image(tmp_path / "inverted.dcm", channels=1)
     np.testing.assert_allclose(inverted[0], (pixels.max() - pixels) / 4095.0, atol=1e-6)
+
+
+def test_the_command_binds_this_machine_unless_told_and_serves_only_reports(unet_run, capsys):
+    from medtune.app import launch
+    from medtune.cli import main
+
+    assert main(["app", str(unet_run[0].parent / "no-such-run")]) == 2
+    assert "not a run folder (no config.yaml)" in capsys.readouterr().err
+
+    class Demo:  # records what Gradio would be asked
+        def queue(self, **kwargs):
+            self.queued = kwargs
+
+        def launch(self, **kwargs):
+            self.kwargs = kwargs
+
+    bench = Workbench([unet_run[0]], max_upload_mb=3)
+    for host, warned in (("127.0.0.1", False), ("0.0.0.0", True)):
+        demo = Demo()
+        launch(demo, bench, host=host, port=1234, block=False)
+        assert ("WARNING" in capsys.readouterr().out) == warned
+        assert demo.kwargs["server_name"] == host and demo.kwargs["max_file_size"] == 3 * BYTES_PER_MB
+        assert demo.kwargs["allowed_paths"] == [str(unet_run[0].resolve() / "report.html")]
+        assert demo.kwargs["share"] is False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -57,7 +58,7 @@ def app(tmp_path_factory):
     port = _free_port()
     launch(demo, bench, port=port, block=False)
     try:
-        yield {"exe": exe, "url": f"http://127.0.0.1:{port}/", "image": image, "root": root, "bench": bench,
+        yield {"exe": exe, "url": f"http://127.0.0.1:{port}/", "image": image, "root": root, "bench": bench, "unet": unet,
                "answer_image": root / "vqa" / "images" / "case0.png"}
     finally:
         demo.close()
@@ -216,6 +217,11 @@ def test_bad_input_is_a_message_in_the_page(app, page, tmp_path):
         f.truncate(BIG_UPLOAD_MB * 1024 * 1024)
     _upload(page, "seg-file", big)
     page.wait_for_function("() => /exceed|too large|maximum/i.test(document.body.innerText)")
+
+    # files of the run folder other than its report are not served, nor anything else on the machine
+    for path in (app["unet"] / "config.yaml", app["image"]):
+        with pytest.raises(urllib.error.HTTPError, match="403"):
+            _fetch(f"{app['url']}gradio_api/file={path}")
 
     # the app still serves: the U-Net segments again
     _pick(page, "seg-run", "unet")

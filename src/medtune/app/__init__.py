@@ -19,12 +19,12 @@ DEFAULT_PORT = 7860
 def build_app(run_dirs: list[str | Path], checkpoint: str = "best", device=None,
               max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB):
     """(Workbench, Gradio Blocks) for the runs; nothing is served yet."""
+    bench = Workbench(run_dirs, checkpoint=checkpoint, device=device, max_upload_mb=max_upload_mb)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # a local app phones nobody
     try:
         from medtune.app.ui import build_ui
     except ImportError as err:
         raise UserError(f"medtune app needs Gradio ({err}): pip install 'medtune[app]'") from None
-    bench = Workbench(run_dirs, checkpoint=checkpoint, device=device, max_upload_mb=max_upload_mb)
     return bench, build_ui(bench)
 
 

@@ -78,7 +78,7 @@ def build_ui(bench: Workbench) -> gr.Blocks:
                     seg_file = gr.File(label="image (PNG, JPEG, TIFF or DICOM)", type="filepath",
                                        elem_id="seg-file")
                     seg_preview = gr.Image(label="image (click two corners for a box)", interactive=False,
-                                           elem_id="seg-preview", height=IMAGE_HEIGHT)
+                                           elem_id="seg-preview", height=IMAGE_HEIGHT, format="png")
                     seg_box = gr.Textbox(label="box x1,y1,x2,y2 (pixels)", elem_id="seg-box")
                     seg_prompt = gr.Textbox(label="prompt", elem_id="seg-prompt")
                     seg_go = gr.Button("Segment", variant="primary", elem_id="seg-go")
@@ -87,9 +87,11 @@ def build_ui(bench: Workbench) -> gr.Blocks:
                     seg_answer = gr.Textbox(label="generated answer", interactive=False, elem_id="seg-answer")
                     seg_k = gr.Dropdown(choices=[0], value=0, label="mask (one per [SEG])", elem_id="seg-k")
                     seg_thr = gr.Slider(0.0, 1.0, value=0.5, step=0.01, label="threshold", elem_id="seg-thr")
-                    seg_overlay = gr.Image(label="mask overlay", interactive=False, elem_id="seg-overlay", height=IMAGE_HEIGHT,
-                                           format="png")
-                    seg_prob = gr.Image(label="probability", interactive=False, elem_id="seg-prob", height=IMAGE_HEIGHT, format="png")
+                    with gr.Row():
+                        seg_overlay = gr.Image(label="mask overlay", interactive=False, elem_id="seg-overlay",
+                                               height=IMAGE_HEIGHT, format="png")
+                        seg_prob = gr.Image(label="probability", interactive=False, elem_id="seg-prob",
+                                            height=IMAGE_HEIGHT, format="png")
                     seg_files = gr.File(label="downloads (mask PNG, probabilities PNG and .npy)", file_count="multiple",
                                         interactive=False, elem_id="seg-downloads")
             corners = gr.State([])
@@ -166,7 +168,8 @@ def build_ui(bench: Workbench) -> gr.Blocks:
                     ask_go = gr.Button("Ask", variant="primary", elem_id="ask-go")
                 with gr.Column():
                     ask_status = gr.Markdown(elem_id="ask-status")
-                    ask_image = gr.Image(label="image", interactive=False, elem_id="ask-image", height=IMAGE_HEIGHT)
+                    ask_image = gr.Image(label="image", interactive=False, elem_id="ask-image",
+                                         height=IMAGE_HEIGHT, format="png")
                     ask_answer = gr.Textbox(label="answer", interactive=False, elem_id="ask-answer")
                     ask_label = gr.Textbox(label="parsed label", interactive=False, elem_id="ask-label")
 
@@ -194,10 +197,12 @@ def build_ui(bench: Workbench) -> gr.Blocks:
             cmp_status = gr.Markdown(elem_id="cmp-status")
             with gr.Row():
                 with gr.Column():
-                    cmp_img_a = gr.Image(label="A", interactive=False, elem_id="cmp-img-a", height=IMAGE_HEIGHT)
+                    cmp_img_a = gr.Image(label="A", interactive=False, elem_id="cmp-img-a",
+                                         height=IMAGE_HEIGHT, format="png")
                     cmp_md_a = gr.Markdown(elem_id="cmp-md-a")
                 with gr.Column():
-                    cmp_img_b = gr.Image(label="B", interactive=False, elem_id="cmp-img-b", height=IMAGE_HEIGHT)
+                    cmp_img_b = gr.Image(label="B", interactive=False, elem_id="cmp-img-b",
+                                         height=IMAGE_HEIGHT, format="png")
                     cmp_md_b = gr.Markdown(elem_id="cmp-md-b")
 
             def one_side(name, path, text, box):
