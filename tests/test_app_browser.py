@@ -24,6 +24,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.ci]
 
 # Seconds a page action may wait for the app (model loading and a forward on CPU take about a second here).
 WAIT_MS = 60_000
+# A file box's clear button can vanish as the box resets itself: how long a click on it may wait.
+CLEAR_WAIT_MS = 2_000
 BIG_UPLOAD_MB = 200  # the issue's oversized upload; a sparse file, so nothing is written to disk
 QUESTION = "Is the lesion benign or malignant?"
 
@@ -90,9 +92,14 @@ def _downloads(page) -> dict[str, bytes]:
 
 def _upload(page, elem_id: str, path) -> None:
     """Put a file into a Gradio file box, clearing the one it holds (a filled box hides its file input)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     clear = page.locator(f"#{elem_id} button[aria-label='Clear']")
     if clear.count() and clear.first.is_visible():
-        clear.first.click()
+        try:  # after a refused upload the box resets itself and the button may vanish before the click
+            clear.first.click(timeout=CLEAR_WAIT_MS)
+        except PlaywrightTimeout:
+            pass
     page.set_input_files(f"#{elem_id} input[type=file]", str(path))
 
 
