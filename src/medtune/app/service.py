@@ -114,8 +114,7 @@ class Workbench:
         run = self.run(name)
         path = self.check_upload(image)
         options = {"box": box, "prompt": prompt, "question": question}
-        if run.option == "prompt" and (prompt is None or not prompt.strip()):
-            raise DataError("the prompt is empty: type what to segment (e.g. 'Please segment the lesion.')")
+        # (an empty prompt is the segmenting VLM task's own one-line refusal)
         if run.option == "question" and (question is None or not question.strip()):
             raise DataError("the question is empty: type a question about the image")
         if run.option == "box" and box is None:

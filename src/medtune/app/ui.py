@@ -242,11 +242,17 @@ def build_ui(bench: Workbench) -> gr.Blocks:
             runs_report_file = gr.File(label="report", interactive=False, elem_id="runs-report-file")
             timer = gr.Timer(CURVES_REFRESH_S)
 
-            def curves(name):
+            seen = gr.State(None)  # (run, metrics.jsonl size): redraw only when the log grew or the run changed
+
+            def curves(name, last=None):
                 try:
-                    return _curves_figure(bench, name), _run_info(bench, name)
+                    log_file = bench.run(name).run_dir / "metrics.jsonl"
+                    key = (name, log_file.stat().st_size if log_file.exists() else 0)
+                    if key == last:
+                        return gr.update(), gr.update(), key
+                    return _curves_figure(bench, name), _run_info(bench, name), key
                 except Exception as err:  # noqa: BLE001
-                    return None, _failure(err)
+                    return None, _failure(err), None
 
             def report(name):
                 try:
@@ -254,9 +260,9 @@ def build_ui(bench: Workbench) -> gr.Blocks:
                 except Exception as err:  # noqa: BLE001
                     return None, _failure(err)
 
-            runs_pick.change(curves, runs_pick, [runs_plot, runs_info])
-            demo.load(curves, runs_pick, [runs_plot, runs_info])
-            timer.tick(curves, runs_pick, [runs_plot, runs_info])
+            runs_pick.change(curves, runs_pick, [runs_plot, runs_info, seen])
+            demo.load(curves, runs_pick, [runs_plot, runs_info, seen])
+            timer.tick(curves, [runs_pick, seen], [runs_plot, runs_info, seen], show_progress="hidden")
             runs_report.click(report, runs_pick, [runs_report_file, runs_info])
     return demo
 
