@@ -57,6 +57,8 @@ def test_per_image_metrics_and_curves_come_from_the_run_folder(unet_run):
     assert [r["id"] for r in rows] == [f"images/{image.stem}"] and rows[0]["split"] == "test"
     assert 0 <= rows[0]["dice@cal"] <= 1
     assert bench.per_image_metrics(name, image.with_name("elsewhere.png")) == []
+    report = bench.report(name)  # written on request from the evaluation, then served as it is
+    assert report == run.resolve() / "report.html" and "<html" in report.read_text()[:200]
     panels = bench.curves(name)
     assert panels["loss"]["loss"][0] == [1, 2]  # two training steps logged
     assert any(k.startswith("val_") for k in panels["validation"])

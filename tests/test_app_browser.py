@@ -137,6 +137,7 @@ def test_segment_threshold_ask_compare_and_runs_in_chromium(app, page, tmp_path)
     page.wait_for_selector("#seg-overlay img")
     mask, prob = _mask_and_prob(_downloads(page))
     threshold = float(page.input_value("#seg-thr input[type=number]"))
+    assert threshold == pytest.approx(app["bench"].run("unet").threshold)  # starts at the calibrated threshold
     assert prob.shape == mask.shape == app_image_shape(app)
     np.testing.assert_array_equal(mask > 0, prob >= threshold)
 

@@ -131,7 +131,7 @@ def build_ui(bench: Workbench) -> gr.Blocks:
                     progress(0.1, desc="loading the model (first use) and predicting")
                     pred = bench.predict(name, path, box=_parse_box(box_text), prompt=prompt)
                     if pred.probs.shape[0] == 0:
-                        return (pred, f"the answer holds no {'[SEG]'}: no mask", pred.answer or "",
+                        return (pred, "the answer holds no [SEG]: no mask", pred.answer or "",
                                 gr.update(choices=[0], value=0), display_image(pred), None, None)
                     over, heat, _ = pictures(pred, 0, threshold)
                     return (pred, f"{pred.probs.shape[0]} mask(s)", pred.answer or "",
