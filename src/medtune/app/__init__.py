@@ -35,7 +35,7 @@ def launch(demo, bench: Workbench, host: str = "127.0.0.1", port: int = DEFAULT_
         print(f"WARNING: medtune app listens on {host}:{port}: anyone who can reach this machine can upload images "
               "and run the models. There is no login; use 127.0.0.1 (the default) unless you mean it.")
     reports = [str(r.run_dir / "report.html") for r in bench.runs.values()]
-    demo.queue(default_concurrency_limit=1)  # one inference at a time: models are shared between sessions
+    demo.queue(default_concurrency_limit=1)  # with ui.INFERENCE: one inference at a time
     return demo.launch(server_name=host, server_port=port, max_file_size=bench.max_upload_bytes,
                        allowed_paths=reports, prevent_thread_lock=not block, inbrowser=False, share=False,
                        show_error=False, quiet=not block)

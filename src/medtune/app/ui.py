@@ -18,6 +18,9 @@ log = logging.getLogger("medtune")
 
 # How often the Runs tab re-reads metrics.jsonl (runs in progress grow).
 CURVES_REFRESH_S = 5.0
+# The events that run a model share one queue: one inference at a time, whichever page asked (the models are shared
+# between sessions and pages, and switch between train and eval mode around a forward).
+INFERENCE = "inference"
 # Display height of the images in the pages (small images are scaled up, large ones down).
 IMAGE_HEIGHT = 320
 # Metric columns of per_image.csv shown in Compare, when present (the rest stay in the run's report).
@@ -153,7 +156,8 @@ def build_ui(bench: Workbench) -> gr.Blocks:
             seg_file.change(show_upload, seg_file, [seg_preview, seg_status])
             seg_preview.select(click_corner, corners, [corners, seg_box])
             seg_go.click(segment, [seg_run, seg_file, seg_box, seg_prompt, seg_thr],
-                         [seg_pred, seg_status, seg_answer, seg_k, seg_overlay, seg_prob, seg_files])
+                         [seg_pred, seg_status, seg_answer, seg_k, seg_overlay, seg_prob, seg_files],
+                         concurrency_id=INFERENCE)
             seg_thr.change(rethreshold, [seg_pred, seg_k, seg_thr, seg_file], [seg_overlay, seg_prob, seg_files],
                            show_progress="hidden")
             seg_k.input(rethreshold, [seg_pred, seg_k, seg_thr, seg_file], [seg_overlay, seg_prob, seg_files])
@@ -181,7 +185,8 @@ def build_ui(bench: Workbench) -> gr.Blocks:
                 except Exception as err:  # noqa: BLE001
                     return _failure(err), None, "", ""
 
-            ask_go.click(ask, [ask_run, ask_file, ask_question], [ask_status, ask_image, ask_answer, ask_label])
+            ask_go.click(ask, [ask_run, ask_file, ask_question], [ask_status, ask_image, ask_answer, ask_label],
+                         concurrency_id=INFERENCE)
 
         with gr.Tab("Compare", visible=len(all_runs) > 1):
             with gr.Row():
@@ -232,7 +237,7 @@ def build_ui(bench: Workbench) -> gr.Blocks:
                     return _failure(err), None, "", None, ""
 
             cmp_go.click(compare, [cmp_a, cmp_b, cmp_file, cmp_text, cmp_box],
-                         [cmp_status, cmp_img_a, cmp_md_a, cmp_img_b, cmp_md_b])
+                         [cmp_status, cmp_img_a, cmp_md_a, cmp_img_b, cmp_md_b], concurrency_id=INFERENCE)
 
         with gr.Tab("Runs"):
             runs_pick = gr.Dropdown(all_runs, value=all_runs[0], label="run", elem_id="runs-pick")
