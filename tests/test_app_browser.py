@@ -27,6 +27,7 @@ WAIT_MS = 60_000
 # A file box's clear button can vanish as the box resets itself: how long a click on it may wait.
 CLEAR_WAIT_MS = 2_000
 BIG_UPLOAD_MB = 200  # the oversized upload; a sparse file, so nothing is written to disk
+BOX_CLICK_PX = 10  # the box's corners: this far up-left and down-right of the shown image's centre
 QUESTION = "Is the lesion benign or malignant?"
 
 
@@ -46,17 +47,21 @@ def app(tmp_path_factory):
                                              "'medtune[app]'")
     from medtune.app import build_app, launch
     from medtune.evaluate import evaluate_run
+    from medtune.models.sam import tiny_sam_config_dict
     from medtune.train import train
 
     root = tmp_path_factory.mktemp("app-browser")
     unet = train(tiny_cfg(root, steps=2, name="unet"))
     evaluate_run(unet)  # a calibrated threshold and per-image metrics for Compare
     segvlm = train(segvlm_cfg(root, "segvlm", steps=2))
+    sam = json.dumps(tiny_sam_config_dict())
+    train(tiny_cfg(root, "model.family=sam", f"model.config={sam}", "model.finetune=lora", "model.prompt=box",
+                   "data.sampling=whole_image", steps=1, name="sam-box"))  # a box-prompted run
     vlm = train(instruct_cfg(root, data=write_vqa(root / "vqa", n=8), steps=2, name="vlm"))
     test_id = json.loads((unet / "split.json").read_text())["test"][0]
     image = next((root / "data").rglob(f"{test_id}.png"))
 
-    bench, demo = build_app([unet, segvlm, vlm])
+    bench, demo = build_app([unet, segvlm, vlm, root / "runs" / "sam-box"])
     port = _free_port()
     launch(demo, bench, port=port, block=False)
     try:
@@ -163,6 +168,20 @@ def test_segment_threshold_ask_compare_and_runs_in_chromium(app, page, tmp_path)
     n_seg = answer.count("[SEG]")
     status = page.inner_text("#seg-status")
     assert (f"{n_seg} mask(s)" in status) if n_seg else ("no mask" in status)
+
+    # Segment, box-prompted SAM: two clicks on the image give the box, which the run is prompted with
+    _pick(page, "seg-run", "sam-box")
+    page.wait_for_selector("#seg-box textarea")
+    frame = page.locator("#seg-preview .image-frame").bounding_box()
+    centre_x, centre_y = frame["x"] + frame["width"] / 2, frame["y"] + frame["height"] / 2
+    for n_values, step in ((2, -BOX_CLICK_PX), (4, BOX_CLICK_PX)):  # the image sits centred in its frame
+        page.mouse.click(centre_x + step, centre_y + step)  # the first corner shows as "x,y", then the box
+        page.wait_for_function("n => document.querySelector('#seg-box textarea')?.value.split(',').length == n",
+                               arg=n_values)
+    x1, y1, x2, y2 = map(float, page.input_value("#seg-box textarea").split(","))
+    assert x1 < x2 and y1 < y2
+    page.click("#seg-go")
+    _wait_status(page, "seg-status", "1 mask(s)")
 
     # Ask: the tiny VLM answers a question about an uploaded image
     page.click("button[role=tab]:has-text('Ask')")

@@ -123,9 +123,11 @@ def build_ui(bench: Workbench) -> gr.Blocks:
                     return None, _failure(err)
 
             def click_corner(points, evt: gr.SelectData):
-                points = (points + [evt.index])[-2:]
-                if len(points) < 2:
-                    return points, gr.update()
+                """A click is a box corner: the first shows as "x,y", the second completes the box; a third click
+                starts a new box."""
+                points = [evt.index] if len(points) != 1 else points + [evt.index]
+                if len(points) == 1:
+                    return points, f"{points[0][0]},{points[0][1]}"
                 (xa, ya), (xb, yb) = points
                 return points, f"{min(xa, xb)},{min(ya, yb)},{max(xa, xb)},{max(ya, yb)}"
 
