@@ -68,7 +68,6 @@ def _predict(args) -> None:
 
 def _app(args) -> None:
     from medtune.app import serve
-
     from medtune.app.service import DEFAULT_MAX_UPLOAD_MB
 
     serve(args.runs, host=args.host, port=args.port, checkpoint=args.checkpoint,
