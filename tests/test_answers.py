@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from medtune.answers import answer_vocabulary, classification_metrics, parse_answer
+from medtune.answers import SCOPE_WORDS, answer_vocabulary, classification_metrics, parse_answer
 from medtune.stats import mcnemar
 
 LABELS = ["benign", "malignant", "normal"]
@@ -15,20 +15,88 @@ VOCAB = answer_vocabulary(LABELS)
 @pytest.mark.parametrize("text, label", [
     ("benign", "benign"),
     ("Benign.", "benign"),
+    ("Malignant.", "malignant"),
     ("The lesion appears MALIGNANT", "malignant"),
+    ("The lesion appears benign.", "benign"),
     ("malignant-looking mass", "malignant"),
     ("It is non-cancerous.", "benign"),  # the longer phrase wins over "cancerous"
+    ("not cancerous", "benign"),  # ... and a configured phrase over the trigger "not"
     ("Findings consistent with cancer", "malignant"),
     ("healthy tissue", "normal"),
-    ("benign or malignant", "benign"),  # several labels: the first mentioned
-    ("not malignant, rather benign", "benign"),  # a negated mention does not count
-    ("not malignant", None),  # ... and is never turned into a guess
+    ("There is no lesion.", "normal"),
     ("I cannot tell", None),
     ("benignity", None),  # whole words only
     ("", None),
+    # hedged but committed to one label: counted
+    ("likely benign", "benign"),
+    ("Probably benign (BI-RADS 3).", "benign"),
+    ("suspicious for malignancy", "malignant"),
+    ("Highly suggestive of malignancy.", "malignant"),
+    ("Findings are consistent with a benign fibroadenoma.", "benign"),
+    ("No doubt malignant.", "malignant"),  # pseudo-negation
+    ("Possibly malignant, but most likely benign.", "benign"),  # "but" ends the uncertainty's scope
+    ("Cannot rule out malignancy; probably benign.", "benign"),
+    # several labels named: a hedge or a contradiction, invalid (never the first one)
+    ("benign or malignant", None),
+    ("either benign or malignant", None),
+    ("benign vs. malignant", None),
+    ("benign and malignant components", None),
+    # uncertain: invalid, not the label named
+    ("Cannot rule out malignancy.", None),
+    ("Malignancy cannot be excluded.", None),
+    ("Malignancy is not excluded.", None),
+    ("possibly malignant", None),
+    ("may be benign", None),
+    ("Indeterminate; could be malignant.", None),
+    # negated: never counted, never turned into the other label
+    ("not malignant", None),
+    ("negative for malignancy", None),
+    ("No evidence of malignancy.", None),
+    ("Malignancy unlikely.", None),  # post-negation
+    ("Malignancy is unlikely given the smooth margins.", None),
+    ("Malignancy has been ruled out.", None),
+    ("No calcifications, masses or malignancy.", None),  # a comma before any mention continues the list
+    # negation scopes end where the next clause starts
+    ("No evidence of malignancy; benign.", "benign"),
+    ("Neither benign nor malignant: normal tissue.", "normal"),
+    ("no malignant features, benign", "benign"),
+    ("not malignant, rather benign", "benign"),
+    ("Not malignant but benign.", "benign"),
+    ("It isn\u2019t malignant; it\u2019s benign.", "benign"),
+    ("It isn't benign.", None),
+    ("benign rather than malignant", "benign"),
+    ("Benign, unlikely to be malignant.", "benign"),
+    ("The lesion is not benign; it is malignant.", "malignant"),
+    ("Malignant features absent; benign.", "benign"),
+    ("Negative for malignancy. Benign.", "benign"),
+    ("No interval change in this benign-appearing nodule.", "benign"),  # pseudo-negation: "no interval change"
+    ("No increase in size, consistent with a benign cyst.", "benign"),
+    ("Malignant, possibly metastatic.", "malignant"),  # a trigger reaches forward only
 ])
 def test_parse_answer(text, label):
     assert parse_answer(text, VOCAB).label == label
+
+
+def test_negation_scope_is_a_window_of_words():
+    # a trigger reaches SCOPE_WORDS words past itself (NegEx's window); further on, the mention stands
+    assert SCOPE_WORDS == 5
+    assert parse_answer("no mass seen and the lesion is benign", VOCAB).label == "benign"  # 6 words between
+    assert parse_answer("no sonographic features to suggest malignancy", VOCAB).label is None  # 4 words between
+
+
+def test_uncertain_mentions_are_reported_apart():
+    parsed = parse_answer("Cannot rule out malignancy.", VOCAB)
+    assert (parsed.label, parsed.mentioned, parsed.uncertain) == (None, [], ["malignant"])
+    parsed = parse_answer("Possibly malignant, but most likely benign.", VOCAB)
+    assert (parsed.label, parsed.mentioned, parsed.uncertain) == ("benign", ["benign"], ["malignant"])
+
+
+def test_labels_that_are_trigger_words():
+    """A yes/no label set: the configured "no" is a label, not a negation."""
+    vocab = answer_vocabulary(["yes", "no"])
+    assert parse_answer("No.", vocab).label == "no"
+    assert parse_answer("Yes, it is.", vocab).label == "yes"
+    assert parse_answer("no evidence of a lesion", vocab).label == "no"
 
 
 def test_parse_reports_every_label_mentioned_and_configured_synonyms():

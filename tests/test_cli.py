@@ -102,6 +102,26 @@ def test_eval_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert code == 2 and "not a medtune run folder" in err
 
 
+def test_eval_of_a_mask_run_on_another_data_folder(tmp_path, capsys):
+    """`medtune eval RUN --data FOLDER` on a mask run: the threshold from the run's val, every image of FOLDER
+    measured, in RUN/eval/data-<name>; the run's own test evaluation untouched."""
+    data = write_generic(tmp_path / "d", n=5)
+    code, out, err = run_cli(capsys, "train", str(generic_cfg(tmp_path, data)))
+    assert code == 0, err
+    run = tmp_path / "runs" / "t"
+    code, _, err = run_cli(capsys, "eval", str(run))
+    assert code == 0, err
+    own = (run / "eval" / "test" / "summary.json").read_text()
+    other = write_generic(tmp_path / "site-b", n=3, seed=1)
+    code, out, err = run_cli(capsys, "eval", str(run), "--data", str(other))
+    assert code == 0, err
+    summary = json.loads((run / "eval" / "data-site-b" / "summary.json").read_text())
+    assert summary["n_images"] == 3 and summary["data"] == str(other) and summary["split"] == "data-site-b"
+    assert summary["threshold"] == json.loads(own)["threshold"]  # calibrated on the run's val, as its own eval
+    assert f"data: {other}" in out
+    assert (run / "eval" / "test" / "summary.json").read_text() == own
+
+
 def test_resume_refuses_extra_settings(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--resume", str(tmp_path), "optim.max_steps=5")
     assert code == 2 and "own config.yaml" in err

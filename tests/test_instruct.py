@@ -43,6 +43,7 @@ def test_dataset_refuses_every_sample_that_would_be_truncated(setup):
 
 
 def test_loss_is_normalised_by_the_global_number_of_supervised_tokens(setup):
+    from medtune.models.vlm.logits import ALL_POSITIONS, LOGITS_AT
     from medtune.models.vlm.model import token_loss
     from medtune.tasks.instruct import make_loss, train_collate, train_dataset
 
@@ -54,11 +55,12 @@ def test_loss_is_normalised_by_the_global_number_of_supervised_tokens(setup):
     items = [long, dataset[1], dataset[2], dataset[3]]
     full = train_collate(items)
     loss, parts = make_loss(cfg)(model, full)
-    logits = model(batch=full).token_logits
+    logits = model(batch={**full, LOGITS_AT: ALL_POSITIONS}).token_logits
     n = (full["labels"][:, 1:] != -100).sum()
     assert torch.allclose(loss, token_loss(logits, full["labels"], n), atol=1e-6)
     # what two processes with half the batch each contribute: sum_i / (n_global / 2), averaged by DDP
-    halves = [train_collate(items[:2]), train_collate(items[2:])]
+    halves = [{**train_collate(items[:2]), LOGITS_AT: ALL_POSITIONS},
+              {**train_collate(items[2:]), LOGITS_AT: ALL_POSITIONS}]
     two = sum(token_loss(model(batch=h).token_logits, h["labels"], n / 2) for h in halves) / 2
     assert torch.allclose(two, loss, atol=1e-5)
     per_process_mean = sum(token_loss(model(batch=h).token_logits, h["labels"]) for h in halves) / 2
@@ -98,3 +100,28 @@ def test_score_rows_and_labels(setup):
     finally:
         for i, s in enumerate(no_labels):
             s.label = "benign" if i % 2 == 0 else "malignant"
+
+
+def test_evaluation_with_only_empty_answers_is_an_error_not_an_accuracy_of_zero(setup, caplog):
+    from medtune.errors import UserError
+    from medtune.tasks.instruct import evaluate_model, validate
+
+    root, _, _, cfg, samples = setup
+    model = build_model(cfg)
+    stop = model.codec.stop_ids[0]
+    # a model that ends every answer at once (or a generate() output read at the wrong place)
+    model.generate = lambda batch, max_new_tokens, **kw: torch.full((len(batch["ids"]), 2), stop)
+    run_dir = root / "empty_run"
+    run_dir.mkdir()
+    with pytest.raises(UserError, match=r"generation produced no text: all \d+ answers \(split 'test'\) are empty") \
+            as err:
+        evaluate_model(model, cfg, run_dir, "test", "cpu")
+    assert "\n" not in str(err.value) and "model.vlm.chat_template" in str(err.value)
+    with caplog.at_level("WARNING", logger="medtune"):
+        val = validate(model, samples[:2], cfg, "cpu")  # training goes on, with the reason in the log
+    assert val["val_invalid_rate"] == 1.0 and "generation produced no text" in caplog.text
+    model.generate = lambda batch, max_new_tokens, **kw: torch.tensor(  # one answer with text: scored as usual
+        [model.codec.tokenizer("benign", add_special_tokens=False).input_ids[:1] + [stop]]
+        + [[stop, stop]] * (len(batch["ids"]) - 1))
+    summary, rows = evaluate_model(model, cfg, run_dir, "test", "cpu")
+    assert summary["n_samples"] == len(rows) >= 1 and any(r["answer"] for r in rows)

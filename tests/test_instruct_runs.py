@@ -13,6 +13,7 @@ from vlm_helpers import write_vqa
 
 from medtune.cli import main
 from medtune.config import load_config
+from medtune.models.vlm.logits import ALL_POSITIONS, LOGITS_AT
 from medtune.runs.files import read_metrics
 from medtune.train import train
 
@@ -146,7 +147,7 @@ def test_eval_report_export_parity_and_predict(runs, kind, tmp_path, capsys):
                               for s in samples], "left")
     assert torch.equal(merged_prompts["input_ids"], prompts["input_ids"])
     with torch.no_grad():
-        adapter_logits = model(batch=prompts).token_logits
+        adapter_logits = model(batch={**prompts, LOGITS_AT: ALL_POSITIONS}).token_logits
         merged_logits = merged(**model.model_inputs(prompts)).logits
         assert torch.allclose(adapter_logits, merged_logits, atol=1e-4)
         adapter_answers = model.generate(prompts, 4)
@@ -289,3 +290,55 @@ def test_shipped_accelerate_configs_load_with_accelerate(name, kind):
         assert config.deepspeed_config["zero_stage"] == 2
     if kind == "FSDP":
         assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+
+
+def _cli_error(capsys, *argv) -> str:
+    assert main([*map(str, argv)]) == 2
+    err = capsys.readouterr().err.replace("\r", "\n")
+    marker = f"medtune {argv[0]}: error: "
+    assert err.count(marker) == 1, err
+    message = err.split(marker, 1)[1].strip()
+    assert message and "\n" not in message, err
+    return message
+
+
+def test_eval_on_another_data_file(runs, tmp_path, capsys):
+    """`medtune eval RUN --data FILE`: every sample of FILE answered and scored with the run's label set, written to
+    RUN/eval/data-<name>; the run's own evaluation stays as it was; image paths still never leave their root."""
+    run = runs["llava"]
+    assert main(["eval", str(run)]) == 0
+    own = (run / "eval" / "test" / "summary.json").read_text()
+    external = write_vqa(tmp_path / "site-b", n=6, seed=1).rename(tmp_path / "site-b" / "external.json")
+    capsys.readouterr()
+    assert main(["eval", str(run), "--data", str(external)]) == 0
+    out = capsys.readouterr().out
+    assert f"data: {external}" in out and "accuracy" in out and str(run / "eval" / "data-external") in out
+    summary = json.loads((run / "eval" / "data-external" / "summary.json").read_text())
+    assert summary["split"] == "data-external" and summary["data"] == str(external)
+    assert summary["n_samples"] == 6 and summary["classification"]["labels"] == ["benign", "malignant"]
+    assert summary["classification"]["majority_label"] in ("benign", "malignant")  # the run's training split's
+    assert summary["classification"]["accuracy"]["mean"] >= 5 / 6  # the run learned bright / dark: new images too
+    answers = (run / "eval" / "data-external" / "answers.csv").read_text().splitlines()
+    assert len(answers) == 1 + 6
+    assert (run / "eval" / "test" / "summary.json").read_text() == own
+
+    # the run's own training images: scored, with a warning that they are not held out
+    with pytest.warns(RuntimeWarning, match="in the run's training split"):
+        assert main(["eval", str(run), "--data", str(runs["root"] / "data" / "train.json")]) == 0
+    capsys.readouterr()
+
+    err = _cli_error(capsys, "eval", run, "--data", external, "--split", "val")
+    assert "give one of them" in err
+    err = _cli_error(capsys, "eval", run, "--data", tmp_path / "missing.json")
+    assert "no such file" in err
+    escape = tmp_path / "site-c" / "escape.json"
+    escape.parent.mkdir()
+    escape.write_text(json.dumps([{"image": "../site-b/images/case0.png", "conversations": [
+        {"from": "human", "value": "<image>\nBenign?"}, {"from": "gpt", "value": "benign"}]}]))
+    err = _cli_error(capsys, "eval", run, "--data", escape)
+    assert "escapes the image root" in err
+    # another file of the same name: refused, the earlier results are kept
+    other = write_vqa(tmp_path / "site-d", n=2, seed=2).rename(tmp_path / "site-d" / "external.json")
+    err = _cli_error(capsys, "eval", run, "--data", other)
+    assert "another file of that name" in err
+    assert json.loads((run / "eval" / "data-external" / "summary.json").read_text())["data"] == str(external)

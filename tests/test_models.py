@@ -456,3 +456,83 @@ def test_sam2_semantic_and_box(sam2_folder, tmp_path):
 def test_sam2_gradient_checkpointing_refused(sam2_folder):
     with pytest.raises(ValueError, match="gradient checkpointing"):
         build_model(_cfg(family="sam2", path=str(sam2_folder), gradient_checkpointing=True))
+
+
+# ------------------------------------------------------------------------------------------ non-persistent buffers
+ROTARY_DIM, ROTARY_THETA = 8, 10000.0
+
+
+def _buffer_model_classes(from_parameter: bool = False):
+    """A remote-code-like PreTrainedModel whose vision rotary ``inv_freq`` is a non-persistent buffer computed in
+    ``__init__`` (as Hulu-Med's ``VisionRotaryEmbedding``: no ``original_inv_freq``, so transformers never re-inits
+    it). ``from_parameter``: the buffer is derived from a parameter instead (cannot be recomputed from the config)."""
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    class BufferConfig(PretrainedConfig):
+        model_type = "medtune_buffer_test"
+
+        def __init__(self, dim=ROTARY_DIM, theta=ROTARY_THETA, **kwargs):
+            self.dim, self.theta = dim, theta
+            super().__init__(**kwargs)
+
+    class VisionRotaryEmbedding(nn.Module):
+        def __init__(self, dim, theta, like=None):
+            super().__init__()
+            inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+            if like is not None:
+                inv_freq = inv_freq.to(like.device)
+            self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    class BufferModel(PreTrainedModel):
+        config_class = BufferConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.proj = nn.Linear(config.dim, config.dim)
+            self.rotary = VisionRotaryEmbedding(config.dim, config.theta, self.proj.weight if from_parameter else None)
+            self.post_init()
+
+    return BufferModel, BufferConfig
+
+
+def _poisoned_empty_like(monkeypatch):
+    """transformers materialises non-persistent buffers with torch.empty_like: make that memory NaN / -7 instead of
+    whatever was there, so "the loader never computed it" is seen deterministically."""
+    real = torch.empty_like
+
+    def poisoned(tensor, *args, **kwargs):
+        out = real(tensor, *args, **kwargs)
+        return out.fill_(float("nan") if out.is_floating_point() else -7)
+
+    monkeypatch.setattr(torch, "empty_like", poisoned)
+
+
+def test_non_persistent_buffer_computed_in_init_is_recomputed_after_load(tmp_path, monkeypatch):
+    from medtune.models.hf import load_pretrained
+
+    model_cls, config_cls = _buffer_model_classes()
+    model_cls(config_cls()).save_pretrained(str(tmp_path))
+    expected = torch.tensor([1.0, 0.1, 0.01, 0.001])  # 1 / 10000^(2i/8)
+    _poisoned_empty_like(monkeypatch)
+    plain = model_cls.from_pretrained(str(tmp_path))
+    assert torch.isnan(plain.rotary.inv_freq).all()  # transformers 5 never computes it (empty_like, no re-init)
+    loaded = load_pretrained(model_cls, tmp_path)
+    assert torch.allclose(loaded.rotary.inv_freq, expected, rtol=1e-6)
+    assert loaded.rotary.inv_freq.dtype == torch.float32
+    # the weights themselves are untouched by the reference construction
+    assert torch.equal(loaded.proj.weight, plain.proj.weight)
+    monkeypatch.undo()
+    again = load_pretrained(model_cls, tmp_path)  # real uninitialised memory: same answer
+    assert torch.equal(again.rotary.inv_freq, loaded.rotary.inv_freq)
+
+
+def test_non_persistent_buffer_that_cannot_be_recomputed_refuses_the_load_in_one_line(tmp_path):
+    from medtune.errors import UserError
+    from medtune.models.hf import load_pretrained
+
+    model_cls, config_cls = _buffer_model_classes(from_parameter=True)
+    model_cls(config_cls()).save_pretrained(str(tmp_path))
+    with pytest.raises(UserError, match=r"non-persistent buffer rotary\.inv_freq of VisionRotaryEmbedding .*derives "
+                                        r"it from a parameter") as err:
+        load_pretrained(model_cls, tmp_path)
+    assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)

@@ -2,6 +2,7 @@
 (preflight, train, resume, RL), evaluation, predict with generated text, export -> reload. Tiny random models."""
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -98,9 +99,11 @@ def test_resume_gives_the_uninterrupted_weights(trained, tmp_path):
 
 
 def test_eval_predict_export(trained, tmp_path):
-    from medtune.evaluate import evaluate_run
+    from medtune.evaluate import evaluate_run, format_summary
     from medtune.models.lora import export_merged
     from medtune.predict import predict_images
+    from medtune.report.compare import compare_runs
+    from medtune.report.html import write_report
     from medtune.runs.load import load_run_model
 
     out, cfg, run = trained
@@ -108,6 +111,25 @@ def test_eval_predict_export(trained, tmp_path):
     test_ids = json.loads((run / "split.json").read_text())["test"]
     assert summary["n_images"] == len(test_ids) and 0.0 <= summary["pooled@cal"]["dice"] <= 1.0
     assert 0.0 <= summary["generation"]["no_seg_rate"] <= 1.0 and summary["generation"]["n"] == len(test_ids)
+    # free generation measured like teacher forcing: same blocks, CIs, the same (teacher-forced val) threshold
+    free = summary["free_generation"]
+    assert free["n_images"] == len(test_ids) and free["threshold"] == summary["threshold"]
+    for block in ("pooled@t050", "pooled@cal"):
+        assert 0.0 <= free[block]["dice"] <= 1.0
+    for block in ("per_image@t050", "per_image@cal"):
+        ci = free[block]["dice"]
+        assert ci["lo"] <= ci["mean"] <= ci["hi"]
+    with open(run / "eval" / "test" / "per_image_free_generation.csv", newline="") as f:
+        free_rows = list(csv.DictReader(f))
+    assert sorted(r["id"] for r in free_rows) == sorted(test_ids)
+    assert all(int(r["n_seg"]) == r["answer"].count("[SEG]") for r in free_rows)
+    text = format_summary(summary)
+    assert "teacher-forced" in text and "free generation (what predict does" in text
+    assert text.count("per-image dice") == 4  # two thresholds x (teacher-forced, free generation)
+    report = write_report(run).read_text()
+    assert "Free generation" in report and "Metrics on test" in report
+    compared = compare_runs([run, run])  # teacher-forced rows as before, plus free generation's Dice
+    assert "dice (free generation)" in compared and "pooled dice" in compared
 
     # predict: a generated answer for each image, one mask per [SEG] it holds, answers without [SEG] reported
     image = discover(cfg.data)[0].image
@@ -118,6 +140,13 @@ def test_eval_predict_export(trained, tmp_path):
     n_seg = answer.count("[SEG]")
     assert len(list((tmp_path / "pred").glob("*_mask.png"))) == n_seg
     assert (str(image) in info["answers_without_seg"]) == (n_seg == 0)
+    # several prompts: one turn each, the masks of each turn listed with it
+    two = ["Please segment the blood vessel in this image.", "Please segment the optic disc in this image."]
+    predict_images(run, [image], tmp_path / "pred2", prompt=two)
+    turns = json.loads((tmp_path / "pred2" / "predict.json").read_text())["turns"][str(image)]
+    assert [t["question"] for t in turns] == two
+    assert [len(t["masks"]) for t in turns] == [t["answer"].count("[SEG]") for t in turns]
+    assert len(list((tmp_path / "pred2").glob("*_mask.png"))) == sum(len(t["masks"]) for t in turns)
 
     # export: the merged, composed folder loads back through model.path and gives the same masks
     _, model, _ = load_run_model(run, "best", "cpu")
@@ -133,6 +162,47 @@ def test_eval_predict_export(trained, tmp_path):
             merged_masks = merged.teacher_forced_masks(x, question, answer)
     assert adapted_masks.shape == (1, 48, 48)
     assert torch.allclose(adapted_masks, merged_masks, atol=1e-4)
+
+
+def _scripted_generation(model, answer: str):
+    """Patch the VLM's generate() to answer every turn with ``answer`` (then the end-of-turn token)."""
+    from unittest import mock
+
+    codec = model.text_codec()
+    ids = codec.tokenizer(answer, add_special_tokens=False)["input_ids"] + [codec.end_of_turn_id]
+
+    def generate(input_ids, **kwargs):
+        return torch.cat([input_ids, torch.tensor([ids], device=input_ids.device)], dim=1)
+
+    return mock.patch.object(type(model.base_network.vlm), "generate", side_effect=generate)
+
+
+def test_free_generation_scores_an_answer_without_seg_as_an_empty_mask(trained):
+    """A model that never says [SEG] segments nothing in use: free-generation Dice 0 for every target, while the
+    teacher-forced masks of the same model score > 0. And a model that answers as trained gets exactly the
+    teacher-forced numbers (the generated conversation is the training one)."""
+    from medtune.runs.load import load_run_model
+    from medtune.tasks import task_for
+    from medtune.tasks.mask_eval import evaluate_model
+
+    _, cfg, run = trained
+    _, model, _ = load_run_model(run, "best", "cpu")
+    with _scripted_generation(model, "There is no object."):
+        summary, rows, _, _, free_rows = evaluate_model(model, task_for(cfg), cfg, run, "test", "cpu")
+    free = summary["free_generation"]
+    assert summary["pooled@cal"]["dice"] > 0 and summary["per_image@cal"]["dice"]["mean"] > 0
+    assert free["pooled@cal"]["dice"] == 0 and free["pooled@t050"]["dice"] == 0
+    assert free["per_image@cal"]["dice"]["mean"] == free["per_image@cal"]["dice"]["hi"] == 0
+    assert all(r["n_seg"] == 0 and r["dice@cal"] == 0 and r["recall@cal"] == 0 for r in free_rows)
+    assert summary["generation"]["no_seg_rate"] == summary["generation"]["answers_without_seg_rate"] == 1.0
+
+    with _scripted_generation(model, cfg.task.answer):
+        summary, rows, _, _, free_rows = evaluate_model(model, task_for(cfg), cfg, run, "test", "cpu")
+    assert summary["generation"]["wrong_seg_count_rate"] == 0.0
+    assert [r["id"] for r in free_rows] == [r["id"] for r in rows]
+    for teacher, free in zip(rows, free_rows):
+        assert free["dice@cal"] == pytest.approx(teacher["dice@cal"], abs=1e-6)
+        assert free["auc@cal"] == pytest.approx(teacher["auc@cal"], abs=1e-6)
 
 
 @pytest.mark.slow
@@ -181,7 +251,7 @@ def test_two_expressions_give_two_targets_and_two_seg_tokens(tmp_path):
                             "model.finetune=lora"])
     model = build_model(cfg)
     loaded = [load_sample(s, cfg.data) for s in discover(cfg.data)]
-    item = SegVLMDataset(loaded, cfg, model.text_codec())[(0, 0)]
+    item = SegVLMDataset(loaded, cfg, model.text_codec(), model.image_prep)[(0, 0)]
     assert item["mask"].shape == (2, 48, 48)  # two targets, not one union
     assert int((item["input_ids"] == model.text_codec().seg_token_id).sum()) == 2
     assert item["mask"][0, 10, 10] == 1 and item["mask"][0, 35, 35] == 0 and item["mask"][1, 35, 35] == 1
@@ -202,6 +272,99 @@ def test_two_expressions_give_two_targets_and_two_seg_tokens(tmp_path):
         mask_targets(out, broken)
 
 
+def test_each_expression_is_its_own_question_without_a_doubled_article():
+    from medtune.tasks.segvlm import conversation
+
+    cfg = build_config({}, ["model.family=segvlm", "task.class_name=blood vessel"])
+    questions, answers = conversation(["the larger lesion", "The smaller lesion.", "an opacity", "left kidney", None],
+                                      cfg)
+    assert questions == ["Please segment the larger lesion in this image.",
+                         "Please segment The smaller lesion in this image.",
+                         "Please segment an opacity in this image.",
+                         "Please segment the left kidney in this image.",
+                         "Please segment the blood vessel in this image."]
+    assert answers == ["It is [SEG]."] * 5
+    # a prompt without an article before the name keeps the expression's own
+    bare = build_config({}, ["model.family=segvlm", "task.prompt=Where is {class_name}?"])
+    assert conversation(["the cyst"], bare)[0] == ["Where is the cyst?"]
+    # "theca" is no article
+    assert conversation(["theca cells"], cfg)[0] == ["Please segment the theca cells in this image."]
+
+
+def _left_right_data(root: Path, n: int, size: int) -> Path:
+    """Images with a blob in each half on a textured background (all in the FOV), annotated "the left blob" and
+    "the right blob", in alternating order: the turn position alone does not tell which blob is meant."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    entries = []
+    for i in range(n):
+        img = rng.integers(40, 80, (size, size, 3)).astype(np.uint8)
+        polygons = []
+        for half in (0, 1):
+            w = int(rng.integers(size // 5, size // 3))
+            y = int(rng.integers(0, size - w))
+            x = int(rng.integers(0, size // 2 - w)) + half * (size // 2)
+            img[y:y + w, x:x + w] = 200
+            polygons.append([[x, y, x + w, y, x + w, y + w, x, y + w]])
+        texts = ["the left blob", "the right blob"]
+        if i % 2:
+            polygons, texts = polygons[::-1], texts[::-1]
+        Image.fromarray(img).save(root / f"b{i}.png")
+        entries.append({"image": f"b{i}.png", "mask": polygons, "text": texts})
+    (root / "annotations.json").write_text(json.dumps(entries))
+    return root
+
+
+OVERFIT_STEPS = 200
+OVERFIT_LR = 3e-3  # 1e-2 separates the masks and then diverges back to one union mask on some seeds
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_two_expressions_learn_two_different_masks(tmp_path):
+    """Each expression in its own turn: a tiny model overfit on two-blob images segments the left blob for "the
+    left blob" and the right one for "the right blob", through the task's own dataset, collate, loss and
+    evaluation path.
+
+    The language model is frozen (LoRA and the [SEG] row left out of the optimiser; projection and SAM's decoder
+    train): trained from random init at this learning rate, the tiny LM collapses both [SEG] states onto one
+    direction (cosine 1 - 1e-5) within ~25 steps, before the decoder has learnt to read them, whatever the
+    conversation format. SAM rather than the tiny SAM 2, whose random decoder barely responds to its prompt within
+    this budget."""
+    size = 32
+    root = _left_right_data(tmp_path / "data", 4, size)
+    cfg = build_config({}, [f"data.path={root}", f"data.patch_size={size}", "data.augment.enabled=false",
+                            "run.seed=0", "model.family=segvlm", "model.config={preset: tiny, vlm: internvl, sam: sam}",
+                            "model.finetune=lora", "lora.r=4", "task.lm_weight=0"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    task = task_for(cfg)
+    loaded = [load_sample(s, cfg.data) for s in discover(cfg.data)]
+    dataset = SegVLMDataset(loaded, cfg, model.text_codec(), model.image_prep)
+    loss_fn = task.make_loss(cfg)
+    params = [p for n, p in model.named_parameters() if p.requires_grad and ".vlm." not in n]
+    assert params and len(params) < sum(p.requires_grad for p in model.parameters())
+    optimiser = torch.optim.AdamW(params, lr=OVERFIT_LR)
+    batch = collate([dataset[(i, 0)] for i in range(len(dataset))])
+    model.train()
+    for _ in range(OVERFIT_STEPS):
+        loss, _ = loss_fn(model, batch)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    model.eval()
+
+    def dice(a: np.ndarray, b: np.ndarray) -> float:
+        return 2 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+    for sample in loaded:
+        first, second = task.target_probabilities(model, sample, cfg, "cpu")
+        m1, m2 = first.prob > 0.5, second.prob > 0.5
+        g1, g2 = first.mask > 0, second.mask > 0
+        assert dice(m1, m2) < 0.3, sample.id  # two masks, not one twice
+        assert dice(m1, g1) > dice(m1, g2) + 0.4 and dice(m2, g2) > dice(m2, g1) + 0.4, sample.id
+
+
 def test_answer_without_seg_is_one_clear_line(tmp_path):
     root = _two_expression_data(tmp_path / "data")
     cfg = build_config({}, [f"data.path={root}", "model.family=segvlm", "model.config={preset: tiny}",
@@ -209,7 +372,7 @@ def test_answer_without_seg_is_one_clear_line(tmp_path):
     model = build_model(cfg)
     loaded = [load_sample(s, cfg.data) for s in discover(cfg.data)]
     with pytest.raises(DataError, match=r"sample a: the target answer .* holds 0 \[SEG\] token\(s\) for 2 target"):
-        SegVLMDataset(loaded, cfg, model.text_codec())
+        SegVLMDataset(loaded, cfg, model.text_codec(), model.image_prep)
 
 
 def test_segvlm_loss_defaults_are_recorded_in_the_resolved_config():

@@ -14,6 +14,7 @@ import torch
 from medtune.config import build_config
 from medtune.models.lora import export_merged, load_trainable, save_trainable
 from medtune.models.registry import build_model
+from medtune.models.vlm.logits import ALL_POSITIONS, LOGITS_AT
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()
@@ -36,9 +37,10 @@ def _parts_cfg(parts, channels: int = 3, lora: dict | None = None, **model):
 
 
 def _batch(seg, pairs, size=(40, 48), channels=3, seed=0):
-    """Collate like the segvlm task: pad ids with the pad id, labels with -100, attention with 0."""
+    """Collate like the segvlm task: pad ids with the pad id, labels with -100, attention with 0. The prompts hold
+    the image tokens of the model's tiling of a ``size`` image (Sa2VA-imported folders tile, the tiny parts do not)."""
     codec = seg.text_codec()
-    encoded = [codec.encode(q, a) for q, a in pairs]
+    encoded = [codec.encode(q, a, num_tiles=seg.num_tiles(*size)) for q, a in pairs]
     length = max(len(e["input_ids"]) for e in encoded)
 
     def pad(x, value):
@@ -126,6 +128,64 @@ def test_codec_supervises_exactly_the_answer_and_end_of_turn(internvl_lora):
         short.encode(QUESTION, ANSWER)
 
 
+def test_codec_puts_each_question_in_its_own_turn_and_supervises_every_answer(internvl_lora):
+    """Two referring expressions: two user turns (the image in the first only, as Sa2VA's data), each answered;
+    the prompt of turn 2 is the teacher-forced sequence up to it, and turn by turn it is what generation builds."""
+    codec = internvl_lora.text_codec()
+    q1, q2 = "Please segment the left blob in this image.", "Please segment the right blob in this image."
+    enc = codec.encode([q1, q2], [ANSWER, ANSWER])
+    ids, labels = enc["input_ids"], enc["labels"]
+    text = codec.decode(ids)
+    assert text == (f"<|im_start|>user\n<img>{'<IMG_CONTEXT>' * 4}</img>\n{q1}<|im_end|>\n<|im_start|>assistant\n"
+                    f"{ANSWER}<|im_end|>\n<|im_start|>user\n{q2}<|im_end|>\n<|im_start|>assistant\n{ANSWER}<|im_end|>")
+    assert int((ids == codec.seg_token_id).sum()) == 2
+    supervised = (labels != -100).int()
+    # two supervised spans, each exactly "It is [SEG].<|im_end|>", and nothing of the second question among them
+    starts = ((supervised[1:] - supervised[:-1]) == 1).nonzero().flatten() + 1
+    ends = ((supervised[1:] - supervised[:-1]) == -1).nonzero().flatten() + 1
+    spans = [codec.decode(ids[a:b]) for a, b in zip(starts.tolist(), ends.tolist() + [len(ids)])]
+    assert spans == [ANSWER + "<|im_end|>"] * 2
+    assert torch.equal(labels[labels != -100], ids[labels != -100])
+
+    # the prompt for turn 2 is the training sequence's prefix, and the first turn + prompt_ids builds it
+    prompt2 = codec.encode([q1, q2], [ANSWER])
+    assert (prompt2["labels"][len(codec.encode(q1, ANSWER)["input_ids"]):] == -100).all()
+    assert torch.equal(prompt2["input_ids"], ids[: len(prompt2["input_ids"])])
+    built = codec.encode(q1, ANSWER)["input_ids"].tolist() + codec.prompt_ids([q1, q2], [ANSWER])
+    assert built == prompt2["input_ids"].tolist()
+    # a single question is unchanged by the multi-turn codec (same ids as a one-element list)
+    assert torch.equal(codec.encode(q1, ANSWER)["input_ids"], codec.encode([q1], [ANSWER])["input_ids"])
+    with pytest.raises(ValueError, match="2 questions need 2 answers"):
+        codec.encode([q1, q2], [ANSWER, ANSWER, ANSWER])
+
+
+def test_generate_turns_matches_the_teacher_forced_conversation(internvl_lora):
+    """Turn-by-turn generation (each turn continuing the generated history) gives, for a scripted model that
+    answers like training, the teacher-forced masks of the two-turn conversation; the masks are split per answer,
+    and an answer without [SEG] gets none."""
+    seg = internvl_lora
+    codec = seg.text_codec()
+    q1, q2 = "Please segment the left blob in this image.", "Please segment the right blob in this image."
+    image = torch.rand(1, 3, 36, 44, generator=torch.Generator().manual_seed(1))
+    script = iter([ANSWER, ANSWER, ANSWER, "There is no object."])
+
+    def scripted_generate(input_ids, **kwargs):
+        answer = codec.tokenizer(next(script), add_special_tokens=False)["input_ids"] + [codec.end_of_turn_id]
+        return torch.cat([input_ids, torch.tensor([answer])], dim=1)
+
+    vlm = seg.base_network.vlm
+    with mock.patch.object(type(vlm), "generate", side_effect=scripted_generate), torch.no_grad():
+        answers, masks = seg.generate_turns(image, [q1, q2], max_new_tokens=16)
+        teacher = seg.teacher_forced_masks(image, [q1, q2], [ANSWER, ANSWER])
+        answers_none, masks_none = seg.generate_turns(image, [q1, q2], max_new_tokens=16)
+    assert answers == [ANSWER, ANSWER] and [m.shape for m in masks] == [(1, 36, 44)] * 2
+    # relative tolerances: the tiny random SAM 2 gives logits of ~1e-5
+    assert torch.allclose(torch.cat(masks), teacher, rtol=1e-4, atol=1e-10)
+    assert not torch.allclose(teacher[0], teacher[1], rtol=1e-2, atol=1e-10)  # the two turns' [SEG] differ
+    assert answers_none == [ANSWER, "There is no object."] and [m.shape[0] for m in masks_none] == [1, 0]
+    assert torch.allclose(masks_none[0], teacher[0:1], rtol=1e-3, atol=1e-10)  # turn 1 never sees turn 2
+
+
 def test_llava_codec_uses_the_real_processor_expansion(llava_parts):
     seg = build_model(_parts_cfg(llava_parts))
     assert type(seg.processing.processor).__name__ == "LlavaProcessor"
@@ -179,8 +239,14 @@ def test_lora_only_on_the_language_model_and_the_mask_path_alone_reaches_it(part
     reached = [n for n, g in grads.items() if g is not None and g.abs().sum() > 0]
     for part in ("mask_decoder.modules_to_save", "seg_projection.modules_to_save", "embed_tokens.token_adapter"):
         assert any(part in n for n in reached), part
-    # untied: the lm_head's [SEG] row learns from the LM loss only
-    assert all("lm_head" in n for n in grads if n not in reached and ".lora_A." not in n)
+    # untied: the lm_head's [SEG] row learns from the LM loss only; of SAM 2's three candidate-mask heads (best
+    # predicted IoU, as Sa2VA) only the chosen ones learn from a batch
+    chosen = seg.selected_by_prediction()
+    assert (chosen is not None) == (seg.sam_kind == "sam2")
+    if chosen:
+        assert any(re.search(chosen, n) for n in reached)
+    assert all("lm_head" in n or (chosen and re.search(chosen, n))
+               for n in grads if n not in reached and ".lora_A." not in n)
 
 
 def test_vision_lora_projector_flags_and_stray_adapters_refused(internvl_parts):
@@ -202,16 +268,20 @@ def test_forward_masks_valid_slots_and_lm_loss(internvl_lora):
     batch = _batch(seg, [(QUESTION, ANSWER), (QUESTION, TWO_SEG)], size=(40, 48))
     with torch.no_grad():
         out = seg(batch=batch)
+        full = seg(batch={**batch, LOGITS_AT: ALL_POSITIONS})
     assert out.mask_logits.shape == (2, 2, 40, 48)  # K = most [SEG] in one sequence, at the input resolution
     assert out.mask_valid.tolist() == [[True, False], [True, True]]
     assert (out.mask_logits[0, 1] == 0).all() and out.mask_logits[1, 1].abs().sum() > 0
     assert not torch.allclose(out.mask_logits[1, 0], out.mask_logits[1, 1])  # two [SEG], two prompts
     # lm_loss is the CE of the next token on the supervised (answer + end-of-turn) positions only
-    logits, labels = out.token_logits, batch["labels"]
+    logits, labels = full.token_logits, batch["labels"]
     assert logits.shape[:2] == labels.shape
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                                  labels[:, 1:].reshape(-1), ignore_index=-100)
     assert torch.allclose(out.lm_loss, expected, atol=1e-5)
+    # by default the logits are computed only where the loss reads them (never at the image tokens)
+    assert out.logit_positions.tolist() == (labels[:, 1:] != -100).any(0).nonzero().flatten().tolist()
+    assert torch.allclose(out.token_logits, logits[:, out.logit_positions], atol=1e-5)
     # a sample's masks do not depend on what else is in the batch (padding is masked)
     with torch.no_grad():
         alone = seg(batch={k: v[:1, : int(batch["attention_mask"][0].sum())] if k != "image" else v[:1]
@@ -307,7 +377,11 @@ def test_full_finetune_tiny_preset_trains_everything_reachable(tmp_path):
     (out.mask_logits[out.mask_valid].mean() + out.lm_loss).backward()
     trainable = seg.trainable_named_parameters()
     dead = [n for n, p in trainable if p.grad is None or p.grad.abs().sum() == 0]
-    assert not dead  # frozen_by_design names exactly what cannot reach the outputs (incl. LLaVA's last CLIP layer)
+    # frozen_by_design names exactly what cannot reach the outputs (incl. LLaVA's last CLIP layer); of SAM 2's three
+    # candidate-mask heads only those the best predicted IoU picks are reached
+    chosen = seg.selected_by_prediction()
+    assert chosen and not [n for n in dead if not re.search(chosen, n)]
+    assert len([n for n in dead if re.search(chosen, n)]) < len([n for n, _ in trainable if re.search(chosen, n)])
     frozen = [n for n, p in seg.named_parameters() if not p.requires_grad]
     assert any("vision_tower.encoder.layers.1." in n for n in frozen) and any("iou_prediction_head" in n for n in frozen)
 
@@ -585,3 +659,41 @@ def test_sa2va_import_maps_every_weight(llm, tmp_path):
     assert seg.text_codec().decode(seg.text_codec().encode(QUESTION, ANSWER)["input_ids"]).count("<IMG_CONTEXT>") == 4
     with torch.no_grad():
         assert seg(batch=_batch(seg, [(QUESTION, ANSWER)])).mask_logits.shape == (1, 1, 40, 48)
+
+
+# ------------------------------------------------------------------------------------------------ mask output
+def test_mask_output_best_iou_by_default_for_sam2_and_single_head_on_request(internvl_parts):
+    """SAM 2 (Sa2VA): the three multimask outputs, per prompt the one with the highest predicted IoU; ``single``
+    (LISA, and the default for SAM): the single-mask head, token 0."""
+    torch.manual_seed(0)
+    best = build_model(_parts_cfg(internvl_parts)).eval()
+    torch.manual_seed(0)
+    single = build_model(_parts_cfg(internvl_parts, vlm={"mask_output": "single"})).eval()
+    assert best.mask_output == "best_iou" and single.mask_output == "single"
+    sam = best.base_network.sam
+    pixels = torch.randn(2, 3, *best.image_prep.sam_size)
+    prompts = torch.randn(2, 3, sam.config.prompt_encoder_config.hidden_size)  # 3 prompts per image
+    with torch.no_grad():
+        features = best._sam_features(sam, pixels)
+        chosen = best._decode_masks(sam, features, prompts)
+        head = single._decode_masks(single.base_network.sam, features, prompts)
+        points = torch.zeros(2, 3, 1, 2)
+        sparse, dense = sam.prompt_encoder(input_points=points, input_labels=-torch.ones(2, 3, 1, dtype=torch.int32),
+                                           input_boxes=None, input_masks=None)
+        positional = sam.get_image_wide_positional_embeddings().repeat(2, 1, 1, 1)
+        all_masks = sam.mask_decoder(
+            image_embeddings=features["image_embedding"], image_positional_embeddings=positional,
+            sparse_prompt_embeddings=torch.cat([sparse, prompts[:, :, None]], dim=2), dense_prompt_embeddings=dense,
+            multimask_output=False, high_resolution_features=features["high_res"])[0]
+    assert chosen.candidates.shape[2] == 3 and head.candidates.shape[2] == 1
+    for b in range(2):
+        for k in range(3):
+            i = int(chosen.iou_scores[b, k].argmax())
+            assert int(chosen.index[b, k]) == i
+            assert torch.equal(chosen.low_res[b, k], chosen.candidates[b, k, i])
+    assert torch.allclose(head.low_res, all_masks[:, :, 0], atol=1e-6)  # token 0 (single-mask head)
+    # the single-mask head trains only with "single"; the three candidate heads only with best_iou
+    assert re.search(best.frozen_by_design(), "sam.mask_decoder.output_hypernetworks_mlps.0.proj_in.weight")
+    assert not re.search(single.frozen_by_design(), "sam.mask_decoder.output_hypernetworks_mlps.0.proj_in.weight")
+    assert re.search(single.frozen_by_design(), "sam.mask_decoder.output_hypernetworks_mlps.2.proj_in.weight")
+    assert single.selected_by_prediction() is None

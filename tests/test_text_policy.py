@@ -76,13 +76,16 @@ def test_token_kl_and_entropy():
 
 def test_answer_rewards_and_weights():
     vocab = answer_vocabulary(["benign", "malignant"])
-    answers = ["benign", "benign or malignant", "malignant", "I am not sure", "benign"]
-    finished = [True, True, True, True, False]
-    refs = ["benign", "benign", "benign", "benign", "benign"]
+    answers = ["benign", "benign or malignant", "malignant", "I am not sure", "benign", "Cannot rule out malignancy.",
+               "No evidence of malignancy; benign."]
+    finished = [True, True, True, True, False, True, True]
+    refs = ["benign", "benign", "benign", "benign", "benign", "malignant", "benign"]
     totals, parts = answer_rewards(answers, finished, refs, vocab, {"correct": 1.0, "format": 0.5})
-    assert parts["correct"] == [1, 1, 0, 0, 1]
-    assert parts["format"] == [1, 0, 1, 0, 0]  # two labels named / cut off by max_new_tokens: badly formed
-    assert totals == [1.5, 1.0, 0.5, 0.0, 1.0]
+    # a hedge naming both labels and an uncertain mention get no correctness reward (the parser's rules)
+    assert parts["correct"] == [1, 0, 0, 0, 1, 0, 1]
+    # two labels named / cut off by max_new_tokens / no committed label: badly formed
+    assert parts["format"] == [1, 0, 1, 0, 0, 0, 1]
+    assert totals == [1.5, 0.0, 0.5, 0.0, 1.0, 0.0, 1.5]
     assert resolve_answer_weights("answer") == {"correct": 1.0, "format": 0.25}
     with pytest.raises(ValueError, match="not an answer reward preset"):
         resolve_answer_weights("multi_objective")

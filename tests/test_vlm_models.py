@@ -12,6 +12,7 @@ import torch
 from medtune.config import build_config
 from medtune.data.types import DataError
 from medtune.models.registry import build_model
+from medtune.models.vlm.logits import ALL_POSITIONS, LOGITS_AT
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.disable_progress_bar()
@@ -198,8 +199,48 @@ def test_truncation_is_refused_with_the_sample_id(folders, kind):
                                         r"\d+ of its \d+ image tokens"):
         short.codec.encode(TURNS, _image(), "case-12")
     answer_cut = build_model(_cfg(folders[kind], max_length=full - 3))
-    with pytest.raises(DataError, match="answer tokens"):
+    with pytest.raises(DataError, match="answer tokens") as err:
         answer_cut.codec.encode(TURNS, _image(), "case-13")
+    # the image's share is named, with where the image size is set
+    ids = answer_cut.codec.encode(TURNS, _image(), "x", check_length=False)["input_ids"].tolist()
+    n_image = sum(t in answer_cut.codec.image_token_ids for t in ids)
+    assert n_image > 0 and f"make the images smaller ({n_image} of the {full} tokens are image tokens; " in str(err.value)
+    assert "preprocessor_config.json" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_too_long_names_the_image_processor_knob_of_a_dynamic_resolution_model(folders):
+    from medtune.models.vlm.model import ChatCodec
+
+    seg = build_model(_cfg(folders["llava"]))
+    processor = seg.codec.processor
+    processor.image_processor.max_tokens = 16384  # Hulu-Med's image processor bounds its image tokens so
+    codec = ChatCodec(processor, max_length=6)
+    with pytest.raises(DataError, match=r"of the \d+ tokens are image tokens; lower the image processor's "
+                                        r"max_tokens=16384: model.vlm.image_processor.max_tokens=...\)"):
+        codec.encode(TURNS, _image(), "case-14")
+
+
+def test_image_processor_settings_bound_the_image_tokens_and_travel_with_the_export(folders, tmp_path):
+    """model.vlm.image_processor sets the folder's image processor (Qwen-VL's size.longest_edge here, in pixels;
+    Hulu-Med's max_tokens, InternVL's max_patches): fewer image tokens for a large image, kept in the export; a name
+    the image processor does not have is one line listing the ones it has."""
+    from medtune.errors import UserError
+
+    image = _image(h=120, w=120)
+    default = build_model(_cfg(folders["qwen2_5_vl"]))
+    unit = 14 * 2  # patch x merge: the pixels of one image token along each side
+    small = build_model(_cfg(folders["qwen2_5_vl"], image_processor={"size": {"longest_edge": (2 * unit) ** 2}}))
+    n_default, n_small = (sum(t in m.codec.image_token_ids for t in m.codec.encode(TURNS, image, "x")["input_ids"]
+                              .tolist()) for m in (default, small))
+    assert n_small == 4 < n_default
+    small.save_base(tmp_path / "export")
+    saved = json.loads((tmp_path / "export" / "processor_config.json").read_text())
+    saved = saved.get("image_processor", saved)
+    assert saved["size"]["longest_edge"] == (2 * unit) ** 2 and saved["size"]["shortest_edge"] > 0
+    with pytest.raises(UserError, match=r"model.vlm.image_processor: \w+ has no setting max_tokns; its settings: .*"
+                                        r"resample") as err:
+        build_model(_cfg(folders["llava"], image_processor={"max_tokns": 64}))
+    assert "\n" not in str(err.value)
 
 
 def test_collate_keeps_every_processor_key_and_pads_sequence_keys(folders):
@@ -239,6 +280,42 @@ def test_collate_keeps_every_processor_key_and_pads_sequence_keys(folders):
     assert torch.equal(left["input_ids"][1, n - len(b["input_ids"]):], b["input_ids"])
 
 
+def test_collate_keeps_per_image_keys_per_image_whatever_their_length(folders):
+    """Hulu-Med-style per-image keys (grid_sizes [n, 3], merge_sizes [n]) and a 1-D per-patch key whose length equals
+    the prompt length by chance: concatenated per image, never padded as token rows."""
+    from medtune.models.vlm.model import SEQUENCE_KEYS, collate
+
+    seg = build_model(_cfg(folders["llava"]))
+    processor = seg.codec.processor
+    original = type(processor).__call__
+
+    class PerImageKeys(type(processor)):
+        def __call__(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            n_images, t0 = out["pixel_values"].shape[0], out["input_ids"].shape[1]
+            out["grid_sizes"] = torch.tensor([[1, 4, 4]] * n_images)
+            out["merge_sizes"] = torch.ones(n_images, dtype=torch.long)
+            out["patch_ids"] = torch.arange(t0) + 100  # one value per patch; t0 patches by chance
+            return out
+
+    questions = [[TURNS[0]], [{"role": "user", "content": "<image>\nBenign?"}]]
+    processor.__class__ = PerImageKeys
+    try:
+        items = [seg.codec.encode(turns, _image(i), f"s{i}", for_generation=True) for i, turns in enumerate(questions)]
+    finally:
+        processor.__class__ = type(processor).__mro__[1]
+    lengths = [len(it["input_ids"]) for it in items]
+    assert lengths[0] != lengths[1] and [len(it["patch_ids"]) for it in items] == lengths  # the same length as T
+    assert set(items[0][SEQUENCE_KEYS]) == {"input_ids", "attention_mask", "labels"}
+    for side in ("left", "right"):
+        batch = collate(items, side)
+        assert batch["input_ids"].shape == (2, max(lengths))
+        assert torch.equal(batch["merge_sizes"], torch.tensor([1, 1]))  # [1] + [1], not padded to [2, T]
+        assert torch.equal(batch["grid_sizes"], torch.tensor([[1, 4, 4], [1, 4, 4]]))
+        assert torch.equal(batch["patch_ids"], torch.cat([torch.arange(n) + 100 for n in lengths]))
+        assert batch[SEQUENCE_KEYS] == items[0][SEQUENCE_KEYS] and SEQUENCE_KEYS not in seg.model_inputs(batch)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_batched_greedy_generation_equals_one_by_one(folders, kind):
     seg = build_model(_cfg(folders[kind])).eval()
@@ -251,6 +328,31 @@ def test_batched_greedy_generation_equals_one_by_one(folders, kind):
 
         alone = seg.generate(collate([seg.codec.encode(turns, _image(i), f"s{i}", for_generation=True)], "left"), 6)
         assert seg.codec.decode(together[i]) == seg.codec.decode(alone[0])
+
+
+def test_generation_returns_the_new_tokens_whether_or_not_the_model_echoes_the_prompt(folders):
+    """transformers' VLMs echo the prompt; Hulu-Med's generate (inputs_embeds alone) returns only the new tokens."""
+    from medtune.errors import UserError
+
+    seg = build_model(_cfg(folders["llava"])).eval()
+    _perturb(seg)
+    prompts = _batch(seg, [TURNS, TURNS[:2]], for_generation=True)
+    t = prompts["input_ids"].shape[1]
+    real = seg.net.generate
+    echoed = real(**seg.model_inputs(prompts), max_new_tokens=6, do_sample=False, temperature=None, top_k=None,
+                  top_p=None, eos_token_id=seg.codec.stop_ids, pad_token_id=seg.codec.pad_token_id)
+    assert torch.equal(echoed[:, :t], prompts["input_ids"])  # this model echoes
+    answers = seg.generate(prompts, max_new_tokens=6)
+    assert torch.equal(answers, echoed[:, t:]) and answers.shape[1] >= 1
+    seg.net.generate = lambda **kwargs: real(**kwargs)[:, kwargs["input_ids"].shape[1]:]  # the stand-in
+    try:
+        assert torch.equal(seg.generate(prompts, max_new_tokens=6), answers)
+        seg.net.generate = lambda **kwargs: torch.zeros(2, t + 3, dtype=torch.long)  # neither: refused
+        with pytest.raises(UserError, match=r"returned \d+ tokens per sample for a \d+-token prompt") as err:
+            seg.generate(prompts, max_new_tokens=6)
+        assert "\n" not in str(err.value)
+    finally:
+        del seg.net.generate
 
 
 def test_generation_prompt_is_the_training_prompt(folders):
@@ -273,7 +375,8 @@ def test_adapter_parity_disabled_is_base_peft_loads_and_merged_folder_answers_th
 
     cfg = _cfg(folders[kind], train_projector=True)
     seg = build_model(cfg).eval()
-    batch = _batch(seg, [TURNS, TURNS[:2]])
+    # logits at every position, to compare with plain transformers / PEFT forwards
+    batch = {**_batch(seg, [TURNS, TURNS[:2]]), LOGITS_AT: ALL_POSITIONS}
     prompts = _batch(seg, [TURNS, TURNS[:2]], for_generation=True)
     base = AutoModelForImageTextToText.from_pretrained(str(folders[kind])).eval()
     with torch.no_grad():
@@ -326,3 +429,96 @@ def test_remote_code_folder_needs_opt_in_and_qlora_needs_cuda(folders, tmp_path)
         assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="preset: tiny"):
         build_model(build_config({"model": {"family": "vlm"}}))
+
+
+def test_remote_code_processor_with_missing_imports_is_one_line_naming_the_packages(folders, tmp_path):
+    """A remote-code processor that imports packages this environment lacks (Hulu-Med's imports cv2 / decord /
+    ffmpeg at module level): one line naming what to pip install (cv2 is opencv-python-headless), with the opt-in
+    given; transformers' own hint would say `pip install cv2`."""
+    import shutil
+
+    from medtune.errors import UserError
+    from medtune.models.vlm.processing import load_processor
+
+    remote = tmp_path / "remote-processor"
+    shutil.copytree(folders["llava"], remote)
+    (remote / "processing_medvlm.py").write_text(
+        "import cv2\nimport medtune_absent_package\nfrom transformers import ProcessorMixin\n\n\n"
+        "class MedProcessor(ProcessorMixin):\n    pass\n")
+    config = json.loads((remote / "processor_config.json").read_text())
+    config["auto_map"] = {"AutoProcessor": "processing_medvlm.MedProcessor"}
+    (remote / "processor_config.json").write_text(json.dumps(config))
+    cfg = build_config({"model": {"family": "vlm", "path": str(remote), "trust_remote_code": True}})
+    with pytest.raises(UserError, match=r"imports cv2, medtune_absent_package, not installed here; `pip install "
+                                        r"opencv-python-headless medtune_absent_package`") as err:
+        load_processor(remote, cfg)
+    assert "\n" not in str(err.value) and str(remote) in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------ non-persistent buffers
+@pytest.mark.parametrize("kind", KINDS)
+def test_build_recomputes_non_persistent_buffers_the_loader_left_uninitialised(folders, kind, monkeypatch):
+    """As with remote code: transformers' loader materialises non-persistent buffers with empty_like and only the
+    model's own _init_weights writes them again. With that hook silenced (for every sub-model) and the memory
+    poisoned, the family's loader still gives the values a fresh construction computes."""
+    from medtune.models.vlm.tiny import tiny_vlm
+
+    eager, _ = tiny_vlm(kind, seed=0)
+    expected = {n: b for n, b in eager.named_buffers()}
+    real = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like",
+                        lambda t, *a, **k: real(t, *a, **k).fill_(float("nan") if t.is_floating_point() else -7))
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(PreTrainedModel, "_initialize_weights", lambda self, module, is_custom_code=False: None)
+    seg = build_model(_cfg(folders[kind]))
+    loaded = dict(seg.base_network.named_buffers())
+    assert any(n.endswith("inv_freq") for n in loaded)
+    for name, value in expected.items():
+        assert torch.equal(loaded[name], value), name
+
+
+def test_token_compression_with_more_than_one_sample_per_forward_is_a_config_error(folders, tmp_path):
+    """Hulu-Med's hub configs set use_token_compression: true, which its forward supports at batch size 1 only."""
+    import shutil
+
+    from medtune.errors import UserError
+
+    folder = tmp_path / "compressing"
+    shutil.copytree(folders["llava"], folder)
+    meta = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**meta, "use_token_compression": True}))
+    cfg = _cfg(folder)
+    cfg.data.batch_size = 4
+    with pytest.raises(UserError, match=r"config.json sets use_token_compression: true, .* batches 4 "
+                                        r"\(data.batch_size=4\); set use_token_compression to false .* or set "
+                                        r"data.batch_size=1") as err:
+        build_model(cfg)
+    assert "\n" not in str(err.value)
+    cfg.objective = "rl"
+    cfg.data.batch_size = 1
+    with pytest.raises(UserError, match=r"batches \d+ \(data.batch_size=1 x rl.group_size=\d+ answers per "
+                                        r"prompt\)"):
+        build_model(cfg)
+    cfg.objective = "supervised"
+    assert build_model(cfg).codec is not None  # one sample per forward: fine
+
+
+def test_published_hulumed_config_with_a_batch_is_refused_before_loading():
+    """The published Hulu-Med config.json (fixture) has use_token_compression: true: the check that guards a
+    remote-code forward refuses a batch (medtune's native Hulu-Med takes one: tests/test_hulumed.py)."""
+    from helpers import REPO
+
+    from medtune.errors import UserError
+    from medtune.models.hf import read_config_json
+    from medtune.models.vlm.model import check_token_compression
+
+    folder = REPO.parent / "shared" / "fixtures" / "hulumed-tiny" / "model"
+    if not (folder / "config.json").is_file():
+        pytest.skip(f"Hulu-Med fixture absent ({folder})")
+    cfg = build_config({"model": {"family": "vlm", "path": str(folder), "trust_remote_code": True},
+                        "data": {"batch_size": 2}})
+    with pytest.raises(UserError, match="use_token_compression: true"):
+        check_token_compression(read_config_json(folder), cfg, folder)
+    cfg.data.batch_size = 1
+    check_token_compression(read_config_json(folder), cfg, folder)

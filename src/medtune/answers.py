@@ -1,9 +1,32 @@
 """Generated answers -> class labels, and the classification metrics of a set of answers.
 
-Parsing is deliberately conservative: an answer counts as a label only when it mentions that label (its name or a
-synonym, as whole words, the longest phrase winning where two overlap); with several labels mentioned the first one
-counts; a mention preceded by a negation ("not malignant") does not count. An answer that names no label is an
-"invalid answer": counted and reported, scored as wrong, never mapped to a guess.
+Parsing is deliberately conservative. A label is *mentioned* where its name or a synonym occurs as whole words (the
+longest phrase winning where two overlap; a configured phrase wins over a trigger word, so "not cancerous" is benign
+and "no" may be a label). Each mention is then read in its context, NegEx-style (Chapman et al. 2001; ConText,
+Harkema et al. 2009): trigger phrases negate ("no", "not", "without", "negative for", "rather than", "... is ruled
+out", "... unlikely") or make uncertain ("possible", "may be", "cannot rule out", "... cannot be excluded",
+"indeterminate", "versus") the mentions in their scope (``TRIGGERS``). A trigger before the mentions it governs ("no
+malignancy") reaches forward, one after them ("malignancy is ruled out") backward, "unlikely" and "ruled out"
+whichever way a mention lies (forward first), "versus" both ways. A scope ends at a terminator (sentence or clause
+punctuation ``. ; : ! ? ( )``, a dash, "but", "however", "although", "except", "rather", ...), at the next trigger,
+after ``SCOPE_WORDS`` words, and at a comma once it has covered a mention ("no malignant features, benign": the comma
+starts a new clause; "no calcifications, masses or malignancy": a list of negated findings). Pseudo-triggers that
+contain a trigger word but negate nothing ("no change", "no increase", "not only", "no doubt") are skipped.
+
+The answer's label is the one label mentioned affirmatively, that is neither negated nor uncertain:
+- committed, counted: a plain statement ("Malignant.", "The lesion appears benign."), and hedges that still commit
+  to one label as the most likely, the radiology lexicon's higher-confidence phrases: "likely", "probably", "most
+  likely", "consistent with", "compatible with", "suggestive of", "suspicious for", "concerning for", "favour".
+  A negated or uncertain mention of another label does not take the commitment away ("Cannot rule out malignancy;
+  probably benign." -> benign);
+- uncertain, invalid: a mention only under an uncertainty trigger (lower-confidence phrases that leave the question
+  open: "possible", "possibly", "may", "might", "could", "cannot rule out / exclude", "indeterminate", "equivocal",
+  "questionable", "unclear", "versus", "either", "differential"): "Cannot rule out malignancy." is not "malignant";
+- several labels mentioned affirmatively ("benign or malignant", "benign and malignant"): a hedge or a
+  contradiction, invalid, never the first one named;
+- no label, or only negated ones ("not malignant", "negative for malignancy"): invalid; a negation is never turned
+  into the other label.
+An invalid answer is counted and reported, scored as wrong, never mapped to a guess.
 """
 from __future__ import annotations
 
@@ -22,13 +45,49 @@ DEFAULT_SYNONYMS: dict[str, tuple[str, ...]] = {
     "malignant": ("cancerous", "cancer", "malignancy", "carcinoma"),
     "normal": ("healthy", "no lesion", "no abnormality", "unremarkable"),
 }
-_NEGATION = re.compile(r"(?:\bnot|\bno|\bnon|\bisn't|\bnever|\bwithout)[\s-]+$")
+
+# ---- context triggers (regular expressions over the lower-cased answer, whole words) ------------------------------
+SCOPE_WORDS = 5  # words a trigger reaches past itself to a mention (NegEx's window)
+NEG, UNCERTAIN, PSEUDO, END = "negated", "uncertain", "pseudo", "end"
+PRE, POST, EITHER, AROUND = "pre", "post", "either", "around"  # forward, backward, forward else backward, both ways
+_CANNOT = r"(?:cannot|can ?not|can't|could ?not|couldn't|unable to)"
+_IS = r"(?:is|are|was|were|has been|have been|be|been|seems?|appears?|remains?)"
+_NOT_FOUND = ("not seen", "not identified", "not present", "not detected", "not demonstrated", "not found",
+              "not evident", "not visualized")
+# (phrases, kind, direction); each phrase a regular expression over whole words, the longest match winning
+TRIGGERS: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (("no", "not", "none", "never", "without", "neither", "nor", "non", r"\w+n't", "cannot", "cannot be", "lacks?",
+      "lack of", "absence of", "free of", "negative for", "rather than", "instead of", "excludes?", "rules out",
+      "no evidence of", r"no signs? of"), NEG, PRE),
+    ((*_NOT_FOUND, "excluded", "absent", rf"{_IS} (?:{'|'.join(_NOT_FOUND)}|absent|excluded|negative|unlikely)"),
+     NEG, POST),
+    ((r"unlikely(?: to be)?", "ruled out"), NEG, EITHER),
+    (("possible", "possibly", "perhaps", "maybe", r"may(?: be| represent)?", r"might(?: be| represent)?",
+      r"could(?: be| represent)?", "can be", "questionable", "question of", "equivocal", "indeterminate", "uncertain",
+      "unclear", "undetermined", "not sure", "unsure", "not certain", "not clear", "either", "whether",
+      r"differential(?: diagnosis)?(?: includes?)?", "rule out", "r/o", "to exclude", "evaluate for",
+      rf"{_CANNOT} (?:rule out|exclude|tell|say|determine|be determined|be certain)",
+      r"(?:difficult|hard|impossible) to (?:tell|say|determine|assess|distinguish)"), UNCERTAIN, PRE),
+    ((rf"{_CANNOT} be (?:ruled out|excluded)", rf"(?:{_IS} )?not (?:be )?(?:ruled out|excluded)",
+      rf"{_IS} (?:possible|uncertain|unclear|questionable|equivocal|indeterminate|a possibility|not certain)"),
+     UNCERTAIN, POST),
+    ((r"versus", r"vs\.?"), UNCERTAIN, AROUND),
+    # contain a trigger word, negate nothing
+    ((r"no (?:significant |definite |suspicious |interval |further )?(?:change|increase|growth)", "no further",
+      "not only", "not necessarily", "no doubt", "without doubt", "not unlike", "not exclusively"), PSEUDO, PRE),
+)
+# end every scope: clause conjunctions, and sentence / clause punctuation (a period not inside a number, a spaced dash)
+END_WORDS = ("but", "however", "although", "though", "yet", "except", "apart from", "aside from", "whereas", "while",
+             "rather", "instead", "otherwise")
+END_MARKS = r"\.(?!\d)|[;:!?()\u2014]| - "
+_WORD = re.compile(r"[\w'/]+")
 
 
 @dataclass
 class ParsedAnswer:
-    label: str | None  # None = invalid answer
-    mentioned: list[str] = field(default_factory=list)  # distinct labels mentioned (not negated), in order
+    label: str | None  # None = invalid answer: no label, only negated / uncertain ones, or several
+    mentioned: list[str] = field(default_factory=list)  # distinct labels mentioned affirmatively, in order
+    uncertain: list[str] = field(default_factory=list)  # distinct labels mentioned only under an uncertainty trigger
 
 
 def answer_vocabulary(labels: Sequence[str], synonyms: Mapping[str, Sequence[str]] | None = None) -> dict[str, str]:
@@ -57,16 +116,90 @@ def _pattern(vocab: Mapping[str, str]) -> re.Pattern:
     return re.compile(r"(?<![\w-])(?:" + "|".join(re.escape(p).replace(r"\ ", r"\s+") for p in phrases) + r")(?!\w)")
 
 
+def _words(pattern: str) -> re.Pattern:
+    """Whole words only: a trigger never starts or ends inside a word ("no" in "nodule", "not" in "cannot")."""
+    return re.compile(r"(?<![\w-])(?:" + pattern + r")(?![\w-])")
+
+
+_CONTEXT = (tuple((_words(p), kind, direction) for phrases, kind, direction in (*TRIGGERS, (END_WORDS, END, PRE))
+                  for p in phrases)
+            + ((re.compile(END_MARKS), END, PRE), (re.compile(","), "comma", PRE)))
+
+
+@dataclass
+class _Span:
+    start: int
+    end: int
+    kind: str  # a trigger kind, "label" or "comma"
+    direction: str = PRE
+    label: str | None = None
+
+
+def _spans(text: str, vocab: Mapping[str, str]) -> list[_Span]:
+    """Label mentions, then triggers, terminators and commas where no label lies, in text order. A configured phrase
+    wins over a trigger ("not cancerous" is benign, "no" may be a label); among triggers the longer one ("cannot rule
+    out" over "cannot", "no change" over "no")."""
+    kept = [_Span(m.start(), m.end(), "label", label=vocab[" ".join(m.group(0).split())])
+            for m in _pattern(vocab).finditer(text)]
+    taken = np.zeros(len(text) + 1, dtype=bool)
+    for span in kept:
+        taken[span.start:span.end] = True
+    found = [_Span(m.start(), m.end(), kind, direction) for regex, kind, direction in _CONTEXT
+             for m in regex.finditer(text)]
+    for span in sorted(found, key=lambda s: (s.start - s.end, s.start)):
+        if not taken[span.start:span.end].any():
+            taken[span.start:span.end] = True
+            kept.append(span)
+    return sorted(kept, key=lambda s: s.start)
+
+
+def _scope(spans: list[_Span], i: int, step: int, text: str) -> list[int]:
+    """Indices of the label mentions that trigger ``spans[i]`` governs, walking forward (step 1) or backward (-1)."""
+    trigger, covered = spans[i], []
+    j = i + step
+    while 0 <= j < len(spans):
+        span = spans[j]
+        if span.kind in (END, NEG, UNCERTAIN):  # a terminator, or another trigger with its own scope
+            break
+        if span.kind == "comma" and covered:
+            break
+        if span.kind == "label":
+            gap = text[trigger.end:span.start] if step > 0 else text[span.end:trigger.start]
+            if len(_WORD.findall(gap)) > SCOPE_WORDS:
+                break
+            covered.append(j)
+        j += step
+    return covered
+
+
 def parse_answer(text: str, vocab: Mapping[str, str]) -> ParsedAnswer:
-    lowered = " ".join(text.lower().split())
-    mentioned: list[str] = []
-    for match in _pattern(vocab).finditer(lowered):
-        if _NEGATION.search(lowered[:match.start()]):
+    """The label an answer commits to (see the module docstring), or None (an invalid answer)."""
+    lowered = " ".join(text.lower().replace("\u2019", "'").split())  # typographic apostrophes: "isn\u2019t"
+    spans = _spans(lowered, vocab)
+    context: dict[int, set[str]] = {}
+    for i, span in enumerate(spans):
+        if span.kind not in (NEG, UNCERTAIN):
             continue
-        label = vocab[" ".join(match.group(0).split())]
-        if label not in mentioned:
-            mentioned.append(label)
-    return ParsedAnswer(label=mentioned[0] if mentioned else None, mentioned=mentioned)
+        if span.direction == EITHER:
+            covered = _scope(spans, i, 1, lowered) or _scope(spans, i, -1, lowered)
+        elif span.direction == AROUND:
+            covered = _scope(spans, i, 1, lowered) + _scope(spans, i, -1, lowered)
+        else:
+            covered = _scope(spans, i, 1 if span.direction == PRE else -1, lowered)
+        for j in covered:
+            context.setdefault(j, set()).add(span.kind)
+    mentioned: list[str] = []
+    uncertain: list[str] = []
+    for j, span in enumerate(spans):
+        if span.kind != "label":
+            continue
+        kinds = context.get(j, set())
+        target = mentioned if not kinds else uncertain if kinds == {UNCERTAIN} else None
+        if target is not None and span.label not in target:
+            target.append(span.label)
+    uncertain = [label for label in uncertain if label not in mentioned]
+    return ParsedAnswer(label=mentioned[0] if len(mentioned) == 1 else None, mentioned=mentioned,
+                        uncertain=uncertain)
 
 
 def confusion(refs: Sequence[str], preds: Sequence[str | None], labels: Sequence[str]) -> np.ndarray:

@@ -45,9 +45,15 @@ def _train(args) -> None:
 def _eval(args) -> None:
     from medtune.evaluate import evaluate_run, format_summary
 
-    summary = evaluate_run(args.run, split=args.split, checkpoint=args.checkpoint, strategy=args.calibration)
+    if args.data is not None and args.split is not None:
+        raise UserError("--split names a split of the run's own data and --data another data file (all of it is "
+                        "evaluated): give one of them")
+    if args.image_root is not None and args.data is None:
+        raise UserError("--image-root goes with --data (the folder the file's image paths are relative to)")
+    summary = evaluate_run(args.run, split=args.split or "test", checkpoint=args.checkpoint,
+                           strategy=args.calibration, data_file=args.data, image_root=args.image_root)
     print(format_summary(summary))
-    print(f"written: {Path(args.run) / 'eval' / args.split}")
+    print(f"written: {Path(args.run) / 'eval' / summary['split']}")
 
 
 def _predict(args) -> None:
@@ -151,9 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "requeues: re-run the same command). A folder named auto: ./auto")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval", help="calibrate on val, evaluate a split")
+    p = sub.add_parser("eval", help="calibrate on val, evaluate a split (or another data file: --data)")
     p.add_argument("run")
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default=None, help="a split of the run's data (default test)")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="evaluate the run on every sample of another data file (or folder) in the run's layout, "
+                        "e.g. an external test set; results in RUN/eval/data-<its name>, the run's own evaluations "
+                        "stay (mask runs: threshold still calibrated on the run's val); compare runs on it with "
+                        "--split data-<its name>")
+    p.add_argument("--image-root", default=None, metavar="DIR",
+                   help="with --data (llava_json): the folder its image paths are relative to (default: its folder)")
     p.add_argument("--checkpoint", default="best")
     p.add_argument("--calibration", choices=["max_dice", "max_fbeta", "target_recall"], default=None)
     p.set_defaults(func=_eval)
@@ -166,8 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="best")
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--box", default=None, help="x1,y1,x2,y2 for box-prompted runs")
-    p.add_argument("--prompt", default=None, help="segmenting VLM runs: the question asked (default: the run's "
-                                                  "task.prompt); the answer and one mask per [SEG] are written")
+    p.add_argument("--prompt", default=None, action="append",
+                   help="segmenting VLM runs: the question asked (default: the run's task.prompt); the answer and one "
+                        "mask per [SEG] are written. Repeat it to ask several questions about one image, one turn each")
     p.add_argument("--question", default=None, help="instruction-tuned VLM runs: the question asked about each "
                                                     "image; answers are printed and saved")
     p.set_defaults(func=_predict)

@@ -129,6 +129,13 @@ class VLMCfg(Section):
     sam_encoder_lora: bool = False  # segvlm: LoRA in the SAM image encoder (default: frozen)
     max_length: int | None = None  # token limit; a sample that would exceed it is refused, never truncated
     chat_template: str | None = None  # Jinja template (file path or text) overriding the checkpoint's
+    # settings of the folder's image processor, e.g. the image-token budget of dynamic-resolution VLMs: Hulu-Med's
+    # max_tokens, Qwen-VL's max_pixels, InternVL's max_patches (tiles). Checked against the processor, kept in exports.
+    image_processor: dict[str, Any] = Field(default_factory=dict)
+    # segvlm: which mask-decoder output is the mask. best_iou: the three multimask outputs, keeping per prompt the one
+    # with the highest predicted IoU (Sa2VA, training and inference); single: the single-mask head (mask token 0;
+    # LISA's multimask_output=False); auto: best_iou with SAM 2, single with SAM.
+    mask_output: Literal["auto", "best_iou", "single"] = "auto"
 
 
 class ModelCfg(Section):

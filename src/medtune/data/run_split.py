@@ -22,6 +22,7 @@ from medtune.data.layouts import discover
 from medtune.data.loading import load_all, scale_factors
 from medtune.data.splits import check_split, load_split, make_split, save_split
 from medtune.data.types import DataError, LoadedSample, Sample
+from medtune.errors import UserError
 
 log = logging.getLogger("medtune")
 
@@ -159,6 +160,51 @@ def load_split_samples(cfg: Config, data: RunData, name: str, run_dir: Path | No
             write_text_atomic(run_dir / "scale.json", json.dumps({"target_fov_diameter": data.target_scale}))
     _, scales = scale_factors(loaded, cfg.data.scale_norm, target=data.target_scale)
     return load_all(samples, cfg.data, scales=scales)
+
+
+# ---- another data set for a trained run (`medtune eval RUN --data FILE`) ------------------------------------------
+EXTERNAL_PREFIX = "data-"  # RUN/eval/data-<name>: never a split name, so the run's own evaluations stay as they are
+
+
+def external_eval_name(path: str | Path) -> str:
+    """The eval folder (and split) name of another data file: ``data-`` + its name without extension."""
+    return EXTERNAL_PREFIX + Path(path).stem
+
+
+def external_data(cfg: Config, run_data: RunData, path: str | Path, image_root: str | Path | None = None,
+                  run_dir: Path | None = None) -> tuple[Config, RunData]:
+    """Every sample of another data file (or folder, in the run's layout) as one split named
+    ``external_eval_name(path)``, read like the run's own data: its intensity scale and scale-normalisation target.
+    Image paths stay inside the file's image root (``image_root``, default the file's folder), as in training.
+    Returns (the run's config with data.path / data.image_root pointing there, the data)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"--data {path}: no such file or folder")
+    ext = cfg.model_copy(deep=True)
+    ext.data.path = str(path.absolute())
+    ext.data.image_root = str(Path(image_root).expanduser().absolute()) if image_root else None
+    ext.data.max_samples = None  # the run's quick-trial limit is about its own data
+    if run_dir is not None:
+        use_recorded_image_max(ext, run_dir)
+    samples = {s.id: s for s in discover(ext.data)}
+    if not samples:
+        raise DataError(f"--data {path}: no samples found")
+    if cfg.data.scale_norm.enabled and run_data.target_scale is None:  # fixed by the run's training set, as in eval
+        load_split_samples(cfg, run_data, "train", run_dir)
+    name = external_eval_name(path)
+    earlier = run_dir / "eval" / name / "summary.json" if run_dir is not None else None
+    if earlier is not None and earlier.is_file():
+        other = json.loads(earlier.read_text()).get("data")
+        if other != ext.data.path:
+            raise UserError(f"{earlier.parent} holds the evaluation of {other}, another file of that name: copy "
+                            f"{path} under another name (the folder is named after it), or delete that folder")
+    trained = {str(run_data.samples[i].image) for i in run_data.split.get("train", []) if i in run_data.samples}
+    seen = sum(str(s.image) in trained for s in samples.values())
+    if seen:
+        _warn(f"--data {path}: {seen} of its {len(samples)} images are in the run's training split; its scores are "
+              "not held-out scores")
+    return ext, RunData(samples=samples, split={name: list(samples)}, target_scale=run_data.target_scale,
+                        is_main=False)
 
 
 def check_readable(cfg: Config, data: RunData, names: tuple[str, ...] = ("test",)) -> None:

@@ -21,13 +21,15 @@ class ModelOutput:
     a segmenting VLM); ``lm_loss`` the language-model cross-entropy on supervised tokens (a scalar) and
     ``token_logits`` [B, T, V], for models that read and write text; ``mask_valid`` [B, K] bool: which of the K mask
     slots hold a real ``[SEG]`` mask (sequences with fewer ``[SEG]`` than the batch maximum leave slots empty; their
-    logits are zero). Absent parts are None.
+    logits are zero); ``logit_positions`` 1-D: the positions along T that ``token_logits`` [B, P, V] hold, when
+    the model computed them only where needed (None: every position). Absent parts are None.
     """
 
     mask_logits: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     token_logits: torch.Tensor | None = None
     mask_valid: torch.Tensor | None = None
+    logit_positions: torch.Tensor | None = None
 
 
 class SegModel(nn.Module):
@@ -137,6 +139,11 @@ class SegModel(nn.Module):
     def frozen_by_design(self) -> str | None:
         """Regex (searched in parameter names) of parameters that cannot influence ``forward_logits`` (e.g. SAM's IoU
         head): kept frozen in every fine-tuning mode, otherwise the preflight rightly reports them dead."""
+        return None
+
+    def selected_by_prediction(self) -> str | None:
+        """Regex of trainable parameters that reach the loss only when the model's own prediction selects them (a
+        segmenting VLM's best-IoU mask heads): the preflight does not call them dead when its steps never pick one."""
         return None
 
     def save_base(self, out_dir: str | Path) -> Path:  # pragma: no cover

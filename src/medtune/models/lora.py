@@ -176,16 +176,19 @@ def apply_lora(net: nn.Module, lora_cfg: LoraCfg, default_targets: str,
 def merged_copy(net: nn.Module) -> nn.Module:
     """A plain network with the LoRA deltas and modules_to_save copies folded in.
 
-    Works on a deep copy so the live model keeps its adapters and can go on training after an export.
+    Works on a deep copy so the live model keeps its adapters and can go on training after an export. A quantised
+    (QLoRA) base is refused: merging into 4-bit weights re-quantises and loses the adapter's precision.
     """
-    if not _is_peft_wrapped(net):
-        return net
-    if any("4bit" in type(m).__name__ or "8bit" in type(m).__name__ for m in net.modules()):
+    if getattr(net, "is_loaded_in_4bit", False) or any("4bit" in type(m).__name__ or "8bit" in type(m).__name__
+                                                       for m in net.modules()):
         raise UserError(
             "cannot export a merged model from a quantised (QLoRA) base: merging into 4-bit weights re-quantises "
             "and loses the adapter's precision. Build the model unquantised (model.quantize_4bit=false), "
-            "load the adapter checkpoint with load_trainable, then export"
+            "load the adapter checkpoint with load_trainable, then export "
+            "(`medtune export RUN --out DIR model.quantize_4bit=false`)"
         )
+    if not _is_peft_wrapped(net):
+        return net
     return copy.deepcopy(net).merge_and_unload()
 
 

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from medtune.config import Config, deep_merge
-from medtune.errors import ConfigError, UserError
+from medtune.errors import ConfigError
 from medtune.models.base import SegModel, load_safetensors_folder
-from medtune.models.hf import load_kwargs, prepare_for_training, read_config_json, resolve_model_path
+from medtune.models.hf import load_kwargs, load_pretrained, prepare_for_training, read_config_json, resolve_model_path
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +184,6 @@ class SamSegModel(SegModel):
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        if getattr(self.base_network, "is_loaded_in_4bit", False):
-            raise UserError("cannot save a 4-bit (QLoRA) base as a model folder; build the model unquantised "
-                               "(model.quantize_4bit=false), load the adapter with load_trainable, then save")
         merged_copy(self.net).save_pretrained(str(out_dir), safe_serialization=True)
         return out_dir
 
@@ -255,7 +252,7 @@ def _build(cfg: Config, cls: type[SamSegModel]) -> SamSegModel:
                               f"model.family to match the checkpoint")
         keep = cfg.lora.modules_to_save if cfg.lora.modules_to_save is not None else cls.DEFAULT_MODULES_TO_SAVE
         loader = AutoModel if cfg.model.trust_remote_code else model_cls
-        net = loader.from_pretrained(str(path), **load_kwargs(cfg, keep))
+        net = load_pretrained(loader, path, **load_kwargs(cfg, keep))
     if cls.model_type == "sam2":
         # SAM 2 swaps in another mask token in eval mode when the first one looks unstable; training and
         # evaluation must run the same function, so always take the single-mask token.

@@ -24,6 +24,7 @@ from medtune.stats import LOWER_IS_BETTER
 COMPARE_METRICS = ["dice", "iou", "precision", "recall", "specificity", "auc", "cldice", "betti0_error",
                    "betti1_error", "hd95"]
 POOLED_ROW = "pooled dice"
+FREE_GENERATION_ROW = "dice (free generation)"
 ALPHA = 0.05
 N_BOOT = 2000
 SEED = 0
@@ -39,6 +40,9 @@ class RunEval:
     cols: dict[str, np.ndarray]
     config: dict
     records: list[dict] = field(default_factory=list)
+    # text-generating tasks: per-target metrics of free generation (per_image_free_generation.csv), else empty
+    free_ids: list[str] = field(default_factory=list)
+    free_cols: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,7 +68,7 @@ class Row:
 
 
 def load_run_eval(run: Path, split: str) -> RunEval:
-    from medtune.runs.files import read_metrics
+    from medtune.runs.files import FREE_GENERATION_CSV, read_metrics
 
     run = Path(run)
     ev = eval_dir(run, split)
@@ -75,8 +79,9 @@ def load_run_eval(run: Path, split: str) -> RunEval:
                         f"`medtune eval {run} --split {split}`")
     config_path = run / "config.yaml"
     config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+    free_ids, free_cols = read_per_image(ev / FREE_GENERATION_CSV) if (ev / FREE_GENERATION_CSV).is_file() else ([], {})
     return RunEval(path=run, label=run.name, summary=read_json(ev / "summary.json"), ids=ids, cols=cols,
-                   config=config or {}, records=read_metrics(run))
+                   config=config or {}, records=read_metrics(run), free_ids=free_ids, free_cols=free_cols)
 
 
 def flatten(tree, prefix: str = "") -> dict[str, object]:
@@ -190,12 +195,35 @@ def build_rows(evals: list[RunEval], common: list[str], at: str = "cal") -> list
             b = np.array([e.cols[col][index[j][i]] for i in common])
             comps.append(paired_test(a, b, m in LOWER_IS_BETTER))
         rows.append(Row(m, m in LOWER_IS_BETTER, per_run, comps))
+    if all(e.free_ids for e in evals):
+        rows.append(_free_generation_row(evals, common, at))
     pooled = [{"mean": _f((e.summary.get(f"pooled@{at}") or {}).get("dice")), "lo": None, "hi": None}
               for e in evals]
     # A pooled metric has one value per run, not one per image: nothing to pair, so no test (the per-image Dice
     # row carries the evidence).
     rows.append(Row(POOLED_ROW, False, pooled, [None] * (len(evals) - 1)))
     return rows
+
+
+def _free_generation_row(evals: list[RunEval], common: list[str], at: str) -> Row:
+    """Dice in free generation (what predict does; an answer without [SEG] scored as an empty mask), paired over the
+    targets every run was scored on, like the teacher-forced rows."""
+    col = f"dice@{at}"
+    per_run = []
+    for e in evals:
+        c = ((e.summary.get("free_generation") or {}).get(f"per_image@{at}") or {}).get("dice") or {}
+        per_run.append({"mean": _f(c.get("mean")), "lo": _f(c.get("lo")), "hi": _f(c.get("hi"))})
+    index = [{sid: k for k, sid in enumerate(e.free_ids)} for e in evals]
+    shared = [i for i in common if all(i in ix for ix in index)]
+    comps: list[Comparison | None] = []
+    for j, e in enumerate(evals[1:], start=1):
+        if not shared or col not in evals[0].free_cols or col not in e.free_cols:
+            comps.append(Comparison(0, None, None, None, None, "not testable", f"no free-generation {col}"))
+            continue
+        a = np.array([evals[0].free_cols[col][index[0][i]] for i in shared])
+        b = np.array([e.free_cols[col][index[j][i]] for i in shared])
+        comps.append(paired_test(a, b, False))
+    return Row(FREE_GENERATION_ROW, False, per_run, comps)
 
 
 def image_set_notes(evals: list[RunEval]) -> tuple[list[str], list[str]]:

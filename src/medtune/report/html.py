@@ -110,10 +110,11 @@ def _training_section(records: list[dict]) -> str:
     return "".join(parts)
 
 
-def _metrics_section(summary: dict) -> str:
-    thr = summary.get("threshold", 0.5)
-    pooled = {t: summary.get(f"pooled@{t}") or {} for t in ("t050", "cal")}
-    per = {t: summary.get(f"per_image@{t}") or {} for t in ("t050", "cal")}
+def _metrics_table(blocks: dict, thr: float) -> str:
+    """Pooled and per-image (mean [95% CI]) metrics at 0.5 and at ``thr`` from the summary blocks pooled@t050,
+    pooled@cal, per_image@t050, per_image@cal."""
+    pooled = {t: blocks.get(f"pooled@{t}") or {} for t in ("t050", "cal")}
+    per = {t: blocks.get(f"per_image@{t}") or {} for t in ("t050", "cal")}
     names = [m for m in METRIC_ORDER if any(m in d for d in (*pooled.values(), *per.values()))]
     names += sorted({k for d in (*pooled.values(), *per.values()) for k in d} - set(names))
     rows = []
@@ -124,13 +125,47 @@ def _metrics_section(summary: dict) -> str:
             nan_note = f" ({c['n_nan']} NaN)" if c.get("n_nan") else ""
             row += [fmt(pooled[t].get(m)), ci_text(c.get("mean"), c.get("lo"), c.get("hi")) + nan_note]
         rows.append(row)
-    calib = summary.get("calibration") or {}
     header = ["metric", "pooled @0.5", "per-image mean [95% CI] @0.5",
               f"pooled @{fmt(thr, 3)}", f"per-image mean [95% CI] @{fmt(thr, 3)}"]
+    return table(header, rows)
+
+
+def _metrics_section(summary: dict) -> str:
+    thr = summary.get("threshold", 0.5)
+    calib = summary.get("calibration") or {}
+    teacher_forced = (" The segmenting VLM is given the training conversation (teacher-forced answers); free "
+                      "generation is measured below." if summary.get("free_generation") else "")
     return (f"<h2>Metrics on {esc(summary.get('split', '?'))} ({esc(summary.get('n_images', '?'))} images)</h2>"
             f"<p>Calibrated threshold <b>{esc(fmt(thr, 3))}</b> ({esc(calib.get('strategy', '?'))}, fitted on the "
             "validation split only). Pooled = all pixels inside the FOV of all images; per-image = mean over images "
-            "with a bootstrap 95% CI.</p>" + table(header, rows))
+            f"with a bootstrap 95% CI.{esc(teacher_forced)}</p>" + _metrics_table(summary, thr))
+
+
+def _percent(value) -> str:
+    return "—" if value is None else f"{float(value):.0%}"
+
+
+def _free_generation_section(summary: dict) -> str:
+    """The segmenting VLM as `medtune predict` runs it: its own answers, an answer without [SEG] an empty mask."""
+    free = summary.get("free_generation")
+    if not free:
+        return ""
+    gen = summary.get("generation") or {}
+    seg = gen.get("seg_token", "[SEG]")
+    stats = ""
+    if gen:
+        stats = (f" {_percent(gen.get('answers_without_seg_rate'))} of {gen.get('n_answers', '?')} answers held no "
+                 f"{seg}; {_percent(gen.get('no_seg_rate'))} of {gen.get('n', '?')} images got no {seg} at all.")
+    examples = gen.get("examples") or []
+    rows = [[ex.get("id", "?"), " / ".join(ex.get("questions") or []), " / ".join(ex.get("answers") or [])]
+            for ex in examples]
+    body = (f"<h2>Free generation ({esc(free.get('n_images', '?'))} targets)</h2>"
+            "<p>The model answers each question itself (greedy, as <code>medtune predict</code> does); a target whose "
+            f"answer holds no {esc(seg)} is scored as an empty mask. Same calibrated threshold as above.{esc(stats)}</p>"
+            + _metrics_table(free, float(free.get("threshold", summary.get("threshold", 0.5)))))
+    if rows:
+        body += "<h3>Example answers</h3>" + table(["id", "questions", "answers"], rows, left_cols=3)
+    return body
 
 
 def _calibration_section(calib: dict | None, threshold: float, pr: dict | None, summary: dict, note: str) -> str:
@@ -255,6 +290,7 @@ def write_report(run_dir: str | Path, split: str = "test") -> Path:
         preflight_section(read_json(run_dir / "preflight.json")),
         _training_section(records),
         _metrics_section(summary),
+        _free_generation_section(summary),
         _calibration_section(calib, threshold, pr, summary, note),
         _per_image_section(ids, cols, order),
     ]

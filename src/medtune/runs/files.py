@@ -21,6 +21,8 @@ from medtune.config import Config, ConfigError, build_config
 OPERATIONAL_KEYS = ("train.log_every", "train.save_every", "train.save_every_minutes", "train.keep_last",
                     "train.trackers", "train.preflight", "train.preflight_steps", "data.num_workers")
 _MAX_KEYS_SHOWN = 8
+# RUN/eval/<split>/: per-target metrics of free generation (text-generating tasks), next to per_image.csv
+FREE_GENERATION_CSV = "per_image_free_generation.csv"
 
 
 def new_run_dir(cfg: Config) -> Path:

@@ -43,7 +43,7 @@ class PredictRequest:
     checkpoint: str = "best"
     threshold: float | None = None  # mask tasks: None = the run's calibrated threshold
     box: tuple[float, float, float, float] | None = None  # box-prompted mask runs
-    prompt: str | None = None  # segmenting VLM: the request (default: the run's task.prompt)
+    prompt: str | list[str] | None = None  # segmenting VLM: the request(s), one turn each (default: task.prompt)
     question: str | None = None  # instruction-tuned VLM: asked about each image
 
     def refuse(self, task: str, **unsupported: str) -> None:
@@ -59,10 +59,12 @@ class ImagePrediction:
 
     image: np.ndarray  # float32 [C, H, W] in [0, 1], as the model read it (native resolution)
     # float32 [K, H, W], zero outside the field of view: K = 1 for a mask run, one map per [SEG] of a segmenting
-    # VLM's answer, K = 0 for a run that answers in words
+    # VLM's answers (in order over its turns), K = 0 for a run that answers in words
     probs: np.ndarray
-    answer: str | None = None  # the generated text (VLM runs)
+    answer: str | None = None  # the generated text (VLM runs; a segmenting VLM's turns one per line)
     label: str | None = None  # instruction-tuned runs: the label the answer parses to ("" when the run has no labels)
+    # segmenting VLM: one (question, answer, number of its maps in probs) per turn asked
+    turns: list[tuple[str, str, int]] | None = None
 
 
 # loss_fn(model, batch) -> (scalar loss, {part: float}); built once per run by Task.make_loss(cfg)
@@ -79,7 +81,8 @@ class Task:
     validate: Callable[[torch.nn.Module, list[LoadedSample], Config, torch.device], dict[str, float]]
     selection_metric: str
     # -- after training: what `medtune eval / predict / report / compare` call, so nothing there asks which task --
-    # evaluate_run(run_dir, split, checkpoint, device, strategy) -> summary (also written to RUN/eval/<split>/)
+    # evaluate_run(run_dir, split, checkpoint, device, strategy, data_file, image_root) -> summary (also written to
+    # RUN/eval/<split>/, or RUN/eval/data-<name>/ for another data file)
     evaluate_run: Callable[..., dict]
     # format_summary(summary) -> the text `medtune eval` prints
     format_summary: Callable[[dict], str]
@@ -102,9 +105,13 @@ class Task:
     # mask tasks: (ModelOutput, batch) -> (logits, target, fov), each [N, 1, H, W] over the N real targets of the
     # batch; what the losses and the RL policy see
     mask_targets: Callable | None = None
-    # text-generating tasks: metrics of free generation on an evaluated split (e.g. the rate of answers without
-    # [SEG]), reported next to the teacher-forced mask metrics
-    generation_metrics: Callable[[torch.nn.Module, list[LoadedSample], Config, torch.device], dict] | None = None
+    # text-generating mask tasks: what prediction does, measured. (model, sample, cfg, device) -> (per-target
+    # predictions as target_probabilities gives, one record per generated answer); evaluation scores them like the
+    # teacher-forced ones (same threshold, same metrics and CIs) next to them
+    free_generation: Callable[[torch.nn.Module, LoadedSample, Config, torch.device],
+                              tuple[list[TargetPrediction], list[dict]]] | None = None
+    # (free_generation's records over a split, cfg) -> answer statistics (e.g. the rate of answers without [SEG])
+    generation_summary: Callable[[list[dict], Config], dict] | None = None
 
 
 

@@ -8,7 +8,8 @@ truncation, or whose conversation the chat template cannot render turn by turn, 
 Validation and evaluation: greedy, batched generation of each sample's last answer from the conversation before it,
 parsed into a label (``medtune.answers``): accuracy (``val_accuracy`` picks `best`), macro-F1, per-class
 precision / recall / F1, the confusion matrix with its "invalid answer" column, bootstrap CIs, and the majority-class
-rate of the training split to read them against.
+rate of the training split to read them against. An evaluation or prediction whose answers are all empty is an error
+(generation that does not work), never an accuracy of 0; validation logs it and training goes on.
 """
 from __future__ import annotations
 
@@ -132,6 +133,18 @@ def generate_answers(model, samples: list[LoadedSample], cfg: Config, device, de
     return answers
 
 
+def require_text(answers: list[str], what: str) -> None:
+    """Refuse an answer set without any text: that is a generation that does not work (a model stopping at once, a
+    generate() output read at the wrong place), which scoring would turn into a plausible-looking accuracy of 0."""
+    if answers and not any(a.strip() for a in answers):
+        raise UserError(
+            f"generation produced no text: all {len(answers)} answers ({what}) are empty, so each would be scored "
+            "as an invalid answer. Likely cause: the model ends its turn at once because the generation prompt is not "
+            "the one it was trained on (check model.vlm.chat_template and the checkpoint's chat template / stop "
+            "tokens), or the model's generate() returns no answer tokens"
+        )
+
+
 def resolve_labels(cfg: Config, samples: list[LoadedSample] | list[Sample]) -> list[str]:
     """task.labels, else the samples' class labels (llava_json "label"), else their distinct reference answers when
     there are few of them."""
@@ -197,7 +210,12 @@ def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict[str, f
     from medtune.data.layouts import discover
 
     labels = resolve_labels(cfg, discover(cfg.data))
-    rows = score(val, generate_answers(model, val, cfg, device, "val answers"), labels, cfg)
+    answers = generate_answers(model, val, cfg, device, "val answers")
+    try:
+        require_text(answers, "validation")
+    except UserError as err:  # training goes on (a model early in training may stop at once); the log says why
+        log.warning("%s", err)
+    rows = score(val, answers, labels, cfg)
     scored = [r for r in rows if r["reference_label"]]
     out = {"val_lm_loss": teacher_forced_loss(model, val, cfg, device)}
     if scored:
@@ -211,38 +229,48 @@ def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict[str, f
 
 # ---- evaluation of a run -------------------------------------------------------------------------------------------
 def evaluate_model(model, cfg: Config, run_dir: Path, split: str = "test", device=None,
-                   checkpoint_name: str = "-") -> tuple[dict, list[dict]]:
-    from medtune.data.run_split import load_split_samples, prepare_split
+                   checkpoint_name: str = "-", data_file: str | Path | None = None,
+                   image_root: str | Path | None = None) -> tuple[dict, list[dict]]:
+    """Answers to ``split`` of the run's data, or (``data_file``) to every sample of another data file, scored
+    against the run's label set (its whole data set's, as in validation)."""
+    from medtune.data.run_split import external_data, load_split_samples, prepare_split
 
     data = prepare_split(cfg, run_dir)
-    if not data.split.get(split):
+    if data_file is None and not data.split.get(split):
         raise UserError(f"split '{split}' of {run_dir / 'split.json'} is empty; choose one of "
                          f"{[k for k, v in data.split.items() if v]}")
-    all_samples = list(data.samples.values())
-    labels = resolve_labels(cfg, all_samples)
+    labels = resolve_labels(cfg, list(data.samples.values()))
     vocab = answer_vocabulary(labels, cfg.task.synonyms)
     train_refs = Counter(reference_label(data.samples[i], vocab, labels) for i in data.split.get("train", []))
     train_refs.pop(None, None)
     majority = min(train_refs, key=lambda k: (-train_refs[k], k)) if train_refs else None
 
+    source = {}
+    if data_file is not None:
+        cfg, data = external_data(cfg, data, data_file, image_root, run_dir)
+        split = next(iter(data.split))
+        source = {"data": cfg.data.path}
     samples = load_split_samples(cfg, data, split, run_dir)
     require_conversations(samples)
-    rows = score(samples, generate_answers(model, samples, cfg, device, split), labels, cfg)
+    answers = generate_answers(model, samples, cfg, device, split)
+    require_text(answers, f"split {split!r}")
+    rows = score(samples, answers, labels, cfg)
     scored = [r for r in rows if r["reference_label"]]
     metrics = classification_metrics([r["reference_label"] for r in scored],
                                      [None if r["answer_label"] == INVALID else r["answer_label"] for r in scored],
                                      labels, n_boot=cfg.eval.bootstrap, majority_label=majority)
-    summary = {"task": "instruct", "run": str(run_dir), "checkpoint": checkpoint_name, "split": split,
+    summary = {"task": "instruct", "run": str(run_dir), "checkpoint": checkpoint_name, "split": split, **source,
                "n_samples": len(rows), "n_without_reference_label": len(rows) - len(scored),
                "generation": {"greedy": True, "max_new_tokens": cfg.task.max_new_tokens},
                "classification": metrics}
     return summary, rows
 
 
-
 def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "best", device=None,
-                 strategy: str | None = None) -> dict:
-    """RUN/eval/<split>/{answers.csv, per_image.csv (id, correct), summary.json}."""
+                 strategy: str | None = None, data_file: str | Path | None = None,
+                 image_root: str | Path | None = None) -> dict:
+    """RUN/eval/<split>/{answers.csv, per_image.csv (id, correct), summary.json}; with ``data_file``, every sample
+    of that file in RUN/eval/data-<its name>/ (the run's own evaluations stay)."""
     from medtune.runs.load import default_device, load_run_model
 
     if strategy is not None:
@@ -250,8 +278,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
     run_dir = Path(run_dir)
     device = device or default_device()
     cfg, model, ckpt = load_run_model(run_dir, checkpoint, device)
-    summary, rows = evaluate_model(model, cfg, run_dir, split, device, ckpt.name)
-    out = run_dir / "eval" / split
+    summary, rows = evaluate_model(model, cfg, run_dir, split, device, ckpt.name, data_file, image_root)
+    out = run_dir / "eval" / summary["split"]
     out.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(out / "answers.csv", rows)
     # the per-sample score, paired by id in `medtune compare`
@@ -263,7 +291,8 @@ def evaluate_run(run_dir: str | Path, split: str = "test", checkpoint: str = "be
 def format_summary(summary: dict) -> str:
     head = (f"{summary['run']}  [{summary['split']}, {summary['n_samples']} samples, checkpoint "
             f"{summary['checkpoint']}, greedy answers]")
-    lines = [head] + format_classification(summary["classification"])
+    lines = [head] + ([f"  data: {summary['data']}"] if summary.get("data") else [])
+    lines += format_classification(summary["classification"])
     if summary.get("n_without_reference_label"):
         lines.append(f"  {summary['n_without_reference_label']} sample(s) whose reference answer names no label were "
                      "not scored")
@@ -300,6 +329,7 @@ def answer_images(run, images: list[Path], question: str, desc: str = "predict")
     samples = [LoadedSample(id=Path(p).stem, image=read_image(Path(p), cfg.data.channels), mask=None, fov=None,
                             conversations=[{"role": "user", "content": text}]) for p in images]
     answers = generate_answers(run.model, samples, cfg, run.device, desc)
+    require_text(answers, desc)
     labels = cfg.task.labels or _evaluated_labels(run.run_dir)
     vocab = answer_vocabulary(labels, cfg.task.synonyms) if labels else None
     return [ImagePrediction(image=s.image, probs=np.zeros((0, *s.image.shape[-2:]), np.float32), answer=a,

@@ -3,7 +3,14 @@ measure the split at 0.5 and at the calibrated threshold.
 
 Writes RUN/eval/<split>/{per_image.csv, summary.json, calibration.json, probs.npz}. Pooled metrics (all test pixels
 inside the FOV, the usual DRIVE protocol) and per-image means with bootstrap CIs are both reported. The task is an
-argument (its ``target_probabilities`` and ``generation_metrics``), so nothing here depends on which task it is.
+argument (its ``target_probabilities``, ``free_generation`` and ``generation_summary``), so nothing here depends on
+which task it is.
+
+Tasks that generate text (the segmenting VLM) are measured twice: teacher-forced (the blocks at the top of
+summary.json, per_image.csv) and in free generation, as `medtune predict` runs them (summary["free_generation"] with
+the same blocks and CIs, per_image_free_generation.csv with each answer). Both use the one threshold calibrated on
+the teacher-forced validation masks: free generation is what is deployed, and calibrating it on its own validation
+answers would fit the threshold to the generation failures of one split.
 """
 from __future__ import annotations
 
@@ -17,11 +24,12 @@ from medtune.atomic import write_csv_atomic, write_json_atomic
 from medtune.calibration import calibrate
 from medtune.config import Config
 from medtune.data.loading import load_all, resample_to_native
-from medtune.data.run_split import RunData, load_split_samples, prepare_split
+from medtune.data.run_split import RunData, external_data, load_split_samples, prepare_split
 from medtune.data.types import LoadedSample
 from medtune.errors import UserError
 from medtune.metrics import image_metrics, pooled_metrics
 from medtune.models.base import SegModel
+from medtune.runs.files import FREE_GENERATION_CSV
 from medtune.runs.load import default_device, load_run_model
 from medtune.stats import aggregate
 from medtune.tasks.base import TargetPrediction, Task
@@ -33,12 +41,14 @@ PER_IMAGE_METRICS = ["dice", "iou", "precision", "recall", "specificity", "accur
 
 
 def predictions(model: SegModel, task: Task, samples: list[LoadedSample], natives: list[LoadedSample], cfg: Config,
-                device, desc: str) -> list[TargetPrediction]:
+                device, desc: str, probabilities=None) -> list[TargetPrediction]:
     """One prediction per target (per image, or per referring expression), at each sample's native resolution
-    (undoing scale normalisation), paired with its native ground truth."""
+    (undoing scale normalisation), paired with its native ground truth. ``probabilities``: (model, sample, cfg,
+    device) -> predictions; the task's teacher-forced ``target_probabilities`` unless given."""
+    probabilities = probabilities or task.target_probabilities
     out = []
     for s, nat in tqdm(list(zip(samples, natives)), desc=desc, unit="img", leave=False):
-        for p in task.target_probabilities(model, s, cfg, device):
+        for p in probabilities(model, s, cfg, device):
             prob = p.prob
             if tuple(prob.shape) != tuple(nat.mask.shape):
                 prob = resample_to_native(prob, nat.mask.shape)
@@ -54,14 +64,19 @@ def native(cfg: Config, data: RunData, split: str, loaded: list[LoadedSample]) -
 
 
 def evaluate_model(model: SegModel, task: Task, cfg: Config, run_dir: Path, split: str = "test", device=None,
-                   strategy: str | None = None, checkpoint_name: str = "-") -> tuple[dict, list[dict], dict, list]:
-    """Calibrate on val, measure `split`. Returns (summary, per-image rows, calibration, probabilities)."""
+                   strategy: str | None = None, checkpoint_name: str = "-", data_file: str | Path | None = None,
+                   image_root: str | Path | None = None) -> tuple[dict, list[dict], dict, list, list[dict]]:
+    """Calibrate on val, measure `split` (or, with ``data_file``, every sample of another data set in the run's
+    layout). Returns (summary, per-image rows, calibration, probabilities, free-generation rows: per target, with the
+    answer; empty unless the task generates text)."""
     device = device or default_device()
     strategy = strategy or cfg.eval.calibration
     data = prepare_split(cfg, run_dir)
-    if not data.split.get(split):
+    if data_file is None and not data.split.get(split):
         raise UserError(f"split '{split}' of {run_dir / 'split.json'} is empty; choose one of "
                         f"{[k for k, v in data.split.items() if v]}")
+    # the other data set is read (and refused, if it must be) before the validation pass
+    external = external_data(cfg, data, data_file, image_root, run_dir) if data_file is not None else None
 
     # 1. threshold from val only
     if task.target_probabilities is None:
@@ -76,9 +91,49 @@ def evaluate_model(model: SegModel, task: Task, cfg: Config, run_dir: Path, spli
         log.warning("no validation images: the calibrated threshold is 0.5")
     threshold = float(calib["threshold"])
 
-    # 2. the split at 0.5 and at the calibrated threshold
+    # 2. the split (or the other data set) at 0.5 and at the calibrated threshold
+    source = {}
+    if external is not None:
+        cfg, data = external
+        split = next(iter(data.split))
+        source = {"data": cfg.data.path}
     test = load_split_samples(cfg, data, split, run_dir)
-    preds = predictions(model, task, test, native(cfg, data, split, test), cfg, device, split)
+    test_natives = native(cfg, data, split, test)
+    preds = predictions(model, task, test, test_natives, cfg, device, split)
+    rows, blocks = scored(preds, threshold, cfg.eval.bootstrap)
+    summary = {
+        "task": task.name, "run": str(run_dir), "checkpoint": checkpoint_name, "split": split, **source,
+        "n_images": len(rows), "threshold": threshold,
+        "calibration": {k: v for k, v in calib.items() if k != "curve"}, **blocks,
+    }
+
+    # 3. text-generating tasks: the same measurement of what prediction does (free generation)
+    free_rows: list[dict] = []
+    if task.free_generation is not None:
+        records: list[dict] = []
+
+        def generated(model, sample, cfg, device):
+            sample_preds, sample_records = task.free_generation(model, sample, cfg, device)
+            records.extend(sample_records)
+            return sample_preds
+
+        free = predictions(model, task, test, test_natives, cfg, device, f"{split} (free generation)", generated)
+        free_rows, free_blocks = scored(free, threshold, cfg.eval.bootstrap)
+        free_rows = [{"id": row["id"], "n_seg": record["n_seg"], "answer": record["answer"], **row}
+                     for row, record in zip(free_rows, records)]
+        summary["free_generation"] = {
+            "n_images": len(free_rows), "threshold": threshold,
+            "threshold_source": "calibrated on the teacher-forced validation masks (as `medtune predict` uses it)",
+            "empty_answer": "a target whose answer holds no segmentation token is scored as an empty mask",
+            **free_blocks}
+        if task.generation_summary is not None:
+            summary["generation"] = task.generation_summary(records, cfg)
+    return summary, rows, calib, [(p.id, p.prob) for p in preds], free_rows
+
+
+def scored(preds: list[TargetPrediction], threshold: float, n_boot: int) -> tuple[list[dict], dict]:
+    """Per-target metric rows at 0.5 and at ``threshold``, and the summary blocks: pooled@t050 / pooled@cal and the
+    per-image means with bootstrap CIs per_image@t050 / per_image@cal."""
     probs, gts, fovs = [p.prob for p in preds], [p.mask for p in preds], [p.fov for p in preds]
     rows = []
     for p in preds:
@@ -87,32 +142,30 @@ def evaluate_model(model: SegModel, task: Task, cfg: Config, run_dir: Path, spli
             m = image_metrics(p.prob, p.mask, p.fov, threshold=thr)
             row.update({f"{k}@{tag}": v for k, v in m.items()})
         rows.append(row)
-
-    generation = task.generation_metrics(model, test, cfg, device) if task.generation_metrics else None
-    summary = {
-        "task": task.name, "run": str(run_dir), "checkpoint": checkpoint_name, "split": split, "n_images": len(rows),
-        "threshold": threshold, "calibration": {k: v for k, v in calib.items() if k != "curve"},
+    blocks = {
         "pooled@t050": pooled_metrics(probs, gts, fovs, threshold=0.5),
         "pooled@cal": pooled_metrics(probs, gts, fovs, threshold=threshold),
         "per_image@t050": aggregate([{k[:-5]: v for k, v in r.items() if k.endswith("@t050")} for r in rows],
-                                    PER_IMAGE_METRICS, n_boot=cfg.eval.bootstrap),
+                                    PER_IMAGE_METRICS, n_boot=n_boot),
         "per_image@cal": aggregate([{k[:-4]: v for k, v in r.items() if k.endswith("@cal")} for r in rows],
-                                   PER_IMAGE_METRICS, n_boot=cfg.eval.bootstrap),
+                                   PER_IMAGE_METRICS, n_boot=n_boot),
     }
-    if generation is not None:
-        summary["generation"] = generation
-    return summary, rows, calib, [(p.id, p.prob) for p in preds]
+    return rows, blocks
 
 
 def evaluate_run(task: Task, run_dir: str | Path, split: str = "test", checkpoint: str = "best", device=None,
-                 strategy: str | None = None) -> dict:
+                 strategy: str | None = None, data_file: str | Path | None = None,
+                 image_root: str | Path | None = None) -> dict:
     run_dir = Path(run_dir)
     device = device or default_device()
     cfg, model, ckpt = load_run_model(run_dir, checkpoint, device)
-    summary, rows, calib, probs = evaluate_model(model, task, cfg, run_dir, split, device, strategy, ckpt.name)
-    out = run_dir / "eval" / split
+    summary, rows, calib, probs, free_rows = evaluate_model(model, task, cfg, run_dir, split, device, strategy,
+                                                            ckpt.name, data_file, image_root)
+    out = run_dir / "eval" / summary["split"]
     out.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(out / "per_image.csv", rows)
+    if free_rows:
+        write_csv_atomic(out / FREE_GENERATION_CSV, free_rows)
     write_json_atomic(out / "summary.json", summary)
     write_json_atomic(out / "calibration.json", calib)
     # probabilities kept (8-bit) so reports and comparisons can draw curves and overlays without re-running
@@ -124,11 +177,32 @@ def evaluate_run(task: Task, run_dir: str | Path, split: str = "test", checkpoin
 
 def format_summary(summary: dict) -> str:
     lines = [f"{summary['run']}  [{summary['split']}, {summary['n_images']} images, checkpoint {summary['checkpoint']}]",
+             *([f"data: {summary['data']}"] if summary.get("data") else []),
              f"calibrated threshold {summary['threshold']:.3f} ({summary['calibration'].get('strategy')}, fitted on val)"]
+    free = summary.get("free_generation")
+    if free:
+        lines.append("  teacher-forced (the training conversation):")
+    lines += _metric_lines(summary, summary["threshold"])
+    gen = summary.get("generation")
+    if free:
+        lines.append("  free generation (what predict does; an answer without a segmentation token = an empty mask, "
+                     "same threshold):")
+        lines += _metric_lines(free, summary["threshold"])
+    if gen:
+        seg = gen["seg_token"]
+        answers = (f"{gen['answers_without_seg_rate']:.1%} of {gen['n_answers']} answers without {seg}; "
+                   if "n_answers" in gen else "")
+        lines.append(f"  generated answers ({gen['n']} images): {answers}images with no {seg} at all "
+                     f"{gen['no_seg_rate']:.1%}, with a wrong {seg} count {gen['wrong_seg_count_rate']:.1%}")
+    return "\n".join(lines)
+
+
+def _metric_lines(blocks: dict, threshold: float) -> list[str]:
+    lines = []
     for tag in ("t050", "cal"):
-        pooled = summary[f"pooled@{tag}"]
-        per = summary[f"per_image@{tag}"]
-        label = "0.5" if tag == "t050" else f"{summary['threshold']:.3f}"
+        pooled = blocks[f"pooled@{tag}"]
+        per = blocks[f"per_image@{tag}"]
+        label = "0.5" if tag == "t050" else f"{threshold:.3f}"
         lines.append(f"  threshold {label}: pooled " + "  ".join(
             f"{k} {pooled[k]:.4f}" for k in ("dice", "iou", "precision", "recall", "specificity", "auc") if k in pooled))
         for k in ("dice", "cldice", "betti0_error", "betti1_error", "hd95"):
@@ -136,8 +210,4 @@ def format_summary(summary: dict) -> str:
                 c = per[k]
                 lines.append(f"      per-image {k:<13} {c['mean']:.4f}  95% CI [{c['lo']:.4f}, {c['hi']:.4f}]"
                              + (f"  ({c['n_nan']} NaN)" if c.get("n_nan") else ""))
-    gen = summary.get("generation")
-    if gen:
-        lines.append(f"  free generation ({gen['n']} images): answers without {gen['seg_token']} "
-                     f"{gen['no_seg_rate']:.1%}, wrong {gen['seg_token']} count {gen['wrong_seg_count_rate']:.1%}")
-    return "\n".join(lines)
+    return lines

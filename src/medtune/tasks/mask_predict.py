@@ -1,5 +1,7 @@
-"""Prediction files of the tasks whose outputs are masks: binary masks, probability maps and overlays as PNG, at the
-run's calibrated threshold (``masks``: one mask per image; ``segvlm``: one mask per [SEG] of the generated answer)."""
+"""Prediction of the tasks whose outputs are masks: one image in memory (``mask_image``, what `medtune app` shows),
+and the files `medtune predict` writes from it: binary masks, probability maps and overlays as PNG, at the run's
+calibrated threshold (``masks``: one mask per image; ``segvlm``, in tasks/segvlm.py: one mask per [SEG] of the
+generated answers)."""
 from __future__ import annotations
 
 import json
@@ -46,7 +48,8 @@ def _scale_target(run: LoadedRun) -> float | None:
     return float(json.loads(scale_file.read_text())["target_fov_diameter"])
 
 
-def _read(run: LoadedRun, path: Path, **kwargs):
+def read_input(run: LoadedRun, path: Path, **kwargs):
+    """One image to predict on, read as the run's training data were (FOV, 16-bit scaling); DataError when missing."""
     if not Path(path).is_file():
         raise DataError(f"{path}: no such image file")
     use_recorded_image_max(run.cfg, run.run_dir)  # 16-bit images scaled like the training data
@@ -58,7 +61,7 @@ def mask_image(run: LoadedRun, path: Path, req: PredictRequest) -> ImagePredicti
     cfg, model, device, box = run.cfg, run.model, run.device, req.box
     if cfg.model.prompt == "box" and box is None:
         raise DataError("this run was trained with box prompts: pass --box x1,y1,x2,y2 (pixels of the input image)")
-    sample = _read(run, path)
+    sample = read_input(run, path)
     image, fov = sample.image, sample.fov
     if box is not None:  # inference takes the prompt box from the "mask"'s bounding box
         x1, y1, x2, y2 = (int(round(v)) for v in box)
@@ -69,7 +72,7 @@ def mask_image(run: LoadedRun, path: Path, req: PredictRequest) -> ImagePredicti
     target_diameter = _scale_target(run)
     if target_diameter is not None and not uses_whole_image(cfg):
         # the model learned vessel widths at the training scale: resample like training, map back
-        scaled = _read(run, path, scale=target_diameter / max(fov_diameter(fov), 1.0))
+        scaled = read_input(run, path, scale=target_diameter / max(fov_diameter(fov), 1.0))
         prob = resample_to_native(predict_prob(model, scaled, cfg, device), fov.shape) * fov
     else:
         prob = predict_prob(model, sample, cfg, device) * fov
@@ -80,7 +83,7 @@ def mask_prompt_option(cfg) -> str | None:
     return "box" if cfg.model.prompt == "box" else None
 
 
-def _write_maps(stem: str, image: np.ndarray, prob: np.ndarray, thr: float) -> Path:
+def write_maps(stem: str, image: np.ndarray, prob: np.ndarray, thr: float) -> Path:
     binary = (prob >= thr).astype(np.uint8)
     Image.fromarray(binary * 255).save(f"{stem}_mask.png")
     Image.fromarray((prob * 255).round().astype(np.uint8)).save(f"{stem}_prob.png")
@@ -99,78 +102,10 @@ def predict_masks(req: PredictRequest) -> list[str]:
     written = []
     for path in tqdm([Path(p) for p in req.images], desc="predict", unit="img"):
         pred = mask_image(run, path, req)
-        written.append(_write_maps(str(req.out_dir / path.stem), pred.image, pred.probs[0], thr))
+        written.append(write_maps(str(req.out_dir / path.stem), pred.image, pred.probs[0], thr))
     (req.out_dir / "predict.json").write_text(json.dumps({
         "run": str(req.run_dir), "threshold": thr, "threshold_source": source,
         "images": [str(p) for p in req.images]}, indent=2))
     return [f"{len(written)} masks (+ probability maps, overlays) written to {req.out_dir} (threshold {thr:.3f}: "
             f"{source})"]
 
-
-def generated_masks(model, cfg, image: np.ndarray, question: str, device) -> tuple[str, np.ndarray]:
-    """(answer, probabilities [K, H, W] at the image's resolution): greedy generation, then one mask per [SEG] of
-    the generated answer, decoded from the hidden states of a forward over the generated sequence."""
-    import torch
-    import torch.nn.functional as F
-
-    size = int(cfg.data.patch_size)
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
-    h, w = x.shape[-2:]
-    resized = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    with torch.no_grad():  # inference: the model's own mask forward is differentiable for training's sake
-        answer, logits = model.generate_masks(resized, question, max_new_tokens=cfg.task.max_new_tokens)
-    if logits.shape[0] == 0:
-        return answer, np.zeros((0, h, w), dtype=np.float32)
-    logits = F.interpolate(logits[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
-    return answer, torch.sigmoid(logits).cpu().numpy()
-
-
-def segvlm_question(cfg, prompt: str | None) -> str:
-    """The request a segmenting VLM is asked: the given prompt, else the run's task.prompt."""
-    if prompt is not None and not prompt.strip():
-        raise DataError("the prompt is empty: type what to segment (e.g. 'Please segment the lesion.')")
-    return prompt or cfg.task.prompt.format(class_name=cfg.task.class_name)
-
-
-def segvlm_image(run: LoadedRun, path: Path, req: PredictRequest) -> ImagePrediction:
-    """A segmenting VLM's answer for one image and one probability map per [SEG] in it (probs [K, H, W])."""
-    sample = _read(run, path)
-    answer, probs = generated_masks(run.model, run.cfg, sample.image, segvlm_question(run.cfg, req.prompt),
-                                    run.device)
-    # as for the other families: nothing outside the field of view
-    return ImagePrediction(image=sample.image, probs=(probs * sample.fov).astype(np.float32), answer=answer)
-
-
-def segvlm_prompt_option(cfg) -> str:
-    return "prompt"
-
-
-def predict_segvlm(req: PredictRequest) -> list[str]:
-    """Generated answers with one mask per [SEG] (task ``segvlm``): `STEM_answer.txt`,
-    `STEM_seg{k}_{mask,prob,overlay}.png`, and predict.json listing every answer and the images whose answer held no
-    [SEG]."""
-    req.refuse("segmenting VLM", box="box-prompted mask runs", question="instruction-tuned VLM runs (family vlm)")
-    run_dir, out_dir = req.run_dir, req.out_dir
-    run = load_run(run_dir, req.checkpoint)
-    thr, source = (req.threshold, "given") if req.threshold is not None else calibrated_threshold(run_dir)
-    question = segvlm_question(run.cfg, req.prompt)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written, answers, without_seg = [], {}, []
-    for path in tqdm([Path(p) for p in req.images], desc="predict", unit="img"):
-        pred = segvlm_image(run, path, req)
-        answers[str(path)] = pred.answer
-        stem = out_dir / path.stem
-        Path(f"{stem}_answer.txt").write_text(pred.answer + "\n")
-        if pred.probs.shape[0] == 0:
-            without_seg.append(str(path))
-        for k, prob in enumerate(pred.probs):
-            written.append(_write_maps(f"{stem}_seg{k}", pred.image, prob, thr))
-    if without_seg:
-        log.warning("%d of %d answers hold no %s, so no mask: %s", len(without_seg), len(answers),
-                    run.cfg.model.vlm.seg_token, without_seg[:5])
-    (out_dir / "predict.json").write_text(json.dumps({
-        "run": str(run_dir), "question": question, "threshold": thr, "threshold_source": source,
-        "answers": answers, "answers_without_seg": without_seg,
-        "no_seg_rate": len(without_seg) / max(len(answers), 1)}, indent=2))
-    return [f"{path}: {answer}" for path, answer in answers.items()] + [
-        f"{len(written)} masks (+ probability maps, overlays) written to {out_dir} (threshold {thr:.3f}: {source})"]

@@ -53,8 +53,8 @@ def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict[str, f
 
 # ---- after training: shared by every task whose outputs are masks (segvlm takes these too) --------------------------
 def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", device=None,
-                 strategy: str | None = None) -> dict:
-    return mask_eval.evaluate_run(TASK, run_dir, split, checkpoint, device, strategy)
+                 strategy: str | None = None, data_file=None, image_root=None) -> dict:
+    return mask_eval.evaluate_run(TASK, run_dir, split, checkpoint, device, strategy, data_file, image_root)
 
 
 def write_report(run_dir: Path, split: str = "test") -> Path:

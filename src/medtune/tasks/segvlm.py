@@ -1,19 +1,38 @@
 """Task ``segvlm``: a vision-language model answers a question about the image, and each ``[SEG]`` token of its
 answer becomes a mask (Sa2VA / LISA style).
 
-Training is teacher-forced: the question (the referring expression, or ``task.prompt`` with ``task.class_name`` for
-data without text) and the answer (``task.answer``, "It is [SEG].", once per target) are tokenised by the model's
-own text codec, and one forward gives the answer's LM loss and one mask per ``[SEG]``. The loss is ComboLoss on the
-masks (default BCE 2 / Dice 0.5, as Sa2VA and LISA use: ``config.SEGVLM_LOSS``, unless the config sets ``loss``)
-+ ``task.lm_weight`` x the LM cross-entropy on the answer tokens. Evaluation uses the same teacher-forced prompt,
-so the masks are probabilities and calibration, metrics, CIs, reports and compare work as for the other families.
+Training is teacher-forced: one user turn per target (``task.prompt`` with the target's referring expression, or
+with ``task.class_name`` for data without text), each answered by ``task.answer`` ("It is [SEG]."), the image in
+the first turn only, as Sa2VA's training data put several expressions of one image; the model's own text codec
+tokenises the conversation, and one forward gives the answers' LM loss and one mask per ``[SEG]``. The loss is
+ComboLoss on the masks (default BCE 2 / Dice 0.5, as Sa2VA and LISA use: ``config.SEGVLM_LOSS``, unless the config
+sets ``loss``) + ``task.lm_weight`` x the LM cross-entropy on the answer tokens.
+
+Evaluation measures both: the teacher-forced conversation (``target_probabilities``: the masks are probabilities,
+so calibration, metrics, CIs, reports and compare work as for the other families) and free generation
+(``free_generation``: what ``medtune predict`` does; the model answers each turn itself, and a target whose answer
+holds no ``[SEG]`` is scored as an empty mask).
+
+Images reach the model at their own resolution: the model's ``prepare`` makes the SAM input (PIL bicubic uint8 to
+1024) and the VLM tiles (InternVL's dynamic tiling where the VLM uses it; the prompt gets each image's number of
+tiles) from the sample's pixels, never from a copy shrunk to ``data.patch_size``. Batches hold them as uint8
+tensors (``sam_image`` stacked, ``vlm_tiles`` concatenated). Masks and losses are computed at ``data.patch_size``
+x ``data.patch_size`` (the whole image, squared like SAM's input; Sa2VA computes its loss on the 256 x 256 low-res
+logits against the ground truth resized to them: ``data.patch_size=256`` is that); evaluation and prediction
+upsample the logits to each image's own size as Sa2VA does (256 -> 1024 -> H x W).
 """
 from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from medtune.config import Config
 from medtune.data.augment import Augmentation
@@ -21,44 +40,64 @@ from medtune.data.datasets import loss_region
 from medtune.data.types import DataError, LoadedSample
 from medtune.errors import UserError
 from medtune.losses import ComboLoss
+from medtune.runs.load import load_run
 from medtune.tasks import mask_eval, mask_predict, masks
-from medtune.tasks.base import LossFn, TargetPrediction, Task
+from medtune.tasks.base import ImagePrediction, LossFn, PredictRequest, TargetPrediction, Task
 from medtune.tasks.masks import pooled_validation
 
+log = logging.getLogger("medtune")
+
 IGNORE_INDEX = -100
+EXAMPLES_KEPT = 5  # generated conversations kept in summary.json to read
 
 
-def conversation(sample_texts: list[str | None], cfg: Config) -> tuple[str, str]:
-    """(question, answer) for one image's K targets: one request and one "[SEG]" answer per target, in order."""
-    questions, answers = [], []
-    for text in sample_texts:
-        questions.append(cfg.task.prompt.format(class_name=text if text is not None else cfg.task.class_name))
-        answers.append(cfg.task.answer)
-    return " ".join(questions), " ".join(answers)
+# an article right before {class_name} in task.prompt ("Please segment the {class_name} ..."), and one at the start
+# of a referring expression ("the larger lesion"): together they would read "segment the the larger lesion"
+_PROMPT_ARTICLE = re.compile(r"\b(?:the|a|an)\s+(?=\{class_name\})", re.IGNORECASE)
+_LEADING_ARTICLE = re.compile(r"^(?:the|a|an)\s", re.IGNORECASE)
 
 
-def _resize(image: np.ndarray, labels: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    img = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
-    img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-    lab = torch.from_numpy(labels.astype(np.float32))[None]
-    lab = F.interpolate(lab, size=(size, size), mode="nearest-exact")[0]
-    return img.clamp(0.0, 1.0), lab
+def question(text: str | None, cfg: Config) -> str:
+    """The request for one target: ``task.prompt`` with the referring expression (``task.class_name`` when the
+    target has none). An expression that brings its own article replaces the prompt's ("the larger lesion", not
+    "the the larger lesion"); a final full stop is dropped, as Sa2VA does, since the prompt goes on after it."""
+    name = (text if text is not None else cfg.task.class_name).strip()
+    name = name[:-1].rstrip() if name.endswith(".") else name
+    template = _PROMPT_ARTICLE.sub("", cfg.task.prompt) if _LEADING_ARTICLE.match(name) else cfg.task.prompt
+    return template.format(class_name=name)
+
+
+def conversation(sample_texts: list[str | None], cfg: Config) -> tuple[list[str], list[str]]:
+    """(questions, answers) for one image's K targets: one user turn per target, in order, each answered by
+    ``task.answer``. The codec puts the image in the first turn only."""
+    return [question(text, cfg) for text in sample_texts], [cfg.task.answer] * len(sample_texts)
+
+
+def _resize_labels(labels: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+    """Masks [K, H, W] -> float [K, size, size] (nearest): the resolution masks and losses are computed at."""
+    lab = labels if torch.is_tensor(labels) else torch.from_numpy(labels.astype(np.float32))
+    return F.interpolate(lab.float()[None], size=(size, size), mode="nearest-exact")[0]
 
 
 class SegVLMDataset(Dataset):
-    """Whole images resized to ``data.patch_size`` with their K target masks and the tokenised conversation, keyed
-    by ``(index, epoch)`` like the mask datasets so a resumed run replays the same batches.
+    """Whole images, prepared by the model from their original resolution (``sam_image``, ``vlm_tiles``), with
+    their K target masks at ``data.patch_size`` and the tokenised conversation, keyed by ``(index, epoch)`` like the
+    mask datasets so a resumed run replays the same batches.
 
-    Spatial augmentation runs only for class prompts: a flip would turn "the left vessel" into a wrong answer."""
+    Spatial augmentation runs only for class prompts: a flip would turn "the left vessel" into a wrong answer. It
+    runs at the image's resolution (before the model's preprocessing); it keeps the image's size, so the number of
+    tiles and the prompt do not change."""
 
-    def __init__(self, samples: list[LoadedSample], cfg: Config, codec):
+    def __init__(self, samples: list[LoadedSample], cfg: Config, codec, prepare):
         if not samples:
             raise UserError("the segvlm task needs at least one training sample")
         self.samples, self.cfg, self.codec = samples, cfg, codec
+        self.prepare = prepare  # the model's image preparation (SegVLMModel.image_prep: picklable)
         self.size = int(cfg.data.patch_size)
         self.seed = int(cfg.run.seed)
         self._augment = Augmentation(cfg.data.augment)
-        self._encoded = [encode_sample(s, cfg, codec) for s in samples]  # fails now, naming the sample
+        self._encoded = [encode_sample(s, cfg, codec, _num_tiles(prepare, s))
+                         for s in samples]  # fails now, naming the sample
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -69,29 +108,35 @@ class SegVLMDataset(Dataset):
         ls = self.samples[int(index) % len(self.samples)]
         targets = ls.target_masks()
         region = loss_region(ls.fov, ls.mask)  # training only: annotated foreground is in view by definition
-        image, labels = _resize(ls.image, np.concatenate([targets, region[None]]), self.size)
-        mask, fov = labels[:-1], labels[-1:]
+        image = torch.from_numpy(np.ascontiguousarray(ls.image, dtype=np.float32))
+        mask = torch.from_numpy(targets.astype(np.float32))
+        fov = torch.from_numpy(region[None].astype(np.float32))
         if all(t is None for t in ls.target_texts()):
             image, mask, fov = self._augment(image, mask, fov, rng)
-        return {"id": ls.id, "image": image.float().clamp(0.0, 1.0).contiguous(),
-                "mask": (mask > 0.5).float().contiguous(), "fov": (fov > 0.5).float().contiguous(),
+        return {"id": ls.id, **self.prepare(image.clamp(0.0, 1.0)),
+                "mask": (_resize_labels(mask, self.size) > 0.5).float().contiguous(),
+                "fov": (_resize_labels(fov, self.size) > 0.5).float().contiguous(),
                 "pad_token_id": self.codec.pad_token_id, **self._encoded[int(index) % len(self.samples)]}
 
 
-def encode_sample(ls: LoadedSample, cfg: Config, codec) -> dict[str, torch.Tensor]:
-    question, answer = conversation(ls.target_texts(), cfg)
-    enc = codec.encode(question, answer)
+def _num_tiles(prepare, ls: LoadedSample) -> int:
+    return prepare.num_tiles(*ls.image.shape[-2:])
+
+
+def encode_sample(ls: LoadedSample, cfg: Config, codec, num_tiles: int = 1) -> dict[str, torch.Tensor]:
+    questions, answers = conversation(ls.target_texts(), cfg)
+    enc = codec.encode(questions, answers, num_tiles=num_tiles)
     n_seg = int((enc["input_ids"] == codec.seg_token_id).sum())
     k = len(ls.target_texts())
     if n_seg != k:
-        raise DataError(f"sample {ls.id}: the target answer {answer!r} holds {n_seg} {cfg.model.vlm.seg_token} "
-                        f"token(s) for {k} target mask(s); task.answer must contain {cfg.model.vlm.seg_token} "
-                        "exactly once (it is repeated once per target)")
+        raise DataError(f"sample {ls.id}: the target answer {cfg.task.answer!r} (one per target) holds {n_seg} "
+                        f"{cfg.model.vlm.seg_token} token(s) for {k} target mask(s) in all; task.answer must contain "
+                        f"{cfg.model.vlm.seg_token} exactly once (it answers each target's turn)")
     return enc
 
 
 def train_dataset(samples: list[LoadedSample], cfg: Config, model) -> SegVLMDataset:
-    return SegVLMDataset(samples, cfg, model.text_codec())
+    return SegVLMDataset(samples, cfg, model.text_codec(), model.image_prep)
 
 
 def make_collate(pad_token_id: int):
@@ -99,10 +144,13 @@ def make_collate(pad_token_id: int):
         b = len(items)
         t = max(int(it["input_ids"].shape[0]) for it in items)
         k = max(int(it["mask"].shape[0]) for it in items)
-        size = items[0]["image"].shape[-2:]
+        size = items[0]["mask"].shape[-2:]
         batch = {
             "ids": [it["id"] for it in items],
-            "image": torch.stack([it["image"] for it in items]),
+            # images as the model prepared them (uint8): SAM inputs stacked, every image's VLM tiles in order
+            "sam_image": torch.stack([it["sam_image"] for it in items]),
+            "vlm_tiles": torch.cat([it["vlm_tiles"] for it in items]),
+            "image_size": torch.stack([it["image_size"] for it in items]),
             "fov": torch.stack([it["fov"] for it in items]),
             "mask": torch.zeros(b, k, *size),
             "target_valid": torch.zeros(b, k, dtype=torch.bool),
@@ -160,51 +208,76 @@ def make_loss(cfg: Config) -> LossFn:
 
 @torch.no_grad()
 def target_probabilities(model, sample: LoadedSample, cfg: Config, device) -> list[TargetPrediction]:
-    """Teacher-forced masks for every target of one image (the training prompt and answer), upsampled to the
-    sample's resolution."""
+    """Teacher-forced masks for every target of one image (the training prompt and answer), from the image at its
+    own resolution, at the sample's resolution (the model upsamples as Sa2VA does: 256 -> 1024 -> H x W)."""
     codec = model.text_codec()
-    size = int(cfg.data.patch_size)
     targets = sample.target_masks()
-    image, _ = _resize(sample.image, targets[:1], size)
-    item = {"id": sample.id, "pad_token_id": codec.pad_token_id, "image": image,
-            "mask": torch.zeros(targets.shape[0], size, size), "fov": torch.ones(1, size, size),
-            **encode_sample(sample, cfg, codec)}
+    h, w = sample.mask.shape
+    item = {"id": sample.id, "pad_token_id": codec.pad_token_id, **model.prepare(sample.image),
+            "mask": torch.zeros(targets.shape[0], 1, 1), "fov": torch.ones(1, 1, 1),
+            **encode_sample(sample, cfg, codec, model.num_tiles(h, w))}
     batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate([item]).items()}
+    batch["output_size"] = (h, w)
     was_training = model.training
     model.eval()
     try:
         out = model(batch=batch)
     finally:
         model.train(was_training)
-    h, w = sample.mask.shape
-    logits = F.interpolate(out.mask_logits[:, : targets.shape[0]].float(), size=(h, w), mode="bilinear",
-                           align_corners=False)
-    probs = torch.sigmoid(logits)[0].cpu().numpy()
+    probs = torch.sigmoid(out.mask_logits[:, : targets.shape[0]].float())[0].cpu().numpy()
     multi = sample.targets is not None
     return [TargetPrediction(f"{sample.id}#{k}" if multi else sample.id, probs[k], targets[k], sample.fov, sample,
                              k if multi else None) for k in range(targets.shape[0])]
 
 
 @torch.no_grad()
-def generation_metrics(model, samples: list[LoadedSample], cfg: Config, device) -> dict:
-    """Free generation on the split (greedy, the training question): how often the answer holds no [SEG] at all
-    (the most common complaint after fine-tuning a LISA/Sa2VA model) or a wrong number of them."""
-    codec = model.text_codec()
-    size = int(cfg.data.patch_size)
-    no_seg = wrong_count = 0
-    examples = []
-    for s in samples:
-        question, _ = conversation(s.target_texts(), cfg)
-        image, _ = _resize(s.image, s.fov[None], size)
-        answer, logits = model.generate_masks(image[None].to(device), question, max_new_tokens=cfg.task.max_new_tokens)
-        k = int(logits.shape[0])
-        no_seg += k == 0
-        wrong_count += k != len(s.target_texts())
-        if len(examples) < 5:
-            examples.append({"id": s.id, "question": question, "answer": answer})
-    n = max(len(samples), 1)
-    return {"n": len(samples), "no_seg_rate": no_seg / n, "wrong_seg_count_rate": wrong_count / n,
-            "seg_token": codec.decode([codec.seg_token_id]), "examples": examples}
+def free_generation(model, sample: LoadedSample, cfg: Config, device) -> tuple[list[TargetPrediction], list[dict]]:
+    """What ``medtune predict`` does, scored: the model answers the conversation's questions itself (greedy, turn by
+    turn, each answer kept in the history); target k's mask is the first [SEG] of answer k, and an answer without
+    [SEG] is an empty mask (probability 0 everywhere), scored against the target like any other prediction.
+    Returns the predictions (ids as ``target_probabilities``) and one record per answer (question, answer, its
+    [SEG] count)."""
+    targets = sample.target_masks()
+    questions, _ = conversation(sample.target_texts(), cfg)
+    image = torch.from_numpy(np.ascontiguousarray(sample.image, dtype=np.float32))  # its own resolution
+    was_training = model.training
+    model.eval()
+    try:
+        answers, masks = model.generate_turns(image[None].to(device), questions,
+                                              max_new_tokens=cfg.task.max_new_tokens)
+    finally:
+        model.train(was_training)
+    h, w = sample.mask.shape
+    multi = sample.targets is not None
+    preds, records = [], []
+    for k, (answer, logits) in enumerate(zip(answers, masks)):
+        if logits.shape[0]:  # the model returns the logits at the image's own size
+            prob = torch.sigmoid(logits[0].float()).cpu().numpy()
+        else:
+            prob = np.zeros((h, w), dtype=np.float32)
+        pid = f"{sample.id}#{k}" if multi else sample.id
+        preds.append(TargetPrediction(pid, prob, targets[k], sample.fov, sample, k if multi else None))
+        records.append({"id": pid, "sample": sample.id, "question": questions[k], "answer": answer,
+                        "n_seg": int(logits.shape[0])})
+    return preds, records
+
+
+def generation_summary(records: list[dict], cfg: Config) -> dict:
+    """Answer statistics of free generation over a split's images (records from ``free_generation``): how often an
+    image's answers hold no [SEG] at all (the most common complaint after fine-tuning a LISA/Sa2VA model), and how
+    often an image has an answer with other than exactly one."""
+    by_image: dict[str, list[dict]] = {}
+    for r in records:
+        by_image.setdefault(r["sample"], []).append(r)
+    n = max(len(by_image), 1)
+    no_seg = sum(all(r["n_seg"] == 0 for r in rs) for rs in by_image.values())
+    wrong = sum(any(r["n_seg"] != 1 for r in rs) for rs in by_image.values())
+    examples = [{"id": sid, "questions": [r["question"] for r in rs], "answers": [r["answer"] for r in rs]}
+                for sid, rs in list(by_image.items())[:EXAMPLES_KEPT]]
+    return {"n": len(by_image), "n_answers": len(records), "no_seg_rate": no_seg / n,
+            "wrong_seg_count_rate": wrong / n,
+            "answers_without_seg_rate": sum(r["n_seg"] == 0 for r in records) / max(len(records), 1),
+            "seg_token": cfg.model.vlm.seg_token, "max_new_tokens": cfg.task.max_new_tokens, "examples": examples}
 
 
 def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict[str, float]:
@@ -216,9 +289,92 @@ def collate(items: list[dict]) -> dict:
     return make_collate(int(items[0]["pad_token_id"]))(items)
 
 
+# ---- prediction (`medtune predict`) ----------------------------------------------------------------------------------
+def generated_masks(model, cfg, image: np.ndarray, questions: list[str], device
+                    ) -> tuple[list[str], list[np.ndarray]]:
+    """(answers, per answer the probabilities [K_k, H, W] at the image's resolution): greedy generation turn by turn
+    (one question per turn, the image in the first), then one mask per [SEG] of the generated answers, decoded from
+    the hidden states of a forward over the generated conversation. The model preprocesses the image at its own
+    resolution and returns the logits at it."""
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
+    with torch.no_grad():  # inference: the model's own mask forward is differentiable for training's sake
+        answers, logits = model.generate_turns(x, questions, max_new_tokens=cfg.task.max_new_tokens)
+    return answers, [torch.sigmoid(turn.float()).cpu().numpy() for turn in logits]
+
+
+def prompt_questions(prompt: str | list[str] | None, cfg: Config) -> list[str]:
+    """The requests asked, one turn each: the given prompt(s), else the run's task.prompt with task.class_name. An
+    empty request is refused (a model asked nothing answers anything)."""
+    if prompt is None:
+        return [question(None, cfg)]
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(p.strip() for p in prompts):
+        raise DataError("the prompt is empty: type what to segment (e.g. 'Please segment the lesion.')")
+    return prompts
+
+
+def segvlm_image(run, path: Path, req: PredictRequest) -> ImagePrediction:
+    """One image's conversation (``req.prompt``: one turn per request) and one probability map per [SEG] of the
+    answers, in order over the turns (probs [K, H, W] at the image's resolution, zero outside the field of view);
+    ``run`` is a ``LoadedRun``. `medtune predict` writes it to files, `medtune app` shows it."""
+    questions = prompt_questions(req.prompt, run.cfg)
+    sample = mask_predict.read_input(run, path)
+    answers, turn_probs = generated_masks(run.model, run.cfg, sample.image, questions, run.device)
+    h, w = sample.image.shape[-2:]
+    probs = np.concatenate([p.reshape(-1, h, w) for p in turn_probs]) if turn_probs else np.zeros((0, h, w))
+    return ImagePrediction(image=sample.image, probs=(probs * sample.fov).astype(np.float32),  # nothing outside FOV
+                           answer="\n".join(answers),
+                           turns=[(q, a, p.shape[0]) for q, a, p in zip(questions, answers, turn_probs)])
+
+
+def segvlm_prompt_option(cfg: Config) -> str:
+    return "prompt"
+
+
+def predict_segvlm(req: PredictRequest) -> list[str]:
+    """Generated answers with one mask per [SEG] (task ``segvlm``): `STEM_answer.txt`,
+    `STEM_seg{k}_{mask,prob,overlay}.png` (k counts the [SEG] of all answers in order), and predict.json listing
+    every answer and the images whose answers held no [SEG]. Several prompts (``--prompt`` repeated) are asked in
+    one conversation, one turn each (as the model was trained on several referring expressions of one image)."""
+    req.refuse("segmenting VLM", box="box-prompted mask runs", question="instruction-tuned VLM runs (family vlm)")
+    run_dir, out_dir = Path(req.run_dir), Path(req.out_dir)
+    run = load_run(run_dir, req.checkpoint)
+    thr, source = (req.threshold, "given") if req.threshold is not None else mask_predict.calibrated_threshold(run_dir)
+    questions = prompt_questions(req.prompt, run.cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, answers, turns, without_seg = [], {}, {}, []
+    for path in tqdm([Path(p) for p in req.images], desc="predict", unit="img"):
+        pred = segvlm_image(run, path, req)
+        answers[str(path)] = pred.answer
+        stem = out_dir / path.stem
+        Path(f"{stem}_answer.txt").write_text(pred.answer + "\n")
+        k = 0
+        turns[str(path)] = []
+        for q, answer, n_maps in pred.turns:
+            files = []
+            for prob in pred.probs[k:k + n_maps]:
+                written.append(mask_predict.write_maps(f"{stem}_seg{k}", pred.image, prob, thr))
+                files.append(f"{path.stem}_seg{k}_mask.png")
+                k += 1
+            turns[str(path)].append({"question": q, "answer": answer, "masks": files})
+        if k == 0:
+            without_seg.append(str(path))
+    if without_seg:
+        log.warning("%d of %d images got answers without %s, so no mask: %s", len(without_seg), len(answers),
+                    run.cfg.model.vlm.seg_token, without_seg[:5])
+    (out_dir / "predict.json").write_text(json.dumps({
+        "run": str(run_dir), "question": questions[0] if len(questions) == 1 else questions, "threshold": thr,
+        "threshold_source": source, "answers": answers, "turns": turns, "answers_without_seg": without_seg,
+        "no_seg_rate": len(without_seg) / max(len(answers), 1)}, indent=2))
+    return [f"{path}: {answer}" for path, answer in answers.items()] + [
+        f"{len(written)} masks (+ probability maps, overlays) written to {out_dir} (threshold {thr:.3f}: {source})"]
+
+
 def evaluate_run(run_dir, split: str = "test", checkpoint: str = "best", device=None,
-                 strategy: str | None = None) -> dict:
-    return mask_eval.evaluate_run(TASK, run_dir, split, checkpoint, device, strategy)
+                 strategy: str | None = None, data_file=None, image_root=None) -> dict:
+    return mask_eval.evaluate_run(TASK, run_dir, split, checkpoint, device, strategy, data_file, image_root)
 
 
 TASK = Task(
@@ -229,13 +385,14 @@ TASK = Task(
     selection_metric="val_dice",
     evaluate_run=evaluate_run,
     format_summary=mask_eval.format_summary,
-    predict=mask_predict.predict_segvlm,
-    predict_image=mask_predict.segvlm_image,
-    prompt_option=mask_predict.segvlm_prompt_option,
+    predict=predict_segvlm,
+    predict_image=segvlm_image,
+    prompt_option=segvlm_prompt_option,
     write_report=masks.write_report,
     compare=masks.compare,
     collate=collate,
     target_probabilities=target_probabilities,
     mask_targets=mask_targets,
-    generation_metrics=generation_metrics,
+    free_generation=free_generation,
+    generation_summary=generation_summary,
 )

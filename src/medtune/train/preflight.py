@@ -58,6 +58,12 @@ def _fingerprint(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([flat.sum(), (flat * weights).sum(), flat.abs().max() if flat.numel() else flat.sum()]).cpu()
 
 
+def _selected_by_prediction(model: nn.Module) -> str | None:
+    base = getattr(model, "module", model)  # DDP / accelerate wrappers
+    hook = getattr(base, "selected_by_prediction", None)
+    return hook() if callable(hook) else None
+
+
 def _fail(report: PreflightReport, what: str, names: list[str]) -> None:
     shown = ", ".join(names[:20]) + (f" ... (+{len(names) - 20} more)" if len(names) > 20 else "")
     raise PreflightError(f"preflight failed: {what}: {shown}\n{USUAL_CAUSES}")
@@ -77,6 +83,10 @@ def run_preflight(
     frozen = [(n, p) for n, p in named if not p.requires_grad]
     report.n_trainable, report.n_frozen = len(trainable), len(frozen)
     report.n_trainable_params = sum(p.numel() for _, p in trainable)
+    # parameters that reach the loss only when the model's own prediction selects them (a segmenting VLM's best-IoU
+    # mask heads): a few steps may never pick one, which is not a bug; they still must receive a (zero) gradient
+    selected = _selected_by_prediction(model)
+    may_be_zero = {n for n, _ in trainable if selected and re.search(selected, n)}
 
     # 1. the optimizer holds exactly the trainable set
     if not trainable:
@@ -141,7 +151,7 @@ def run_preflight(
         if nonfinite:
             _fail(report, "trainable tensors with non-finite gradients", nonfinite)
         zero = [n for n, p in trainable if not p.grad.detach().abs().sum() > 0]
-        dead_now = [n for n in zero if not _LORA_A.search(n + ".")]
+        dead_now = [n for n in zero if not _LORA_A.search(n + ".") and n not in may_be_zero]
         if dead_now:
             _fail(report, "trainable tensors whose gradient is exactly zero (dead)", dead_now)
         report.zero_grad_first_step = zero
@@ -158,10 +168,10 @@ def run_preflight(
             ever_nonzero |= {n for n, p in trainable if p.grad is not None and p.grad.detach().abs().sum() > 0}
             optimizer.step()
         report.steps = max(1, steps)
-        still_dead = [n for n, _ in trainable if n not in ever_nonzero]
+        still_dead = [n for n, _ in trainable if n not in ever_nonzero and n not in may_be_zero]
         if still_dead:
             _fail(report, f"trainable tensors with zero gradient on all {report.steps} preflight steps (dead)", still_dead)
-        unchanged = [n for n, p in trainable if torch.equal(p.detach(), model_state[n])]
+        unchanged = [n for n, p in trainable if torch.equal(p.detach(), model_state[n]) and n not in may_be_zero]
         if unchanged:
             _fail(report, f"trainable tensors unchanged after {report.steps} optimizer steps", unchanged)
         moved = [

@@ -200,17 +200,34 @@ def rl_loss(logits, roll: dict, cfg: Config, combo: ComboLoss | None):
 
 DROPOUT_LAYERS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
                   torch.nn.FeatureAlphaDropout)
+# transformers' modules also drop functionally, in training mode only, with a float probability kept on the module
+# (attention: `dropout=0.0 if not self.training else self.attention_dropout`; stochastic depth: `drop_prob`), which
+# the module types above do not catch: these are the attribute names its models use
+FUNCTIONAL_DROPOUT_ATTRS = ("attention_dropout", "dropout", "dropout_p", "dropout_prob", "attn_drop", "attn_dropout",
+                            "drop_prob")
 
 
 def disable_dropout(model: torch.nn.Module, cfg: Config) -> None:
     """The PPO ratio compares later forwards with the sampling forward of the same weights: with dropout on (the
-    adapter's lora.dropout included) each forward draws its own mask and the ratio drifts with unchanged weights."""
+    adapter's lora.dropout included) each forward draws its own mask and the ratio drifts with unchanged weights.
+    Both RL recipes (masks, answers) call this on the built model before any forward."""
     active = [m for m in model.modules() if isinstance(m, DROPOUT_LAYERS) and m.p > 0]
     for m in active:
         m.p = 0.0
-    if active:
-        log.info("RL: dropout off in %d modules (lora.dropout=%s not used): rollouts and updates must see the same "
-                 "policy", len(active), cfg.lora.dropout)
+    functional = 0
+    for m in model.modules():
+        for attr in FUNCTIONAL_DROPOUT_ATTRS:
+            value = getattr(m, attr, None)
+            if isinstance(value, float) and value > 0:  # a module (nn.Dropout) under that name is handled above
+                setattr(m, attr, 0.0)
+                functional += 1
+        config = getattr(m, "config", None)  # a few read it from the config at forward time
+        if isinstance(getattr(config, "attention_dropout", None), float) and config.attention_dropout > 0:
+            config.attention_dropout = 0.0
+            functional += 1
+    if active or functional:
+        log.info("RL: dropout off in %d modules and %d functional dropout settings (lora.dropout=%s not used): "
+                 "rollouts and updates must see the same policy", len(active), functional, cfg.lora.dropout)
 
 
 def reward_weights(cfg: Config) -> dict[str, float]:
@@ -311,7 +328,8 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
     while state.step < cfg.optim.max_steps:
         model.train()
         batch = batch_to(next(stream), device)
-        with books.counting_flops(batch["image"].shape[0]):  # the whole iteration: rollout + inner_epochs updates
+        n_images = len(batch["ids"]) if "ids" in batch else batch["image"].shape[0]  # segvlm: prepared images
+        with books.counting_flops(n_images):  # the whole iteration: rollout + inner_epochs updates
             roll = rollout(model, reference, task, batch, cfg, weights,
                            sampling_generator(device, cfg.run.seed, state.step, accelerator.process_index))
             logits = roll["logits"]
@@ -330,7 +348,7 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
                 optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         state.step += 1
-        books.count_images(batch["image"].shape[0])
+        books.count_images(n_images)
         rewards = roll["rewards"]
         record = {"loss": float(global_loss), "skipped_updates": skipped, **stats, "reward_mean": float(rewards.mean()),
                   "reward_std": float(rewards.std(dim=1).mean()),

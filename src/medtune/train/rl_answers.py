@@ -31,7 +31,8 @@ from medtune.data.run_split import check_readable, load_split_samples, prepare_s
 from medtune.data.types import LoadedSample
 from medtune.errors import UserError
 from medtune.models.registry import build_model
-from medtune.models.vlm.model import ChatCodec, collate
+from medtune.models.vlm.logits import LOGITS_AT
+from medtune.models.vlm.model import DEFAULT_SEQUENCE_KEYS, SEQUENCE_KEYS, ChatCodec, collate
 from medtune.models.vlm.processing import to_pil
 from medtune.policy import group_advantages
 from medtune.tasks import selection, task_for
@@ -39,7 +40,7 @@ from medtune.tasks.instruct import reference_label, require_conversations, resol
 from medtune.text_policy import clipped_token_loss, completion_mask, token_entropy, token_kl, token_logprobs
 from medtune.train.loop import Bookkeeping
 from medtune.train.preflight import run_preflight
-from medtune.train.rl import sampling_generator, start_rl_run
+from medtune.train.rl import disable_dropout, sampling_generator, start_rl_run
 from medtune.train.setup import (
     StopFlag,
     batch_to,
@@ -94,17 +95,20 @@ def _normaliser(mask: torch.Tensor) -> torch.Tensor:
 
 
 def completion_logits(model, prompts: dict, completions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Teacher-forced logits [N, Tc, V] that predict each completion token (prompt + completion in one forward)."""
-    full = dict(prompts)
-    full["input_ids"] = torch.cat([prompts["input_ids"], completions], dim=1)
-    full["attention_mask"] = torch.cat([prompts["attention_mask"], mask.to(prompts["attention_mask"].dtype)], dim=1)
-    for key, value in prompts.items():  # other per-token keys (token types): the answer is text
-        if torch.is_tensor(value) and value.ndim == 2 and value.shape == prompts["input_ids"].shape \
-                and key not in ("input_ids", "attention_mask"):
-            full[key] = torch.cat([value, torch.zeros_like(completions, dtype=value.dtype)], dim=1)
-    logits = model(batch=full).token_logits
+    """Teacher-forced logits [N, Tc, V] that predict each completion token (prompt + completion in one forward),
+    computed at those Tc positions only. The batch's sequence keys (``collate``) are extended by the completion:
+    its ids, its mask as attention, token types 0 (the answer is text); labels are dropped (no LM loss here)."""
+    full = {k: v for k, v in prompts.items() if k != "labels"}
+    for key in prompts.get(SEQUENCE_KEYS, DEFAULT_SEQUENCE_KEYS):
+        if key == "labels" or key not in prompts:
+            continue
+        value = prompts[key]
+        tail = completions if key == "input_ids" else mask if key == "attention_mask" else torch.zeros_like(completions)
+        full[key] = torch.cat([value, tail.to(value.dtype)], dim=1)
     t_prompt = prompts["input_ids"].shape[1]
-    return logits[:, t_prompt - 1: t_prompt - 1 + completions.shape[1]]
+    # left-padded prompts all end at t_prompt: position t_prompt - 1 + i predicts completion token i
+    full[LOGITS_AT] = torch.arange(t_prompt - 1, t_prompt - 1 + completions.shape[1], device=completions.device)
+    return model(batch=full).token_logits
 
 
 def rollout(policy, prompts: dict, references: list[str | None], cfg: Config, vocab: dict[str, str],
@@ -191,6 +195,7 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
         raise UserError("objective: rl needs finetune: lora (the KL reference is the model with adapters disabled); "
                          "set rl.init_from to a supervised run or model.path to a pretrained VLM")
     model = build_model(cfg).to(device)
+    disable_dropout(model, cfg)  # as the mask recipe: sampled in eval mode, updated in train mode
     dataset = PromptDataset(train_samples, model.text_codec())
 
     def batches(start_step: int):

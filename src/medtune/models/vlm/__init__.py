@@ -3,6 +3,7 @@
 - ``model``: the plain VLM (family ``vlm``, task ``instruct``): loading a local folder (transformers' native VLMs,
   remote code only with ``model.trust_remote_code``), the chat codec (assistant-only labels through the model's own
   template), LoRA placement on the language model, generation.
+- ``logits``: token logits only at the positions a loss or a sample reads (``logits_to_keep``), and the LM loss.
 - ``processing``: processors (loading, saving, image-only stand-ins) and chat templates.
 - ``seg``: the segmenting VLM (family ``segvlm``, Sa2VA / LISA style) = a VLM + a mask head (projection of the
   ``[SEG]`` hidden state + SAM / SAM 2 prompt encoder and mask decoder).

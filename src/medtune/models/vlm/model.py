@@ -1,5 +1,6 @@
-"""Family ``vlm``: instruction tuning of a vision-language model (LLaVA / InternVL / Qwen-VL style, or a remote-code
-model such as Hulu-Med when ``model.trust_remote_code`` is set) on image + conversation data.
+"""Family ``vlm``: instruction tuning of a vision-language model (LLaVA / InternVL / Qwen-VL style; Hulu-Med through
+medtune's own implementation in ``models/vlm/hulumed``; another remote-code model when ``model.trust_remote_code`` is set)
+on image + conversation data.
 
 The network is whatever ``from_pretrained`` builds from a local folder (``AutoModelForImageTextToText``, or
 ``AutoModelForCausalLM`` for remote code), with the folder's processor; ``model.config: {preset: tiny, vlm: llava |
@@ -14,17 +15,20 @@ internvl}`` builds the offline tiny models of ``tiny_vlm``. What this module add
   template, and a generation prompt is token for token the training prompt.
 * Truncation: a sample longer than ``model.vlm.max_length`` is refused with its id (never cut: a cut through the
   image tokens breaks the image-feature/token match, a cut answer teaches a wrong stop).
+* Batches: only the keys ``ChatCodec.encode`` found to be per token are padded; per-image keys (``grid_sizes``,
+  ``merge_sizes`` ...) are concatenated per image whatever their shape. Generation returns the new tokens whether or
+  not the model's ``generate()`` echoes the prompt (``new_tokens``).
 """
 from __future__ import annotations
 
 import logging
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medtune.config import Config, VLMCfg
@@ -32,18 +36,40 @@ from medtune.data.conversations import IMAGE_PLACEHOLDER, question_turns
 from medtune.data.types import DataError
 from medtune.errors import UserError
 from medtune.models.base import ModelOutput, SegModel
-from medtune.models.hf import load_kwargs, prepare_for_training, read_config_json, resolve_model_path
-from medtune.models.vlm.processing import load_processor, read_chat_template, save_processor
+from medtune.models.hf import load_kwargs, load_pretrained, prepare_for_training, read_config_json, resolve_model_path
+from medtune.models.vlm.hulumed import is_hulumed_config
+from medtune.models.vlm.hulumed import load_folder as load_hulumed_folder
+from medtune.models.vlm.logits import IGNORE_INDEX, LOGITS_AT, forward_logits_at, logit_positions, token_loss
+from medtune.models.vlm.processing import (
+    apply_image_processor_settings,
+    load_processor,
+    read_chat_template,
+    save_processor,
+)
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 # Last name part of the vision encoder / the multimodal projector in the VLM families transformers and the common
 # remote-code models use (LLaVA, InternVL, Qwen-VL, Idefics, Gemma3, PaliGemma, Hulu-Med / VideoLLaMA3 ...).
 VISION_NAMES = ("vision_tower", "visual", "vision_model", "vision_encoder", "image_encoder", "vpm")
 PROJECTOR_NAMES = ("multi_modal_projector", "mm_projector", "mlp1", "merger", "connector", "aligner")
+# An encoded sample / a batch names its per-token keys under this key (``ChatCodec.encode`` finds them; ``collate``
+# pads exactly those and concatenates every other tensor per image).
+SEQUENCE_KEYS = "sequence_keys"
 # Batch keys that are not model inputs.
-NON_MODEL_KEYS = frozenset({"ids", "labels", "num_items_in_batch", "pad_token_id"})
+NON_MODEL_KEYS = frozenset({"ids", "labels", "num_items_in_batch", "pad_token_id", SEQUENCE_KEYS, LOGITS_AT})
+# Processor outputs that are per image (or per image patch), never per token, whatever their shape happens to be:
+# a single image's [1, k] tensor must not pass for a [1, T] token row when k == T by chance.
+PER_IMAGE_KEYS = frozenset({"pixel_values", "pixel_attention_mask", "image_sizes", "image_grid_thw", "grid_sizes",
+                            "merge_sizes", "spatial_shapes", "pixel_values_videos", "video_grid_thw",
+                            "aspect_ratio_ids", "aspect_ratio_mask"})
+# Items made without ChatCodec (no SEQUENCE_KEYS entry) pad only these.
+DEFAULT_SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")
+# Image-processor settings (preprocessor_config.json) that bound the image tokens of dynamic-resolution VLMs:
+# Hulu-Med's max_tokens, Qwen-VL's max_pixels (older folders), InternVL's tile count max_patches.
+IMAGE_SIZE_KNOBS = ("max_tokens", "max_pixels", "max_patches")
+# config.json flag of Hulu-Med (VideoLLaMA3 lineage), true in its hub configs: its forward asserts batch size 1.
+TOKEN_COMPRESSION_KEY = "use_token_compression"
 
 
 # ---- conversations -> tokens ----------------------------------------------------------------------------------------
@@ -89,6 +115,7 @@ class ChatCodec:
         ids = getattr(processor, "image_token_ids", None) or [getattr(processor, "image_token_id", None)]
         self.image_token_ids = {i for i in ids if i is not None}
         self.end_of_turn_id = self._end_of_turn()
+        self.image_size_hint = _image_size_hint(processor)
         eos = self.tokenizer.eos_token_id
         self.stop_ids = sorted({i for i in (self.end_of_turn_id, eos) if i is not None})
         # never sampled: an image token in an answer would break the teacher-forced re-forward of GRPO (image
@@ -134,7 +161,8 @@ class ChatCodec:
     def encode(self, turns: list[dict[str, str]], image, sample_id: str, for_generation: bool = False,
                check_length: bool = True) -> dict:
         """Model inputs of one sample: sequence keys 1-D [T] (input_ids, attention_mask, labels, and any other
-        per-token key of the processor), every other processor key (pixel_values, image_grid_thw ...) as returned.
+        per-token key of the processor: a [1, T] output not in ``PER_IMAGE_KEYS``), every other processor key
+        (pixel_values, image_grid_thw, merge_sizes ...) as returned; ``item[SEQUENCE_KEYS]`` names the sequence keys.
         ``for_generation``: the prompt for the last answer (labels all ignored)."""
         if for_generation and turns and turns[-1]["role"] == "assistant":
             turns = question_turns(turns)
@@ -142,7 +170,8 @@ class ChatCodec:
         first = self.processor(text=[pieces[0][0]], images=[image] if image is not None else None,
                                return_tensors="pt", add_special_tokens=False)
         t0 = first["input_ids"].shape[1]
-        token_keys = [k for k, v in first.items() if torch.is_tensor(v) and v.ndim == 2 and v.shape == (1, t0)]
+        token_keys = [k for k, v in first.items()
+                      if torch.is_tensor(v) and v.ndim == 2 and v.shape == (1, t0) and k not in PER_IMAGE_KEYS]
         ids = first["input_ids"][0].tolist()
         labels = [IGNORE_INDEX] * t0
         for text, supervised in pieces[1:]:
@@ -155,7 +184,8 @@ class ChatCodec:
             labels += toks[:cut] + [IGNORE_INDEX] * (len(toks) - cut)
         if check_length:
             self._check_length(ids, labels, sample_id)
-        item: dict[str, Any] = {"id": sample_id, "pad_token_id": self.pad_token_id}
+        item: dict[str, Any] = {"id": sample_id, "pad_token_id": self.pad_token_id,
+                                SEQUENCE_KEYS: tuple(dict.fromkeys([*token_keys, "input_ids", "labels"]))}
         extra = len(ids) - t0
         for key in token_keys:
             fill = 1 if key == "attention_mask" else 0  # appended tokens are real text tokens
@@ -175,51 +205,76 @@ class ChatCodec:
         cut_answer = sum(lab != IGNORE_INDEX for lab in labels[self.max_length:])
         what = (f"{cut_images} of its {len(image_pos)} image tokens (the image features would no longer match the "
                 "image tokens)") if cut_images else f"{cut_answer} answer tokens" if cut_answer else "its last tokens"
+        images = (f", make the images smaller ({len(image_pos)} of the {len(ids)} tokens are image tokens; "
+                  f"{self.image_size_hint})") if image_pos else ""
         raise DataError(f"sample {sample_id}: {len(ids)} tokens > model.vlm.max_length={self.max_length}; "
-                        f"truncation would cut {what}. Raise model.vlm.max_length or shorten the conversation")
+                        f"truncation would cut {what}. Raise model.vlm.max_length{images} or shorten the conversation")
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
+def _image_size_hint(processor) -> str:
+    """Where the number of image tokens is set, for the too-long message."""
+    image_processor = getattr(processor, "image_processor", None)
+    for name in IMAGE_SIZE_KNOBS:
+        value = getattr(image_processor, name, None)
+        if value is not None and not (isinstance(value, int) and value <= 1):  # (one tile cannot be lowered)
+            return f"lower the image processor's {name}={value}: model.vlm.image_processor.{name}=..."
+    return "the model folder's preprocessor_config.json sets the image size"
+
+
 def collate(items: list[dict], padding_side: str = "right") -> dict:
-    """Pad the sequence keys (1-D) to the batch maximum, concatenate every other tensor along dim 0 and every list
-    (non-tensor processor outputs) in sample order; ``ids`` = the sample ids. Right padding for training, left
-    padding for generation."""
+    """Pad the sequence keys (those ``ChatCodec.encode`` found to be per token, named in ``item[SEQUENCE_KEYS]``) to
+    the batch maximum; concatenate every other tensor along dim 0 (per-image keys stay per image: pixel_values,
+    grid_sizes, merge_sizes ..., whatever their number of dimensions or length) and every list (non-tensor processor
+    outputs) in sample order; ``ids`` = the sample ids, ``batch[SEQUENCE_KEYS]`` = the padded keys. Right padding for
+    training, left padding for generation."""
     batch: dict[str, Any] = {"ids": [it["id"] for it in items]}
     pad_id = items[0].get("pad_token_id", 0)
+    sequence = tuple(items[0].get(SEQUENCE_KEYS, DEFAULT_SEQUENCE_KEYS))
+    batch[SEQUENCE_KEYS] = sequence
     keys = [k for k, v in items[0].items() if torch.is_tensor(v)]
-    for key in [k for k, v in items[0].items() if not torch.is_tensor(v) and k not in ("id", "pad_token_id")]:
+    for key in [k for k, v in items[0].items() if not torch.is_tensor(v) and k not in ("id", "pad_token_id",
+                                                                                        SEQUENCE_KEYS)]:
         # non-tensor processor outputs (e.g. a list of modalities per sample) are joined in sample order
         values = [it[key] for it in items]
         batch[key] = [v for vs in values for v in vs] if all(isinstance(v, list) for v in values) else values
     length = max(len(it["input_ids"]) for it in items)
     for key in keys:
         values = [it[key] for it in items]
-        if values[0].ndim == 1:
+        if key in sequence:
             fill = pad_id if key == "input_ids" else IGNORE_INDEX if key == "labels" else 0
             padded = []
             for v in values:
                 pad = torch.full((length - len(v),), fill, dtype=v.dtype)
                 padded.append(torch.cat([pad, v] if padding_side == "left" else [v, pad]))
             batch[key] = torch.stack(padded)
+        elif values[0].ndim == 0:  # one number per sample
+            batch[key] = torch.stack(values)
         else:
             batch[key] = torch.cat(values, dim=0)
     return batch
 
 
-def token_loss(logits: torch.Tensor, labels: torch.Tensor, normaliser: torch.Tensor | float | None = None):
-    """Next-token cross-entropy summed over supervised positions / ``normaliser`` (default: their number here)."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:].to(logits.device)
-    total = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-    if normaliser is None:
-        normaliser = (shift_labels != IGNORE_INDEX).sum()
-    if torch.is_tensor(normaliser):
-        normaliser = normaliser.to(total.device, total.dtype)
-    return total / (normaliser.clamp(min=1) if torch.is_tensor(normaliser) else max(float(normaliser), 1.0))
+def new_tokens(output: torch.Tensor, prompt_ids: torch.Tensor, max_new_tokens: int, model_name: str = "the model"):
+    """The new tokens of a ``generate()`` output, whether the model echoes the prompt or not.
+
+    transformers' VLMs generate from ``input_ids`` and return prompt + new tokens; a model that generates from
+    ``inputs_embeds`` alone (Hulu-Med, many remote-code VLMs) returns only the new tokens. The output is an echo
+    exactly when it starts with the (left-padded) prompt ids, token for token; otherwise it must be new tokens only,
+    so no longer than ``max_new_tokens``. Anything else is refused rather than cut at a guessed position.
+    """
+    t = prompt_ids.shape[1]
+    if output.shape[0] == prompt_ids.shape[0] and output.shape[1] >= t \
+            and torch.equal(output[:, :t], prompt_ids.to(output.device)):
+        return output[:, t:]
+    if output.shape[1] <= max_new_tokens:
+        return output
+    raise UserError(f"{model_name}.generate() returned {output.shape[1]} tokens per sample for a {t}-token prompt and "
+                     f"max_new_tokens={max_new_tokens}: neither the prompt followed by new tokens nor new tokens alone, "
+                     "so the answer cannot be located; the model's generate() is not the transformers one")
 
 
 # ---- where the parts are --------------------------------------------------------------------------------------------
@@ -278,12 +333,15 @@ class VLMModel(SegModel):
         return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
 
     def forward_batch(self, batch: dict) -> ModelOutput:
-        """Teacher-forced forward: token logits and, with ``labels``, the LM loss on the supervised tokens (sum over
-        them / ``batch["num_items_in_batch"]`` when given, else their number in this batch)."""
-        out = self.net(**self.model_inputs(batch), use_cache=False)
+        """Teacher-forced forward: token logits at the positions ``batch[LOGITS_AT]`` names (default: those the LM
+        loss reads; ``models.vlm.logits``) and, with ``labels``, the LM loss on the supervised tokens (sum over them
+        / ``batch["num_items_in_batch"]`` when given, else their number in this batch)."""
+        inputs = self.model_inputs(batch)
         labels = batch.get("labels")
-        loss = token_loss(out.logits, labels, batch.get("num_items_in_batch")) if labels is not None else None
-        return ModelOutput(lm_loss=loss, token_logits=out.logits)
+        positions = logit_positions(batch, labels, inputs["input_ids"].device)
+        _, logits = forward_logits_at(partial(self.net, use_cache=False), self.base_network, inputs, positions)
+        loss = token_loss(logits, labels, batch.get("num_items_in_batch"), positions) if labels is not None else None
+        return ModelOutput(lm_loss=loss, token_logits=logits, logit_positions=positions)
 
     @torch.no_grad()
     def generate(self, batch: dict, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0):
@@ -298,7 +356,7 @@ class VLMModel(SegModel):
         else:
             kwargs.update(temperature=None, top_k=None, top_p=None)
         out = self.net.generate(**inputs, **kwargs)
-        return out[:, inputs["input_ids"].shape[1]:]
+        return new_tokens(out, inputs["input_ids"], max_new_tokens, type(self.base_network).__name__)
 
     # -- where LoRA goes ------------------------------------------------------------------------------------------
     def _linear_names(self, inside: str | None = None) -> list[str]:
@@ -410,9 +468,6 @@ class VLMModel(SegModel):
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        if getattr(self.base_network, "is_loaded_in_4bit", False):
-            raise UserError("cannot save a 4-bit (QLoRA) base as a model folder; export with "
-                             "model.quantize_4bit=false (`medtune export RUN --out DIR model.quantize_4bit=false`)")
         merged_copy(self.net).save_pretrained(str(out_dir), safe_serialization=True)
         self.processor.chat_template = self.codec.template
         save_processor(self.processor, out_dir)
@@ -444,6 +499,25 @@ def _auto_class(meta: dict, path: Path):
     return AutoModelForImageTextToText
 
 
+def check_token_compression(meta: dict, cfg: Config, path: Path) -> None:
+    """Remote code with ``use_token_compression`` (Hulu-Med's / VideoLLaMA3's own forward, true in their hub configs)
+    works at batch size 1 only: that forward asserts it deep inside. Refused here, from config.json alone, before
+    anything loads. (medtune's own Hulu-Med implementation does not need this: compression is a no-op for images.)"""
+    if not meta.get(TOKEN_COMPRESSION_KEY):
+        return
+    rl = cfg.objective == "rl"
+    per_forward = cfg.data.batch_size * (cfg.rl.group_size if rl else 1)
+    if per_forward <= 1:
+        return
+    where = (f"data.batch_size={cfg.data.batch_size} x rl.group_size={cfg.rl.group_size} answers per prompt" if rl
+             else f"data.batch_size={cfg.data.batch_size}")
+    fix = "" if rl else " or set data.batch_size=1"
+    raise UserError(f"{path / 'config.json'} sets {TOKEN_COMPRESSION_KEY}: true, which this model supports with one "
+                     f"sample per forward only, but this run batches {per_forward} ({where}); set {TOKEN_COMPRESSION_KEY} "
+                     f"to false in that config.json (for images it changes nothing; Hulu-Med's own notebook turns it "
+                     f"off){fix}")
+
+
 def build_vlm(cfg: Config) -> VLMModel:
     path = resolve_model_path(cfg)  # refuses remote code without model.trust_remote_code
     if path is None:
@@ -461,10 +535,16 @@ def build_vlm(cfg: Config) -> VLMModel:
         meta = read_config_json(path)
         if cfg.model.config:
             log.warning("model.config is ignored with model.path: the architecture comes from %s/config.json", path)
-        processor = load_processor(path, cfg)
         # QLoRA: the projector (trained fully when asked) and lm_head stay unquantised
         keep = list(PROJECTOR_NAMES) + ["lm_head"]
-        net = _auto_class(meta, path).from_pretrained(str(path), **load_kwargs(cfg, keep))
+        if is_hulumed_config(meta):  # medtune's own Hulu-Med: no code from the folder, with or without the opt-in;
+            # its token compression is a no-op for images at any batch size
+            net, processor = load_hulumed_folder(path, **load_kwargs(cfg, keep))
+        else:
+            check_token_compression(meta, cfg, path)  # before anything loads
+            processor = load_processor(path, cfg)
+            net = load_pretrained(_auto_class(meta, path), path, **load_kwargs(cfg, keep))
+    apply_image_processor_settings(processor, cfg.model.vlm.image_processor)
     codec = ChatCodec(processor, read_chat_template(cfg.model.vlm.chat_template), cfg.model.vlm.max_length)
     net = prepare_for_training(net, cfg, input_grads=True)
     return VLMModel(net, processor, codec, cfg.model.vlm)

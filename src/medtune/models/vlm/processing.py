@@ -3,6 +3,7 @@ saving it next to an exported model, the chat template a config names, and image
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,25 @@ IMAGE_ONLY: dict[str, tuple[type, tuple[str, ...]]] = {
 }
 
 
+# Import names whose PyPI package is called otherwise (what remote-code processors of medical VLMs import: Hulu-Med's
+# imports cv2, decord and ffmpeg at module level).
+PYPI_NAMES = {"cv2": "opencv-python-headless", "ffmpeg": "ffmpeg-python", "PIL": "pillow", "skimage": "scikit-image",
+              "sklearn": "scikit-learn", "yaml": "pyyaml"}
+_MISSING = re.compile(r"requires the following packages that were not found in your environment: ([\w., -]+?)\. Run")
+
+
+def missing_packages_error(path: Path, err: ImportError) -> UserError | None:
+    """transformers' "this modeling file requires the following packages ..." as one line naming what to install
+    (its own hint names import names, e.g. ``pip install cv2``, which is no package); None for other errors."""
+    found = _MISSING.search(str(err))
+    if not found:
+        return None
+    names = [n.strip() for n in found.group(1).split(",") if n.strip()]
+    install = " ".join(PYPI_NAMES.get(n, n) for n in names)
+    return UserError(f"{path}: the folder's processor code imports {', '.join(names)}, not installed here; "
+                     f"`pip install {install}` (or use a model medtune implements itself, e.g. Hulu-Med)")
+
+
 def save_processor(processor, folder: str | Path) -> None:
     folder = Path(folder)
     processor.save_pretrained(str(folder))
@@ -70,7 +90,12 @@ def load_processor(path: Path, cfg: Config):
     remote = remote_code_kwargs(cfg)
     try:
         processor = AutoProcessor.from_pretrained(str(path), **remote)
-    except (ImportError, AttributeError, OSError, ValueError, TypeError, KeyError) as err:
+    except ImportError as err:
+        missing = missing_packages_error(path, err)
+        if missing is not None:
+            raise missing from None
+        error = err
+    except (AttributeError, OSError, ValueError, TypeError, KeyError) as err:
         error = err
     if isinstance(processor, ProcessorMixin) and hasattr(processor, "tokenizer"):
         return processor
@@ -87,6 +112,30 @@ def load_processor(path: Path, cfg: Config):
     got = f"{type(processor).__name__}" if processor is not None else f"{type(error).__name__}: {error}"
     raise UserError(f"{path}: no multimodal processor could be loaded (AutoProcessor gave {got}); a vlm folder "
                      "needs the processor files saved next to the model (processor.save_pretrained(folder))")
+
+
+def apply_image_processor_settings(processor, settings: dict) -> None:
+    """``model.vlm.image_processor``: set attributes of the processor's image processor (the image-token budget of a
+    dynamic-resolution VLM, ...). A name the image processor does not have is refused in one line listing its
+    settings, rather than silently ignored."""
+    if not settings:
+        return
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        raise UserError(f"model.vlm.image_processor is set but {type(processor).__name__} has no image processor")
+    known = sorted(k for k in image_processor.to_dict() if not k.startswith("_"))
+    unknown = [k for k in settings if k not in known]
+    if unknown:
+        raise UserError(f"model.vlm.image_processor: {type(image_processor).__name__} has no setting "
+                        f"{', '.join(unknown)}; its settings: {', '.join(known)}")
+    for key, value in settings.items():
+        current = getattr(image_processor, key, None)
+        if isinstance(value, dict) and current is not None and not isinstance(current, (bool, int, float, str)):
+            # a partial size dict (e.g. {longest_edge: N} of Qwen-VL's size) updates the current one
+            fields = getattr(current, "__dataclass_fields__", None)
+            base = {k: getattr(current, k) for k in fields} if fields else dict(current)
+            value = {**{k: v for k, v in base.items() if v is not None}, **value}
+        setattr(image_processor, key, value)
 
 
 def read_chat_template(value: str | None) -> str | None:

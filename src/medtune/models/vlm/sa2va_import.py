@@ -1,6 +1,10 @@
 """Opt-in importer: a Sa2VA checkpoint (InternVL-based Sa2VA-1B / 4B / 8B) -> a composed segvlm folder.
 
     python -m medtune.models.vlm.sa2va_import <Sa2VA folder> <out folder>      # then model.path=<out folder>
+        [--sam-config FILE.json]   transformers Sam2Config kwargs of the checkpoint's SAM 2 (default: Hiera-L, what
+                                   every published Sa2VA uses; Sa2VA's config.json does not record it)
+        [--trust-remote-code]      allow a tokenizer that only loads with the folder's own code (never needed for
+                                   Qwen-based Sa2VA; without it such a folder is refused in one line, never prompted)
 
 A Sa2VA release (ByteDance/Sa2VA-*) is remote code: ``Sa2VAChatModel`` = ``vision_model`` (InternViT) + ``mlp1``
 (LayerNorm, Linear, GELU, Linear) + ``language_model`` (Qwen2ForCausalLM for 1B/4B, InternLM2ForCausalLM for 8B) +
@@ -14,12 +18,18 @@ Checked offline (tests/test_segvlm_model.py): a fake tiny state dict with Sa2VA'
 original module layouts (InternViT ``attn.qkv``/``ls1``/``norm1``, Qwen2 / InternLM2 ``wqkv``, SAM 2 ``image_encoder.
 trunk`` ...) and anchored on checkpoint key names seen in public code that reads real SAM 2 checkpoints - converts
 with every key used or reported, loads into the composed model through transformers' own loader with no missing
-key, and reproduces every tensor of the model it was generated from. Not checkable offline: a real Sa2VA
-checkpoint (its exact key set, dtypes, config fields), numerical equivalence with Sa2VA's own forward, and the 8B
-InternLM2 tokenizer (remote code; it needs transformers' converted Llama tokenizer, which this importer does not
-build). Known behavioural differences from Sa2VA's own inference, by design of the segvlm forward: one image tile
-(Sa2VA tiles dynamically), single-mask decoder output (Sa2VA lets SAM 2 choose among 3 by predicted IoU) and no
-object-score gating of the logits.
+key, and reproduces every tensor of the model it was generated from. Not checked here: a full-size Sa2VA
+checkpoint (bf16 weights, Hiera-L) and the 8B InternLM2 tokenizer (remote code; it needs transformers' converted
+Llama tokenizer, which this importer does not build). SAM 2's sizes: ``--sam-config``, else read as data from the
+folder's ``sam2.py`` (``ast``, never executed), else Hiera-L; the weights' shapes are checked against them before
+anything is written. The composed folder reproduces Sa2VA's own preprocessing and decoding: the image processor is
+written with InternVL's dynamic tiling (``crop_to_patches``, 1..12 tiles + thumbnail as Sa2VA's predict_forward),
+``segvlm.json`` carries the bf16-rounded ImageNet mean/std of Sa2VA's SAM input, and SAM 2's three masks are decoded
+with the best predicted IoU kept (``model.vlm.mask_output``), without object-score gating. tests/test_sa2va_parity.py
+checks this against tensors Sa2VA's own code computed (``../shared/fixtures/sa2va-tiny``).
+
+Tensors the image model does not use (SAM 2's video parts: memory attention / encoder, object pointers, ...) are
+listed with their shapes in ``unused_tensors.json`` next to ``segvlm.json`` and in the importer's output.
 """
 from __future__ import annotations
 
@@ -32,7 +42,15 @@ from pathlib import Path
 import torch
 
 from medtune.errors import MissingFileError, UserError
-from medtune.models.vlm.seg.parts import FORMAT_VERSION, PROJECTION_FILE, SAM_DIR, SEGVLM_JSON, VLM_DIR
+from medtune.models.vlm.seg.parts import (
+    FORMAT_VERSION,
+    PROJECTION_FILE,
+    SAM_DIR,
+    SAM_MEAN_KEY,
+    SAM_STD_KEY,
+    SEGVLM_JSON,
+    VLM_DIR,
+)
 
 # --- transcribed from transformers models/internvl/convert_internvl_weights_to_hf.py -----------------------------
 INTERNVL_VISION_MAP = {
@@ -129,6 +147,11 @@ PROJECTION_PREFIX = "text_hidden_fcs."
 LLM_TYPES = {"Qwen2ForCausalLM": "qwen2", "InternLM2ForCausalLM": "llama", "LlamaForCausalLM": "llama"}
 IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"}
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+UNUSED_FILE = "unused_tensors.json"  # next to segvlm.json: Sa2VA tensors the image model does not use
+HIERA_L = "the default Hiera-L SAM 2"
+# Sa2VA's preparing_for_generation fixes the tiling whatever config.json says (its dynamic_image_size / use_thumbnail /
+# min/max_dynamic_patch are the training-time values): dynamic_preprocess with 1..12 tiles and a thumbnail.
+SA2VA_MIN_TILES, SA2VA_MAX_TILES = 1, 12
 # transformers' InternVL chat template (the conversion script's), with the image rendered as the context token the
 # segvlm codec expands to <img> + n x <IMG_CONTEXT> + </img>: the layout Sa2VA's own prompts use.
 CHAT_TEMPLATE = (
@@ -146,6 +169,7 @@ class ConvertedState:
     sam: dict[str, torch.Tensor] = field(default_factory=dict)  # Sam2Model names
     projection: dict[str, torch.Tensor] = field(default_factory=dict)  # seg_projection names ("0.weight" ...)
     unused: list[str] = field(default_factory=list)  # Sa2VA keys with no place in segvlm
+    sam_source: dict[str, str] = field(default_factory=dict)  # Sam2Model name -> the Sa2VA key it came from
 
 
 def _apply(key: str, mapping: dict[str, str]) -> str:
@@ -207,7 +231,9 @@ def convert_sa2va_state_dict(state: dict[str, torch.Tensor], llm_type: str, text
         elif key.startswith("mlp1."):
             out.vlm[_apply(key, INTERNVL_MULTI_MAP)] = value
         elif key.startswith(SAM_PREFIX):
-            out.sam[sam2_key(key[len(SAM_PREFIX):])] = value
+            new = sam2_key(key[len(SAM_PREFIX):])
+            out.sam[new] = value
+            out.sam_source[new] = key
         elif key.startswith(PROJECTION_PREFIX):
             out.projection[key[len(PROJECTION_PREFIX):]] = value
         else:
@@ -256,12 +282,72 @@ def sam2_hiera_large_config():
     """The SAM 2 (2.0) Hiera-L configuration Sa2VA's grounding encoder uses (``get_config("sam2_hiera_large")``)."""
     from transformers import Sam2Config, Sam2HieraDetConfig, Sam2VisionConfig
 
-    backbone = Sam2HieraDetConfig(hidden_size=144, embed_dim_per_stage=[144, 288, 576, 1152],
+    backbone = Sam2HieraDetConfig(hidden_size=144, num_attention_heads=2, embed_dim_per_stage=[144, 288, 576, 1152],
                                   num_attention_heads_per_stage=[2, 4, 8, 16], blocks_per_stage=[2, 6, 36, 4],
-                                  global_attention_blocks=[23, 33, 43], window_positional_embedding_background_size=(7, 7),
+                                  global_attention_blocks=[23, 33, 43], window_positional_embedding_background_size=[7, 7],
                                   window_size_per_stage=[8, 4, 16, 8])
     return Sam2Config(vision_config=Sam2VisionConfig(backbone_config=backbone,
                                                      backbone_channel_list=[1152, 576, 288, 144]))
+
+
+# Sa2VA's sam2.py hard-codes its SAM 2 sizes as literal assignments / keyword arguments inside these functions
+SAM2_PY = "sam2.py"
+_SAM2_PY_NAMES = {
+    "build_trunk": ("embed_dim", "num_heads", "stages", "global_att_blocks", "window_pos_embed_bkg_spatial_size",
+                    "window_spec"),
+    "build_neck": ("d_model", "backbone_channel_list"),
+    "_build_sam_heads": ("mlp_dim", "num_heads", "iou_head_hidden_dim"),
+}
+
+
+def sam_config_from_sam2_py(path: Path) -> dict | None:
+    """Sam2Config kwargs read from Sa2VA's ``sam2.py`` as DATA (``ast``: literal assignments and literal keyword
+    arguments in ``build_trunk`` / ``build_neck`` / ``_build_sam_heads``); the file is never executed. None when a
+    size is missing or not a literal (then the user passes ``--sam-config``)."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_text())
+    except (SyntaxError, UnicodeDecodeError, OSError):
+        return None
+    found: dict[str, dict] = {name: {} for name in _SAM2_PY_NAMES}
+    for func in ast.walk(tree):
+        if not isinstance(func, ast.FunctionDef) or func.name not in _SAM2_PY_NAMES:
+            continue
+        wanted, values = _SAM2_PY_NAMES[func.name], found[func.name]
+        for node in ast.walk(func):
+            pairs = []
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                pairs.append((node.targets[0].id, node.value))
+            elif isinstance(node, ast.Call):
+                pairs += [(kw.arg, kw.value) for kw in node.keywords if kw.arg]
+            for name, value in pairs:
+                if name in wanted and name not in values:
+                    try:
+                        values[name] = ast.literal_eval(value)
+                    except ValueError:  # a variable, not a literal: its own assignment is read instead
+                        continue
+    if any(set(found[f]) != set(names) for f, names in _SAM2_PY_NAMES.items()):
+        return None
+    trunk, neck, heads = found["build_trunk"], found["build_neck"], found["_build_sam_heads"]
+    stages = len(trunk["stages"])
+    return {
+        "vision_config": {
+            "backbone_config": {
+                "model_type": "sam2_hiera_det_model", "hidden_size": trunk["embed_dim"],
+                "num_attention_heads": trunk["num_heads"],
+                "embed_dim_per_stage": [trunk["embed_dim"] * 2 ** i for i in range(stages)],
+                "num_attention_heads_per_stage": [trunk["num_heads"] * 2 ** i for i in range(stages)],
+                "blocks_per_stage": list(trunk["stages"]), "global_attention_blocks": list(trunk["global_att_blocks"]),
+                "window_positional_embedding_background_size": list(trunk["window_pos_embed_bkg_spatial_size"]),
+                "window_size_per_stage": list(trunk["window_spec"])},
+            "backbone_channel_list": list(neck["backbone_channel_list"]), "fpn_hidden_size": neck["d_model"]},
+        # SAM 2's prompt / decoder width is the FPN's d_model (256 in every published SAM 2)
+        "prompt_encoder_config": {"hidden_size": neck["d_model"]},
+        "mask_decoder_config": {"hidden_size": neck["d_model"], "mlp_dim": heads["mlp_dim"],
+                                "num_attention_heads": heads["num_heads"],
+                                "iou_head_hidden_dim": heads["iou_head_hidden_dim"]},
+    }
 
 
 def _load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -278,14 +364,62 @@ def _load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def import_sa2va(sa2va_dir: str | Path, out_dir: str | Path, sam_config=None, seg_token: str = "[SEG]") -> Path:
-    """Write a composed segvlm folder (``vlm/``, ``sam/``, ``projection.safetensors``, ``segvlm.json``) from a local
-    Sa2VA folder. No Sa2VA code runs: its config.json is read as data and its weights renamed."""
+def load_sam_config(value):
+    """A ``Sam2Config`` from a config object, a dict of its kwargs, or a JSON file of them (``--sam-config``)."""
+    from transformers import Sam2Config
+
+    if value is None or isinstance(value, Sam2Config):
+        return value
+    if isinstance(value, (str, Path)):
+        path = Path(value)
+        if not path.is_file():
+            raise UserError(f"--sam-config {str(path)!r}: no such file (a JSON object of transformers Sam2Config kwargs)")
+        try:
+            value = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"--sam-config {str(path)!r} is not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise UserError("the SAM 2 config must be a JSON object of transformers Sam2Config kwargs")
+    try:
+        return Sam2Config(**value)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"the SAM 2 config is not valid Sam2Config kwargs: {str(err).splitlines()[0]}") from None
+
+
+def check_sam_shapes(src: Path, converted: ConvertedState, sam_config, which: str) -> list[str]:
+    """Compare the converted SAM 2 weights with a model of ``sam_config`` built on the meta device (no memory): any
+    missing, surplus or differently shaped tensor is refused in one line. Returns the keys the image model drops
+    (SAM 2's video-only tensors)."""
+    from transformers import Sam2Model
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Sam2Model(sam_config).state_dict().items()}
+    ignored = [k for k in converted.sam if k not in expected
+               and any(re.search(p, k) for p in Sam2Model._keys_to_ignore_on_load_unexpected)]
+    surplus = [k for k in converted.sam if k not in expected and k not in ignored]
+    missing = [k for k in expected if k not in converted.sam]
+    wrong = [f"{k}: weights {list(converted.sam[k].shape)} vs config {list(v)}" for k, v in expected.items()
+             if k in converted.sam and tuple(converted.sam[k].shape) != v]
+    if wrong or missing or surplus:
+        first = wrong[0] if wrong else (f"missing {missing[0]}" if missing else f"unexpected {surplus[0]}")
+        raise UserError(f"{src}: its SAM 2 weights do not fit {which} ({len(wrong)} shapes differ, {len(missing)} "
+                         f"missing, {len(surplus)} unexpected; e.g. {first}); pass --sam-config FILE.json with the "
+                         "checkpoint's SAM 2 as transformers Sam2Config kwargs")
+    return ignored
+
+
+def import_sa2va(sa2va_dir: str | Path, out_dir: str | Path, sam_config=None, seg_token: str = "[SEG]",
+                 trust_remote_code: bool = False) -> Path:
+    """Write a composed segvlm folder (``vlm/``, ``sam/``, ``projection.safetensors``, ``segvlm.json``,
+    ``unused_tensors.json``) from a local Sa2VA folder. No Sa2VA code runs: its config.json is read as data and its
+    weights renamed. ``sam_config``: a ``Sam2Config``, its kwargs or a JSON file of them (default: Hiera-L)."""
     from safetensors.torch import save_file
     from transformers import AutoModelForImageTextToText, AutoTokenizer, Sam2Model
     from transformers.models.got_ocr2 import GotOcr2ImageProcessorPil
 
     src, out = Path(sa2va_dir), Path(out_dir)
+    if not (src / "config.json").is_file():
+        raise MissingFileError(f"{src / 'config.json'} missing: point the importer at a Sa2VA checkpoint folder")
     meta = json.loads((src / "config.json").read_text())
     arch = (meta.get("llm_config", {}).get("architectures") or ["?"])[0]
     if arch not in LLM_TYPES or "vision_config" not in meta:
@@ -293,11 +427,21 @@ def import_sa2va(sa2va_dir: str | Path, out_dir: str | Path, sam_config=None, se
                          f"{', '.join(LLM_TYPES)})")
     if meta.get("ps_version", "v2") != "v2":
         raise UserError(f"{src}: ps_version {meta.get('ps_version')!r}; transformers' InternVL implements v2 only")
+    which = "the given SAM 2 config"
+    if sam_config is None and (src / SAM2_PY).is_file():
+        sam_config = sam_config_from_sam2_py(src / SAM2_PY)
+        which = f"the sizes read from {src / SAM2_PY}"
+    if sam_config is None:
+        which = HIERA_L
+    sam_config = load_sam_config(sam_config) or sam2_hiera_large_config()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(src), extra_special_tokens=dict(IMAGE_TOKENS))
+        # trust_remote_code explicit: never transformers' interactive "run the custom code? [y/N]"
+        tokenizer = AutoTokenizer.from_pretrained(str(src), extra_special_tokens=dict(IMAGE_TOKENS),
+                                                  trust_remote_code=trust_remote_code)
     except (ValueError, OSError) as err:
-        raise UserError(f"{src}: its tokenizer does not load without remote code ({str(err).splitlines()[0]}); "
-                         "InternLM2-based Sa2VA (8B) needs a converted Llama tokenizer in the folder") from None
+        hint = ("pass --trust-remote-code to run the folder's tokenizer code" if not trust_remote_code else
+                "InternLM2-based Sa2VA (8B) needs a converted Llama tokenizer in the folder")
+        raise UserError(f"{src}: its tokenizer does not load ({str(err).splitlines()[0]}); {hint}") from None
     for token in [seg_token, *IMAGE_TOKENS.values()]:
         ids = tokenizer(token, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
@@ -308,6 +452,8 @@ def import_sa2va(sa2va_dir: str | Path, out_dir: str | Path, sam_config=None, se
     config = internvl_config(meta, tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["context_image_token"]),
                              tie_word_embeddings=head not in state)
     converted = convert_sa2va_state_dict(state, llm_type, config.text_config, config.vision_config.hidden_size)
+    # before anything is written: a SAM 2 of other sizes than the config fails here in one line
+    video_only = check_sam_shapes(src, converted, sam_config, which)
 
     vlm_dir = out / VLM_DIR
     vlm_dir.mkdir(parents=True, exist_ok=True)
@@ -323,15 +469,16 @@ def import_sa2va(sa2va_dir: str | Path, out_dir: str | Path, sam_config=None, se
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(str(vlm_dir))
     size = config.vision_config.image_size
-    GotOcr2ImageProcessorPil(size={"height": size[0], "width": size[1]}, crop_to_patches=False,
+    # Sa2VA's dynamic_preprocess: 1..12 tiles of the vision size, a thumbnail when there is more than one
+    GotOcr2ImageProcessorPil(size={"height": size[0], "width": size[1]}, crop_to_patches=True,
+                             min_patches=SA2VA_MIN_TILES, max_patches=SA2VA_MAX_TILES,
                              image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD).save_pretrained(str(vlm_dir))
     (vlm_dir / "processor_config.json").write_text(json.dumps(
         {"processor_class": "InternVLProcessor", "image_seq_length": config.image_seq_length}, indent=2))
 
-    sam = Sam2Model(sam_config if sam_config is not None else sam2_hiera_large_config())
-    missing, unexpected = sam.load_state_dict(converted.sam, strict=False)
-    unexpected = [k for k in unexpected
-                  if not any(re.search(p, k) for p in Sam2Model._keys_to_ignore_on_load_unexpected)]
+    sam = Sam2Model(sam_config)
+    missing, unexpected = sam.load_state_dict({k: v for k, v in converted.sam.items() if k not in video_only},
+                                              strict=False)
     if missing or unexpected:
         raise UserError(f"{src}: SAM 2 weights do not fit: missing {missing[:6]}, unexpected {unexpected[:6]}")
     sam.save_pretrained(str(out / SAM_DIR))
@@ -343,12 +490,24 @@ def import_sa2va(sa2va_dir: str | Path, out_dir: str | Path, sam_config=None, se
         raise UserError(f"{src}: text_hidden_fcs {got} is not Linear({hidden},{hidden}), ReLU, Linear({hidden},"
                          f"{prompt})")
     save_file({k: v.float().contiguous() for k, v in converted.projection.items()}, str(out / PROJECTION_FILE))
+    unused = {key: list(state[key].shape) for key in converted.unused}
+    unused.update({converted.sam_source[k]: list(converted.sam[k].shape) for k in video_only})
+    (out / UNUSED_FILE).write_text(json.dumps({
+        "what": "Sa2VA tensors the composed image model does not use (SAM 2 video parts: memory attention / "
+                "encoder, object pointers, ...): Sa2VA name -> shape; Sam2Model names in 'as'",
+        "tensors": unused, "as": {converted.sam_source[k]: k for k in video_only}}, indent=2))
     (out / SEGVLM_JSON).write_text(json.dumps({
         "format": FORMAT_VERSION, "seg_token": seg_token, "seg_token_id": tokenizer.convert_tokens_to_ids(seg_token),
         "vlm_model_type": "internvl", "sam_model_type": "sam2", "hidden_size": hidden, "prompt_size": prompt,
-        "imported_from": str(src), "unused_keys": converted.unused,
+        # Sa2VA normalises SAM's input with mean/std tensors created in bfloat16 (preprocess_image's default dtype)
+        SAM_MEAN_KEY: _bf16(IMAGENET_MEAN), SAM_STD_KEY: _bf16(IMAGENET_STD),
+        "imported_from": str(src), "unused_keys": converted.unused, "unused_tensors": UNUSED_FILE,
     }, indent=2))
     return out
+
+
+def _bf16(values: list[float]) -> list[float]:
+    return torch.tensor(values, dtype=torch.bfloat16).float().tolist()
 
 
 def _short(problems: dict) -> str:
@@ -356,11 +515,26 @@ def _short(problems: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import sys
+
     parser = argparse.ArgumentParser(description="Sa2VA checkpoint folder -> composed segvlm folder (model.path)")
     parser.add_argument("sa2va_dir")
     parser.add_argument("out_dir")
+    parser.add_argument("--sam-config", metavar="FILE.json", default=None,
+                        help="transformers Sam2Config kwargs of the checkpoint's SAM 2 (default: Hiera-L)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a tokenizer that needs the folder's own code")
     args = parser.parse_args(argv)
-    print(import_sa2va(args.sa2va_dir, args.out_dir))
+    try:
+        out = import_sa2va(args.sa2va_dir, args.out_dir, sam_config=args.sam_config,
+                           trust_remote_code=args.trust_remote_code)
+    except UserError as err:
+        sys.exit(f"error: {err}")
+    unused = json.loads((out / UNUSED_FILE).read_text())["tensors"]
+    print(f"{out}: composed segvlm folder (model.path)")
+    print(f"{len(unused)} tensors not used by the image model (listed in {out / UNUSED_FILE}):")
+    for name, shape in unused.items():
+        print(f"  {name} {shape}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 The VLM (any ``AutoModelForImageTextToText`` checkpoint of a supported type: InternVL-hf, LLaVA-hf) reads the
 image and the question and answers with text containing ``[SEG]``; the last hidden state at each ``[SEG]`` goes
 through ``seg_projection`` (Linear H->H, ReLU, Linear H->SAM's prompt size) into SAM's mask decoder as a sparse
-prompt; the mask logits are upsampled to the input size. ``forward_batch`` is one teacher-forced pass (no
+prompt; the decoder's three masks are reduced to the one with the best predicted IoU (Sa2VA; ``model.vlm.mask_output``)
+and upsampled to the output size (256 -> SAM's 1024 -> H x W). Both encoders read the image at its own resolution
+(``images.py``: PIL bicubic uint8 SAM input, InternVL dynamic tiles). ``forward_batch`` is one teacher-forced pass (no
 ``generate()``, no ``no_grad``); ``generate_masks`` is generation followed by that same forward. Frozen image
 encoders need no ``no_grad`` to save memory: fed by pixels that do not require grad, autograd records nothing in a
 tower with nothing trainable below it, and records what it must when LoRA or full training reaches inside.
@@ -91,7 +93,10 @@ def build_segvlm(cfg: Config) -> SegVLMModel:
     net = SegVLMNet(vlm, sam, projection)
     # LLM LoRA behind frozen embeddings under checkpointing needs the embeddings' output to require grad (pitfall 3).
     net.vlm = prepare_for_training(net.vlm, cfg, input_grads=True)
-    seg = SegVLMModel(net, cfg.data.channels, processing, codec, vcfg)
+    meta = sources.meta if sources is not None else {}
+    stats = {k: meta[key] for k, key in (("sam_image_mean", parts.SAM_MEAN_KEY), ("sam_image_std", parts.SAM_STD_KEY))
+             if key in meta}
+    seg = SegVLMModel(net, cfg.data.channels, processing, codec, vcfg, **stats)
     # RL's loss has no LM term (the masks read the hidden state before lm_head): like lm_weight=0 for the output row
     seg.lm_loss_trained = cfg.task.lm_weight > 0 and cfg.objective != "rl"
     return seg

@@ -25,18 +25,21 @@ from torch import nn
 
 from medtune.config import Config
 from medtune.errors import UserError
-from medtune.models.hf import load_kwargs, read_config_json, resolve_local_folder
+from medtune.models.hf import load_kwargs, load_pretrained, read_config_json, resolve_local_folder
 
 log = logging.getLogger(__name__)
 
 SEGVLM_JSON = "segvlm.json"
 FORMAT_VERSION = 1
 VLM_DIR, SAM_DIR, PROJECTION_FILE = "vlm", "sam", "projection.safetensors"
+# segvlm.json keys: the mean / std SAM's input is normalised with (absent: ImageNet's). The Sa2VA importer writes the
+# bf16-rounded values Sa2VA's preprocess_image uses; save_base carries them on.
+SAM_MEAN_KEY, SAM_STD_KEY = "sam_image_mean", "sam_image_std"
 # SAM checkpoints by config model_type -> the single-image class used (a SAM 2 video checkpoint such as
 # facebook/sam2.1-hiera-tiny holds the same image encoder / prompt encoder / mask decoder weights).
 SAM_MODEL_TYPES = {"sam": "sam", "sam2": "sam2", "sam2_video": "sam2"}
-# VLMs whose pixel_values are one [B, 3, S, S] tile per image and whose image placeholder expands to a fixed number
-# of tokens: the VLM's resizing and normalisation can then run in torch (differentiably) in forward_batch.
+# VLMs whose pixel_values are [N, 3, S, S] tiles (one per image, or InternVL's dynamic tiles) and whose image
+# placeholder expands to a fixed number of tokens per tile: images.ImagePrep makes the tiles, the codec the tokens.
 SUPPORTED_VLM_TYPES = ("internvl", "llava")
 # processor kwargs that make one image one tile (the whole image resized to the vision tower's input size)
 SINGLE_TILE_KWARGS: dict[str, dict[str, Any]] = {"internvl": {"crop_to_patches": False}}
@@ -123,13 +126,13 @@ def load_sam(path: Path, key: str) -> nn.Module:
             f"or sam2_video); point {key} at a SAM checkpoint folder such as facebook/sam2.1-hiera-tiny"
         )
     if SAM_MODEL_TYPES[model_type] == "sam":
-        net = SamModel.from_pretrained(str(path), dtype=torch.float32)
+        net = load_pretrained(SamModel, path, dtype=torch.float32)
     else:
         # Build the image model's config from the checkpoint's sub-configs, so a video checkpoint loads without
         # transformers' "model of type sam2_video" warning (the extra memory weights are simply not used).
         config = Sam2Config(**{k: meta[k] for k in ("vision_config", "prompt_encoder_config", "mask_decoder_config")
                                if k in meta})
-        net = Sam2Model.from_pretrained(str(path), config=config, dtype=torch.float32)
+        net = load_pretrained(Sam2Model, path, config=config, dtype=torch.float32)
     prepare_sam(net)
     return net
 
@@ -160,7 +163,7 @@ def load_vlm(path: Path, key: str, cfg: Config) -> nn.Module:
         )
     # Under QLoRA, everything but the language model's linears stays unquantised.
     keep = ["lm_head", "multi_modal_projector", "vision_tower"]
-    return AutoModelForImageTextToText.from_pretrained(str(path), **load_kwargs(cfg, keep))
+    return load_pretrained(AutoModelForImageTextToText, path, **load_kwargs(cfg, keep))
 
 
 def module_name(root: nn.Module, target: nn.Module) -> str:
