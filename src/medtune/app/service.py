@@ -20,6 +20,7 @@ from medtune.runs.load import LoadedRun, load_run
 from medtune.tasks import PredictRequest, Task, task_for
 from medtune.tasks.base import ImagePrediction
 from medtune.tasks.mask_predict import calibrated_threshold, overlay
+from medtune.tasks.segvlm import prompt_questions
 
 # An upload larger than this is refused before it is decoded (a CT slice or fundus photograph is a few MB).
 DEFAULT_MAX_UPLOAD_MB = 50
@@ -74,7 +75,8 @@ class Workbench:
             task = task_for(cfg)
             option = task.prompt_option(cfg) if task.prompt_option else None
             thr, source = calibrated_threshold(d)
-            prompt = cfg.task.prompt.format(class_name=cfg.task.class_name) if option == "prompt" else None
+            # the request `medtune predict` asks without --prompt, shown in the page to edit
+            prompt = "\n".join(prompt_questions(None, cfg)) if option == "prompt" else None
             self.runs[name] = AppRun(name, d, task, option, thr, source, prompt)
 
     def names(self, answers_only: bool | None = None) -> list[str]:
@@ -120,6 +122,9 @@ class Workbench:
         if run.option == "box" and box is None:
             raise DataError("this run was trained with box prompts: give the box (click two corners on the image or "
                             "type x1,y1,x2,y2)")
+        if run.option == "prompt" and prompt is not None and prompt.strip():
+            # one request per line, asked as turns of one conversation (`medtune predict --prompt A --prompt B`)
+            options["prompt"] = [line for line in prompt.splitlines() if line.strip()]
         req = PredictRequest(run_dir=run.run_dir, images=[path], out_dir=run.run_dir, checkpoint=self.checkpoint,
                              **{k: v for k, v in options.items() if k == run.option})
         return run.task.predict_image(self.loaded(run), path, req)

@@ -83,7 +83,8 @@ def build_ui(bench: Workbench) -> gr.Blocks:
                     seg_preview = gr.Image(label="image (click two corners for a box)", interactive=False,
                                            elem_id="seg-preview", height=IMAGE_HEIGHT, format="png")
                     seg_box = gr.Textbox(label="box x1,y1,x2,y2 (pixels)", elem_id="seg-box")
-                    seg_prompt = gr.Textbox(label="prompt", elem_id="seg-prompt")
+                    seg_prompt = gr.Textbox(label="prompt (one request per line, each asked as a turn)", lines=2,
+                                            elem_id="seg-prompt")
                     seg_go = gr.Button("Segment", variant="primary", elem_id="seg-go")
                 with gr.Column():
                     seg_status = gr.Markdown(elem_id="seg-status")
