@@ -3,6 +3,7 @@ are checked, per-image metrics and curves come from the run folder; DICOM reads 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,8 @@ from PIL import Image
 
 from medtune.app.service import BYTES_PER_MB, Workbench, pictures
 from medtune.errors import DataError, UserError
+
+ROUNDING_LEVELS = 1.0  # an 8-bit PNG of a probability rounds to the nearest of 255 levels
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +90,7 @@ def test_bad_uploads_are_one_line(unet_run, tmp_path):
 
 
 def test_dicom_reads_like_the_same_pixels_in_png(tmp_path):
-    pydicom = pytest.importorskip("pydicom", reason="DICOM needs pydicom (pip install 'medtune[app]')")
+    pydicom = pytest.importorskip("pydicom", reason="DICOM needs pydicom (pip install 'medtune[test]')")
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -136,3 +139,37 @@ def test_the_command_binds_this_machine_unless_told_and_serves_only_reports(unet
         assert demo.kwargs["server_name"] == host and demo.kwargs["max_file_size"] == 3 * BYTES_PER_MB
         assert demo.kwargs["allowed_paths"] == [str(unet_run[0].resolve() / "report.html")]
         assert demo.kwargs["share"] is False
+
+
+def test_a_segmenting_vlm_asks_each_prompt_line_as_a_turn_like_predict(tmp_path):
+    """The Segment page's prompt, one request per line, is `medtune predict --prompt A --prompt B`: the same turns,
+    answers and per-[SEG] probability maps; a blank prompt is refused in one line."""
+    from test_segvlm import _scripted_generation, segvlm_cfg
+
+    from medtune.data.layouts import discover
+    from medtune.predict import predict_images
+    from medtune.train import train
+
+    cfg = segvlm_cfg(tmp_path, "sv", steps=2)
+    run = train(cfg)
+    image = Path(discover(cfg.data)[0].image)
+    bench = Workbench([run])
+    name = bench.names()[0]
+    assert "blood vessel" in bench.run(name).default_prompt  # task.prompt with the run's class name, as predict asks
+    two = ["Please segment the blood vessel in this image.", "Please segment the optic disc in this image."]
+    # an untrained tiny model may answer without [SEG]: every turn answers with one, so each turn has a map
+    with _scripted_generation(bench.loaded(bench.run(name)).model, "It is [SEG]."):
+        pred = bench.predict(name, image, prompt="\n".join(two) + "\n\n")  # blank lines are no requests
+        predict_images(run, [image], tmp_path / "pred", prompt=two)
+    info = json.loads((tmp_path / "pred" / "predict.json").read_text())
+    assert [q for q, _, _ in pred.turns] == two and [n for _, _, n in pred.turns] == [1, 1]
+    assert pred.answer == info["answers"][str(image)]
+    assert [a for _, a, _ in pred.turns] == [t["answer"] for t in info["turns"][str(image)]]
+    assert pred.probs.shape == (2, *pred.image.shape[-2:])
+    for k in range(2):
+        written = np.asarray(Image.open(tmp_path / "pred" / f"{image.stem}_seg{k}_prob.png")).astype(np.float32)
+        # the untrained decoder's probabilities sit at 0.5, where two loads' last-bit float differences can round
+        # the 8-bit PNG either way: one grey level, no more
+        assert np.abs(pred.probs[k] * 255 - written).max() <= ROUNDING_LEVELS
+    with pytest.raises(DataError, match="the prompt is empty"):
+        bench.predict(name, image, prompt=" \n ")

@@ -2,20 +2,26 @@
 tiny segmenting VLM, move the threshold, ask a tiny VLM, compare two runs, watch the curves; bad input is a message in
 the page and the app keeps serving.
 
-Needs Chromium (`make test` installs Debian's package when run as root) and the `app` extra (Gradio, Playwright);
-without them the test skips and says why.
+The app is served from its own environment, .venv-app (`make app-venv`; Gradio pins pillow<13, while this test
+environment keeps the Pillow 13 the preprocessing parity tests need): `.venv-app/bin/python -m medtune.cli app` runs
+as a subprocess on a free 127.0.0.1 port, and this environment drives it with Playwright. What the page shows is
+checked against `medtune predict` run in the same .venv-app (same Pillow, so the same preprocessing). Without
+.venv-app, Chromium or Playwright the tests skip and say why.
 """
 from __future__ import annotations
 
 import io
 import json
+import os
 import socket
+import subprocess
+import time
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
-from helpers import NO_BROWSER, find_chromium, tiny_cfg
+from helpers import NO_BROWSER, REPO, find_chromium, tiny_cfg
 from PIL import Image
 from test_segvlm import segvlm_cfg
 from vlm_helpers import instruct_cfg, write_vqa
@@ -29,6 +35,15 @@ CLEAR_WAIT_MS = 2_000
 BIG_UPLOAD_MB = 200  # the issue's oversized upload; a sparse file, so nothing is written to disk
 BOX_CLICK_PX = 10  # the box's corners: this far up-left and down-right of the shown image's centre
 QUESTION = "Is the lesion benign or malignant?"
+# The environment the app is served from (Gradio and its pillow<13 live there, not in the test environment).
+APP_PYTHON = REPO / ".venv-app" / "bin" / "python"
+NO_APP_VENV = (f"no {APP_PYTHON}: the app is served from its own environment (Gradio pins pillow<13; this test "
+               "environment keeps Pillow 13 for the preprocessing parity tests); create it with `make app-venv`")
+# How long the served app may take to answer its first request (importing Gradio and torch on a busy CPU).
+STARTUP_S = 180
+POLL_S = 0.5
+STOP_S = 10  # after SIGTERM, how long the server may take to exit before it is killed
+LOG_TAIL_CHARS = 3000
 
 
 def _free_port() -> int:
@@ -37,15 +52,41 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _app_env() -> dict[str, str]:
+    """The test's environment for a .venv-app subprocess, with this checkout's sources first (as PYTHONPATH=src does
+    for the tests) and torch on one thread."""
+    return {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+
+
+def _in_app_venv(*args: str) -> subprocess.CompletedProcess:
+    """`medtune ARGS` run by .venv-app's interpreter (what the served app computes with)."""
+    done = subprocess.run([str(APP_PYTHON), "-m", "medtune.cli", *args], env=_app_env(), capture_output=True,
+                          text=True, timeout=STARTUP_S)
+    assert done.returncode == 0, f"medtune {' '.join(args)} in .venv-app failed:\n{done.stderr[-LOG_TAIL_CHARS:]}"
+    return done
+
+
+def _wait_until_served(proc: subprocess.Popen, url: str, log) -> None:
+    deadline = time.monotonic() + STARTUP_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"`medtune app` exited with {proc.returncode} before serving:\n"
+                        f"{log.read_text()[-LOG_TAIL_CHARS:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=POLL_S * 4) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(POLL_S)
+    pytest.fail(f"`medtune app` did not answer {url} within {STARTUP_S} s:\n{log.read_text()[-LOG_TAIL_CHARS:]}")
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    exe = find_chromium()
-    if exe is None:
-        pytest.skip(NO_BROWSER)
-    pytest.importorskip("gradio", reason="the app needs Gradio: pip install 'medtune[app]'")
-    pytest.importorskip("playwright", reason="the browser test drives Chromium with Playwright: pip install "
-                                             "'medtune[app]'")
-    from medtune.app import build_app, launch
+    if not APP_PYTHON.exists():
+        pytest.skip(NO_APP_VENV)
+    from medtune.app.service import Workbench
     from medtune.evaluate import evaluate_run
     from medtune.models.sam import tiny_sam_config_dict
     from medtune.train import train
@@ -60,23 +101,49 @@ def app(tmp_path_factory):
     vlm = train(instruct_cfg(root, data=write_vqa(root / "vqa", n=8), steps=2, name="vlm"))
     test_id = json.loads((unet / "split.json").read_text())["test"][0]
     image = next((root / "data").rglob(f"{test_id}.png"))
+    run_dirs = [unet, segvlm, vlm, root / "runs" / "sam-box"]
 
-    bench, demo = build_app([unet, segvlm, vlm, root / "runs" / "sam-box"])
     port = _free_port()
-    launch(demo, bench, port=port, block=False)
+    url = f"http://127.0.0.1:{port}/"
+    log = root / "app.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(APP_PYTHON), "-m", "medtune.cli", "app", *map(str, run_dirs), "--port",
+                                 str(port)], env=_app_env(), stdout=out, stderr=subprocess.STDOUT)
     try:
-        yield {"exe": exe, "url": f"http://127.0.0.1:{port}/", "image": image, "root": root, "bench": bench, "unet": unet,
-               "answer_image": root / "vqa" / "images" / "case0.png"}
+        _wait_until_served(proc, url, log)
+        # the runs as the app sees them (names, thresholds: read from the run folders, no model loaded here)
+        yield {"url": url, "image": image, "root": root, "bench": Workbench(run_dirs), "unet": unet,
+               "segvlm": segvlm, "vlm": vlm, "answer_image": root / "vqa" / "images" / "case0.png", "log": log}
     finally:
-        demo.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=STOP_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_served_app_answers_and_serves_only_reports(app):
+    config = json.loads(_fetch(f"{app['url']}config"))  # the page's layout, as Gradio serves it to the browser
+    assert config["title"] == "medtune"
+    assert {"seg-go", "ask-go", "cmp-go", "runs-plot"} <= {c.get("props", {}).get("elem_id") for c in config["components"]}
+    # files of the run folder other than its report are not served, nor anything else on the machine
+    for path in (app["unet"] / "config.yaml", app["image"]):
+        with pytest.raises(urllib.error.HTTPError, match="403"):
+            _fetch(f"{app['url']}gradio_api/file={path}")
 
 
 @pytest.fixture(scope="module")
 def page(app):
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip(NO_BROWSER)
+    pytest.importorskip("playwright", reason="the browser test drives Chromium with Playwright: pip install "
+                                             "'medtune[test]'")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=app["exe"], args=["--no-sandbox", "--disable-gpu"])
+        browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1300, "height": 1100})
         page.set_default_timeout(WAIT_MS)
         page.goto(app["url"])
@@ -164,7 +231,10 @@ def test_segment_threshold_ask_compare_and_runs_in_chromium(app, page, tmp_path)
     page.click("#seg-go")
     page.wait_for_function("() => /mask\\(s\\)|no mask/.test(document.querySelector('#seg-status').innerText)")
     answer = page.input_value("#seg-answer textarea")
-    assert answer == app["bench"].predict("segvlm", app["image"], prompt=prompt).answer  # greedy: deterministic
+    # what `medtune predict` answers in the app's environment (greedy: deterministic)
+    _in_app_venv("predict", str(app["segvlm"]), str(app["image"]), "--out", str(tmp_path / "segvlm"), "--prompt",
+                 prompt)
+    assert answer == json.loads((tmp_path / "segvlm" / "predict.json").read_text())["answers"][str(app["image"])]
     n_seg = answer.count("[SEG]")
     status = page.inner_text("#seg-status")
     assert (f"{n_seg} mask(s)" in status) if n_seg else ("no mask" in status)
@@ -189,9 +259,11 @@ def test_segment_threshold_ask_compare_and_runs_in_chromium(app, page, tmp_path)
     page.fill("#ask-question textarea", QUESTION)
     page.click("#ask-go")
     page.wait_for_function("() => document.querySelector('#ask-label textarea')?.value.trim().length > 0")
-    expected = app["bench"].predict("vlm", app["answer_image"], question=QUESTION)
-    assert page.input_value("#ask-answer textarea") == expected.answer
-    assert page.input_value("#ask-label textarea") == (expected.label or "(the run has no label set)")
+    _in_app_venv("predict", str(app["vlm"]), str(app["answer_image"]), "--out", str(tmp_path / "vlm"), "--question",
+                 QUESTION)
+    expected = json.loads((tmp_path / "vlm" / "answers.json").read_text())["answers"][0]
+    assert page.input_value("#ask-answer textarea") == expected["answer"]
+    assert page.input_value("#ask-label textarea") == (expected["label"] or "(the run has no label set)")
 
     # Compare: U-Net and segmenting VLM on the same test image, the U-Net's per-image metrics from its evaluation
     page.click("button[role=tab]:has-text('Compare')")
@@ -244,11 +316,6 @@ def test_bad_input_is_a_message_in_the_page(app, page, tmp_path):
         f.truncate(BIG_UPLOAD_MB * 1024 * 1024)
     _upload(page, "seg-file", big)
     page.wait_for_function("() => /exceed|too large|maximum/i.test(document.body.innerText)")
-
-    # files of the run folder other than its report are not served, nor anything else on the machine
-    for path in (app["unet"] / "config.yaml", app["image"]):
-        with pytest.raises(urllib.error.HTTPError, match="403"):
-            _fetch(f"{app['url']}gradio_api/file={path}")
 
     # the app still serves: the U-Net segments again
     _pick(page, "seg-run", "unet")
