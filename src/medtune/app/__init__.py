@@ -1,6 +1,7 @@
 """`medtune app RUN [RUN ...]`: a local web app (Gradio) to segment, ask, compare and watch runs in the browser.
 
-Gradio is an optional extra (``pip install 'medtune[app]'``) imported only here, when the app starts."""
+Gradio is an optional extra (``pip install 'medtune[app]'``) imported only here, when the app starts. It belongs in an
+environment of its own (``make app-venv``): Gradio pins pillow<13, medtune's preprocessing parity needs Pillow 13."""
 from __future__ import annotations
 
 import logging
@@ -24,7 +25,8 @@ def build_app(run_dirs: list[str | Path], checkpoint: str = "best", device=None,
     try:
         from medtune.app.ui import build_ui
     except ImportError as err:
-        raise UserError(f"medtune app needs Gradio ({err}): pip install 'medtune[app]'") from None
+        raise UserError(f"medtune app needs Gradio ({err}): `make app-venv`, or pip install 'medtune[app]' in a "
+                        "separate venv (Gradio pins pillow<13)") from None
     return bench, build_ui(bench)
 
 
