@@ -24,7 +24,12 @@ def load_run_model(run_dir: str | Path, checkpoint: str = "best", device=None,
     if overrides:
         cfg = build_config(cfg.model_dump(mode="json"), overrides, source=str(run_dir / "config.yaml"))
     ckpt = find_checkpoint(run_dir, checkpoint)
-    model = build_model(cfg)
+    # weights the checkpoint does not hold (the random frozen base of a tiny preset) are the same in every load, so
+    # `medtune app` and `medtune predict` in another process compute with the same model; the caller's RNG stream
+    # is left as it was
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        model = build_model(cfg)
     load_checkpoint(ckpt, model, restore_rng=False)
     model.to(device or default_device()).eval()
     return cfg, model, ckpt
