@@ -50,11 +50,9 @@ def build(family: str, mode: str, args):
     image = torch.rand(args.batch, 3, args.size, args.size, generator=g) * 0.5 + mask * 0.5
     fov = torch.ones_like(mask)
     if family == "segvlm":
-        codec = model.text_codec()
-        question, answer = conversation([None], cfg)
-        enc = codec.encode(question, answer)
-        batch = collate([{"id": f"img{i}", "image": image[i], "mask": mask[i], "fov": fov[i],
-                          "pad_token_id": codec.pad_token_id, **enc} for i in range(args.batch)])
+        questions, answers = conversation([None], cfg)
+        batch = collate([{**model.encode(image[i], questions, answers, f"img{i}"), "mask": mask[i], "fov": fov[i]}
+                         for i in range(args.batch)])
     else:
         batch = {"image": image, "mask": mask, "fov": fov}
     return cfg, model, batch, task_for(cfg).make_loss(cfg)

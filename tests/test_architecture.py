@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Lowest first. A module may import its own layer and the layers below it, never a layer above.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("medtune.errors", "medtune.config", "medtune.atomic")),
+    ("core", ("medtune.errors", "medtune.config", "medtune.atomic", "medtune.threads")),
     ("foundations", ("medtune.data", "medtune.metrics", "medtune.stats", "medtune.calibration", "medtune.losses",
                      "medtune.rewards", "medtune.policy", "medtune.answers", "medtune.text_policy")),
     ("models", ("medtune.models", "medtune.inference")),

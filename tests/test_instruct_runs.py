@@ -240,17 +240,9 @@ def test_bad_input_is_one_clear_line(runs, tmp_path, capsys):
         assert "needs a CUDA GPU" in err
 
 
-@pytest.mark.slow
-@pytest.mark.ci
-def test_two_process_instruction_tuning_equals_one_process(runs, tmp_path):
-    """Same global batch on 1 and on 2 gloo processes: same losses and the same adapter. The answers differ in length
-    (1 to 9 tokens), so this holds only because the loss is normalised by the global number of answer tokens."""
-    import os
-    import subprocess
-    import sys
-
-    from medtune.runs.load import load_run_model
-
+def _uneven_answers(runs, tmp_path):
+    """The training set with answers of 1 to 9 tokens: a per-micro-batch (or per-process) token mean then weighs
+    tokens unequally, so equalities between batchings below hold only with the global token normalisation."""
     root = runs["root"]
     entries = json.loads((root / "data" / "train.json").read_text())
     for i, e in enumerate(entries):
@@ -259,25 +251,52 @@ def test_two_process_instruction_tuning_equals_one_process(runs, tmp_path):
     data = tmp_path / "train.json"
     data.write_text(json.dumps(entries))
 
-    def cfg(name):
+    def cfg(name, *overrides):
         return sft_cfg(root, "llava", f"run.output_dir={tmp_path / 'runs'}", f"data.path={data}",
                        f"data.image_root={root / 'data'}", "lora.dropout=0.0", "train.preflight=false",
-                       "optim.max_steps=3", "train.eval_every=100", "train.save_every=3", name=name)
+                       "optim.max_steps=3", "train.eval_every=100", "train.save_every=3", *overrides, name=name)
 
-    one = train(cfg("one"))
-    cfg_path = tmp_path / "two.yaml"
-    cfg_path.write_text(cfg("two").to_yaml())
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29531", "-m", "medtune.cli", "train", str(cfg_path)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    two = tmp_path / "runs" / "two"
+    return cfg
+
+
+def _same_training(one, two):
+    from medtune.runs.load import load_run_model
+
     losses = [[r["loss"] for r in read_metrics(run) if "loss" in r] for run in (one, two)]
     assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4, abs=1e-5)
     m1, m2 = load_run_model(one, "last", "cpu")[1], load_run_model(two, "last", "cpu")[1]
     for (n1, p1), (n2, p2) in zip(m1.trainable_named_parameters(), m2.trainable_named_parameters()):
         assert n1 == n2 and torch.allclose(p1, p2, atol=1e-5), n1
+
+
+def test_gradient_accumulation_equals_one_big_batch(runs, tmp_path):
+    """2 micro-batches of 2 = one batch of 4: same losses and adapter (uneven answer lengths, see _uneven_answers)."""
+    cfg = _uneven_answers(runs, tmp_path)
+    one = train(cfg("big", "data.batch_size=4", "optim.grad_accum=1"))
+    two = train(cfg("accumulated", "data.batch_size=2", "optim.grad_accum=2"))
+    _same_training(one, two)
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+@pytest.mark.parametrize("batch, accum, port", [(4, 1, 29531), (2, 2, 29532)])
+def test_two_process_instruction_tuning_equals_one_process(runs, tmp_path, batch, accum, port):
+    """The global batch of 4 on 1 process, and on 2 gloo processes (also as 2 accumulated micro-batches of 2):
+    same losses and the same adapter."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = _uneven_answers(runs, tmp_path)
+    one = train(cfg("one", "data.batch_size=4"))
+    cfg_path = tmp_path / "two.yaml"
+    cfg_path.write_text(cfg("two", f"data.batch_size={batch}", f"optim.grad_accum={accum}").to_yaml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), "-m", "medtune.cli", "train", str(cfg_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _same_training(one, tmp_path / "runs" / "two")
 
 
 @pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("deepspeed_zero2", "DEEPSPEED"), ("fsdp", "FSDP")])

@@ -314,7 +314,8 @@ def with_fp16_on_cpu(monkeypatch) -> None:
 
 
 def scaler_state(run) -> dict:
-    return torch.load(run / "checkpoints" / "last" / "trainer_state.pt", weights_only=True)["scaler"]
+    # the loss scaler is part of accelerate's state, saved by save_state into the checkpoint's engine/ folder
+    return torch.load(run / "checkpoints" / "last" / "engine" / "scaler.pt", weights_only=True)
 
 
 def test_fp16_overflow_is_a_skipped_step_and_the_loss_scale_survives_resume_and_preflight(tmp_path, monkeypatch):

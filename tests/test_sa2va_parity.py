@@ -90,11 +90,12 @@ def test_sa2va_parity(parity, case):
     image = torch.from_numpy(rgb).permute(2, 0, 1)[None]  # uint8, the file's own pixels
     h, w = rgb.shape[:2]
     question = meta["question"].removeprefix(QUESTION_IMAGE)
-    answer = meta["answer"].removesuffix(seg.text_codec().end_of_turn)
+    codec = seg.text_codec()
+    answer = meta["answer"].removesuffix(codec.tokenizer.convert_ids_to_tokens(codec.end_of_turn_id))
 
-    # the prompt: Sa2VA's tiling decides the number of image tokens
-    assert seg.num_tiles(h, w) == info["num_tiles"]
-    enc = seg.text_codec().encode(question, answer, num_tiles=seg.num_tiles(h, w))
+    # the prompt: Sa2VA's tiling (the VLM's own image processor) decides the number of image tokens
+    enc = seg.encode(image[0], question, answer)
+    assert enc["pixel_values"].shape[0] == info["num_tiles"]
     assert torch.equal(enc["input_ids"], r["input_ids"])
     seg_positions = torch.nonzero(enc["input_ids"] == seg.seg_token_id)[:, 0]
     assert torch.equal(seg_positions, r["seg_positions"])
@@ -127,7 +128,7 @@ def test_sa2va_parity(parity, case):
 
 def test_sa2va_import_records_unused_tensors_and_tiling(parity):
     seg, _, _ = parity
-    folder = Path(seg.processing.tokenizer.name_or_path).parent
+    folder = Path(seg.processor.tokenizer.name_or_path).parent
     unused = json.loads((folder / "unused_tensors.json").read_text())["tensors"]
     # SAM 2's video-only tensors (fixture README: 79 of them), each with its shape
     assert len(unused) == 79 and all(isinstance(s, list) for s in unused.values())
@@ -135,7 +136,8 @@ def test_sa2va_import_records_unused_tensors_and_tiling(parity):
     meta = json.loads((folder / "segvlm.json").read_text())
     # Sa2VA's SAM mean/std tensors are bfloat16: 0.456 becomes 0.455078125
     assert meta["sam_image_mean"][1] == 0.455078125 and meta["sam_image_mean"] == seg.sam_image_mean
-    assert seg.image_prep.tiling and seg.image_prep.max_tiles == 12
+    image_processor = seg.processor.image_processor  # Sa2VA's tiling, in the VLM's own image processor
+    assert image_processor.crop_to_patches and image_processor.max_patches == 12
 
 
 # ------------------------------------------------------------------------------------------------ the importer
@@ -237,8 +239,8 @@ def test_unknown_language_model_and_remote_code_tokenizer_are_one_line(tmp_path)
 
 # ------------------------------------------------------------------------------------------------ the task's batches
 def test_task_batches_mix_tile_counts_and_keep_sa2va_numbers(parity):
-    """The training data path: each image prepared from its own pixels (1 tile and 13 tiles in one batch, as uint8
-    tensors), the prompts with each image's number of image tokens, masks at data.patch_size; the batched forward
+    """The training data path: each image prepared from its own pixels (1 tile and 13 tiles in one batch; SAM's input
+    as uint8), the prompts with each image's number of image tokens, masks at data.patch_size; the batched forward
     (right padding) gives for each image the logits Sa2VA's low-res mask gives at that size."""
     from PIL import Image
 
@@ -256,12 +258,12 @@ def test_task_batches_mix_tile_counts_and_keep_sa2va_numbers(parity):
         ones = np.ones(rgb.shape[:2], dtype=np.uint8)
         samples.append(LoadedSample(id=case, image=rgb.transpose(2, 0, 1).astype(np.float32) / 255.0, mask=ones,
                                     fov=ones))
-    data = SegVLMDataset(samples, cfg, seg.text_codec(), seg.image_prep)
+    data = SegVLMDataset(samples, cfg, seg.text_codec(), seg.image_prep, seg.seg_token_id)
     items = [data[(i, 0)] for i in range(2)]
-    assert [it["vlm_tiles"].shape[0] for it in items] == [1, 13] and items[1]["vlm_tiles"].dtype == torch.uint8
+    assert [it["pixel_values"].shape[0] for it in items] == [1, 13] and items[1]["sam_image"].dtype == torch.uint8
     assert all(torch.equal(it["input_ids"], ref[f"{case}.input_ids"]) for it, case in zip(items, ("square", "wide")))
     batch = collate(items)
-    assert batch["sam_image"].shape == (2, 3, 1024, 1024) and batch["vlm_tiles"].shape[0] == 14
+    assert batch["sam_image"].shape == (2, 3, 1024, 1024) and batch["pixel_values"].shape[0] == 14
     with torch.no_grad():
         out = seg(batch=batch)
     logits, target, _ = mask_targets(out, batch)

@@ -56,6 +56,24 @@ def test_training_passes_the_preflight_and_validates_by_dice(trained):
     assert_logs_mfu(run)
 
 
+@pytest.mark.parametrize("vlm", ["qwen2_5_vl"])
+def test_medtune_train_of_a_qwen_vl_segmenting_vlm(vlm, tmp_path):
+    """The segmenting VLM is the plain VLM + the mask head: a tiny Qwen2.5-VL (dynamic resolution, per-image
+    ``image_grid_thw``, multimodal RoPE) trains through `medtune train`, its preflight passing."""
+    from medtune.cli import main
+
+    cfg = segvlm_cfg(tmp_path, "qwen", steps=2, extra=(f"model.config={{preset: tiny, vlm: {vlm}}}",
+                                                       "train.eval_every=2", "train.save_every=2"))
+    config = tmp_path / "qwen.yaml"
+    config.write_text(cfg.to_yaml())
+    assert main(["train", str(config)]) == 0
+    run = tmp_path / "runs" / "qwen"
+    assert json.loads((run / "preflight.json").read_text())["passed"]
+    records = read_metrics(run)
+    assert len([r for r in records if "loss" in r]) == 2 and all("loss_lm" in r for r in records if "loss" in r)
+    assert [r["step"] for r in records if "val_dice" in r] == [2]
+
+
 def test_training_never_calls_generate(tmp_path, monkeypatch):
     """Training through generate() (no_grad) is how LISA/Sa2VA fine-tunes learned nothing: make it impossible."""
     from transformers.generation.utils import GenerationMixin
@@ -251,9 +269,9 @@ def test_two_expressions_give_two_targets_and_two_seg_tokens(tmp_path):
                             "model.finetune=lora"])
     model = build_model(cfg)
     loaded = [load_sample(s, cfg.data) for s in discover(cfg.data)]
-    item = SegVLMDataset(loaded, cfg, model.text_codec(), model.image_prep)[(0, 0)]
+    item = SegVLMDataset(loaded, cfg, model.text_codec(), model.image_prep, model.seg_token_id)[(0, 0)]
     assert item["mask"].shape == (2, 48, 48)  # two targets, not one union
-    assert int((item["input_ids"] == model.text_codec().seg_token_id).sum()) == 2
+    assert int((item["input_ids"] == model.seg_token_id).sum()) == 2
     assert item["mask"][0, 10, 10] == 1 and item["mask"][0, 35, 35] == 0 and item["mask"][1, 35, 35] == 1
     batch = collate([item, item])
     out = model(batch=batch)
@@ -340,7 +358,7 @@ def test_two_expressions_learn_two_different_masks(tmp_path):
     model = build_model(cfg)
     task = task_for(cfg)
     loaded = [load_sample(s, cfg.data) for s in discover(cfg.data)]
-    dataset = SegVLMDataset(loaded, cfg, model.text_codec(), model.image_prep)
+    dataset = SegVLMDataset(loaded, cfg, model.text_codec(), model.image_prep, model.seg_token_id)
     loss_fn = task.make_loss(cfg)
     params = [p for n, p in model.named_parameters() if p.requires_grad and ".vlm." not in n]
     assert params and len(params) < sum(p.requires_grad for p in model.parameters())
@@ -372,7 +390,7 @@ def test_answer_without_seg_is_one_clear_line(tmp_path):
     model = build_model(cfg)
     loaded = [load_sample(s, cfg.data) for s in discover(cfg.data)]
     with pytest.raises(DataError, match=r"sample a: the target answer .* holds 0 \[SEG\] token\(s\) for 2 target"):
-        SegVLMDataset(loaded, cfg, model.text_codec(), model.image_prep)
+        SegVLMDataset(loaded, cfg, model.text_codec(), model.image_prep, model.seg_token_id)
 
 
 def test_segvlm_loss_defaults_are_recorded_in_the_resolved_config():

@@ -1,12 +1,14 @@
 """End-to-end supervised runs on tiny models: run folder contract, checkpoints, resume, multi-process, eval."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,6 +141,80 @@ def test_two_process_gloo_matches_one_process(tmp_path):
         assert torch.allclose(m1(x), m2(x), atol=1e-4)
 
 
+def _torchrun(port: int, *args: str, **kw):
+    """`medtune` on 2 gloo processes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(port), "-m", "medtune.cli", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _descendants(pid: int) -> list[int]:
+    """pid's child processes, their children, ... (from /proc): torchrun starts its workers in sessions of their own,
+    so killing its process group does not reach them."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found += children
+        todo += children
+    return found
+
+
+def _kill_9_tree(proc) -> None:
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _finish(proc, timeout=300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_two_process_kill_9_then_resume_gives_bit_identical_weights(tmp_path):
+    """2 gloo processes with dropout (each rank its own random stream), killed with SIGKILL mid-run (no handler, no
+    final save), resumed from the last checkpoint: the final weights equal the uninterrupted run's bit for bit. Only
+    true if every rank gets back its own optimizer state and RNG state: rank 0's RNG on rank 1 changes its dropout."""
+    from safetensors.torch import load_file
+
+    steps, save_every = 200, 10  # the tiny steps take milliseconds: enough of them that the kill lands mid-run
+    opts = ("train.preflight=false", "train.eval_every=100", f"train.save_every={save_every}",
+            "model.config={channels: [4, 8, 16], strides: [2, 2], num_res_units: 1, dropout: 0.3}")
+    full_cfg = _write_cfg(tmp_path, tiny_cfg(tmp_path, *opts, steps=steps, name="full"), "full.yaml")
+    killed_cfg = _write_cfg(tmp_path, tiny_cfg(tmp_path, *opts, steps=steps, name="killed"), "killed.yaml")
+    full, killed = tmp_path / "runs" / "full", tmp_path / "runs" / "killed"
+    _finish(_torchrun(29541, "train", str(full_cfg)))
+
+    proc = _torchrun(29542, "train", str(killed_cfg))
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(losses(killed)) < 2 * save_every + 2:
+        time.sleep(0.05)
+    _kill_9_tree(proc)  # torchrun and both workers, at once, with no chance to save
+    proc.communicate(timeout=60)
+    killed_at = len(losses(killed))
+    assert 2 * save_every + 2 <= killed_at < steps, "the kill must land mid-run, after a checkpoint"
+    _finish(_torchrun(29543, "train", "--resume", str(killed)))
+
+    assert losses(killed) == losses(full)
+    a = load_file(str(full / "checkpoints" / "last" / "model" / "model.safetensors"))
+    b = load_file(str(killed / "checkpoints" / "last" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # each rank's RNG state is its own file in the checkpoint, and the two streams do differ
+    engine = killed / "checkpoints" / "last" / "engine"
+    states = [torch.load(engine / f"random_states_{r}.pkl", weights_only=False)["torch_manual_seed"] for r in (0, 1)]
+    assert not torch.equal(states[0], states[1])
+
+
 @pytest.mark.realdata
 def test_short_real_training_and_eval_on_drive(tmp_path):
     """A short U-Net run on real DRIVE, calibrated on a val split carved from training, evaluated on its test set."""
@@ -162,3 +238,76 @@ def test_short_real_training_and_eval_on_drive(tmp_path):
     # 60 steps is far from converged (the benchmark reaches ~0.8): this checks the pipeline learns real vessels
     assert pooled["dice"] > 0.45 and pooled["auc"] > 0.85, pooled
     assert summary["n_images"] == 20 and summary["calibration"]["strategy"] == "max_dice"
+
+
+class _TwoProcessStub:
+    """What micro_batch_weights asks of an accelerator, as rank 0 of 2 whose peer holds `peer_units` units."""
+
+    def __init__(self, peer_units: float):
+        self.device, self.num_processes, self.peer_units = torch.device("cpu"), 2, peer_units
+
+    def reduce(self, tensor, reduction):
+        assert reduction == "sum"
+        return tensor + self.peer_units
+
+
+def test_micro_batch_weights_by_hand():
+    """Each micro-batch's mean loss is weighted by its units x processes / all units of the optimizer step."""
+    from types import SimpleNamespace
+
+    from medtune.train.sft import micro_batch_weights
+
+    tokens = SimpleNamespace(loss_units=lambda b: torch.tensor(float(b["n"])))
+    # 3 and 1 supervised tokens here, 4 on the other process: 3 x 2 / 8 and 1 x 2 / 8
+    weights = micro_batch_weights([{"n": 3}, {"n": 1}], tokens, _TwoProcessStub(4.0))
+    assert [float(w) for w in weights] == [0.75, 0.25]
+    # no loss_units: samples count; 4 and 2 images here, 6 there -> 4 x 2 / 12, 2 x 2 / 12
+    per_sample = SimpleNamespace(loss_units=None)
+    weights = micro_batch_weights([{"ids": list("abcd")}, {"ids": list("ef")}], per_sample, _TwoProcessStub(6.0))
+    assert [float(w) for w in weights] == pytest.approx([2 / 3, 1 / 3])
+    # nothing supervised anywhere: weights 0, not NaN
+    assert [float(w) for w in micro_batch_weights([{"n": 0}], tokens, _TwoProcessStub(0.0))] == [0.0]
+
+
+def test_an_adapter_saved_from_gathered_weights_holds_those_weights(tmp_path):
+    """FSDP shards the live parameters, so a checkpoint's adapter/ is written from the full state dict the engine
+    gathered (keys as SegModel.state_dict()): what lands in the PEFT folder are those values, not the live ones."""
+    from medtune.models.lora import load_trainable, save_trainable
+    from medtune.models.registry import build_model
+
+    cfg = tiny_cfg(tmp_path, "model.finetune=lora")
+    live, fresh = build_model(cfg), build_model(cfg)
+    gathered = {k: (torch.full_like(v, 0.5) if "lora_B" in k else v.clone()) for k, v in live.state_dict().items()}
+    save_trainable(live, tmp_path / "ckpt", state_dict=gathered)
+    load_trainable(fresh, tmp_path / "ckpt")
+    loaded = dict(fresh.state_dict())
+    lora_b = [k for k in gathered if "lora_B" in k]
+    assert lora_b and all(torch.equal(loaded[k], gathered[k]) for k in lora_b)
+    assert not any(torch.equal(live.state_dict()[k], gathered[k]) for k in lora_b)  # the live ones are zeros
+
+
+def test_a_checkpoint_from_before_engine_state_still_resumes_exactly(tmp_path):
+    """Checkpoints written before engine/ existed kept optimizer and RNG in trainer_state.pt: one rewritten into that
+    form resumes to the same final weights as the uninterrupted run."""
+    import random
+    import shutil
+
+    from safetensors.torch import load_file
+
+    opts = ("train.save_every=2", "train.keep_last=5", "train.preflight=false")
+    run = train(tiny_cfg(tmp_path, *opts, steps=4, name="full"))
+    final = load_file(str(run / "checkpoints" / "last" / "model" / "model.safetensors"))
+    ckpt = run / "checkpoints" / "step-2"
+    engine = ckpt / "engine"
+    blob = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    rng = torch.load(engine / "random_states_0.pkl", weights_only=False)
+    blob.update(optimizer=torch.load(engine / "optimizer.bin", weights_only=True), scaler=None,
+                rng={"torch": rng["torch_manual_seed"], "python": rng["random_state"]})
+    torch.save(blob, ckpt / "trainer_state.pt")
+    shutil.rmtree(engine)
+    for name in ("last", "step-4", "best"):
+        shutil.rmtree(run / "checkpoints" / name, ignore_errors=True)
+    random.seed(12345)  # whatever state the process is in: the checkpoint's RNG must win
+    train(tiny_cfg(tmp_path, *opts, steps=4, name="full"), resume=run)
+    resumed = load_file(str(run / "checkpoints" / "last" / "model" / "model.safetensors"))
+    assert all(torch.equal(final[k], resumed[k]) for k in final)

@@ -9,7 +9,14 @@ import torch
 from helpers import tiny_cfg
 
 from medtune.runs.files import read_metrics
-from medtune.train.utilisation import StepFlops, count_flops, measure_matmul_peak, mfu
+from medtune.train.utilisation import (
+    StepFlops,
+    count_flops,
+    measure_matmul_peak,
+    mfu,
+    published_bf16_peak,
+    reference_peak,
+)
 
 
 def test_linear_flops_by_hand_full_and_frozen_weight():
@@ -73,6 +80,10 @@ def test_run_logs_mfu_from_its_own_first_step_and_excludes_validation_time(tmp_p
         # would be below 8 images / 1 s
         assert r["images_per_s"] > 8 / (2 * slow_validation_s)
     assert info["peak"]["device"] == "cpu" and info["peak"]["flops_per_s"] > 0
+    # a CPU has no published peak: the reference is the measured one, said so, and both MFUs agree
+    assert info["reference_peak"]["source"].startswith("measured")
+    assert all(r["mfu_published"] == pytest.approx(r["mfu"]) for r in records)
+    assert info["counted_shapes"] == 1  # the U-Net's patches all have one shape: counted once
 
     from medtune.config import load_config
     from medtune.models.registry import build_model
@@ -113,3 +124,48 @@ def test_a_peak_measured_under_load_is_measured_again(tmp_path, monkeypatch):
     assert calls[0] is False and True in calls
     assert json.loads((run / "utilisation.json").read_text())["peak"]["flops_per_s"] > 1e8
     assert all(0 < r["mfu"] < 1 for r in read_metrics(run) if "mfu" in r)
+
+
+def test_step_flops_counts_each_batch_shape_once_and_estimates_past_the_cap():
+    """Variable-length batches: each shape is counted the first time it runs (by hand: forward + dL/dW of a bias-free
+    Linear(4, 4) = 2 x 2 x rows x 4 x 4), a repeat reuses its count, and past max_shapes a step is estimated from
+    the counted FLOPs per image."""
+    layer = torch.nn.Linear(4, 4, bias=False)
+    counter = StepFlops(max_shapes=2)
+
+    def step(rows):
+        x = torch.randn(rows, 4)
+        with counter.counting(n_images=rows, batch={"x": x}):
+            layer(x).sum().backward()
+
+    def by_hand(rows):
+        return 2 * 2 * rows * 4 * 4
+
+    step(2)
+    step(8)
+    assert counter.shapes == 2 and counter.window == by_hand(2) + by_hand(8) and counter.total == by_hand(2)
+    step(8)  # the same shape again: its count, not a new one
+    assert counter.shapes == 2 and counter.window == by_hand(2) + 2 * by_hand(8)
+    step(5)  # a third shape beyond the cap: FLOPs per image of the counted steps (2 + 8 images) x 5
+    assert counter.shapes == 2 and counter.estimated_steps == 1
+    assert counter.window == pytest.approx(by_hand(2) + 2 * by_hand(8) + (by_hand(2) + by_hand(8)) / 10 * 5)
+    assert counter.per_image == pytest.approx((by_hand(2) + by_hand(8)) / 10)
+
+
+@pytest.mark.parametrize("name, device, tflops", [
+    ("NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM", 989.0), ("NVIDIA H100 PCIe", "NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H200", "NVIDIA H200 SXM", 989.0), ("NVIDIA A100-SXM4-80GB", "NVIDIA A100", 312.0),
+    ("NVIDIA A100 80GB PCIe", "NVIDIA A100", 312.0), ("NVIDIA A10", "NVIDIA A10", 125.0),
+    ("NVIDIA L40S", "NVIDIA L40S", 362.0), ("NVIDIA L4", "NVIDIA L4", 121.0),
+])
+def test_published_bf16_peak_by_device_name(name, device, tflops):
+    assert published_bf16_peak(name) == (device, tflops * 1e12)
+
+
+def test_unlisted_gpus_and_cpus_fall_back_to_the_measured_peak_labelled_as_such():
+    from medtune.train.utilisation import Peak
+
+    assert published_bf16_peak("NVIDIA A10G") is None and published_bf16_peak("Tesla T4") is None
+    measured = Peak(3e11, "float32", "cpu", 1024)
+    ref = reference_peak("cpu", measured)
+    assert ref.flops_per_s == 3e11 and ref.source.startswith("measured")

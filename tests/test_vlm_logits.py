@@ -201,18 +201,13 @@ def test_segvlm_lm_loss_and_gradients_equal_full_logits(vlm, tmp_path):
     with torch.no_grad():
         for _, p in seg.trainable_named_parameters():
             p.add_(0.1 * torch.randn(p.shape, generator=g))
-    codec = seg.text_codec()
+    from medtune.models.vlm.seg.model import collate as collate_seg
+
     question = "Please segment the vessel in this image."
-    encoded = [codec.encode(question, a) for a in ("It is [SEG].", "Sure, [SEG] and [SEG].")]
-    length = max(len(e["input_ids"]) for e in encoded)
-
-    def pad(x, value):
-        return torch.cat([x, torch.full((length - len(x),), value, dtype=torch.long)])
-
-    batch = {"image": torch.rand(2, 3, 40, 48, generator=g),
-             "input_ids": torch.stack([pad(e["input_ids"], codec.pad_token_id) for e in encoded]),
-             "labels": torch.stack([pad(e["labels"], -100) for e in encoded]),
-             "attention_mask": torch.stack([pad(e["attention_mask"], 0) for e in encoded])}
+    images = torch.rand(2, 3, 40, 48, generator=g)
+    batch = collate_seg([seg.encode(images[i], question, a, f"s{i}")
+                         for i, a in enumerate(("It is [SEG].", "Sure, [SEG] and [SEG]."))])
+    length = batch["input_ids"].shape[1]
     head = seg.base_network.vlm
     rows, handle = _head_rows(head)
     full_loss, full_grads = _loss_and_grads(seg, lambda: seg(batch={**batch, LOGITS_AT: ALL_POSITIONS}).lm_loss)
@@ -227,7 +222,7 @@ def test_segvlm_lm_loss_and_gradients_equal_full_logits(vlm, tmp_path):
     # masks without labels (prediction, teacher-forced evaluation) need no token logits at all
     rows.clear()
     with torch.no_grad():
-        masks = seg.teacher_forced_masks(batch["image"][:1], "Please segment the vessel in this image.", "It is [SEG].")
+        masks = seg.teacher_forced_masks(images[:1], "Please segment the vessel in this image.", "It is [SEG].")
     handle.remove()
     assert rows == [0] and masks.shape == (1, 40, 48)
 

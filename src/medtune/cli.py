@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from medtune.errors import UserError
+from medtune.threads import prepare_openmp
 
 
 def _train(args) -> None:
@@ -253,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prepare_openmp()  # before anything imports torch: OpenMP reads its wait policy once, when torch loads it
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

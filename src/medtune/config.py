@@ -206,6 +206,9 @@ class TrainCfg(Section):
     # and config, so any change recomputes. Needs inputs that repeat: data.sampling=whole_image, no augmentation.
     feature_cache: Literal["off", "memory", "disk"] = "off"
     feature_cache_dir: str | None = None
+    # CPU threads of torch's intra-op pool; None: OMP_NUM_THREADS when set, else the cores this process may use
+    # (affinity, cgroup quota) shared by the processes launched on the machine (medtune.threads; RUN/env.json)
+    threads: int | None = Field(None, ge=1)
 
     @field_validator("feature_cache", mode="before")
     @classmethod

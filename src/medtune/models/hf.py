@@ -56,8 +56,9 @@ def resolve_local_folder(value: str, key: str, cfg: Config) -> Path:
             data = json.loads(config_json.read_text())
         except json.JSONDecodeError as err:
             raise UserError(f"{config_json} is not valid JSON ({err}); re-save the model") from None
-        # a Hulu-Med folder in family vlm is loaded by medtune's own implementation: its auto_map never runs
-        native = cfg.model.family == "vlm" and is_hulumed_config(data)
+        # a Hulu-Med folder of a VLM family (vlm, or segvlm's VLM) is loaded by medtune's own implementation: its
+        # auto_map never runs
+        native = cfg.model.family in ("vlm", "segvlm") and is_hulumed_config(data)
         if data.get("auto_map") and not cfg.model.trust_remote_code and not native:
             raise ConfigError(
                 f"{config_json} ({key}) declares custom model code (auto_map: {data['auto_map']}); loading it would "

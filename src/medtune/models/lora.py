@@ -192,16 +192,26 @@ def merged_copy(net: nn.Module) -> nn.Module:
     return copy.deepcopy(net).merge_and_unload()
 
 
-def save_trainable(seg_model: SegModel, out_dir: str | Path) -> Path:
-    """LoRA: ``out_dir/adapter`` in PEFT format; full: ``out_dir/model`` as a base folder (usable as model.path)."""
+def save_trainable(seg_model: SegModel, out_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """LoRA: ``out_dir/adapter`` in PEFT format; full: ``out_dir/model`` as a base folder (usable as model.path).
+
+    `state_dict`: the model's full weights gathered by the engine (FSDP shards them, so the live parameters are only
+    this rank's pieces), keyed as in ``seg_model.state_dict()``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if seg_model.is_peft:
         target = out_dir / ADAPTER_DIR
-        seg_model.net.save_pretrained(str(target), safe_serialization=True)
+        net_state = None
+        if state_dict is not None:  # PEFT picks the adapter's entries out of the network's full state dict
+            prefix = "net."
+            net_state = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        seg_model.net.save_pretrained(str(target), safe_serialization=True, state_dict=net_state)
         if not (target / ADAPTER_FILE).is_file():
             raise RuntimeError(f"PEFT did not write {target / ADAPTER_FILE}")
         return target
+    if state_dict is not None:
+        raise UserError("full fine-tuning under FSDP cannot write the checkpoint's model/ folder (the weights are "
+                        "sharded); use model.finetune=lora, or the DDP / DeepSpeed ZeRO-2 accelerate config")
     return seg_model.save_base(out_dir / MODEL_DIR)
 
 

@@ -1,10 +1,14 @@
 """Atomic checkpoints: write to a temporary folder, rename into place, only then rotate old ones away.
 
 A checkpoint folder holds the trainable weights (``adapter/`` in PEFT format or ``model/`` for full fine-tuning),
-``trainer_state.pt`` (optimizer, scheduler, fp16 loss scaler, RNG, step, counters) and ``meta.json``. A crash at any
-moment leaves either the previous or the new checkpoint complete, never neither (pitfall 12): a folder under its own
-name is complete by construction, ``.old-NAME`` is the previous one while the new one is being renamed into place,
-and ``.tmp-*`` / ``.deleting-*`` are half-written or half-deleted leftovers that ``recover_checkpoints`` removes.
+``engine/`` (accelerate's ``save_state``: optimizer, fp16 loss scaler and one RNG file per process; with FSDP or
+DeepSpeed also the engine's own, possibly sharded, weights and optimizer state, written by every rank),
+``trainer_state.pt`` (scheduler, step, counters) and ``meta.json``. Every process takes part in a save and a load
+(FSDP gathers weights collectively; ZeRO / FSDP shard the optimizer per rank; each rank has its own RNG stream).
+Checkpoints written before ``engine/`` existed (optimizer and rank 0's RNG inside ``trainer_state.pt``) still load.
+A crash at any moment leaves either the previous or the new checkpoint complete, never neither (pitfall 12): a folder
+under its own name is complete by construction, ``.old-NAME`` is the previous one while the new one is being renamed
+into place, and ``.tmp-*`` / ``.deleting-*`` are half-written or half-deleted leftovers that ``recover_checkpoints`` removes.
 Files are fsynced before the rename, so the same holds when the machine itself goes down.
 """
 from __future__ import annotations
@@ -22,6 +26,8 @@ import torch
 from medtune.errors import MissingFileError
 from medtune.models.base import SegModel
 from medtune.models.lora import load_trainable, save_trainable
+
+ENGINE_DIR = "engine"  # accelerate's save_state folder inside a checkpoint
 
 
 @dataclass
@@ -96,32 +102,65 @@ def _json_number(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def engine_holds_weights(accelerator) -> bool:
+    """FSDP and DeepSpeed save and load the (sharded) model inside accelerate's state; otherwise the weights live only
+    in ``adapter/`` / ``model/`` (accelerate's copy would repeat the frozen base model in every checkpoint)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def keep_weights_out_of_engine_state(accelerator) -> None:
+    """Hooks so that accelerate's save_state / load_state skip the plain (non-FSDP, non-DeepSpeed) model: its weights
+    are the checkpoint's adapter/ or model/ folder, written and read by save_trainable / load_trainable."""
+    accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
+    accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
+
+
 def save_checkpoint(ckpt_root: Path, name: str, model: SegModel, optimizer, scheduler, state: TrainerState,
-                    extra_meta: dict | None = None, scaler=None) -> Path:
-    """`scaler`: the fp16 loss scaler (accelerator.scaler) or None; its scale is part of an exact resume."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_trainable(model, tmp)
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": _rng_state(),
-            "trainer": asdict(state),
-        },
-        tmp / "trainer_state.pt",
-    )
-    meta = {"step": state.step, "best_metric": state.best_metric, "best_step": state.best_step, **(extra_meta or {})}
-    meta = {k: _json_number(v) for k, v in meta.items()}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
-    _fsync_tree(tmp)
-    final = ckpt_root / name
-    _replace_dir(tmp, final)
-    return final
+                    extra_meta: dict | None = None, scaler=None, accelerator=None, engine_model=None) -> Path:
+    """Call on every process when `accelerator` is given (optimizer, scaler and each rank's RNG go through
+    accelerate's save_state; `engine_model` is the prepared model, whose full weights FSDP gathers on every rank).
+    Without it (a single process outside a run): optimizer, scaler and RNG go into trainer_state.pt."""
+    is_main = accelerator is None or accelerator.is_main_process
+    # one temporary folder all processes write into: named after the main process's pid, which every rank learns
+    pid = os.getpid()
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        pid = broadcast_object_list([pid])[0]
+    tmp = ckpt_root / f".tmp-{name}-{pid}"
+    if is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+        gathered = None
+        if engine_holds_weights(accelerator) and engine_model is not None:
+            gathered = accelerator.get_state_dict(engine_model)  # collective: every rank must call it
+        accelerator.save_state(str(tmp / ENGINE_DIR))
+        accelerator.wait_for_everyone()  # every rank's files are in tmp before the main process renames it
+        if is_main:
+            save_trainable(model, tmp, state_dict=gathered)
+    else:
+        save_trainable(model, tmp)
+    if is_main:
+        blob = {"scheduler": scheduler.state_dict() if scheduler is not None else None, "trainer": asdict(state)}
+        if accelerator is None:
+            blob.update(optimizer=optimizer.state_dict(), scaler=scaler.state_dict() if scaler is not None else None,
+                        rng=_rng_state())
+        torch.save(blob, tmp / "trainer_state.pt")
+        meta = {"step": state.step, "best_metric": state.best_metric, "best_step": state.best_step,
+                **(extra_meta or {})}
+        meta = {k: _json_number(v) for k, v in meta.items()}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
+        _fsync_tree(tmp)
+        _replace_dir(tmp, ckpt_root / name)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return ckpt_root / name
 
 
 def rotate_step_checkpoints(ckpt_root: Path, keep_last: int) -> None:
@@ -182,19 +221,26 @@ def find_checkpoint(run_dir: Path, which: str = "last") -> Path:
 
 
 def load_checkpoint(ckpt: Path, model: SegModel, optimizer=None, scheduler=None, restore_rng: bool = True,
-                    scaler=None) -> TrainerState:
-    load_trainable(model, ckpt)
+                    scaler=None, accelerator=None) -> TrainerState:
+    """With `accelerator` (every process calls it, after accelerator.prepare): optimizer, scaler and this rank's own
+    RNG come from the checkpoint's engine/ folder through accelerate's load_state."""
+    engine = ckpt / ENGINE_DIR
+    if accelerator is None or not engine_holds_weights(accelerator):
+        load_trainable(model, ckpt)
     state_path = ckpt / "trainer_state.pt"
     if optimizer is None and scheduler is None and not restore_rng:
         meta = json.loads((ckpt / "meta.json").read_text())
         return TrainerState(step=meta.get("step", 0))
     blob = torch.load(state_path, map_location="cpu", weights_only=True)
-    if optimizer is not None:
-        optimizer.load_state_dict(blob["optimizer"])
+    if accelerator is not None and engine.is_dir():
+        accelerator.load_state(str(engine))
+    else:  # a single-process save, or a checkpoint from before engine/: rank 0's RNG on every rank
+        if optimizer is not None:
+            optimizer.load_state_dict(blob["optimizer"])
+        if scaler is not None and blob.get("scaler"):
+            scaler.load_state_dict(blob["scaler"])
+        if restore_rng:
+            _set_rng_state(blob["rng"])
     if scheduler is not None and blob["scheduler"] is not None:
         scheduler.load_state_dict(blob["scheduler"])
-    if scaler is not None and blob.get("scaler"):
-        scaler.load_state_dict(blob["scaler"])
-    if restore_rng:
-        _set_rng_state(blob["rng"])
     return TrainerState(**blob["trainer"])

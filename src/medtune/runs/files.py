@@ -15,11 +15,12 @@ import yaml
 
 from medtune.atomic import write_text_atomic
 from medtune.config import Config, ConfigError, build_config
+from medtune.threads import threads_in_use
 
 # Settings that change how a run is logged and saved, not what it trains: `--resume auto` accepts a config that differs
 # from the stored one only in these, and continues with the given values.
 OPERATIONAL_KEYS = ("train.log_every", "train.save_every", "train.save_every_minutes", "train.keep_last",
-                    "train.trackers", "train.preflight", "train.preflight_steps", "data.num_workers")
+                    "train.trackers", "train.preflight", "train.preflight_steps", "data.num_workers", "train.threads")
 _MAX_KEYS_SHOWN = 8
 # RUN/eval/<split>/: per-target metrics of free generation (text-generating tasks), next to per_image.csv
 FREE_GENERATION_CSV = "per_image_free_generation.csv"
@@ -127,7 +128,7 @@ def environment() -> dict:
         "versions": versions,
         "git_commit": _git_commit(),
         "device": device,
-        "torch_threads": torch.get_num_threads(),
+        **threads_in_use(),  # torch_threads and how they were chosen (medtune.threads)
         "argv": sys.argv,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

@@ -99,6 +99,10 @@ class Task:
     prompt_option: Callable[[Config], str | None] | None = None
     higher_is_better: bool = True
     collate: Callable[[list[dict]], dict] = default_collate
+    # loss_units(batch) -> how many supervised units (tokens, pixels) the loss of this process's batch is the mean
+    # over, as a float tensor; the recipe weights micro-batches and processes by it so that gradient accumulation and
+    # N processes equal one big batch. None: every sample weighs alike (masks of one size).
+    loss_units: Callable[[dict], torch.Tensor] | None = None
     # mask tasks: per-target probability maps for calibration / evaluation / RL validation (None: not a mask task)
     target_probabilities: Callable[[torch.nn.Module, LoadedSample, Config, torch.device],
                                    list[TargetPrediction]] | None = None

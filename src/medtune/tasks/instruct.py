@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -88,21 +87,17 @@ def train_collate(items: list[dict]) -> dict:
     return collate(items, padding_side="right")
 
 
-def global_token_count(labels: torch.Tensor) -> torch.Tensor:
-    """Supervised (shifted) tokens in this process's batch, summed over all processes."""
-    n = (labels[:, 1:] != IGNORE_INDEX).sum().to(torch.float32)
-    if dist.is_available() and dist.is_initialized():
-        n = n.clone()
-        dist.all_reduce(n)
-    return n
+def supervised_tokens(batch: dict) -> torch.Tensor:
+    """Supervised (shifted) answer tokens in this process's batch: what its loss is the mean over."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum().to(torch.float32)
 
 
 def make_loss(cfg: Config) -> LossFn:
     def loss(model, batch: dict):
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        # sum over this process's tokens / (global tokens / world): averaged over processes by DDP, this is the
-        # mean over the global batch's tokens, whatever the split of tokens between processes
-        normaliser = global_token_count(batch["labels"]) / world
+        # the mean over this batch's answer tokens (0, not NaN, when it has none); the recipe weights it by
+        # supervised_tokens / the tokens of all micro-batches on all processes, so that accumulated micro-batches and
+        # N processes give the gradient of one big batch's token mean (train/sft.py)
+        normaliser = supervised_tokens(batch).clamp(min=1)
         out = model(batch={**batch, "num_items_in_batch": normaliser})
         return out.lm_loss, {"lm": float(out.lm_loss.detach())}
 
@@ -389,6 +384,7 @@ TASK = Task(
     name="instruct",
     train_dataset=train_dataset,
     make_loss=make_loss,
+    loss_units=supervised_tokens,
     validate=validate,
     selection_metric="val_accuracy",
     evaluate_run=evaluate_run,

@@ -13,10 +13,10 @@ so calibration, metrics, CIs, reports and compare work as for the other families
 (``free_generation``: what ``medtune predict`` does; the model answers each turn itself, and a target whose answer
 holds no ``[SEG]`` is scored as an empty mask).
 
-Images reach the model at their own resolution: the model's ``prepare`` makes the SAM input (PIL bicubic uint8 to
-1024) and the VLM tiles (InternVL's dynamic tiling where the VLM uses it; the prompt gets each image's number of
-tiles) from the sample's pixels, never from a copy shrunk to ``data.patch_size``. Batches hold them as uint8
-tensors (``sam_image`` stacked, ``vlm_tiles`` concatenated). Masks and losses are computed at ``data.patch_size``
+Images reach the model at their own resolution, never as a copy shrunk to ``data.patch_size``: the VLM's processor
+makes its pixels and image tokens (through the plain VLM's ``ChatCodec``; InternVL's dynamic tiling where its image
+processor asks for it), the mask head's SAM input is PIL bicubic uint8 at 1024 (``models.vlm.seg.encode_item``).
+Masks and losses are computed at ``data.patch_size``
 x ``data.patch_size`` (the whole image, squared like SAM's input; Sa2VA computes its loss on the 256 x 256 low-res
 logits against the ground truth resized to them: ``data.patch_size=256`` is that); evaluation and prediction
 upsample the logits to each image's own size as Sa2VA does (256 -> 1024 -> H x W).
@@ -40,6 +40,8 @@ from medtune.data.datasets import loss_region
 from medtune.data.types import DataError, LoadedSample
 from medtune.errors import UserError
 from medtune.losses import ComboLoss
+from medtune.models.vlm.seg.model import collate as collate_items
+from medtune.models.vlm.seg.model import encode_item
 from medtune.runs.load import load_run
 from medtune.tasks import mask_eval, mask_predict, masks
 from medtune.tasks.base import ImagePrediction, LossFn, PredictRequest, TargetPrediction, Task
@@ -47,7 +49,6 @@ from medtune.tasks.masks import pooled_validation
 
 log = logging.getLogger("medtune")
 
-IGNORE_INDEX = -100
 EXAMPLES_KEPT = 5  # generated conversations kept in summary.json to read
 
 
@@ -80,24 +81,24 @@ def _resize_labels(labels: np.ndarray | torch.Tensor, size: int) -> torch.Tensor
 
 
 class SegVLMDataset(Dataset):
-    """Whole images, prepared by the model from their original resolution (``sam_image``, ``vlm_tiles``), with
-    their K target masks at ``data.patch_size`` and the tokenised conversation, keyed by ``(index, epoch)`` like the
-    mask datasets so a resumed run replays the same batches.
+    """Whole images, encoded at their original resolution by the model's ``encode_item`` (the VLM processor's tokens
+    and pixels, the mask head's ``sam_image``), with their K target masks at ``data.patch_size``, keyed by
+    ``(index, epoch)`` like the mask datasets so a resumed run replays the same batches.
 
     Spatial augmentation runs only for class prompts: a flip would turn "the left vessel" into a wrong answer. It
-    runs at the image's resolution (before the model's preprocessing); it keeps the image's size, so the number of
-    tiles and the prompt do not change."""
+    runs at the image's resolution (before the processor); it keeps the image's size."""
 
-    def __init__(self, samples: list[LoadedSample], cfg: Config, codec, prepare):
+    def __init__(self, samples: list[LoadedSample], cfg: Config, codec, prep, seg_token_id: int):
         if not samples:
             raise UserError("the segvlm task needs at least one training sample")
-        self.samples, self.cfg, self.codec = samples, cfg, codec
-        self.prepare = prepare  # the model's image preparation (SegVLMModel.image_prep: picklable)
+        self.samples, self.cfg, self.codec, self.prep = samples, cfg, codec, prep  # picklable (DataLoader workers)
+        self.seg_token_id = seg_token_id
         self.size = int(cfg.data.patch_size)
         self.seed = int(cfg.run.seed)
         self._augment = Augmentation(cfg.data.augment)
-        self._encoded = [encode_sample(s, cfg, codec, _num_tiles(prepare, s))
-                         for s in samples]  # fails now, naming the sample
+        answer = codec.tokenizer(cfg.task.answer, add_special_tokens=False)["input_ids"]
+        for ls in samples:  # fails now, naming the sample
+            _check_seg_count(ls, cfg, len(ls.target_texts()) * answer.count(seg_token_id))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -113,62 +114,31 @@ class SegVLMDataset(Dataset):
         fov = torch.from_numpy(region[None].astype(np.float32))
         if all(t is None for t in ls.target_texts()):
             image, mask, fov = self._augment(image, mask, fov, rng)
-        return {"id": ls.id, **self.prepare(image.clamp(0.0, 1.0)),
-                "mask": (_resize_labels(mask, self.size) > 0.5).float().contiguous(),
-                "fov": (_resize_labels(fov, self.size) > 0.5).float().contiguous(),
-                "pad_token_id": self.codec.pad_token_id, **self._encoded[int(index) % len(self.samples)]}
+        item = encode_sample(ls, self.cfg, self.codec, self.prep, self.seg_token_id, image.clamp(0.0, 1.0))
+        item["mask"] = (_resize_labels(mask, self.size) > 0.5).float().contiguous()
+        item["fov"] = (_resize_labels(fov, self.size) > 0.5).float().contiguous()
+        return item
 
 
-def _num_tiles(prepare, ls: LoadedSample) -> int:
-    return prepare.num_tiles(*ls.image.shape[-2:])
-
-
-def encode_sample(ls: LoadedSample, cfg: Config, codec, num_tiles: int = 1) -> dict[str, torch.Tensor]:
-    questions, answers = conversation(ls.target_texts(), cfg)
-    enc = codec.encode(questions, answers, num_tiles=num_tiles)
-    n_seg = int((enc["input_ids"] == codec.seg_token_id).sum())
+def _check_seg_count(ls: LoadedSample, cfg: Config, n_seg: int) -> None:
     k = len(ls.target_texts())
     if n_seg != k:
         raise DataError(f"sample {ls.id}: the target answer {cfg.task.answer!r} (one per target) holds {n_seg} "
                         f"{cfg.model.vlm.seg_token} token(s) for {k} target mask(s) in all; task.answer must contain "
                         f"{cfg.model.vlm.seg_token} exactly once (it answers each target's turn)")
-    return enc
+
+
+def encode_sample(ls: LoadedSample, cfg: Config, codec, prep, seg_token_id: int, image=None) -> dict:
+    """The model item of one sample's conversation (``image``: the sample's, possibly augmented)."""
+    questions, answers = conversation(ls.target_texts(), cfg)
+    item = encode_item(codec, prep, ls.image if image is None else image, questions, answers, ls.id,
+                       cfg.model.vlm.seg_token)
+    _check_seg_count(ls, cfg, int((item["input_ids"] == seg_token_id).sum()))
+    return item
 
 
 def train_dataset(samples: list[LoadedSample], cfg: Config, model) -> SegVLMDataset:
-    return SegVLMDataset(samples, cfg, model.text_codec(), model.image_prep)
-
-
-def make_collate(pad_token_id: int):
-    def collate(items: list[dict]) -> dict:
-        b = len(items)
-        t = max(int(it["input_ids"].shape[0]) for it in items)
-        k = max(int(it["mask"].shape[0]) for it in items)
-        size = items[0]["mask"].shape[-2:]
-        batch = {
-            "ids": [it["id"] for it in items],
-            # images as the model prepared them (uint8): SAM inputs stacked, every image's VLM tiles in order
-            "sam_image": torch.stack([it["sam_image"] for it in items]),
-            "vlm_tiles": torch.cat([it["vlm_tiles"] for it in items]),
-            "image_size": torch.stack([it["image_size"] for it in items]),
-            "fov": torch.stack([it["fov"] for it in items]),
-            "mask": torch.zeros(b, k, *size),
-            "target_valid": torch.zeros(b, k, dtype=torch.bool),
-            "input_ids": torch.full((b, t), pad_token_id, dtype=torch.long),
-            "labels": torch.full((b, t), IGNORE_INDEX, dtype=torch.long),
-            "attention_mask": torch.zeros(b, t, dtype=torch.long),
-        }
-        for i, it in enumerate(items):
-            n, kk = int(it["input_ids"].shape[0]), int(it["mask"].shape[0])
-            # right padding: the [SEG] positions and causal attention of the real tokens are unchanged
-            batch["input_ids"][i, :n] = it["input_ids"]
-            batch["labels"][i, :n] = it["labels"]
-            batch["attention_mask"][i, :n] = it["attention_mask"]
-            batch["mask"][i, :kk] = it["mask"]
-            batch["target_valid"][i, :kk] = True
-        return batch
-
-    return collate
+    return SegVLMDataset(samples, cfg, model.text_codec(), model.image_prep, model.seg_token_id)
 
 
 def mask_targets(out, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -210,12 +180,10 @@ def make_loss(cfg: Config) -> LossFn:
 def target_probabilities(model, sample: LoadedSample, cfg: Config, device) -> list[TargetPrediction]:
     """Teacher-forced masks for every target of one image (the training prompt and answer), from the image at its
     own resolution, at the sample's resolution (the model upsamples as Sa2VA does: 256 -> 1024 -> H x W)."""
-    codec = model.text_codec()
     targets = sample.target_masks()
     h, w = sample.mask.shape
-    item = {"id": sample.id, "pad_token_id": codec.pad_token_id, **model.prepare(sample.image),
-            "mask": torch.zeros(targets.shape[0], 1, 1), "fov": torch.ones(1, 1, 1),
-            **encode_sample(sample, cfg, codec, model.num_tiles(h, w))}
+    item = encode_sample(sample, cfg, model.text_codec(), model.image_prep, model.seg_token_id)
+    item.update(mask=torch.zeros(targets.shape[0], 1, 1), fov=torch.ones(1, 1, 1))
     batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in collate([item]).items()}
     batch["output_size"] = (h, w)
     was_training = model.training
@@ -285,8 +253,9 @@ def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict[str, f
 
 
 def collate(items: list[dict]) -> dict:
-    """Pads with the pad id each item carries (the model's own: an arbitrary id could be an image token)."""
-    return make_collate(int(items[0]["pad_token_id"]))(items)
+    """The segmenting VLM's ``collate``: the plain VLM's padding (with the model's own pad id: an arbitrary id could
+    be an image token) and per-image processor keys, the mask head's inputs and the K targets per image."""
+    return collate_items(items)
 
 
 # ---- prediction (`medtune predict`) ----------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from medtune.config import Config
 from medtune.runs.checkpoint import TrainerState, rotate_step_checkpoints, save_checkpoint
 from medtune.runs.files import MetricsLog
 from medtune.train.setup import StopFlag, TrainingStopped, frozen_metric_warning, warn
-from medtune.train.utilisation import StepFlops, compute_dtype, measure_matmul_peak, mfu
+from medtune.train.utilisation import StepFlops, compute_dtype, measure_matmul_peak, reference_peak
 
 log = logging.getLogger("medtune")
 
@@ -48,19 +48,21 @@ class Bookkeeping:
         self.progress = tqdm(total=cfg.optim.max_steps, initial=state.step, disable=not self.is_main,
                              desc=f"train ({cfg.objective})", unit="step")
         self.stop = stop
-        # MFU: FLOPs of the run's first step (counted as it runs) against the device's matmul peak, measured now
+        # MFU: FLOPs of the steps (counted once per batch shape) against the device's matmul peak, measured now, and
+        # against its published peak (utilisation.reference_peak)
         self.flops = StepFlops(enabled=cfg.train.log_mfu and self.is_main)
         self.peak = measure_matmul_peak(accelerator.device, compute_dtype(cfg.train.mixed_precision)) \
             if self.flops.enabled else None
-        self._utilisation_written = False
+        self.reference = reference_peak(accelerator.device, self.peak) if self.peak is not None else None
+        self._utilisation_written, self._written_shapes = False, (0, 0)
         self._window_start, self._window_images, self._window_excluded = time.perf_counter(), 0, 0.0
         self._last_saved = time.monotonic()
 
     # -- the recipe calls these -------------------------------------------------------------------------------
-    def counting_flops(self, n_local_images: int):
-        """Context around one step's forward + backward: the first one is FLOP-counted (for MFU), later ones run
-        untouched."""
-        return self.flops.counting(n_local_images)
+    def counting_flops(self, n_local_images: int, batch: dict | None = None):
+        """Context around one step's forward + backward: FLOP-counted (for MFU) the first time its batch's shapes
+        run, its FLOPs taken from that count after (batch None: one count for the whole run)."""
+        return self.flops.counting(n_local_images, batch)
 
     def count_images(self, n_local: int) -> None:
         self._window_images += n_local * self.acc.num_processes
@@ -94,7 +96,7 @@ class Bookkeeping:
             elapsed = time.perf_counter() - self._window_start - self._window_excluded
             record = {"step": state.step, **record, "lr": self.scheduler.get_last_lr()[0],
                       "images_per_s": self._window_images / max(elapsed, 1e-9)}
-            record.update(self._utilisation(record["images_per_s"]))
+            record.update(self._utilisation(self.flops.window * self.acc.num_processes / max(elapsed, 1e-9)))
             if self.acc.scaler is not None:
                 record.update(loss_scale=self.acc.scaler.get_scale(), fp16_overflows=state.fp16_overflows)
             self.log(record)
@@ -103,6 +105,7 @@ class Bookkeeping:
                 postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
             self.progress.set_postfix(postfix)
             self._window_start, self._window_images, self._window_excluded = time.perf_counter(), 0, 0.0
+            self.flops.window = 0.0
         paused = time.perf_counter()  # validation and checkpoints are not training throughput
 
         if state.nonfinite_in_a_row >= cfg.train.max_nonfinite:
@@ -142,23 +145,30 @@ class Bookkeeping:
     # -- internals ---------------------------------------------------------------------------------------------
     def _utilisation_info(self) -> dict:
         return {"flops_per_image": self.flops.per_image, "flops_counted_step": self.flops.total,
-                "flop_count": "torch.utils.flop_counter.FlopCounterMode (matmul, conv, attention; fwd + bwd)",
-                "peak": self.peak.to_dict(), "processes": self.acc.num_processes}
+                "counted_shapes": self.flops.shapes, "estimated_steps": self.flops.estimated_steps,
+                "flop_count": "torch.utils.flop_counter.FlopCounterMode (matmul, conv, attention; fwd + bwd), once per "
+                              "batch shape",
+                "peak": self.peak.to_dict(), "reference_peak": self.reference.to_dict(),
+                "processes": self.acc.num_processes}
 
-    def _utilisation(self, images_per_s: float) -> dict:
+    def _utilisation(self, achieved: float) -> dict:
+        """`achieved`: FLOP/s of all processes over the logging window (this process's counted FLOPs x processes)."""
         if self.flops.per_image is None or self.peak is None:
             return {}
-        achieved = self.flops.per_image * images_per_s
-        if achieved > self.peak.flops_per_s:
+        processes = self.acc.num_processes
+        if achieved > self.peak.flops_per_s * processes:
             # the peak was measured while something else held the cores: measure again, keep the higher one
             again = measure_matmul_peak(self.acc.device, compute_dtype(self.cfg.train.mixed_precision), again=True)
             if again.flops_per_s > self.peak.flops_per_s:
                 self.peak, self._utilisation_written = again, False
-        if not self._utilisation_written:  # this session's count and peak (a resumed run measures its own)
+                if self.reference.source.startswith("measured"):
+                    self.reference = reference_peak(self.acc.device, again)
+        shapes = (self.flops.shapes, self.flops.estimated_steps)
+        if not self._utilisation_written or shapes != self._written_shapes:  # this session's counts and peaks
             write_text_atomic(self.run_dir / "utilisation.json", json.dumps(self._utilisation_info(), indent=2))
-            self._utilisation_written = True
-        return {"tflops_per_s": achieved / 1e12,
-                "mfu": mfu(self.flops.per_image, images_per_s, self.peak.flops_per_s, self.acc.num_processes)}
+            self._utilisation_written, self._written_shapes = True, shapes
+        return {"tflops_per_s": achieved / 1e12, "mfu": achieved / (self.peak.flops_per_s * processes),
+                "mfu_published": achieved / (self.reference.flops_per_s * processes)}
 
     def log(self, record: dict) -> None:
         if not self.is_main:
@@ -192,9 +202,9 @@ class Bookkeeping:
         return minutes is not None and time.monotonic() - self._last_saved >= minutes * 60
 
     def checkpoint(self, name: str, **meta) -> None:
-        if self.is_main:
-            save_checkpoint(self.ckpt_root, name, self.unwrapped, self.optimizer, self.scheduler, self.state, meta,
-                            scaler=self.acc.scaler)
+        # every process takes part: FSDP gathers the weights, ZeRO / FSDP write their optimizer shards, and each
+        # rank writes its own RNG state
+        save_checkpoint(self.ckpt_root, name, self.unwrapped, self.optimizer, self.scheduler, self.state, meta,
+                        scaler=self.acc.scaler, accelerator=self.acc, engine_model=self.model)
         if name == "last":
             self._last_saved = time.monotonic()
-        self.acc.wait_for_everyone()

@@ -301,8 +301,8 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
     combo = ComboLoss(cfg.loss) if cfg.rl.sft_mix > 0 else None
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    state = resume_state(resume, model, optimizer, scheduler, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
+    state = resume_state(resume, model, optimizer, scheduler, accelerator)
     reference = accelerator.unwrap_model(model)
 
     # ---- preflight: a sampled mask is not differentiable; the gradient must come through the log-probs

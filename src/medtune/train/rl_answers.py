@@ -207,8 +207,8 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
 
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    state = resume_state(resume, model, optimizer, scheduler, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
+    state = resume_state(resume, model, optimizer, scheduler, accelerator)
     policy = accelerator.unwrap_model(model)
 
     def sample_seed(step: int) -> int:

@@ -20,7 +20,13 @@ from transformers import get_cosine_schedule_with_warmup
 from medtune.atomic import write_text_atomic
 from medtune.config import Config
 from medtune.errors import UserError
-from medtune.runs.checkpoint import TrainerState, latest_checkpoint, load_checkpoint, recover_checkpoints
+from medtune.runs.checkpoint import (
+    TrainerState,
+    keep_weights_out_of_engine_state,
+    latest_checkpoint,
+    load_checkpoint,
+    recover_checkpoints,
+)
 from medtune.runs.files import (
     config_differences,
     different_config_error,
@@ -32,6 +38,8 @@ from medtune.runs.files import (
     with_operational_settings,
     write_run_files,
 )
+from medtune.threads import configure as configure_threads
+from medtune.threads import keep_run_threads
 
 log = logging.getLogger("medtune")
 
@@ -140,8 +148,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
     environment (MULTI_CPU over gloo) instead of running every process as its own rank 0. The project dir is a
     placeholder until the run folder is agreed between processes (start_run)."""
     keep_freed_host_memory()  # CPU steps stop paying page faults for memory they just freed
-    return Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=cfg.train.trackers or None, project_dir=".",
-                       cpu=not torch.cuda.is_available())
+    configure_threads(cfg.train.threads)  # from the usable cores, before env.json records them (medtune.threads)
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=cfg.train.trackers or None,
+                              project_dir=".", cpu=not torch.cuda.is_available())
+    keep_weights_out_of_engine_state(accelerator)  # checkpoints keep weights as plain PEFT / from_pretrained folders
+    return accelerator
 
 
 RESUME_AUTO = "auto"
@@ -170,6 +181,8 @@ def start_run(cfg: Config, resume: str | Path | None, accelerator: Accelerator,
     if isinstance(opened, UserError):
         raise opened
     cfg, run_dir, checkpoint = opened
+    if checkpoint:  # continue with the thread count the run started with (sums split alike: an exact resume)
+        keep_run_threads(cfg.train.threads, Path(run_dir) / "env.json")
     accelerator.wait_for_everyone()
     return cfg, Path(run_dir), Path(checkpoint) if checkpoint else None
 
@@ -208,10 +221,12 @@ def _open_run_folder(cfg: Config, resume, stored_as) -> tuple[Config, str, str |
 
 
 def resume_state(checkpoint: Path | None, model, optimizer, scheduler, accelerator: Accelerator) -> TrainerState:
-    """Step 0, or all a checkpoint holds: weights, optimizer, schedule, fp16 loss scale, RNG, counters."""
+    """Step 0, or all a checkpoint holds: weights, optimizer, schedule, fp16 loss scale, each rank's own RNG, counters.
+    Call on every process after accelerator.prepare (FSDP / ZeRO load their shards collectively)."""
     if checkpoint is None:
         return TrainerState()
-    state = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler=accelerator.scaler)
+    state = load_checkpoint(checkpoint, accelerator.unwrap_model(model), optimizer, scheduler,
+                            scaler=accelerator.scaler, accelerator=accelerator)
     log.info("resumed from %s at step %d", checkpoint, state.step)
     return state
 

@@ -39,6 +39,22 @@ from medtune.train.setup import (
 log = logging.getLogger("medtune")
 
 
+def images_in(batch: dict) -> int:
+    return len(batch["ids"]) if "ids" in batch else batch["image"].shape[0]  # instruct: no image key
+
+
+def micro_batch_weights(micro_batches: list[dict], task, accelerator) -> list[torch.Tensor]:
+    """The factor each micro-batch's (mean) loss is multiplied by before backward, so that k micro-batches on N
+    processes give the gradient of one batch of all their samples: its supervised units (task.loss_units: answer
+    tokens, ...; else its samples) x N / the units of all micro-batches on all processes. DDP averages gradients over
+    the N processes, hence the factor N. Equal micro-batches of a mask task get 1 / k, as before."""
+    units = [task.loss_units(b) if task.loss_units is not None else torch.tensor(float(images_in(b)))
+             for b in micro_batches]
+    local = torch.stack([u.to(torch.float32).reshape(()) for u in units]).to(accelerator.device)
+    total = accelerator.reduce(local.sum(), reduction="sum").clamp(min=1)  # none at all: every weight 0, not NaN
+    return list(local * accelerator.num_processes / total)
+
+
 def train(cfg: Config, resume: str | Path | None = None) -> Path:
     """`resume`: a run folder to continue, or "auto" to start or continue output_dir/run.name (setup.start_run)."""
     accelerator = make_accelerator(cfg)
@@ -74,8 +90,11 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
     loss_fn = task.make_loss(cfg)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    state = resume_state(resume, model, optimizer, scheduler, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped once per optimizer step, by us
+    # the model is built alike everywhere (seeded above); from here each process draws its own random stream (dropout),
+    # which a checkpoint saves and a resume restores per process
+    set_seed(cfg.run.seed + accelerator.process_index)
+    state = resume_state(resume, model, optimizer, scheduler, accelerator)  # after prepare: engines load collectively
 
     # ---- preflight: prove every trainable tensor learns before spending the night on it
     if cfg.train.preflight and resume is None:
@@ -99,17 +118,19 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
     while state.step < cfg.optim.max_steps:
         model.train()
         loss_sum, parts_sum = torch.zeros((), device=device), {}
-        for micro in range(accum):
-            batch = batch_to(next(stream), device)
-            n_images = len(batch["ids"]) if "ids" in batch else batch["image"].shape[0]  # instruct: no image key
+        micro_batches = [next(stream) for _ in range(accum)]
+        weights = micro_batch_weights(micro_batches, task, accelerator)
+        for micro, (batch, weight) in enumerate(zip(micro_batches, weights)):
+            batch = batch_to(batch, device)
+            n_images = images_in(batch)
             # gradients are all-reduced once per optimizer step, not once per micro-batch
             sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
-            with sync, books.counting_flops(n_images):
+            with sync, books.counting_flops(n_images, batch):
                 loss, parts = loss_fn(model, batch)
-                accelerator.backward(loss / accum)
-            loss_sum += loss.detach() / accum
+                accelerator.backward(loss * weight)
+            loss_sum += loss.detach() * weight
             for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v / accum
+                parts_sum[k] = parts_sum.get(k, 0.0) + v * float(weight)
             books.count_images(n_images)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or float("inf"))
         global_loss = accelerator.reduce(loss_sum, reduction="mean")

@@ -1,20 +1,26 @@
-"""Model FLOP utilisation (MFU): FLOPs one training step executes, per image, against the device's measured peak.
+"""Model FLOP utilisation (MFU): FLOPs the training steps execute against the device's peak, measured and published.
 
 FLOPs come from the model itself: ``torch.utils.flop_counter.FlopCounterMode`` records every matmul, convolution and
-attention kernel (forward and backward) that the first training step of a run dispatches, so LoRA's skipped weight
+attention kernel (forward and backward) that a training step dispatches. A step's FLOPs depend on its batch's shapes
+only, so each distinct shape (a VLM batch padded to its longest conversation has its own length) is counted the first
+time it runs and reused after; beyond MAX_COUNTED_SHAPES distinct shapes a step is estimated from the counted ones'
+FLOPs per image. So LoRA's skipped weight
 gradients, frozen encoders and a task's extra forwards (RL's reference pass) are counted as they run, for every
 family alike. Elementwise ops (norms, activations, the optimizer) are not counted: they are not what the peak
 measures. With activation checkpointing the recomputed forward is counted too (hardware FLOPs, not model FLOPs).
 
-The peak is measured, not looked up: the best of a few large matmuls in the dtype the run computes in (bf16 under
-bf16 mixed precision, else fp32), on the run's device, when the run starts. MFU = achieved FLOP/s / (peak x
-processes), where achieved = FLOPs per image x images per second of training (validation and checkpoint time
-excluded).
+Two peaks. ``mfu``: against a peak measured when the run starts, the best of a few large matmuls in the dtype the run
+computes in (bf16 under bf16 mixed precision, else fp32) on the run's device: what this machine can do now.
+``mfu_published``: against the device's published dense bf16 peak (PUBLISHED_BF16_PEAKS, by GPU name), the figure
+published MFU numbers divide by; a CPU has no such figure, so there it is the measured peak, labelled as measured.
+MFU = achieved FLOP/s / (peak x processes), where achieved = the FLOPs of the logging window's steps / its training
+time (validation and checkpoint time excluded).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import re
 import time
 from dataclasses import asdict, dataclass
 
@@ -72,27 +78,63 @@ def _measure(device: str, dtype: torch.dtype, size: int | None) -> Peak:
     return Peak(2.0 * n**3 / best, str(dtype).removeprefix("torch."), str(device), n)
 
 
+# Distinct batch shapes counted per run; a step of yet another shape is estimated from the counted FLOPs per image
+# (counting costs a slower step, and a VLM's batch lengths can take hundreds of values).
+MAX_COUNTED_SHAPES = 64
+
+
+def shape_key(batch: dict | None):
+    """What a step's FLOPs depend on: the shapes of its batch's tensors (None: one shape for the whole run)."""
+    if batch is None:
+        return None
+    return tuple(sorted((k, tuple(v.shape)) for k, v in batch.items() if torch.is_tensor(v)))
+
+
 class StepFlops:
-    """Counts the FLOPs of the first step(s) it is asked to, then stays out of the way.
+    """FLOPs of each step: counted the first time a batch shape runs, reused for that shape after.
 
-    ``with counter.counting(n_images): <forward + backward>`` counts that block (once per run); afterwards
-    ``counter.per_image`` holds FLOPs per image and the context is a no-op."""
+    ``with counter.counting(n_images, batch): <forward + backward>`` adds the block's FLOPs to ``window`` (the
+    caller reads and resets it). ``per_image``: FLOPs per image over the counted steps; ``total``: the first counted
+    step's FLOPs; ``shapes``: how many distinct shapes were counted."""
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-        self.per_image: float | None = None
+    def __init__(self, enabled: bool = True, max_shapes: int = MAX_COUNTED_SHAPES):
+        self.enabled, self.max_shapes = enabled, max_shapes
+        self._counted: dict = {}  # shape key -> (FLOPs, images)
         self.total: int | None = None
+        self.window = 0.0
+        self.estimated_steps = 0
+
+    @property
+    def per_image(self) -> float | None:
+        if not self._counted:
+            return None
+        return sum(f for f, _ in self._counted.values()) / sum(n for _, n in self._counted.values())
+
+    @property
+    def shapes(self) -> int:
+        return len(self._counted)
 
     @contextlib.contextmanager
-    def counting(self, n_images: int):
-        if not self.enabled or self.per_image is not None or n_images <= 0:
+    def counting(self, n_images: int, batch: dict | None = None):
+        key = shape_key(batch)
+        if not self.enabled or n_images <= 0:
             yield
-            return
-        mode = FlopCounterMode(display=False)
-        with mode:
+        elif key in self._counted:
             yield
-        self.total = int(mode.get_total_flops())
-        self.per_image = self.total / n_images
+            flops, counted_images = self._counted[key]
+            self.window += flops * n_images / counted_images
+        elif len(self._counted) >= self.max_shapes:
+            yield
+            self.window += self.per_image * n_images
+            self.estimated_steps += 1
+        else:
+            mode = FlopCounterMode(display=False)
+            with mode:
+                yield
+            flops = int(mode.get_total_flops())
+            self._counted[key] = (flops, n_images)
+            self.total = flops if self.total is None else self.total
+            self.window += flops
 
 
 def count_flops(fn) -> int:
@@ -106,3 +148,54 @@ def count_flops(fn) -> int:
 def mfu(flops_per_image: float, images_per_s: float, peak_flops_per_s: float, processes: int = 1) -> float:
     return flops_per_image * images_per_s / (peak_flops_per_s * processes)
 
+
+
+# Published dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' datasheets; the first pattern that
+# matches torch.cuda.get_device_name() wins (more specific names first: "H100 PCIe" before "H100", "A100" is not A10).
+PUBLISHED_BF16_PEAKS: list[tuple[str, str, float]] = [
+    (r"GH200", "NVIDIA GH200", 989.0),
+    (r"H200 NVL", "NVIDIA H200 NVL", 835.0),
+    (r"H200", "NVIDIA H200 SXM", 989.0),
+    (r"H100 NVL", "NVIDIA H100 NVL", 835.0),
+    (r"H100 PCIe", "NVIDIA H100 PCIe", 756.0),
+    (r"H100", "NVIDIA H100 SXM", 989.0),
+    (r"B200", "NVIDIA B200", 2250.0),
+    (r"A100", "NVIDIA A100", 312.0),
+    (r"\bA10\b", "NVIDIA A10", 125.0),
+    (r"\bA30\b", "NVIDIA A30", 165.0),
+    (r"\bA40\b", "NVIDIA A40", 149.7),
+    (r"L40S", "NVIDIA L40S", 362.0),
+    (r"\bL40\b", "NVIDIA L40", 181.0),
+    (r"\bL4\b", "NVIDIA L4", 121.0),
+]
+TERA = 1e12
+
+
+@dataclass
+class ReferencePeak:
+    flops_per_s: float
+    source: str  # "published dense bf16 (<device>)" or "measured (...)"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def published_bf16_peak(device_name: str) -> tuple[str, float] | None:
+    """(device, dense bf16 FLOP/s) from PUBLISHED_BF16_PEAKS for a GPU name, or None when it is not listed."""
+    for pattern, name, tflops in PUBLISHED_BF16_PEAKS:
+        if re.search(pattern, device_name):
+            return name, tflops * TERA
+    return None
+
+
+def reference_peak(device: torch.device | str, measured: Peak) -> ReferencePeak:
+    """The peak published MFU figures divide by: a listed GPU's published dense bf16 peak; otherwise (a CPU, an
+    unlisted GPU) the measured one, labelled as measured."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        found = published_bf16_peak(name)
+        if found is not None:
+            return ReferencePeak(found[1], f"published dense bf16 ({found[0]})")
+        return ReferencePeak(measured.flops_per_s, f"measured ({name} is not in PUBLISHED_BF16_PEAKS)")
+    return ReferencePeak(measured.flops_per_s, f"measured ({measured.dtype} matmul; CPUs have no published peak)")

@@ -99,8 +99,15 @@ class ChatCodec:
     exactly the tokens it is trained on. Picklable (DataLoader workers).
     """
 
-    def __init__(self, processor, chat_template: str | None = None, max_length: int | None = None):
+    def __init__(self, processor, chat_template: str | None = None, max_length: int | None = None,
+                 answer_token_ids: tuple[int, ...] = (), end_after_last_answer: bool = False):
+        """``answer_token_ids``: special tokens that belong inside answers (the segmenting VLM's ``[SEG]``): never
+        taken for the end of a turn, kept by ``decode``, not suppressed in sampling. ``end_after_last_answer``: a
+        conversation that ends with an answer ends with that answer's end-of-turn token (what the template puts
+        after it, e.g. a newline, is left out), as Sa2VA's training sequences do."""
         self.processor = processor
+        self.answer_token_ids = frozenset(int(i) for i in answer_token_ids)
+        self.end_after_last_answer = end_after_last_answer
         self.tokenizer = processor.tokenizer
         self.template = chat_template or getattr(processor, "chat_template", None) \
             or getattr(self.tokenizer, "chat_template", None)
@@ -120,7 +127,8 @@ class ChatCodec:
         self.stop_ids = sorted({i for i in (self.end_of_turn_id, eos) if i is not None})
         # never sampled: an image token in an answer would break the teacher-forced re-forward of GRPO (image
         # features and image tokens would no longer match), and other special tokens are no answer either
-        self.suppress_ids = sorted((self.special_ids | self.image_token_ids) - set(self.stop_ids))
+        self.suppress_ids = sorted((self.special_ids | self.image_token_ids) - set(self.stop_ids)
+                                   - self.answer_token_ids)
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         text = self.processor.apply_chat_template(messages, chat_template=self.template, tokenize=False,
@@ -133,6 +141,12 @@ class ChatCodec:
         prompt, full = self.render(_messages(turns[:1]), True), self.render(_messages(turns), False)
         tail = self.tokenizer(full[len(prompt):], add_special_tokens=False).input_ids
         return next((t for t in tail[1:] if t in self.special_ids), None)
+
+    def answer_end(self, toks: list[int]) -> int:
+        """How many tokens of an answer piece are supervised: the answer and the first special token after it (the
+        end of turn; special tokens of ``answer_token_ids`` are answer text); what follows (a newline) is prompt."""
+        return next((i + 1 for i, t in enumerate(toks) if i > 0 and t in self.special_ids
+                     and t not in self.answer_token_ids), len(toks))
 
     def pieces(self, turns: list[dict[str, str]], sample_id: str) -> list[tuple[str, bool]]:
         """(text, supervised) pieces; a conversation ending with a question ends with its generation prompt."""
@@ -174,22 +188,19 @@ class ChatCodec:
                       if torch.is_tensor(v) and v.ndim == 2 and v.shape == (1, t0) and k not in PER_IMAGE_KEYS]
         ids = first["input_ids"][0].tolist()
         labels = [IGNORE_INDEX] * t0
-        for text, supervised in pieces[1:]:
+        for n, (text, supervised) in enumerate(pieces[1:], start=2):
             toks = self.tokenizer(text, add_special_tokens=False).input_ids
-            cut = 0
-            if supervised:
-                # the answer and the first special token after it (end of turn); what follows (a newline) is prompt
-                cut = next((i + 1 for i, t in enumerate(toks) if i > 0 and t in self.special_ids), len(toks))
+            cut = self.answer_end(toks) if supervised else 0
+            if supervised and n == len(pieces) and self.end_after_last_answer:
+                toks = toks[:cut]
             ids += toks
             labels += toks[:cut] + [IGNORE_INDEX] * (len(toks) - cut)
         if check_length:
             self._check_length(ids, labels, sample_id)
         item: dict[str, Any] = {"id": sample_id, "pad_token_id": self.pad_token_id,
                                 SEQUENCE_KEYS: tuple(dict.fromkeys([*token_keys, "input_ids", "labels"]))}
-        extra = len(ids) - t0
         for key in token_keys:
-            fill = 1 if key == "attention_mask" else 0  # appended tokens are real text tokens
-            item[key] = torch.cat([first[key][0], torch.full((extra,), fill, dtype=first[key].dtype)])
+            item[key] = extend_token_key(key, first[key][0], len(ids))
         item["input_ids"] = torch.tensor(ids, dtype=torch.long)
         item["labels"] = torch.tensor(labels, dtype=torch.long)
         for key, value in first.items():
@@ -210,9 +221,44 @@ class ChatCodec:
         raise DataError(f"sample {sample_id}: {len(ids)} tokens > model.vlm.max_length={self.max_length}; "
                         f"truncation would cut {what}. Raise model.vlm.max_length{images} or shorten the conversation")
 
+    def continuation_ids(self, turns: list[dict[str, str]], sample_id: str) -> list[int]:
+        """Turn-by-turn generation: the tokens that follow the previous answer's end-of-turn token up to the
+        generation prompt of the conversation's last (user) turn, exactly the tokens ``encode`` puts there; the
+        answers before it are given as text (only what the template renders after them is taken)."""
+        pieces = self.pieces(turns, sample_id)
+        if len(pieces) < 3 or pieces[-1][1] or not pieces[-2][1]:
+            raise ValueError("continuation_ids needs a conversation with an answer, ending with a question")
+        answer = self.tokenizer(pieces[-2][0], add_special_tokens=False).input_ids
+        return answer[self.answer_end(answer):] + self.tokenizer(pieces[-1][0], add_special_tokens=False).input_ids
+
     def decode(self, ids) -> str:
+        """Answer text: special tokens dropped, except ``answer_token_ids`` (the segmenting VLM's ``[SEG]``)."""
         ids = [int(i) for i in ids]
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        if not self.answer_token_ids:
+            return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        kept = [i for i in ids if i in self.answer_token_ids or i not in self.special_ids | self.image_token_ids]
+        return self.tokenizer.decode(kept, skip_special_tokens=False).strip()
+
+
+def extend_token_key(key: str, values: torch.Tensor, length: int) -> torch.Tensor:
+    """A per-token processor key [T] (attention_mask, token types ...) extended to ``length`` for appended text
+    tokens: attention 1 (they are real tokens), anything else 0 (text)."""
+    fill = 1 if key == "attention_mask" else 0
+    return torch.cat([values, torch.full((length - len(values),), fill, dtype=values.dtype)])
+
+
+def generation_kwargs(codec: ChatCodec, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0
+                      ) -> dict[str, Any]:
+    """``generate()`` settings of both VLM families: greedy, or plain temperature sampling (no top-k / top-p;
+    special tokens but the stop tokens suppressed, so ``text_policy.token_logprobs`` with ``codec.suppress_ids`` is
+    exactly the sampling distribution); stopping at the codec's stop tokens."""
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
+                              "eos_token_id": codec.stop_ids, "pad_token_id": codec.pad_token_id}
+    if do_sample:
+        kwargs.update(temperature=temperature, top_k=0, top_p=1.0, suppress_tokens=codec.suppress_ids)
+    else:
+        kwargs.update(temperature=None, top_k=None, top_p=None)
+    return kwargs
 
 
 def _image_size_hint(processor) -> str:
@@ -301,13 +347,72 @@ class VLMParts:
         return cls(vision=_shortest(names, VISION_NAMES), projector=_shortest(names, PROJECTOR_NAMES), output=output)
 
 
+def linear_names(vlm: nn.Module, parts: VLMParts, inside: str | None = None) -> list[str]:
+    """Full names (in ``vlm``) of the linear layers of the language model (``inside=None``: not the vision tower,
+    the projector or the output embedding) or of the vision tower (``inside="vision"``), never the inside of an
+    already attached adapter."""
+    names = []
+    for name, module in vlm.named_modules():
+        split = name.split(".")
+        if not isinstance(module, nn.Linear) or name == parts.output or "base_layer" in split \
+                or any(p.startswith("lora_") for p in split):
+            continue
+        in_vision, in_projector = _under(name, parts.vision), _under(name, parts.projector)
+        if (inside == "vision" and in_vision and not in_projector) or (inside is None and not in_vision
+                                                                       and not in_projector):
+            names.append(name)
+    return names
+
+
+def lora_target_patterns(vlm: nn.Module, parts: VLMParts, vision_lora: bool, prefix: str = "") -> list[str]:
+    """The default LoRA targets of a VLM as anchored-regex alternatives over full names (``prefix``: where the VLM
+    sits in the wrapped network, e.g. ``vlm.`` in the segmenting VLM): every linear of the language model, plus
+    the vision tower's with ``vision_lora``. Vision towers reuse the language model's layer names (q_proj ...), so a
+    suffix list would put adapters there."""
+    if parts.vision is None:
+        raise UserError(f"cannot find the vision encoder of {type(vlm).__name__} (no module named "
+                         f"{', '.join(VISION_NAMES)}); set lora.target_modules to an anchored regex over the "
+                         "language model's linear layers")
+    names = linear_names(vlm, parts) + (linear_names(vlm, parts, "vision") if vision_lora else [])
+    if not names:
+        raise UserError(f"no linear layer found in the language model of {type(vlm).__name__}; set "
+                         "lora.target_modules")
+    return sorted({_name_pattern(prefix + n) for n in names})
+
+
+def check_lora_placement(vlm: nn.Module, parts: VLMParts, vision_lora: bool, train_projector: bool) -> dict:
+    """After wrapping: refuse adapters in the projector, in the vision tower unless ``vision_lora`` (and none there
+    with it), and check the projector trains exactly when ``train_projector`` asks. Returns the adapter counts."""
+    from peft.tuners.lora import LoraLayer
+
+    landed = [n for n, m in vlm.named_modules() if isinstance(m, LoraLayer)]
+    in_projector = [n for n in landed if _under(n, parts.projector)]
+    in_vision = [n for n in landed if _under(n, parts.vision) and n not in in_projector]
+    if in_projector:
+        raise UserError(f"LoRA landed in the multimodal projector ({', '.join(in_projector[:4])}); train the "
+                         "projector fully with model.vlm.train_projector=true and narrow lora.target_modules")
+    if in_vision and not vision_lora:
+        raise UserError(
+            f"LoRA landed in the vision tower ({len(in_vision)} layers, e.g. {in_vision[0]}): its layers share "
+            "names with the language model's (q_proj ...). Narrow lora.target_modules (an anchored regex over full "
+            "module names; the default targets the language model only) or set model.vlm.vision_lora=true"
+        )
+    if vision_lora and not in_vision:
+        raise UserError("model.vlm.vision_lora=true but no LoRA layer landed in the vision tower; include its "
+                         "linear layers in lora.target_modules")
+    trainable_projector = [n for n, p in vlm.named_parameters() if p.requires_grad and _under(n, parts.projector)]
+    if train_projector and not trainable_projector:
+        raise RuntimeError(f"model.vlm.train_projector: no parameter of {parts.projector} is trainable after "
+                           "wrapping (pitfall 6)")
+    if not train_projector and trainable_projector:
+        raise RuntimeError(f"projector parameters trainable although model.vlm.train_projector=false: "
+                           f"{trainable_projector[:4]}")
+    return {"language": len(landed) - len(in_vision), "vision": len(in_vision)}
+
+
 def _name_pattern(name: str) -> str:
     """Escaped full name with layer indices generalised: model.layers.3.mlp -> model\\.layers\\.\\d+\\.mlp."""
     return re.sub(r"(?<=\\\.)\d+(?=\\\.)", r"\\d+", re.escape(name))
-
-
-def linear_regex(names: list[str]) -> str:
-    return "^(?:" + "|".join(sorted({_name_pattern(n) for n in names})) + ")$"
 
 
 # ---- the family -----------------------------------------------------------------------------------------------------
@@ -349,44 +454,12 @@ class VLMModel(SegModel):
         (no top-k / top-p; special tokens but the stop tokens suppressed: ``text_policy.token_logprobs`` with
         ``codec.suppress_ids`` is exactly the sampling distribution)."""
         inputs = self.model_inputs(batch)
-        kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                                  "eos_token_id": self.codec.stop_ids, "pad_token_id": self.codec.pad_token_id}
-        if do_sample:
-            kwargs.update(temperature=temperature, top_k=0, top_p=1.0, suppress_tokens=self.codec.suppress_ids)
-        else:
-            kwargs.update(temperature=None, top_k=None, top_p=None)
-        out = self.net.generate(**inputs, **kwargs)
+        out = self.net.generate(**inputs, **generation_kwargs(self.codec, max_new_tokens, do_sample, temperature))
         return new_tokens(out, inputs["input_ids"], max_new_tokens, type(self.base_network).__name__)
 
     # -- where LoRA goes ------------------------------------------------------------------------------------------
-    def _linear_names(self, inside: str | None = None) -> list[str]:
-        net = self.base_network
-        names = []
-        for name, module in net.named_modules():
-            parts = name.split(".")
-            if not isinstance(module, nn.Linear) or name == self.parts.output or "base_layer" in parts \
-                    or any(p.startswith("lora_") for p in parts):  # (the inside of an already attached adapter)
-                continue
-            in_vision = _under(name, self.parts.vision)
-            in_projector = _under(name, self.parts.projector)
-            if inside == "vision" and in_vision and not in_projector:
-                names.append(name)
-            elif inside is None and not in_vision and not in_projector:
-                names.append(name)
-        return names
-
     def default_lora_targets(self) -> str:
-        if self.parts.vision is None:
-            raise UserError(f"cannot find the vision encoder of {type(self.base_network).__name__} (no module named "
-                             f"{', '.join(VISION_NAMES)}); set lora.target_modules to an anchored regex over the "
-                             "language model's linear layers")
-        names = self._linear_names()
-        if self.vision_lora:
-            names += self._linear_names("vision")
-        if not names:
-            raise UserError(f"no linear layer found in the language model of {type(self.base_network).__name__}; "
-                             "set lora.target_modules")
-        return linear_regex(names)
+        return "^(?:" + "|".join(lora_target_patterns(self.base_network, self.parts, self.vision_lora)) + ")$"
 
     def default_modules_to_save(self) -> list[str] | None:
         if not self.train_projector:
@@ -398,33 +471,7 @@ class VLMModel(SegModel):
 
     def after_lora(self) -> None:
         """Refuse adapters where they were not asked for, and check the projector trains exactly when asked."""
-        from peft.tuners.lora import LoraLayer
-
-        base = self.base_network
-        landed = [n for n, m in base.named_modules() if isinstance(m, LoraLayer)]
-        in_projector = [n for n in landed if _under(n, self.parts.projector)]
-        in_vision = [n for n in landed if _under(n, self.parts.vision) and n not in in_projector]
-        if in_projector:
-            raise UserError(f"LoRA landed in the multimodal projector ({', '.join(in_projector[:4])}); train the "
-                             "projector fully with model.vlm.train_projector=true and narrow lora.target_modules")
-        if in_vision and not self.vision_lora:
-            raise UserError(
-                f"LoRA landed in the vision tower ({len(in_vision)} layers, e.g. {in_vision[0]}): its layers share "
-                "names with the language model's (q_proj ...). Narrow lora.target_modules (an anchored regex over full "
-                "module names; the default targets the language model only) or set model.vlm.vision_lora=true"
-            )
-        if self.vision_lora and not in_vision:
-            raise UserError("model.vlm.vision_lora=true but no LoRA layer landed in the vision tower; include its "
-                             "linear layers in lora.target_modules")
-        trainable_projector = [n for n, p in base.named_parameters()
-                               if p.requires_grad and _under(n, self.parts.projector)]
-        if self.train_projector and not trainable_projector:
-            raise RuntimeError(f"model.vlm.train_projector: no parameter of {self.parts.projector} is trainable after "
-                               "wrapping (pitfall 6)")
-        if not self.train_projector and trainable_projector:
-            raise RuntimeError(f"projector parameters trainable although model.vlm.train_projector=false: "
-                               f"{trainable_projector[:4]}")
-        counts = {"language": len(landed) - len(in_vision), "vision": len(in_vision)}
+        counts = check_lora_placement(self.base_network, self.parts, self.vision_lora, self.train_projector)
         log.info("vlm LoRA layers: %s; projector %s", counts,
                  "trained fully (modules_to_save)" if self.train_projector else "frozen")
 
@@ -518,6 +565,23 @@ def check_token_compression(meta: dict, cfg: Config, path: Path) -> None:
                      f"off){fix}")
 
 
+def load_vlm_folder(path: Path, cfg: Config):
+    """(network, processor) of a local VLM folder: medtune's own Hulu-Med, else transformers' native VLM (or remote
+    code, with the opt-in) and the folder's processor. The one loader of both VLM families."""
+    meta = read_config_json(path)
+    # QLoRA: the projector (trained fully when asked) and lm_head stay unquantised
+    keep = list(PROJECTOR_NAMES) + ["lm_head"]
+    if is_hulumed_config(meta):  # medtune's own Hulu-Med: no code from the folder, with or without the opt-in;
+        # its token compression is a no-op for images at any batch size
+        net, processor = load_hulumed_folder(path, **load_kwargs(cfg, keep))
+    else:
+        check_token_compression(meta, cfg, path)  # before anything loads
+        processor = load_processor(path, cfg)
+        net = load_pretrained(_auto_class(meta, path), path, **load_kwargs(cfg, keep))
+    apply_image_processor_settings(processor, cfg.model.vlm.image_processor)
+    return net, processor
+
+
 def build_vlm(cfg: Config) -> VLMModel:
     path = resolve_model_path(cfg)  # refuses remote code without model.trust_remote_code
     if path is None:
@@ -527,24 +591,16 @@ def build_vlm(cfg: Config) -> VLMModel:
         preset, kind = overrides.pop("preset", None), overrides.pop("vlm", "llava")
         if preset != "tiny":
             raise UserError("family vlm builds from model.config only the offline test models ({preset: tiny, vlm: "
-                             "llava | internvl}); for a real VLM set model.path to a local checkpoint folder")
+                             "llava | internvl | qwen2_5_vl | qwen3_vl}); for a real VLM set model.path to a local "
+                             "checkpoint folder")
         from medtune.models.vlm.tiny import tiny_vlm
 
         net, processor = tiny_vlm(kind, overrides)
+        apply_image_processor_settings(processor, cfg.model.vlm.image_processor)
     else:
-        meta = read_config_json(path)
         if cfg.model.config:
             log.warning("model.config is ignored with model.path: the architecture comes from %s/config.json", path)
-        # QLoRA: the projector (trained fully when asked) and lm_head stay unquantised
-        keep = list(PROJECTOR_NAMES) + ["lm_head"]
-        if is_hulumed_config(meta):  # medtune's own Hulu-Med: no code from the folder, with or without the opt-in;
-            # its token compression is a no-op for images at any batch size
-            net, processor = load_hulumed_folder(path, **load_kwargs(cfg, keep))
-        else:
-            check_token_compression(meta, cfg, path)  # before anything loads
-            processor = load_processor(path, cfg)
-            net = load_pretrained(_auto_class(meta, path), path, **load_kwargs(cfg, keep))
-    apply_image_processor_settings(processor, cfg.model.vlm.image_processor)
+        net, processor = load_vlm_folder(path, cfg)
     codec = ChatCodec(processor, read_chat_template(cfg.model.vlm.chat_template), cfg.model.vlm.max_length)
     net = prepare_for_training(net, cfg, input_grads=True)
     return VLMModel(net, processor, codec, cfg.model.vlm)

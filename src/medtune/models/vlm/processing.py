@@ -7,22 +7,31 @@ import re
 from pathlib import Path
 
 import numpy as np
+import torch
 from transformers import InternVLProcessor, Qwen2_5_VLProcessor, Qwen3VLProcessor
 
 from medtune.config import Config
 from medtune.errors import UserError
 from medtune.models.hf import read_config_json, remote_code_kwargs
 
+UINT8_MAX = 255
 
 # ---- processors -----------------------------------------------------------------------------------------------------
 # transformers' processors of the VLMs that also take video build a video processor, which needs torchvision (absent
 # on some platforms, this one included). The image-only stand-ins below leave it out (their ``__init__`` names no
 # video processor, so ``ProcessorMixin`` expects none) and process images exactly as the full processor does. They
 # are module-level classes so a codec holding one pickles into DataLoader workers.
+UNUSED_VIDEO_TOKEN = "<video>"
+
+
 class ImageOnlyInternVLProcessor(InternVLProcessor):
     """``InternVLProcessor`` without its video processor."""
 
     def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None, **kwargs):
+        if tokenizer is not None and not _has_token(tokenizer, "video_token"):
+            # InternVLProcessor reads the tokenizer's video token for its text pattern; an image-only processor never
+            # expands it, and a tokenizer without one (Sa2VA's) is not given a new vocabulary entry for it
+            tokenizer.video_token = UNUSED_VIDEO_TOKEN
         super().__init__(image_processor, tokenizer, None, image_seq_length=image_seq_length,
                          chat_template=chat_template, **kwargs)
 
@@ -39,6 +48,13 @@ class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+
+def _has_token(tokenizer, name: str) -> bool:
+    try:
+        return getattr(tokenizer, name) is not None
+    except AttributeError:
+        return False
 
 
 # model_type -> (stand-in, the keys of processor_config.json it takes). save_processor writes the standard class name
@@ -150,15 +166,26 @@ def read_chat_template(value: str | None) -> str | None:
     raise UserError(f"model.vlm.chat_template {value!r} is neither an existing file nor a Jinja template text")
 
 
-def to_pil(image: np.ndarray):
+def to_uint8_rgb(image) -> np.ndarray:
+    """uint8 [H, W, 3] from a float [C, H, W] (or [H, W]) image in [0, 1] (the data loader's; 8-bit files round-trip
+    exactly), a uint8 [C, H, W] array / tensor, or one image [1, C, H, W]. Grey images are repeated to RGB (Sa2VA
+    converts every image to RGB)."""
+    x = image.detach().cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
+    if x.ndim == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3 or x.shape[0] not in (1, 3):
+        raise ValueError(f"expected an image [C, H, W] with C in (1, 3), got shape {x.shape}")
+    if x.dtype != np.uint8:
+        x = np.rint(np.clip(x.astype(np.float64), 0.0, 1.0) * UINT8_MAX).astype(np.uint8)
+    if x.shape[0] == 1:
+        x = np.repeat(x, 3, axis=0)
+    return np.ascontiguousarray(x.transpose(1, 2, 0))
+
+
+def to_pil(image):
     """LoadedSample image float [C, H, W] in [0, 1] -> RGB PIL image (what processors expect)."""
     from PIL import Image
 
-    arr = np.asarray(image, dtype=np.float32)
-    if arr.ndim == 3:
-        arr = arr.transpose(1, 2, 0)
-        if arr.shape[-1] == 1:
-            arr = np.repeat(arr, 3, axis=-1)
-    else:
-        arr = np.repeat(arr[..., None], 3, axis=-1)
-    return Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="RGB")
+    return Image.fromarray(to_uint8_rgb(image), mode="RGB")

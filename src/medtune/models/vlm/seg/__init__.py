@@ -1,20 +1,21 @@
-"""Family ``segvlm``: a transformers VLM + SAM / SAM 2 joined by a ``[SEG]`` token (LISA / Sa2VA style).
+"""Family ``segvlm``: the plain VLM (``models.vlm.model``) + a mask head, joined by a ``[SEG]`` token (LISA / Sa2VA
+style).
 
-The VLM (any ``AutoModelForImageTextToText`` checkpoint of a supported type: InternVL-hf, LLaVA-hf) reads the
-image and the question and answers with text containing ``[SEG]``; the last hidden state at each ``[SEG]`` goes
-through ``seg_projection`` (Linear H->H, ReLU, Linear H->SAM's prompt size) into SAM's mask decoder as a sparse
-prompt; the decoder's three masks are reduced to the one with the best predicted IoU (Sa2VA; ``model.vlm.mask_output``)
-and upsampled to the output size (256 -> SAM's 1024 -> H x W). Both encoders read the image at its own resolution
-(``images.py``: PIL bicubic uint8 SAM input, InternVL dynamic tiles). ``forward_batch`` is one teacher-forced pass (no
-``generate()``, no ``no_grad``); ``generate_masks`` is generation followed by that same forward. Frozen image
+The VLM is loaded, processed, chat-encoded and LoRA-placed exactly as family ``vlm`` does it (any VLM that family
+loads: LLaVA, InternVL, Qwen2.5-VL, Qwen3-VL ...); it reads the image and the questions and answers with text
+containing ``[SEG]``. The mask head: the last hidden state at each ``[SEG]`` goes through ``seg_projection`` (Linear
+H->H, ReLU, Linear H->SAM's prompt size) into SAM's / SAM 2's mask decoder as a sparse prompt; the decoder's three
+masks are reduced to the one with the best predicted IoU (Sa2VA; ``model.vlm.mask_output``) and upsampled to the
+output size (256 -> SAM's 1024 -> H x W). Both encoders read the image at its own resolution: the VLM's processor
+makes its pixels, ``images.py`` SAM's (PIL bicubic uint8 to 1024). ``forward_batch`` is one teacher-forced pass (no
+``generate()``, no ``no_grad``); ``generate_turns`` is generation followed by that same forward. Frozen image
 encoders need no ``no_grad`` to save memory: fed by pixels that do not require grad, autograd records nothing in a
 tower with nothing trainable below it, and records what it must when LoRA or full training reaches inside.
 
 Fine-tuning (``registry.build_model`` attaches LoRA from the hooks here):
 
-- LoRA on the language model's linears only, by an anchored regex over full module names: vision towers reuse
-  ``q_proj``/``k_proj``/``v_proj`` (InternViT, CLIP, SigLIP) and even ``gate_proj``/``up_proj`` (Qwen2.5-VL), so
-  a suffix list or ``all-linear`` would put adapters there. ``after_lora`` re-checks where they landed.
+- LoRA on the language model's linears only, placed and checked by the plain VLM's code (``lora_target_patterns``,
+  ``check_lora_placement``) under the ``vlm.`` prefix.
 - SAM's mask decoder and the projection train fully (``modules_to_save``); SAM's image encoder is frozen (LoRA
   with ``model.vlm.sam_encoder_lora``); the VLM projector trains only with ``model.vlm.train_projector``.
 - ``[SEG]`` is added as one special token and trained as PEFT *trainable tokens*
@@ -33,12 +34,11 @@ import logging
 
 from medtune.config import Config
 from medtune.errors import UserError
-from medtune.models.vlm.seg.codec import TextCodec
 from medtune.models.vlm.seg.model import SegVLMModel, SegVLMNet
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SegVLMModel", "SegVLMNet", "TextCodec", "build_segvlm"]
+__all__ = ["SegVLMModel", "SegVLMNet", "build_segvlm"]
 
 
 def build_segvlm(cfg: Config) -> SegVLMModel:
@@ -47,6 +47,8 @@ def build_segvlm(cfg: Config) -> SegVLMModel:
     from safetensors.torch import load_file
 
     from medtune.models.hf import prepare_for_training
+    from medtune.models.vlm.model import ChatCodec, load_vlm_folder
+    from medtune.models.vlm.processing import apply_image_processor_settings, read_chat_template
     from medtune.models.vlm.seg import parts, tiny
     from medtune.models.vlm.seg.model import new_projection
 
@@ -55,13 +57,12 @@ def build_segvlm(cfg: Config) -> SegVLMModel:
     if sources is None:
         if cfg.model.quantize_4bit:
             raise UserError("model.quantize_4bit quantises a pretrained VLM; set model.vlm.vlm_path (or model.path)")
+        from medtune.models.vlm.tiny import tiny_vlm
+
         choice = parts.tiny_choice(cfg)
-        vlm, tokenizer, image_processor = tiny.tiny_vlm(choice["vlm"], choice["tie_word_embeddings"])
-        processor = tiny.tiny_processor(choice["vlm"], tokenizer, image_processor)
+        vlm, processor = tiny_vlm(choice["vlm"], tiny.tiny_vlm_overrides(choice["tie_word_embeddings"]))
+        apply_image_processor_settings(processor, vcfg.image_processor)
         where = "the tiny preset"
-        template, template_source = parts.resolve_chat_template(vcfg.chat_template, processor, tokenizer, where)
-        processing = parts.build_processing(tokenizer, image_processor, processor, vlm, vcfg.seg_token, where,
-                                            template, template_source)
         sam = tiny.tiny_sam(choice["sam"])
         parts.prepare_sam(sam)
     else:
@@ -69,11 +70,12 @@ def build_segvlm(cfg: Config) -> SegVLMModel:
             log.warning("model.config is ignored when segvlm loads its parts from folders")
         vlm_key = "model.path (vlm/)" if sources.composed else "model.vlm.vlm_path"
         sam_key = "model.path (sam/)" if sources.composed else "model.vlm.sam_path"
-        vlm = parts.load_vlm(sources.vlm, vlm_key, cfg)
-        processing = parts.load_processing(sources.vlm, vlm_key, vlm, vcfg.seg_token, vcfg.chat_template)
+        parts.check_vlm_folder(sources.vlm, vlm_key)
+        vlm, processor = load_vlm_folder(sources.vlm, cfg)
+        where = f"{vlm_key} {str(sources.vlm)!r}"
         sam = parts.load_sam(sources.sam, sam_key)
-    seg_id = processing.seg_token_id
-    parts.fit_embeddings(vlm, processing.tokenizer)
+    seg_id = parts.add_seg_token(processor.tokenizer, vcfg.seg_token, where)
+    parts.fit_embeddings(vlm, processor.tokenizer)
     hidden = vlm.config.get_text_config().hidden_size
     projection = new_projection(hidden, sam.config.prompt_encoder_config.hidden_size)
     if sources is not None and sources.composed is not None:
@@ -88,15 +90,17 @@ def build_segvlm(cfg: Config) -> SegVLMModel:
         except RuntimeError as err:
             raise UserError(f"{sources.composed / parts.PROJECTION_FILE} does not fit the VLM/SAM in that folder "
                              f"({str(err).splitlines()[0]}); re-export the model") from None
-    codec = TextCodec(processing.tokenizer, processing.chat_template, processing.image_token,
-                      processing.placeholder_ids, vcfg.seg_token, seg_id, vcfg.max_length)
+    # the plain VLM's codec; [SEG] is answer text, and a conversation ends at its last end-of-turn token (Sa2VA's)
+    codec = ChatCodec(processor, read_chat_template(vcfg.chat_template), vcfg.max_length,
+                      answer_token_ids=(seg_id,), end_after_last_answer=True)
+    parts.check_template_has_image(codec, where)
     net = SegVLMNet(vlm, sam, projection)
     # LLM LoRA behind frozen embeddings under checkpointing needs the embeddings' output to require grad (pitfall 3).
     net.vlm = prepare_for_training(net.vlm, cfg, input_grads=True)
     meta = sources.meta if sources is not None else {}
     stats = {k: meta[key] for k, key in (("sam_image_mean", parts.SAM_MEAN_KEY), ("sam_image_std", parts.SAM_STD_KEY))
              if key in meta}
-    seg = SegVLMModel(net, cfg.data.channels, processing, codec, vcfg, **stats)
+    seg = SegVLMModel(net, cfg.data.channels, processor, codec, vcfg, seg_id, **stats)
     # RL's loss has no LM term (the masks read the hidden state before lm_head): like lm_weight=0 for the output row
     seg.lm_loss_trained = cfg.task.lm_weight > 0 and cfg.objective != "rl"
     return seg

@@ -1,4 +1,8 @@
-"""``SegVLMNet`` (VLM + SAM + projection in one module, so PEFT wraps all of it) and ``SegVLMModel`` (its forward)."""
+"""``SegVLMNet`` (VLM + SAM + projection in one module, so PEFT wraps all of it) and ``SegVLMModel`` (its forward).
+
+The VLM side is the plain VLM's: its processor makes the pixels and the tokens through ``ChatCodec`` (one user turn
+per question, the image in the first), ``collate`` batches them, and every processor key reaches the VLM's forward.
+The mask head reads its own input (``sam_image``, ``images.SamImagePrep``) and the [SEG] hidden states."""
 from __future__ import annotations
 
 import json
@@ -13,12 +17,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from medtune.config import VLMCfg
+from medtune.data.conversations import IMAGE_PLACEHOLDER
 from medtune.errors import UserError
 from medtune.models.base import ModelOutput, SegModel, load_safetensors_folder
 from medtune.models.sam import IMAGENET_MEAN, IMAGENET_STD, Sam2SegModel, SamSegModel
-from medtune.models.vlm.logits import forward_logits_at, logit_positions, token_loss
-from medtune.models.vlm.seg.codec import IGNORE_INDEX, TextCodec
-from medtune.models.vlm.seg.images import PIL_BICUBIC, UINT8_MAX, ImagePrep
+from medtune.models.vlm.logits import IGNORE_INDEX, forward_logits_at, logit_positions, token_loss
+from medtune.models.vlm.model import (
+    NON_MODEL_KEYS,
+    SEQUENCE_KEYS,
+    ChatCodec,
+    VLMParts,
+    check_lora_placement,
+    extend_token_key,
+    generation_kwargs,
+    lora_target_patterns,
+    new_tokens,
+)
+from medtune.models.vlm.model import collate as collate_vlm
+from medtune.models.vlm.processing import UINT8_MAX, save_processor, to_uint8_rgb
+from medtune.models.vlm.seg.images import SamImagePrep
 from medtune.models.vlm.seg.parts import (
     FORMAT_VERSION,
     PROJECTION_FILE,
@@ -27,19 +44,73 @@ from medtune.models.vlm.seg.parts import (
     SAM_STD_KEY,
     SEGVLM_JSON,
     VLM_DIR,
-    Processing,
     embeddings_tied,
-    language_model,
-    linear_regex,
     module_name,
-    projector,
     sam_kind,
-    vision_tower,
     vision_unused_regex,
 )
 
 # SAM 2's mask decoder makes three masks plus the single-mask head (token 0); the modes that pick one of them.
 MASK_OUTPUTS = ("best_iou", "single")
+# Batch keys of the mask head (its input, the targets): never passed to the VLM. Stacked per image by ``collate``.
+MASK_HEAD_KEYS = frozenset({"sam_image", "image_size", "mask", "fov", "target_valid", "output_size"})
+STACKED_KEYS = ("sam_image", "image_size", "fov")
+
+
+def seg_turns(questions: list[str], answers: list[str], seg_token: str) -> list[dict[str, str]]:
+    """One user turn per question (the image placeholder in the first only, as Sa2VA's data put several referring
+    expressions of one image), each followed by its answer when given: as many answers (teacher forcing) or one
+    fewer (the conversation ends with the question to answer)."""
+    if not questions:
+        raise UserError("a segvlm conversation needs at least one question")
+    if len(answers) not in (len(questions), len(questions) - 1):
+        raise ValueError(f"{len(questions)} questions need {len(questions)} answers (teacher forcing) or "
+                         f"{len(questions) - 1} (a prompt for the last one), got {len(answers)}")
+    for question in questions:
+        for token in (IMAGE_PLACEHOLDER, seg_token):
+            if token in question:
+                raise UserError(f"the question {question!r} contains {token!r}; the codec inserts the image itself "
+                                 f"and {seg_token!r} belongs in answers only")
+    turns: list[dict[str, str]] = []
+    for k, question in enumerate(questions):
+        turns.append({"role": "user", "content": (IMAGE_PLACEHOLDER if k == 0 else "") + question})
+        if k < len(answers):
+            if IMAGE_PLACEHOLDER in answers[k]:
+                raise UserError(f"the answer {answers[k]!r} contains the image placeholder {IMAGE_PLACEHOLDER!r}")
+            turns.append({"role": "assistant", "content": answers[k]})
+    return turns
+
+
+def encode_item(codec: ChatCodec, prep: SamImagePrep, image, questions: list[str], answers: list[str],
+                sample_id: str, seg_token: str) -> dict:
+    """One sample: ``ChatCodec.encode`` of the conversation with the image (the VLM processor's tokens and pixels,
+    its other keys, labels on the answers) + the mask head's ``sam_image`` and the image's ``image_size``. ``image``:
+    float [C, H, W] in [0, 1] or uint8, at its own resolution. Module-level and picklable (DataLoader workers)."""
+    from PIL import Image
+
+    rgb = to_uint8_rgb(image)
+    item = codec.encode(seg_turns(questions, answers, seg_token), Image.fromarray(rgb), sample_id)
+    item.update(prep(rgb))
+    return item
+
+
+def collate(items: list[dict], padding_side: str = "right") -> dict:
+    """The plain VLM's ``collate`` (sequence keys padded, per-image processor keys concatenated) + the mask head's
+    keys stacked per image, and the K target ``mask`` [B, K, h, w] with ``target_valid`` [B, K] when items hold
+    their targets."""
+    head = [{k: it.pop(k) for k in list(it) if k in MASK_HEAD_KEYS} for it in (dict(i) for i in items)]
+    batch = collate_vlm([{k: v for k, v in it.items() if k not in MASK_HEAD_KEYS} for it in items], padding_side)
+    for key in STACKED_KEYS:
+        if key in head[0]:
+            batch[key] = torch.stack([h[key] for h in head])
+    if "mask" in head[0]:
+        k = max(int(h["mask"].shape[0]) for h in head)
+        batch["mask"] = torch.zeros(len(head), k, *head[0]["mask"].shape[-2:])
+        batch["target_valid"] = torch.zeros(len(head), k, dtype=torch.bool)
+        for i, h in enumerate(head):
+            batch["mask"][i, :h["mask"].shape[0]] = h["mask"]
+            batch["target_valid"][i, :h["mask"].shape[0]] = True
+    return batch
 
 
 @dataclass
@@ -104,80 +175,56 @@ def _square(size) -> tuple[int, int]:
 class SegVLMModel(SegModel):
     family = "segvlm"
 
-    def __init__(self, net: SegVLMNet, in_channels: int, processing: Processing, codec: TextCodec, vcfg: VLMCfg,
-                 sam_image_mean=IMAGENET_MEAN, sam_image_std=IMAGENET_STD):
+    def __init__(self, net: SegVLMNet, in_channels: int, processor, codec: ChatCodec, vcfg: VLMCfg,
+                 seg_token_id: int, sam_image_mean=IMAGENET_MEAN, sam_image_std=IMAGENET_STD):
         super().__init__(net, in_channels)
-        self.processing = processing
+        self.processor = processor
         self.codec = codec
         self.vcfg = vcfg
+        self.seg_token = vcfg.seg_token
+        self.seg_token_id = seg_token_id
+        self.parts = VLMParts.find(net.vlm)  # names inside the VLM; under "vlm." in the composed network
         # set by the builder from task.lm_weight: whether any loss reaches the VLM's output head
         self.lm_loss_trained = True
         self.sam_kind = sam_kind(net.sam)
         self.mask_output = resolve_mask_output(vcfg.mask_output, self.sam_kind)
-        image_processor = processing.image_processor
-        vlm_config = net.vlm.config
-        # InternVL's dynamic tiling when the image processor asks for it (Sa2VA: crop_to_patches, 1..12 tiles)
-        tiling = vlm_config.model_type == "internvl" and bool(getattr(image_processor, "crop_to_patches", False))
-        self.image_prep = ImagePrep(
-            sam_size=_square(net.sam.config.prompt_encoder_config.image_size),
-            tile_size=_square(vlm_config.vision_config.image_size), tiling=tiling,
-            min_tiles=int(getattr(image_processor, "min_patches", None) or 1),
-            max_tiles=int(getattr(image_processor, "max_patches", None) or 1),
-            resample=int(getattr(image_processor, "resample", None) or PIL_BICUBIC))
-        mean = getattr(image_processor, "image_mean", None) or IMAGENET_MEAN
-        std = getattr(image_processor, "image_std", None) or IMAGENET_STD
-        self.register_buffer("vlm_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("vlm_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.image_prep = SamImagePrep(sam_size=_square(net.sam.config.prompt_encoder_config.image_size))
         self.sam_image_mean, self.sam_image_std = [float(v) for v in sam_image_mean], [float(v) for v in sam_image_std]
         self.register_buffer("sam_mean", torch.tensor(self.sam_image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("sam_std", torch.tensor(self.sam_image_std).view(1, 3, 1, 1), persistent=False)
 
     # --- the contract ---------------------------------------------------------------------------------------------
-    def text_codec(self) -> TextCodec:
+    def text_codec(self) -> ChatCodec:
         return self.codec
 
-    @property
-    def seg_token_id(self) -> int:
-        return self.codec.seg_token_id
-
     def forward_logits(self, image: torch.Tensor, box: torch.Tensor | None = None) -> torch.Tensor:
-        raise UserError("segvlm segments from text: call forward_batch with input_ids from seg.text_codec() "
+        raise UserError("segvlm segments from text: call forward_batch with a batch of model.encode items "
                          "(task.kind segvlm), or generate_masks / teacher_forced_masks")
 
-    def prepare(self, image) -> dict[str, torch.Tensor]:
-        """The model inputs of one image at its own resolution (float [C, H, W] in [0, 1] or uint8): see images.py."""
-        return self.image_prep(image)
+    def encode(self, image, questions: str | list[str], answers: str | list[str] | None = None,
+               sample_id: str = "sample") -> dict:
+        """One sample's item (``encode_item``): one question (a string) or several, as many answers or one fewer."""
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        answers = [] if answers is None else [answers] if isinstance(answers, str) else list(answers)
+        return encode_item(self.codec, self.image_prep, image, questions, answers, sample_id, self.seg_token)
 
-    def num_tiles(self, height: int, width: int) -> int:
-        """How many VLM tiles an image of this size becomes: the ``num_tiles`` of ``text_codec().encode``."""
-        return self.image_prep.num_tiles(height, width)
+    def model_inputs(self, batch: dict) -> dict:
+        """Every key of the batch the VLM takes: all processor outputs (pixel_values, image_grid_thw, ...)."""
+        return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS and k not in MASK_HEAD_KEYS}
 
     def forward_batch(self, batch: dict) -> ModelOutput:
-        """Teacher-forced forward. ``batch``: the prepared images (``sam_image`` uint8 [B, 3, S, S], ``vlm_tiles``
-        uint8 [N, 3, t, t] = every image's tiles in order, from ``prepare``) or raw ``image`` float [B, C, H, W] in
-        [0, 1] (prepared here, one by one); ``input_ids`` [B, T], optional ``attention_mask`` [B, T] and ``labels``
-        [B, T] (-100 = not supervised), from the text codec with each image's ``num_tiles``. The mask logits come at
-        ``output_size`` (H, W): given, else that of ``mask``, else the (common) size of the images."""
-        missing = [k for k in ("input_ids",) if k not in batch]
-        if "sam_image" not in batch and "image" not in batch:
-            missing.insert(0, "sam_image/vlm_tiles (or image)")
+        """Teacher-forced forward of a ``collate``d batch of ``encode`` items: the VLM on its processor's inputs
+        (``input_ids`` [B, T], ``attention_mask``, ``labels`` (-100 = not supervised), pixel keys ...), the mask head
+        on ``sam_image`` uint8 [B, 3, S, S]. The mask logits come at ``output_size`` (H, W): given, else that of
+        ``mask``, else the (common) size of the images."""
+        missing = [k for k in ("input_ids", "sam_image") if k not in batch]
         if missing:
-            raise UserError(f"segvlm batch lacks {missing}: it needs the image and the conversation tokens from "
-                             "seg.text_codec().encode(question, answer, num_tiles) (task.kind segvlm)")
-        inputs = batch if "sam_image" in batch else self._prepare_batch(batch["image"])
+            raise UserError(f"segvlm batch lacks {missing}: it needs a collated batch of model.encode(image, "
+                             "questions, answers) items (task.kind segvlm)")
         size = batch.get("output_size")
         if size is None:
-            size = batch["mask"].shape[-2:] if "mask" in batch else self._common_size(inputs["image_size"])
-        return self._forward(inputs, batch["input_ids"], batch.get("attention_mask"), batch.get("labels"),
-                             (int(size[0]), int(size[1])), batch)
-
-    def _prepare_batch(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        if image.ndim != 4 or image.shape[1] != self.in_channels:
-            raise UserError(f"segvlm expects images [B, {self.in_channels}, H, W], got {tuple(image.shape)}")
-        items = [self.prepare(x) for x in image]
-        return {"sam_image": torch.stack([i["sam_image"] for i in items]).to(image.device),
-                "vlm_tiles": torch.cat([i["vlm_tiles"] for i in items]).to(image.device),
-                "image_size": torch.stack([i["image_size"] for i in items])}
+            size = batch["mask"].shape[-2:] if "mask" in batch else self._common_size(batch["image_size"])
+        return self._forward(batch, (int(size[0]), int(size[1])))
 
     @staticmethod
     def _common_size(image_size: torch.Tensor) -> tuple[int, int]:
@@ -186,24 +233,24 @@ class SegVLMModel(SegModel):
             raise UserError(f"images of several sizes {sorted(sizes)} in one batch: give output_size (H, W)")
         return next(iter(sizes))
 
-    def _forward(self, inputs: dict, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                 labels: torch.Tensor | None, output_size: tuple[int, int], batch: dict | None = None) -> ModelOutput:
+    def _forward(self, batch: dict, output_size: tuple[int, int]) -> ModelOutput:
         """The VLM's token logits are computed where ``batch[LOGITS_AT]`` says (``models.vlm.logits``); by default
         where the LM loss reads them, and nowhere without labels: the masks need only the hidden states."""
-        sam_image, tiles = inputs["sam_image"], inputs["vlm_tiles"]
+        net = self.base_network
+        sam_image = batch["sam_image"]
+        device = sam_image.device
+        inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.model_inputs(batch).items()}
+        input_ids = inputs["input_ids"]
         b = sam_image.shape[0]
         if input_ids.ndim != 2 or input_ids.shape[0] != b:
             raise UserError(f"input_ids must be [B={b}, T], got {tuple(input_ids.shape)}")
-        net = self.base_network
-        device = sam_image.device
-        input_ids = input_ids.to(device)
-        attention_mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device))
-        self._check_image_tokens(input_ids, attention_mask, tiles.shape[0])
-        vlm_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": self._vlm_pixels(tiles)}
+        if inputs.get("attention_mask") is None:
+            inputs["attention_mask"] = torch.ones_like(input_ids)
+        labels = batch.get("labels")
         labels = labels.to(device) if labels is not None else None
-        positions = logit_positions(batch or {}, labels, device)
+        positions = logit_positions(batch, labels, device)
         out, logits = forward_logits_at(partial(net.vlm, output_hidden_states=True, use_cache=False,
-                                                return_dict=True), net.vlm, vlm_inputs, positions)
+                                                return_dict=True), net.vlm, inputs, positions)
         lm_loss = None
         if labels is not None:
             supervised = bool((labels != IGNORE_INDEX).any())
@@ -211,7 +258,7 @@ class SegVLMModel(SegModel):
             # still part of the graph, not 0/0
             lm_loss = token_loss(logits, labels, None, positions) if supervised else logits.sum() * 0.0
         # hidden_states[-1] is the final-norm output, the lm_head input: the [SEG] token's own last hidden state
-        prompts, valid = self._seg_hidden(out.hidden_states[-1], input_ids, attention_mask)
+        prompts, valid = self._seg_hidden(out.hidden_states[-1], input_ids, inputs["attention_mask"])
         if prompts.shape[1] == 0:
             mask_logits = torch.zeros(b, 0, *output_size, device=device, dtype=torch.float32)
         else:
@@ -223,16 +270,6 @@ class SegVLMModel(SegModel):
             mask_logits = torch.where(valid[:, :, None, None], mask_logits, torch.zeros_like(mask_logits))
         return ModelOutput(mask_logits=mask_logits, lm_loss=lm_loss, token_logits=logits, mask_valid=valid,
                            logit_positions=positions)
-
-    def _check_image_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_tiles: int) -> None:
-        """One line instead of transformers' feature-count error deep inside: the prompts must hold one tile's
-        image tokens per tile given (``text_codec().encode(..., num_tiles=model.num_tiles(H, W))``)."""
-        image_id = self.base_network.vlm.config.image_token_id
-        per_tile = sum(1 for i in self.codec.placeholder_ids if i == image_id)
-        found = int(((input_ids == image_id) & attention_mask.bool()).sum())
-        if found != per_tile * n_tiles:
-            raise UserError(f"the batch's prompts hold {found} image tokens but its images make {n_tiles} tile(s) of "
-                             f"{per_tile}: encode each prompt with num_tiles=model.num_tiles(H, W) of its image")
 
     def upsample(self, low: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
         """Low-res logits [B, K, h, w] -> [B, K, H, W] as Sa2VA: bilinear to SAM's input size (SAM 2's video
@@ -302,24 +339,18 @@ class SegVLMModel(SegModel):
         low = torch.gather(masks, 2, index[:, :, None, None, None].expand(-1, -1, 1, *masks.shape[-2:]))[:, :, 0]
         return DecodedMasks(candidates=masks, iou_scores=iou, index=index, low_res=low)
 
-    # --- image preprocessing (uint8 from images.ImagePrep -> the encoders' inputs) ----------------------------------
-    def _vlm_pixels(self, tiles: torch.Tensor) -> torch.Tensor:
-        """uint8 tiles [N, 3, t, t] -> normalised float (ToTensor + Normalize, in float32)."""
-        x = (tiles.float() / UINT8_MAX - self.vlm_mean) / self.vlm_std
-        return x.to(_floating_dtype(vision_tower(self.base_network.vlm)))
-
+    # --- the mask head's input ------------------------------------------------------------------------------------
     def _sam_pixels(self, sam_image: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, S, S] -> /255, (x - mean) / std in float32 with the folder's SAM mean/std."""
         x = (sam_image.float() / UINT8_MAX - self.sam_mean) / self.sam_std
         return x.to(_floating_dtype(self.base_network.sam.vision_encoder))
 
     # --- generation and evaluation -----------------------------------------------------------------------------------
-    def _one_image(self, image, caller: str) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def _one_image(image, caller: str):
         if image.ndim != 4 or image.shape[0] != 1:
             raise UserError(f"{caller} takes one image [1, C, H, W] (its original resolution), got {tuple(image.shape)}")
-        inputs = self._prepare_batch(image)
-        inputs["num_tiles"] = int(inputs["vlm_tiles"].shape[0])
-        return inputs
+        return image[0]
 
     def generate_masks(self, image: torch.Tensor, question: str, max_new_tokens: int = 32
                        ) -> tuple[str, torch.Tensor]:
@@ -331,74 +362,72 @@ class SegVLMModel(SegModel):
     def generate_turns(self, image: torch.Tensor, questions: list[str], max_new_tokens: int = 32
                        ) -> tuple[list[str], list[torch.Tensor]]:
         """A conversation about ``image`` [1, C, H, W], one greedy answer per question, each turn continuing the
-        previous turns' generated tokens (the image in the first turn only, as in training). Returns the answers
-        and, per answer, the mask logits [K_k, H, W] of its [SEG] tokens (K_k possibly 0).
+        previous turns' generated tokens (``ChatCodec.continuation_ids``; the image in the first turn only, as in
+        training). Returns the answers and, per answer, the mask logits [K_k, H, W] of its [SEG] tokens.
 
         ``generate()`` runs under no_grad; the masks come from ONE teacher-forced forward over the whole generated
         conversation (the training forward), so they are differentiable w.r.t. the mask path for the caller who
         wants that.
         """
-        inputs = self._one_image(image, "generate_turns")
+        x = self._one_image(image, "generate_turns")
         codec = self.codec
-        stops = set(codec.stop_token_ids)
-        pixels = self._vlm_pixels(inputs["vlm_tiles"])
-        sequence: list[int] = []
+        stops = set(codec.stop_ids)
+        close = codec.end_of_turn_id if codec.end_of_turn_id is not None else codec.stop_ids[0]
+        item = self.encode(x, questions[:1], None, "generate")
+        sequence: list[int] = item["input_ids"].tolist()
         answers: list[str] = []
         seg_counts: list[int] = []
+        device = image.device
         for k in range(len(questions)):
-            sequence += codec.prompt_ids(questions[:k + 1], answers, inputs["num_tiles"])
-            prompt = torch.tensor([sequence], device=image.device)
+            if k:
+                turns = seg_turns(questions[:k + 1], answers, self.seg_token)
+                sequence += codec.continuation_ids(turns, "generate")
+            batch = collate([_with_ids(item, sequence)])
+            inputs = {key: (v.to(device) if torch.is_tensor(v) else v) for key, v in self.model_inputs(batch).items()}
             with torch.no_grad():
-                generated = self.base_network.vlm.generate(
-                    input_ids=prompt, attention_mask=torch.ones_like(prompt), pixel_values=pixels,
-                    max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=codec.stop_token_ids,
-                    pad_token_id=codec.pad_token_id,
-                )
-            new = generated[0, prompt.shape[1]:].tolist()
+                out = self.base_network.vlm.generate(**inputs, **generation_kwargs(codec, max_new_tokens), num_beams=1)
+            new = new_tokens(out, inputs["input_ids"], max_new_tokens, type(self.base_network.vlm).__name__)
+            new = new[0].tolist()
             end = next((i + 1 for i, t in enumerate(new) if t in stops), len(new))
             new = new[:end]
-            answers.append(codec.answer_text(new))
-            seg_counts.append(sum(t == codec.seg_token_id for t in new))
+            answers.append(codec.decode(new))
+            seg_counts.append(sum(t == self.seg_token_id for t in new))
             # an answer cut by max_new_tokens is closed as training closes every answer, before the next turn
-            sequence += new if new and new[-1] in stops else new + [codec.end_of_turn_id]
-        out = self._forward(inputs, torch.tensor([sequence], device=image.device), None, None,
-                            tuple(image.shape[-2:]))
+            sequence += new if new and new[-1] in stops else new + [close]
+        batch = collate([_with_ids(item, sequence)])
+        batch = {key: (v.to(device) if torch.is_tensor(v) else v) for key, v in batch.items()}
+        out = self._forward(batch, tuple(image.shape[-2:]))
         return answers, list(torch.split(out.mask_logits[0], seg_counts))
 
     def teacher_forced_masks(self, image: torch.Tensor, question: str | list[str], answer: str | list[str]
                              ) -> torch.Tensor:
         """Mask logits [K, H, W] for given answers (K = their [SEG] count): the training forward on one image
-        [1, C, H, W] at its original resolution. Lists: one turn per question, as ``codec.encode``."""
-        inputs = self._one_image(image, "teacher_forced_masks")
-        enc = self.codec.encode(question, answer, inputs["num_tiles"])
-        return self._forward(inputs, enc["input_ids"][None], enc["attention_mask"][None], None,
-                             tuple(image.shape[-2:])).mask_logits[0]
+        [1, C, H, W] at its original resolution. Lists: one turn per question."""
+        x = self._one_image(image, "teacher_forced_masks")
+        batch = collate([self.encode(x, question, answer, "teacher-forced")])
+        batch = {k: (v.to(image.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        batch.pop("labels")
+        return self._forward(batch, tuple(image.shape[-2:])).mask_logits[0]
 
-    # --- family hooks -------------------------------------------------------------------------------------------
-    def _names(self) -> dict[str, str]:
-        net = self.base_network
-        return {"language": module_name(net, language_model(net.vlm)),
-                "vision": module_name(net, vision_tower(net.vlm)),
-                "projector": module_name(net, projector(net.vlm))}
-
+    # --- family hooks: LoRA placement is the plain VLM's, under "vlm." ---------------------------------------------
     def _sam_encoder_targets(self) -> str:
         own = (Sam2SegModel if self.sam_kind == "sam2" else SamSegModel).DEFAULT_TARGETS
         return r"sam\." + own.removeprefix("^").removesuffix("$")
 
     def default_lora_targets(self) -> str:
-        """Every linear of the language model's decoder layers, by anchored full names (``vlm.model.language_model.
-        layers.\\d+.self_attn.q_proj`` ...): the vision tower's same-named layers are never hit. Plus the vision
-        tower's linears with ``model.vlm.vision_lora`` and SAM's image-encoder attention with ``sam_encoder_lora``."""
-        net, names = self.base_network, self._names()
-        parts = [linear_regex(net, names["language"])]
-        if self.vcfg.vision_lora:
-            parts.append(linear_regex(net, names["vision"]))
+        """The plain VLM's targets (``lora_target_patterns``: every linear of the language model by anchored full
+        names, the vision tower's with ``model.vlm.vision_lora``) under ``vlm.``, plus SAM's image-encoder attention
+        with ``sam_encoder_lora``."""
+        parts = lora_target_patterns(self.base_network.vlm, self.parts, self.vcfg.vision_lora, prefix=f"{VLM_DIR}.")
         if self.vcfg.sam_encoder_lora:
             parts.append(self._sam_encoder_targets())
-        return "^(?:" + "|".join(p for p in parts if p) + ")$"
+        return "^(?:" + "|".join(parts) + ")$"
 
     def default_modules_to_save(self) -> list[str] | None:
-        extra = [self._names()["projector"].rsplit(".", 1)[-1]] if self.vcfg.train_projector else []
+        if self.vcfg.train_projector and self.parts.projector is None:
+            raise UserError(f"model.vlm.train_projector: no projector found in {type(self.base_network.vlm).__name__}"
+                             "; list it in lora.modules_to_save")
+        extra = [f"{VLM_DIR}.{self.parts.projector}"] if self.vcfg.train_projector else []
         return ["mask_decoder", "seg_projection", *extra]
 
     def default_trainable_tokens(self) -> dict[str, list[int]] | None:
@@ -412,30 +441,21 @@ class SegVLMModel(SegModel):
         return tokens
 
     def after_lora(self) -> None:
-        """Adapters only where asked: the language model, the vision tower (``vision_lora``), SAM's image encoder
-        (``sam_encoder_lora``); the projector trains only with ``train_projector``. A user ``lora.target_modules``
-        that reaches elsewhere is refused here rather than found out after training."""
+        """The plain VLM's checks on the VLM (``check_lora_placement``), and no adapter outside it but in SAM's image
+        encoder with ``sam_encoder_lora``: a user ``lora.target_modules`` that reaches elsewhere is refused here
+        rather than found out after training."""
         from peft.tuners.lora import LoraLayer
 
-        base, names = self.base_network, self._names()
-        allowed = [names["language"]]
-        if self.vcfg.vision_lora:
-            allowed.append(names["vision"])
-        if self.vcfg.sam_encoder_lora:
-            allowed.append("sam.vision_encoder")
+        base = self.base_network
+        check_lora_placement(base.vlm, self.parts, self.vcfg.vision_lora, self.vcfg.train_projector)
+        allowed = [f"{VLM_DIR}."] + (["sam.vision_encoder."] if self.vcfg.sam_encoder_lora else [])
         stray = [n for n, m in base.named_modules()
-                 if isinstance(m, LoraLayer) and not any(n.startswith(a + ".") for a in allowed)]
+                 if isinstance(m, LoraLayer) and not any(n.startswith(a) for a in allowed)]
         if stray:
             raise UserError(
-                f"LoRA landed outside the language model: {stray[:6]}{' ...' if len(stray) > 6 else ''}. Set "
-                "model.vlm.vision_lora=true for the vision tower, model.vlm.sam_encoder_lora=true for SAM's image "
-                "encoder, model.vlm.train_projector=true to train the projector (fully), or narrow lora.target_modules"
-            )
-        projector_trains = any(p.requires_grad for n, p in base.named_parameters()
-                               if n.startswith(names["projector"] + "."))
-        if projector_trains != self.vcfg.train_projector:
-            raise RuntimeError(f"the VLM projector is {'trainable' if projector_trains else 'frozen'} but "
-                               f"model.vlm.train_projector={self.vcfg.train_projector}")
+                f"LoRA landed outside the VLM: {stray[:6]}{' ...' if len(stray) > 6 else ''}. Set "
+                "model.vlm.sam_encoder_lora=true for SAM's image encoder, or narrow lora.target_modules (the mask "
+                "decoder and the projection train fully)")
 
     def frozen_by_design(self) -> str | None:
         # SAM parts that cannot reach the chosen mask logits prompted by an embedding: the IoU / object-score heads
@@ -453,7 +473,7 @@ class SegVLMModel(SegModel):
         if not self.lm_loss_trained and out is not None and not embeddings_tied(self.base_network.vlm):
             # without the LM loss (task.lm_weight=0) nothing reaches an untied output head
             unused.append(re.escape(module_name(self.base_network, out)) + r"\.")
-        vision = vision_unused_regex(self.base_network.vlm, self._names()["vision"])
+        vision = vision_unused_regex(self.base_network.vlm, self.parts.vision, f"{VLM_DIR}.")
         if vision:
             unused.append(vision)
         return "|".join(unused)
@@ -479,11 +499,12 @@ class SegVLMModel(SegModel):
         out_dir.mkdir(parents=True, exist_ok=True)
         net = merged_copy(self.net)
         net.vlm.save_pretrained(str(out_dir / VLM_DIR))
-        self.processing.save(out_dir / VLM_DIR)
+        self.processor.chat_template = self.codec.template
+        save_processor(self.processor, out_dir / VLM_DIR)
         net.sam.save_pretrained(str(out_dir / SAM_DIR))
         save_file({k: v.detach().contiguous().cpu() for k, v in net.seg_projection.state_dict().items()},
                   str(out_dir / PROJECTION_FILE))
-        meta = {"format": FORMAT_VERSION, "seg_token": self.codec.seg_token, "seg_token_id": self.seg_token_id,
+        meta = {"format": FORMAT_VERSION, "seg_token": self.seg_token, "seg_token_id": self.seg_token_id,
                 "vlm_model_type": net.vlm.config.model_type, "sam_model_type": net.sam.config.model_type,
                 "hidden_size": net.seg_projection[0].in_features, "prompt_size": net.seg_projection[-1].out_features,
                 SAM_MEAN_KEY: self.sam_image_mean, SAM_STD_KEY: self.sam_image_std}
@@ -503,6 +524,18 @@ class SegVLMModel(SegModel):
                              f"unexpected {unexpected[:6]}")
         load_safetensors_folder(net.sam, folder / SAM_DIR)
         net.seg_projection.load_state_dict(load_file(str(folder / PROJECTION_FILE)))
+
+
+def _with_ids(item: dict, ids: list[int]) -> dict:
+    """``item`` with the token sequence ``ids`` (a prompt grown by generated turns), no labels; its other per-token
+    keys extended as ``ChatCodec.encode`` extends them (attention 1, others 0)."""
+    out = {k: v for k, v in item.items() if k != "labels"}
+    out["input_ids"] = torch.tensor(ids, dtype=torch.long)
+    for key in item[SEQUENCE_KEYS]:
+        if key not in ("input_ids", "labels"):
+            out[key] = extend_token_key(key, item[key][:len(ids)], len(ids))
+    out[SEQUENCE_KEYS] = tuple(k for k in item[SEQUENCE_KEYS] if k != "labels")
+    return out
 
 
 def _floating_dtype(module: nn.Module) -> torch.dtype:
