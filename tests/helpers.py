@@ -12,6 +12,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+NO_BROWSER = ("no Chromium found (looked for " + ", ".join(BROWSERS) + "); install it with `apt-get install chromium` "
+              "(`make test` installs it when run as root)")
+
+
+def find_chromium() -> str | None:
+    """A Chromium binary for the browser tests, or None."""
+    import shutil
+
+    found = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
+    if found or Path("/usr/bin/chromium").exists():
+        return found or "/usr/bin/chromium"
+    return None
+
+
 def tiny_cfg(tmp_path: Path, *overrides: str, steps: int = 6, name: str = "t"):
     """U-Net on the embedded synthetic vessels, a handful of steps."""
     return build_config({}, [

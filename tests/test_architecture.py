@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                "medtune.report.compare")),
     ("tasks", ("medtune.tasks",)),
     ("commands", ("medtune.train", "medtune.evaluate", "medtune.predict", "medtune.reporting", "medtune.report.cv",
-                  "medtune.demo")),
+                  "medtune.demo", "medtune.app")),
     ("cli", ("medtune.cli", "medtune", "medtune.report")),
 ]
 # The commands after training: they dispatch through the run's task and must not test its kind themselves.
@@ -145,5 +145,6 @@ def test_every_task_answers_every_command():
     for kind in TASKS:
         task = task_named(kind)
         assert task.name == kind
-        for hook in ("evaluate_run", "format_summary", "predict", "write_report", "compare"):
+        for hook in ("evaluate_run", "format_summary", "predict", "write_report", "compare", "predict_image",
+                     "prompt_option"):
             assert callable(getattr(task, hook)), f"task {kind} lacks {hook}"

@@ -8,18 +8,16 @@ from __future__ import annotations
 import base64
 import io
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import write_generic
+from helpers import NO_BROWSER, find_chromium, write_generic
 from test_report import N_DATA, write_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.ci]
 
-BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", "--no-first-run", "--enable-logging=stderr", "--v=0",
          "--host-resolver-rules=MAP * ~NOTFOUND"]  # offline, as the report must work
@@ -30,19 +28,11 @@ ERROR_PATTERNS = re.compile(r"Uncaught|:CONSOLE[:(]|net::ERR_|Failed to load res
 EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", re.I)
 
 
-def _find_browser() -> str | None:
-    found = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
-    if found or Path("/usr/bin/chromium").exists():
-        return found or "/usr/bin/chromium"
-    return None
-
-
 @pytest.fixture(scope="module")
 def browser() -> str:
-    exe = _find_browser()
+    exe = find_chromium()
     if exe is None:
-        pytest.skip("no Chromium found (looked for " + ", ".join(BROWSERS) + "); install it with "
-                    "`apt-get install chromium` (`make test` installs it when run as root)")
+        pytest.skip(NO_BROWSER)
     return exe
 
 

@@ -73,6 +73,14 @@ def _predict(args) -> None:
         print(line)
 
 
+def _app(args) -> None:
+    from medtune.app import serve
+    from medtune.app.service import DEFAULT_MAX_UPLOAD_MB
+
+    serve(args.runs, host=args.host, port=args.port, checkpoint=args.checkpoint,
+          max_upload_mb=args.max_upload_mb or DEFAULT_MAX_UPLOAD_MB)
+
+
 def _demo(args) -> None:
     from medtune.demo import run_demo, run_segvlm_demo
 
@@ -178,6 +186,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", default=None, help="instruction-tuned VLM runs: the question asked about each "
                                                     "image; answers are printed and saved")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("app", help="local web app: segment, ask, compare and watch runs in the browser (needs "
+                                   "pip install 'medtune[app]')")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders; the app reads only these and the uploads")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--checkpoint", default="best")
+    p.add_argument("--max-upload-mb", type=float, default=None, help="larger uploads are refused in the page "
+                                                                     "(default 50)")
+    p.set_defaults(func=_app)
 
     p = sub.add_parser("demo", help="the embedded default: adapt a vessel model to a new site with LoRA; "
                                     "`demo segvlm`: a tiny segmenting VLM learns vessels from a text prompt")

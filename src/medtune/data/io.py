@@ -18,6 +18,9 @@ from medtune.data.types import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm")
 
+# DICOM files are read through pydicom (the optional `app` extra): single-frame 2-D images only.
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+
 # ITU-R BT.601 weights: the conventional luminance for RGB -> grey.
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -62,6 +65,8 @@ def _decode(path: Path) -> np.ndarray:
             with gzip.open(path, "rb") as fh:
                 payload = io.BytesIO(fh.read())
             return _decode_pil(Image.open(payload))
+        if path.suffix.lower() in DICOM_EXTENSIONS:
+            return _decode_dicom(path)
         if path.suffix.lower() in (".tif", ".tiff"):
             try:
                 with Image.open(path) as img:
@@ -81,6 +86,25 @@ def _decode(path: Path) -> np.ndarray:
     # PIL raises OSError, SyntaxError, ValueError, struct.error, zlib.error ... for broken files: all mean the same.
     except Exception as err:  # noqa: BLE001
         raise DataError(f"{path}: cannot be read as an image ({type(err).__name__}: {err}); {_FIX_REEXPORT}") from None
+
+
+def _decode_dicom(path: Path) -> np.ndarray:
+    """The stored pixels of a single-frame DICOM; windowed (VOI LUT, in float) when the file carries a window, and
+    inverted for MONOCHROME1 (where 0 is white)."""
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:
+        raise DataError(f"{path}: reading DICOM needs pydicom: pip install 'medtune[app]' (or pydicom)") from None
+    ds = pydicom.dcmread(path)
+    arr = ds.pixel_array
+    if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+        raise DataError(f"{path}: a DICOM with {ds.NumberOfFrames} frames; export one frame as PNG/TIFF")
+    if "WindowCenter" in ds and arr.ndim == 2:
+        arr = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float32)
+    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
+        arr = (arr.max() - arr) if np.issubdtype(arr.dtype, np.integer) else -arr
+    return arr
 
 
 def _decode_pil(img: Image.Image) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Loading a trained model back from its run folder (evaluation, predict, export, RL's parent)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +24,29 @@ def load_run_model(run_dir: str | Path, checkpoint: str = "best", device=None,
     if overrides:
         cfg = build_config(cfg.model_dump(mode="json"), overrides, source=str(run_dir / "config.yaml"))
     ckpt = find_checkpoint(run_dir, checkpoint)
-    model = build_model(cfg)
+    # weights the checkpoint does not hold (the random frozen base of a tiny preset) are the same in every load, so
+    # `medtune app` and `medtune predict` in another process compute with the same model; the caller's RNG stream
+    # is left as it was
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        model = build_model(cfg)
     load_checkpoint(ckpt, model, restore_rng=False)
     model.to(device or default_device()).eval()
     return cfg, model, ckpt
+
+
+@dataclass
+class LoadedRun:
+    """A run's model loaded once, with what inference on it needs (``medtune app`` keeps one per run)."""
+
+    run_dir: Path
+    cfg: Config
+    model: SegModel
+    checkpoint: Path
+    device: torch.device
+
+
+def load_run(run_dir: str | Path, checkpoint: str = "best", device=None) -> LoadedRun:
+    device = torch.device(device) if device is not None else default_device()
+    cfg, model, ckpt = load_run_model(run_dir, checkpoint, device)
+    return LoadedRun(Path(run_dir), cfg, model, ckpt, device)

@@ -53,6 +53,20 @@ class PredictRequest:
                 raise UserError(f"--{name} is for {purpose}; {self.run_dir} is a {task} run")
 
 
+@dataclass
+class ImagePrediction:
+    """One image's prediction in memory: what `medtune predict` writes to files and `medtune app` shows."""
+
+    image: np.ndarray  # float32 [C, H, W] in [0, 1], as the model read it (native resolution)
+    # float32 [K, H, W], zero outside the field of view: K = 1 for a mask run, one map per [SEG] of a segmenting
+    # VLM's answers (in order over its turns), K = 0 for a run that answers in words
+    probs: np.ndarray
+    answer: str | None = None  # the generated text (VLM runs; a segmenting VLM's turns one per line)
+    label: str | None = None  # instruction-tuned runs: the label the answer parses to ("" when the run has no labels)
+    # segmenting VLM: one (question, answer, number of its maps in probs) per turn asked
+    turns: list[tuple[str, str, int]] | None = None
+
+
 # loss_fn(model, batch) -> (scalar loss, {part: float}); built once per run by Task.make_loss(cfg)
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
 
@@ -78,6 +92,11 @@ class Task:
     write_report: Callable[[Path, str], Path]
     # compare(runs, out_dir, split, threshold_at, allow_eval_mismatch) -> the comparison as text
     compare: Callable[..., str]
+    # predict_image(LoadedRun, image path, PredictRequest) -> ImagePrediction: one image in memory, the model loaded
+    # once by the caller (`medtune app`); the task's `predict` writes the same computation to files
+    predict_image: Callable[..., ImagePrediction] | None = None
+    # prompt_option(cfg) -> the PredictRequest option ("box", "prompt", "question") the run needs, or None
+    prompt_option: Callable[[Config], str | None] | None = None
     higher_is_better: bool = True
     collate: Callable[[list[dict]], dict] = default_collate
     # loss_units(batch) -> how many supervised units (tokens, pixels) the loss of this process's batch is the mean

@@ -18,6 +18,7 @@ import logging
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
@@ -31,7 +32,7 @@ from medtune.data.types import DataError, LoadedSample, Sample
 from medtune.errors import UserError
 from medtune.models.vlm.model import IGNORE_INDEX, ChatCodec, collate
 from medtune.models.vlm.processing import to_pil
-from medtune.tasks.base import LossFn, PredictRequest, Task
+from medtune.tasks.base import ImagePrediction, LossFn, PredictRequest, Task
 
 log = logging.getLogger("medtune")
 
@@ -306,35 +307,58 @@ def _evaluated_labels(run_dir: Path) -> list[str] | None:
     return None
 
 
-def predict_answers(req: PredictRequest, device=None) -> list[dict]:
-    """`medtune predict RUN IMAGES --question "..."`: the greedy answer (and its label) for each image, saved to
-    OUT/answers.json and OUT/answers.csv."""
-    from medtune.data.io import read_image
-    from medtune.runs.load import default_device, load_run_model
-
-    req.refuse("instruction-tuned VLM", box="box-prompted mask runs", prompt="segmenting VLM runs (family segvlm)",
-               threshold="mask runs")
-    if req.question is None:
+def _require_question(req: PredictRequest) -> str:
+    if req.question is None or not req.question.strip():
         raise UserError(f"{req.run_dir} is an instruction-tuned VLM run: pass --question \"...\" (asked about each "
                         "image)")
-    run_dir, out_dir, images, question = Path(req.run_dir), Path(req.out_dir), req.images, req.question
-    device = device or default_device()
-    cfg, model, ckpt = load_run_model(run_dir, req.checkpoint, device)
+    return req.question
+
+
+def answer_images(run, images: list[Path], question: str, desc: str = "predict") -> list[ImagePrediction]:
+    """The greedy answer to ``question`` about each image (batched) and the label it parses to ("" when the run has
+    no label set); ``run`` is a ``LoadedRun``."""
+    from medtune.data.io import read_image
+
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:
         raise DataError(f"{missing[0]}: no such image file" + (f" (and {len(missing) - 1} more)" if len(missing) > 1
                                                                else ""))
+    cfg = run.cfg
     text = question if "<image>" in question else "<image>\n" + question
     samples = [LoadedSample(id=Path(p).stem, image=read_image(Path(p), cfg.data.channels), mask=None, fov=None,
                             conversations=[{"role": "user", "content": text}]) for p in images]
-    answers = generate_answers(model, samples, cfg, device, "predict")
-    require_text(answers, "predict", scored=False)
-    labels = cfg.task.labels or _evaluated_labels(run_dir)
+    answers = generate_answers(run.model, samples, cfg, run.device, desc)
+    require_text(answers, desc, scored=False)
+    labels = cfg.task.labels or _evaluated_labels(run.run_dir)
     vocab = answer_vocabulary(labels, cfg.task.synonyms) if labels else None
-    rows = [{"image": str(p), "question": question, "answer": a,
-             "label": (parse_answer(a, vocab).label or INVALID) if vocab else ""} for p, a in zip(images, answers)]
+    return [ImagePrediction(image=s.image, probs=np.zeros((0, *s.image.shape[-2:]), np.float32), answer=a,
+                            label=(parse_answer(a, vocab).label or INVALID) if vocab else "")
+            for s, a in zip(samples, answers)]
+
+
+def answer_image(run, path: Path, req: PredictRequest) -> ImagePrediction:
+    return answer_images(run, [Path(path)], _require_question(req), "answer")[0]
+
+
+def question_option(cfg: Config) -> str:
+    return "question"
+
+
+def predict_answers(req: PredictRequest, device=None) -> list[dict]:
+    """`medtune predict RUN IMAGES --question "..."`: the greedy answer (and its label) for each image, saved to
+    OUT/answers.json and OUT/answers.csv."""
+    from medtune.runs.load import load_run
+
+    req.refuse("instruction-tuned VLM", box="box-prompted mask runs", prompt="segmenting VLM runs (family segvlm)",
+               threshold="mask runs")
+    question = _require_question(req)
+    run_dir, out_dir, images = Path(req.run_dir), Path(req.out_dir), req.images
+    run = load_run(run_dir, req.checkpoint, device)
+    preds = answer_images(run, [Path(p) for p in images], question)
+    rows = [{"image": str(p), "question": question, "answer": pred.answer, "label": pred.label}
+            for p, pred in zip(images, preds)]
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "answers.json").write_text(json.dumps({"run": str(run_dir), "checkpoint": str(ckpt),
+    (out_dir / "answers.json").write_text(json.dumps({"run": str(run_dir), "checkpoint": str(run.checkpoint),
                                                       "answers": rows}, indent=2) + "\n")
     write_csv_atomic(out_dir / "answers.csv", rows)
     return rows
@@ -372,5 +396,7 @@ TASK = Task(
     predict=predict,
     write_report=write_report,
     compare=compare,
+    predict_image=answer_image,
+    prompt_option=question_option,
     collate=train_collate,
 )

@@ -31,23 +31,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from medtune.config import Config
 from medtune.data.augment import Augmentation
 from medtune.data.datasets import loss_region
-from medtune.data.loading import load_sample
-from medtune.data.run_split import use_recorded_image_max
-from medtune.data.types import DataError, LoadedSample, Sample
+from medtune.data.types import DataError, LoadedSample
 from medtune.errors import UserError
 from medtune.losses import ComboLoss
 from medtune.models.vlm.seg.model import collate as collate_items
 from medtune.models.vlm.seg.model import encode_item
-from medtune.runs.load import default_device, load_run_model
+from medtune.runs.load import load_run
 from medtune.tasks import mask_eval, mask_predict, masks
-from medtune.tasks.base import LossFn, PredictRequest, TargetPrediction, Task
+from medtune.tasks.base import ImagePrediction, LossFn, PredictRequest, TargetPrediction, Task
 from medtune.tasks.masks import pooled_validation
 
 log = logging.getLogger("medtune")
@@ -276,39 +273,58 @@ def generated_masks(model, cfg, image: np.ndarray, questions: list[str], device
     return answers, [torch.sigmoid(turn.float()).cpu().numpy() for turn in logits]
 
 
+def prompt_questions(prompt: str | list[str] | None, cfg: Config) -> list[str]:
+    """The requests asked, one turn each: the given prompt(s), else the run's task.prompt with task.class_name. An
+    empty request is refused (a model asked nothing answers anything)."""
+    if prompt is None:
+        return [question(None, cfg)]
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or not all(p.strip() for p in prompts):
+        raise DataError("the prompt is empty: type what to segment (e.g. 'Please segment the lesion.')")
+    return prompts
+
+
+def segvlm_image(run, path: Path, req: PredictRequest) -> ImagePrediction:
+    """One image's conversation (``req.prompt``: one turn per request) and one probability map per [SEG] of the
+    answers, in order over the turns (probs [K, H, W] at the image's resolution, zero outside the field of view);
+    ``run`` is a ``LoadedRun``. `medtune predict` writes it to files, `medtune app` shows it."""
+    questions = prompt_questions(req.prompt, run.cfg)
+    sample = mask_predict.read_input(run, path)
+    answers, turn_probs = generated_masks(run.model, run.cfg, sample.image, questions, run.device)
+    h, w = sample.image.shape[-2:]
+    probs = np.concatenate([p.reshape(-1, h, w) for p in turn_probs]) if turn_probs else np.zeros((0, h, w))
+    return ImagePrediction(image=sample.image, probs=(probs * sample.fov).astype(np.float32),  # nothing outside FOV
+                           answer="\n".join(answers),
+                           turns=[(q, a, p.shape[0]) for q, a, p in zip(questions, answers, turn_probs)])
+
+
+def segvlm_prompt_option(cfg: Config) -> str:
+    return "prompt"
+
+
 def predict_segvlm(req: PredictRequest) -> list[str]:
     """Generated answers with one mask per [SEG] (task ``segvlm``): `STEM_answer.txt`,
     `STEM_seg{k}_{mask,prob,overlay}.png` (k counts the [SEG] of all answers in order), and predict.json listing
     every answer and the images whose answers held no [SEG]. Several prompts (``--prompt`` repeated) are asked in
     one conversation, one turn each (as the model was trained on several referring expressions of one image)."""
     req.refuse("segmenting VLM", box="box-prompted mask runs", question="instruction-tuned VLM runs (family vlm)")
-    run_dir, out_dir, images, threshold, prompt = req.run_dir, req.out_dir, req.images, req.threshold, req.prompt
-    device = default_device()
-    cfg, model, _ = load_run_model(run_dir, req.checkpoint, device)
-    use_recorded_image_max(cfg, run_dir)
-    thr, source = (threshold, "given") if threshold is not None else mask_predict.calibrated_threshold(run_dir)
-    questions = [prompt] if isinstance(prompt, str) else list(prompt or []) or [question(None, cfg)]
+    run_dir, out_dir = Path(req.run_dir), Path(req.out_dir)
+    run = load_run(run_dir, req.checkpoint)
+    thr, source = (req.threshold, "given") if req.threshold is not None else mask_predict.calibrated_threshold(run_dir)
+    questions = prompt_questions(req.prompt, run.cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, answers, turns, without_seg = [], {}, {}, []
-    for path in tqdm([Path(p) for p in images], desc="predict", unit="img"):
-        if not path.is_file():
-            raise DataError(f"{path}: no such image file")
-        sample = load_sample(Sample(id=path.stem, image=path), cfg.data)
-        turn_answers, turn_probs = generated_masks(model, cfg, sample.image, questions, device)
-        answers[str(path)] = "\n".join(turn_answers)
+    for path in tqdm([Path(p) for p in req.images], desc="predict", unit="img"):
+        pred = segvlm_image(run, path, req)
+        answers[str(path)] = pred.answer
         stem = out_dir / path.stem
-        Path(f"{stem}_answer.txt").write_text(answers[str(path)] + "\n")
+        Path(f"{stem}_answer.txt").write_text(pred.answer + "\n")
         k = 0
         turns[str(path)] = []
-        for q, answer, probs in zip(questions, turn_answers, turn_probs):
-            probs = probs * sample.fov  # as for the other families: nothing outside the field of view
+        for q, answer, n_maps in pred.turns:
             files = []
-            for prob in probs:
-                binary = (prob >= thr).astype(np.uint8)
-                Image.fromarray(binary * 255).save(f"{stem}_seg{k}_mask.png")
-                Image.fromarray((prob * 255).round().astype(np.uint8)).save(f"{stem}_seg{k}_prob.png")
-                Image.fromarray(mask_predict.overlay(sample.image, binary)).save(f"{stem}_seg{k}_overlay.png")
-                written.append(Path(f"{stem}_seg{k}_mask.png"))
+            for prob in pred.probs[k:k + n_maps]:
+                written.append(mask_predict.write_maps(f"{stem}_seg{k}", pred.image, prob, thr))
                 files.append(f"{path.stem}_seg{k}_mask.png")
                 k += 1
             turns[str(path)].append({"question": q, "answer": answer, "masks": files})
@@ -316,7 +332,7 @@ def predict_segvlm(req: PredictRequest) -> list[str]:
             without_seg.append(str(path))
     if without_seg:
         log.warning("%d of %d images got answers without %s, so no mask: %s", len(without_seg), len(answers),
-                    cfg.model.vlm.seg_token, without_seg[:5])
+                    run.cfg.model.vlm.seg_token, without_seg[:5])
     (out_dir / "predict.json").write_text(json.dumps({
         "run": str(run_dir), "question": questions[0] if len(questions) == 1 else questions, "threshold": thr,
         "threshold_source": source, "answers": answers, "turns": turns, "answers_without_seg": without_seg,
@@ -339,6 +355,8 @@ TASK = Task(
     evaluate_run=evaluate_run,
     format_summary=mask_eval.format_summary,
     predict=predict_segvlm,
+    predict_image=segvlm_image,
+    prompt_option=segvlm_prompt_option,
     write_report=masks.write_report,
     compare=masks.compare,
     collate=collate,
