@@ -56,6 +56,27 @@ def test_training_passes_the_preflight_and_validates_by_dice(trained):
     assert_logs_mfu(run)
 
 
+def test_a_loaded_run_is_the_trained_model_including_the_weights_it_did_not_save(trained):
+    """LoRA on a preset built from a config: the checkpoint holds the adapters, not the random frozen base, which
+    every load builds again. Built under the run's seed in training and in every load (whatever the caller drew from
+    the RNG before), the loaded model reproduces the validation metrics training logged for that checkpoint (AUC:
+    threshold-free, so any change of the masks shows)."""
+    from medtune.data.run_split import load_split_samples, prepare_split
+    from medtune.runs.load import load_run_model
+    from medtune.tasks import task_for
+
+    _, cfg, run = trained
+    logged = {r["step"]: r for r in read_metrics(run) if "val_dice" in r}
+    torch.manual_seed(1234)
+    torch.rand(1000)  # the caller's RNG state must not matter
+    cfg, model, ckpt = load_run_model(run, "last", "cpu")
+    step = json.loads((ckpt / "meta.json").read_text())["step"]
+    val = load_split_samples(cfg, prepare_split(cfg, run), "val", run)
+    again = task_for(cfg).validate(model, val, cfg, "cpu")
+    for key in ("val_dice", "val_auc"):
+        assert again[key] == pytest.approx(logged[step][key], abs=1e-6), key
+
+
 @pytest.mark.parametrize("vlm", ["qwen2_5_vl"])
 def test_medtune_train_of_a_qwen_vl_segmenting_vlm(vlm, tmp_path):
     """The segmenting VLM is the plain VLM + the mask head: a tiny Qwen2.5-VL (dynamic resolution, per-image

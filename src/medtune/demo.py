@@ -14,7 +14,7 @@ from pathlib import Path
 from medtune.config import build_config
 from medtune.evaluate import evaluate_run, format_summary
 from medtune.models.lora import export_merged
-from medtune.models.registry import build_model
+from medtune.models.registry import build_run_model
 from medtune.runs.load import default_device, load_run_model
 from medtune.tasks import task_for
 from medtune.tasks.mask_eval import evaluate_model
@@ -60,7 +60,7 @@ def run_demo(out: Path, fast: bool = False) -> dict:
     # Before = the same LoRA model with adapters at their initial zero update, i.e. exactly the base model,
     # measured by the same protocol on the same split.
     device = default_device()
-    before_model = build_model(lora_cfg).to(device).eval()
+    before_model = build_run_model(lora_cfg).to(device).eval()
     before, *_ = evaluate_model(before_model, task_for(lora_cfg), lora_cfg, lora_run, "test", device,
                                 checkpoint_name="base (no LoRA)")
     after = evaluate_run(lora_run)
@@ -105,7 +105,7 @@ def run_segvlm_demo(out: Path, fast: bool = False) -> dict:
     run = train(cfg)
     device = default_device()
     print("[2/3] before / after on the test split (teacher-forced prompt, threshold calibrated on val)")
-    before_model = build_model(cfg).to(device).eval()  # the same seed's initial weights, before any step
+    before_model = build_run_model(cfg).to(device).eval()  # the run's initial weights, before any step
     before, *_ = evaluate_model(before_model, task_for(cfg), cfg, run, "test", device,
                                 checkpoint_name="initial weights")
     after = evaluate_run(run)

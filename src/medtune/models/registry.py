@@ -66,6 +66,16 @@ def freeze_image_encoder(seg: SegModel, mode: str) -> None:
         p.requires_grad_(False)
 
 
+def build_run_model(cfg: Config) -> SegModel:
+    """``build_model`` under the run's seed, in a forked RNG: what a run trains and what every later load of it
+    (evaluation, predict, the app, RL's parent, export) builds before its checkpoint is applied. Weights a checkpoint
+    does not hold (the random frozen base of a preset built from a config) are then the same in training and in
+    every load, whatever the caller drew from the RNG before; the caller's stream is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        return build_model(cfg)
+
+
 def build_model(cfg: Config) -> SegModel:
     family = cfg.model.family
     builder = family_builder(family)

@@ -8,7 +8,7 @@ import torch
 
 from medtune.config import Config, build_config
 from medtune.models.base import SegModel
-from medtune.models.registry import build_model
+from medtune.models.registry import build_run_model
 from medtune.runs.checkpoint import find_checkpoint, load_checkpoint
 from medtune.runs.files import load_run_config
 
@@ -24,12 +24,7 @@ def load_run_model(run_dir: str | Path, checkpoint: str = "best", device=None,
     if overrides:
         cfg = build_config(cfg.model_dump(mode="json"), overrides, source=str(run_dir / "config.yaml"))
     ckpt = find_checkpoint(run_dir, checkpoint)
-    # weights the checkpoint does not hold (the random frozen base of a tiny preset) are the same in every load, so
-    # `medtune app` and `medtune predict` in another process compute with the same model; the caller's RNG stream
-    # is left as it was
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.run.seed)
-        model = build_model(cfg)
+    model = build_run_model(cfg)  # as training built it: weights the checkpoint does not hold are the trained ones
     load_checkpoint(ckpt, model, restore_rng=False)
     model.to(device or default_device()).eval()
     return cfg, model, ckpt

@@ -27,7 +27,7 @@ from medtune.data.types import LoadedSample
 from medtune.errors import ConfigError, UserError
 from medtune.losses import ComboLoss
 from medtune.models.lora import export_merged
-from medtune.models.registry import build_model
+from medtune.models.registry import build_run_model
 from medtune.policy import bernoulli_entropy, bernoulli_kl, clipped_objective, group_advantages, group_logprob, sample_group
 from medtune.rewards import combined_reward, load_reward, register_reward, resolve_weights
 from medtune.runs.files import load_run_config, write_run_files
@@ -295,7 +295,7 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
     if cfg.finetune_mode() != "lora":
         raise ConfigError("objective: rl needs finetune: lora (the KL reference is the model with adapters disabled); "
                           "set model.path or rl.init_from to a pretrained model")
-    model = build_model(cfg).to(device)
+    model = build_run_model(cfg).to(device)  # as every later load builds it
     disable_dropout(model, cfg)
     dataset = task.train_dataset(train_samples, cfg, model)
     combo = ComboLoss(cfg.loss) if cfg.rl.sft_mix > 0 else None

@@ -30,7 +30,7 @@ from medtune.data.datasets import StepBatchSampler
 from medtune.data.run_split import check_readable, load_split_samples, prepare_split
 from medtune.data.types import LoadedSample
 from medtune.errors import UserError
-from medtune.models.registry import build_model
+from medtune.models.registry import build_run_model
 from medtune.models.vlm.logits import LOGITS_AT
 from medtune.models.vlm.model import DEFAULT_SEQUENCE_KEYS, SEQUENCE_KEYS, ChatCodec, collate
 from medtune.models.vlm.processing import to_pil
@@ -194,7 +194,7 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
     if cfg.finetune_mode() != "lora":
         raise UserError("objective: rl needs finetune: lora (the KL reference is the model with adapters disabled); "
                          "set rl.init_from to a supervised run or model.path to a pretrained VLM")
-    model = build_model(cfg).to(device)
+    model = build_run_model(cfg).to(device)  # as every later load builds it
     disable_dropout(model, cfg)  # as the mask recipe: sampled in eval mode, updated in train mode
     dataset = PromptDataset(train_samples, model.text_codec())
 

@@ -20,7 +20,7 @@ from medtune.config import Config
 from medtune.data.datasets import StepBatchSampler
 from medtune.data.run_split import check_readable, load_split_samples, prepare_split
 from medtune.models.feature_cache import use_feature_cache
-from medtune.models.registry import build_model
+from medtune.models.registry import build_run_model
 from medtune.tasks import selection, task_for
 from medtune.train.loop import Bookkeeping
 from medtune.train.preflight import run_preflight
@@ -74,7 +74,7 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
     val_samples = load_split_samples(cfg, data, "val", run_dir, limit=cfg.train.max_eval_images)
     check_readable(cfg, data)
     task = task_for(cfg)
-    model = build_model(cfg).to(device)
+    model = build_run_model(cfg).to(device)  # as every later load builds it
     use_feature_cache(model, cfg, run_dir)  # train.feature_cache: a frozen image encoder runs once per image
     dataset = task.train_dataset(train_samples, cfg, model)
     accum = cfg.optim.grad_accum
