@@ -27,7 +27,7 @@ def test_grpo_ratio_is_exactly_one_and_weights_unchanged_with_dropout_configured
     data = write_vqa(tmp_path / "data", n=8)
     base = save_tiny_vlm(tmp_path / "base", "llava", seed=0, overrides={"text_config": {"attention_dropout": DROPOUT}})
     assert json.loads((base / "config.json").read_text())["text_config"]["attention_dropout"] == DROPOUT
-    build = rl_answers.build_model
+    build = rl_answers.build_run_model
     built = {}
 
     def build_with_trained_adapter(cfg):
@@ -40,7 +40,7 @@ def test_grpo_ratio_is_exactly_one_and_weights_unchanged_with_dropout_configured
         built["start"] = {n: p.detach().clone() for n, p in model.named_parameters()}
         return model
 
-    monkeypatch.setattr(rl_answers, "build_model", build_with_trained_adapter)
+    monkeypatch.setattr(rl_answers, "build_run_model", build_with_trained_adapter)
     cfg = instruct_cfg(tmp_path, "objective=rl", f"lora.dropout={DROPOUT}", "optim.lr=0", "rl.group_size=2",
                        "rl.inner_epochs=2", "train.preflight=false", "data.batch_size=2", "rl.kl_coef=0.1",
                        data=data, model=base, steps=3, name="grpo")

@@ -128,7 +128,7 @@ def test_rl_policy_ratio_is_exactly_one_while_the_weights_do_not_change(tmp_path
     the sampling forward's log-probs exactly; with adapter dropout on, each forward would draw its own mask."""
     import medtune.train.rl as rl
 
-    build = rl.build_model
+    build = rl.build_run_model
 
     def build_with_trained_adapter(cfg):
         model = build(cfg)
@@ -138,7 +138,7 @@ def test_rl_policy_ratio_is_exactly_one_while_the_weights_do_not_change(tmp_path
                     p.fill_(0.3)  # a fresh adapter (B = 0) would hide any dropout on its input
         return model
 
-    monkeypatch.setattr(rl, "build_model", build_with_trained_adapter)
+    monkeypatch.setattr(rl, "build_run_model", build_with_trained_adapter)
     cfg = tiny_cfg(tmp_path, "objective=rl", "model.finetune=lora", "lora.r=4", "lora.dropout=0.5", "optim.lr=0",
                    "rl.group_size=2", "rl.inner_epochs=2", "train.preflight=false", "train.eval_every=100",
                    "data.batch_size=2", steps=3, name="rl")
