@@ -169,6 +169,25 @@ def test_polygon_json_and_path_escape(tmp_path):
     assert problems_of(err).count("escapes the data folder") == 2
 
 
+
+def test_polygon_json_entry_without_mask_key_is_a_problem(tmp_path):
+    root = tmp_path / "data"
+    for name in ("a", "b", "c"):
+        write_image(root / f"{name}.png")
+    entries = [{"image": "a.png", "mask": [[2, 2, 10, 2, 10, 10, 2, 10]], "text": ["a"]},
+               {"image": "b.png", "text": ["the lesion"]},  # an export that dropped the mask
+               {"image": "c.png", "mask": []}]  # explicitly no target: stays an empty mask
+    (root / "annotations.json").write_text(json.dumps(entries))
+    cfg = DataCfg(path=str(root), layout="polygon_json")
+    with pytest.raises(DataError) as err:
+        discover(cfg)
+    assert "entry 1" in problems_of(err) and "no 'mask' key" in problems_of(err)
+    assert "entry 0" not in problems_of(err) and "entry 2" not in problems_of(err)
+    del entries[1]
+    (root / "annotations.json").write_text(json.dumps(entries))
+    samples = {s.id: s for s in discover(cfg)}
+    assert load_sample(samples["c"], cfg).mask.sum() == 0
+
 def test_max_samples_keeps_first_ids_and_group_by(tmp_path):
     for name in ("p1_a", "p1_b", "p2_a", "zz"):
         write_image(tmp_path / "images" / f"{name}.png")
