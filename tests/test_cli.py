@@ -143,3 +143,22 @@ def test_flag_errors_are_one_line(tmp_path, capsys):
 def test_resume_auto_needs_the_config(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--resume", "auto")
     assert code == 2 and "CONFIG" in err and "--resume auto" in err
+
+
+def test_inspect_exit_status_says_whether_it_found_problems(tmp_path, capsys):
+    from medtune.cli import INSPECT_PROBLEMS_EXIT
+
+    data = write_generic(tmp_path / "d", n=5)
+    code, out, _ = run_cli(capsys, "data", "inspect", str(data))
+    assert code == 0 and "problems: none" in out
+    Image.fromarray(np.zeros((20, 24), np.uint8)).save(data / "masks" / "img2.png")
+    code, out, _ = run_cli(capsys, "data", "inspect", str(data))
+    assert INSPECT_PROBLEMS_EXIT != 0 and code == INSPECT_PROBLEMS_EXIT, out
+    assert "problems: 1" in out and "img2" in out
+
+
+def test_one_bad_file_is_counted_once(tmp_path, capsys):
+    data = write_generic(tmp_path / "d", n=5)
+    Image.fromarray(np.zeros((20, 24), np.uint8)).save(data / "masks" / "img2.png")
+    err = expect_error(capsys, tmp_path, data, "img2")
+    assert "in 1 of " in err, err

@@ -169,6 +169,25 @@ def test_polygon_json_and_path_escape(tmp_path):
     assert problems_of(err).count("escapes the data folder") == 2
 
 
+
+def test_polygon_json_entry_without_mask_key_is_a_problem(tmp_path):
+    root = tmp_path / "data"
+    for name in ("a", "b", "c"):
+        write_image(root / f"{name}.png")
+    entries = [{"image": "a.png", "mask": [[2, 2, 10, 2, 10, 10, 2, 10]], "text": ["a"]},
+               {"image": "b.png", "text": ["the lesion"]},  # an export that dropped the mask
+               {"image": "c.png", "mask": []}]  # explicitly no target: stays an empty mask
+    (root / "annotations.json").write_text(json.dumps(entries))
+    cfg = DataCfg(path=str(root), layout="polygon_json")
+    with pytest.raises(DataError) as err:
+        discover(cfg)
+    assert "entry 1" in problems_of(err) and "no 'mask' key" in problems_of(err)
+    assert "entry 0" not in problems_of(err) and "entry 2" not in problems_of(err)
+    del entries[1]
+    (root / "annotations.json").write_text(json.dumps(entries))
+    samples = {s.id: s for s in discover(cfg)}
+    assert load_sample(samples["c"], cfg).mask.sum() == 0
+
 def test_max_samples_keeps_first_ids_and_group_by(tmp_path):
     for name in ("p1_a", "p1_b", "p2_a", "zz"):
         write_image(tmp_path / "images" / f"{name}.png")
@@ -318,6 +337,36 @@ def test_read_mask_palette_zero_one(tmp_path):
 def test_rasterize_polygons_union():
     mask = rasterize_polygons([[0, 0, 4, 0, 4, 4, 0, 4], [2, 2, 6, 2, 6, 6, 2, 6]], (8, 8))
     assert mask.dtype == np.uint8 and mask[1, 1] == 1 and mask[5, 5] == 1 and mask[7, 0] == 0
+
+
+def test_rasterize_polygons_closed_boundary_and_centre_rule():
+    # integer vertices: the boundary belongs to the polygon (rows and columns 0..4 of a [0, 4] square)
+    square = rasterize_polygons([[0, 0, 4, 0, 4, 4, 0, 4]], (6, 6))
+    assert square.sum() == 25 and square[:5, :5].all()
+    # a triangle with off-grid vertices: pixel (r, c) is in when its centre is; hand-counted row by row
+    tri = rasterize_polygons([[0.5, 0.5, 4.5, 0.5, 0.5, 4.5]], (6, 6))
+    assert tri.sum(axis=1).tolist() == [0, 4, 3, 2, 1, 0]
+
+
+TRACED_VERTICES = 4000  # a traced lesion contour: thousands of vertices (pixel-by-pixel outline)
+TRACED_RADIUS = 300
+RASTERIZE_SECONDS = 0.5  # the per-pixel test took ~2.5 s for this one polygon; the scanline fill takes ~5 ms
+
+
+def test_rasterize_polygons_traced_contour_is_fast_and_exact():
+    import time
+
+    t = np.linspace(0, 2 * np.pi, TRACED_VERTICES, endpoint=False)
+    centre = TRACED_RADIUS + 50.3
+    xy = np.stack([centre + TRACED_RADIUS * np.cos(t), centre + TRACED_RADIUS * np.sin(t)], 1).ravel().tolist()
+    size = int(2 * centre)
+    start = time.perf_counter()
+    mask = rasterize_polygons([xy], (size, size))
+    elapsed = time.perf_counter() - start
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - centre) ** 2 + (xx - centre) ** 2 <= TRACED_RADIUS**2
+    assert (mask != disc).sum() < 2 * np.pi * TRACED_RADIUS * 0.05  # only boundary pixels may differ
+    assert elapsed < RASTERIZE_SECONDS, f"{elapsed:.2f} s to rasterize one traced contour"
 
 
 def test_derive_fov_on_disc_image():

@@ -83,6 +83,19 @@ def test_split_duplicate_groups_keep_copies_together():
         assert where["s00"] == where["s05"] == where["s11"]
 
 
+
+def test_split_says_when_a_requested_split_comes_out_empty(recwarn):
+    # three images the hash puts in one near-duplicate group: one unit, which training keeps
+    items = samples(3)
+    dup = duplicate_groups([("s00", "s01", 3), ("s01", "s02", 4)])
+    with pytest.warns(RuntimeWarning, match=r"the val and test splits are empty .*only 1 unit.*keep_duplicates_together"):
+        split = make_split(items, SplitCfg(val_fraction=0.1, test_fraction=0.2), 0, duplicate_groups=dup)
+    assert split["train"] == ["s00", "s01", "s02"] and not split["val"] and not split["test"]
+    recwarn.clear()
+    make_split(samples(20), SplitCfg(val_fraction=0.1, test_fraction=0.2), 0)  # enough units: nothing to say
+    make_split(samples(20), SplitCfg(val_fraction=0.0, test_fraction=0.2), 0)  # no val asked for
+    assert not [w for w in recwarn if "empty" in str(w.message)]
+
 def test_layout_split_is_honoured():
     items = samples(10)
     for s in items[:4]:
@@ -97,7 +110,8 @@ def test_layout_split_is_honoured():
 
 
 def test_split_never_leaves_train_empty(tmp_path):
-    assert make_split(samples(2), SplitCfg(val_fraction=0.5, test_fraction=0.4), 0)["train"]
+    with pytest.warns(RuntimeWarning, match="the val split is empty .* 2 samples are too few"):
+        assert make_split(samples(2), SplitCfg(val_fraction=0.5, test_fraction=0.4), 0)["train"]
     all_test = samples(3, split="test")
     with pytest.raises(DataError, match="no training samples"):
         make_split(all_test, SplitCfg(), 0)

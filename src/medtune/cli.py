@@ -90,7 +90,10 @@ def _demo(args) -> None:
         run_demo(Path(args.out), fast=args.fast)
 
 
-def _inspect(args) -> None:
+INSPECT_PROBLEMS_EXIT = 1  # `data inspect` listed problems (2 stays "could not run": a usage or user error)
+
+
+def _inspect(args) -> int:
     from medtune.config import build_config
     from medtune.data.inspect import format_inspection, inspect_dataset
 
@@ -104,6 +107,7 @@ def _inspect(args) -> None:
             raise UserError(f"--split {args.split}: cannot read it as a split.json ({err})") from None
     report = inspect_dataset(cfg.data, split=split)
     print(format_inspection(report))
+    return INSPECT_PROBLEMS_EXIT if report["problems"] else 0
 
 
 def _to_vqa(args) -> None:
@@ -206,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True)
-    q = data_sub.add_parser("inspect", help="layout, counts, sizes, foreground, near-duplicates, every problem")
+    q = data_sub.add_parser("inspect", help="layout, counts, sizes, foreground, near-duplicates, every problem; "
+                                            f"exits {INSPECT_PROBLEMS_EXIT} when it lists problems")
     q.add_argument("path")
     q.add_argument("--layout", default="auto")
     q.add_argument("--split", default=None, help="a split.json to check for duplicates straddling splits")
@@ -258,13 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        args.func(args)
+        code = args.func(args)  # None (done) or the command's own exit status
     except UserError as err:  # anything else is a bug: its traceback is what a bug report needs
         if args.debug or os.environ.get("MEDTUNE_DEBUG"):
             raise
         print(f"medtune {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -309,8 +309,14 @@ def _flatten_polygons(node) -> list[list[float]] | None:
 def _expressions(entry: dict) -> list[tuple[str | None, list[list[float]]]] | str:
     """Sa2VA's entry {"mask": [mask_1, ...], "text": ["expression 1", ...]} (mask_i: polygons [[x1, y1, ...], ...]
     or one flat polygon) -> [(text, polygons)], one per expression. One text (a string, or a one-element list) or
-    none -> a single target holding every polygon. Returns the problem as a string when malformed."""
-    masks, text = entry.get("mask", []), entry.get("text")
+    none -> a single target holding every polygon. Returns the problem as a string when malformed.
+
+    An entry without a 'mask' key is a problem (an export that dropped it would otherwise train on empty masks); an
+    image that truly shows no target says so with ``"mask": []``."""
+    if "mask" not in entry:
+        return ("no 'mask' key; give its polygons (one list per expression), or \"mask\": [] for an image that shows "
+                "no target")
+    masks, text = entry["mask"], entry.get("text")
     texts = text if isinstance(text, list) else [text]
     if not all(t is None or isinstance(t, str) for t in texts):
         return "'text' must be a string or a list of strings (one referring expression per mask); fix it"

@@ -169,13 +169,15 @@ def load_all(samples: list[Sample], cfg: DataCfg, scales: dict[str, float] | Non
     """Load every sample (progress bar); one DataError with every sample that failed."""
     loaded: list[LoadedSample] = []
     problems: list[str] = []
+    failed = 0
     for sample in tqdm(samples, desc="loading images", unit="img", leave=False, disable=len(samples) < 8):
         try:
             loaded.append(load_sample(sample, cfg, (scales or {}).get(sample.id, 1.0)))
         except DataError as err:
+            failed += 1
             problems.extend(line.strip(" -") for line in str(err).splitlines() if line.strip())
     if problems:
-        raise DataError(format_problems(problems, f"{len(samples)} samples"))
+        raise DataError(format_problems(problems, f"{failed} of {len(samples)} samples"))
     return loaded
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,27 @@ def make_split(
             f"{len(samples)}); set data.split.use_layout_split=false, lower the fractions, or relax "
             "data.split.group_by so that more than one group exists"
         )
+    _say_empty(out, split_cfg, layout_test, len(samples), len(groups), bool(duplicate_groups))
     return {name: sorted(ids) for name, ids in out.items()}
+
+
+def _say_empty(out: dict[str, list[str]], split_cfg: SplitCfg, layout_test: bool, n_samples: int, n_groups: int,
+               grouped_duplicates: bool) -> None:
+    """One warning line when a split the config asks for comes out empty: training would run without validation and
+    evaluation would find no test images, and nothing else says why."""
+    asked = {"val": split_cfg.val_fraction, "test": 0.0 if layout_test else split_cfg.test_fraction}
+    empty = [name for name, fraction in asked.items() if fraction > 0 and not out[name]]
+    if not empty:
+        return
+    why = (f"{n_samples} samples form only {n_groups} unit(s) that may not straddle splits"
+           + (" (near-duplicate images are kept together: see `medtune data inspect`, or set "
+              "data.split.keep_duplicates_together=false)" if grouped_duplicates and n_groups < n_samples else "")
+           if n_groups < n_samples else f"{n_samples} samples are too few for the fractions asked")
+    msg = (f"the {' and '.join(empty)} split{'s are' if len(empty) > 1 else ' is'} empty although "
+           + ", ".join(f"data.split.{name}_fraction={asked[name]:g}" for name in empty) + f": {why}; training "
+           "keeps at least one")
+    log.warning(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def save_split(path: str | Path, split: dict[str, list[str]]) -> None:

@@ -69,7 +69,7 @@ class InstructDataset(Dataset):
             except DataError as err:
                 problems.append(str(err))
         if problems:
-            raise DataError(format_problems(problems, f"{len(samples)} training conversations"))
+            raise DataError(format_problems(problems, f"{len(problems)} of {len(samples)} training conversations"))
 
     def __len__(self) -> int:
         return len(self.samples)
