@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from skimage.transform import resize
@@ -179,6 +180,30 @@ def load_all(samples: list[Sample], cfg: DataCfg, scales: dict[str, float] | Non
     if problems:
         raise DataError(format_problems(problems, f"{failed} of {len(samples)} samples"))
     return loaded
+
+
+class LazySamples(Sequence):
+    """The samples of a split as a sequence of ``LoadedSample`` decoded on access (``load_sample``), holding none.
+
+    Training datasets index it from DataLoader workers, so each worker decodes only the images its batches need and
+    memory does not grow with the data set; an item is a pure function of (sample, settings, scale), so the batches
+    of a step are the same whichever process decodes them (exact resume). ``decodes`` counts the loads done in this
+    process (tests prove that nothing is decoded up front).
+    """
+
+    def __init__(self, samples: list[Sample], cfg: DataCfg, scales: dict[str, float] | None = None):
+        self.samples, self.cfg, self.scales = list(samples), cfg, dict(scales or {})
+        self.decodes = 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        sample = self.samples[index]
+        self.decodes += 1
+        return load_sample(sample, self.cfg, self.scales.get(sample.id, 1.0))
 
 
 def resample_to_native(prob: np.ndarray, native_shape: tuple[int, int]) -> np.ndarray:

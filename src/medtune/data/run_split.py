@@ -10,7 +10,7 @@ import json
 import logging
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from medtune.config import Config
 from medtune.data.inspect import duplicate_groups, find_near_duplicates
 from medtune.data.io import dataset_image_max
 from medtune.data.layouts import discover
-from medtune.data.loading import load_all, scale_factors
+from medtune.data.loading import LazySamples, load_all, scale_factors
 from medtune.data.splits import check_split, load_split, make_split, save_split
 from medtune.data.types import DataError, LoadedSample, Sample
 from medtune.errors import UserError
@@ -146,20 +146,26 @@ def duplicate_groups_for_split(cfg: Config, samples: list[Sample]) -> dict[str, 
 
 
 def load_split_samples(cfg: Config, data: RunData, name: str, run_dir: Path | None = None,
-                       limit: int | None = None) -> list[LoadedSample]:
+                       limit: int | None = None, lazy: bool = False) -> Sequence[LoadedSample]:
+    """The split's samples, decoded now (a list) or, with ``lazy``, on access (``LazySamples``: training, whose
+    data may not fit in memory). Scale normalisation reads each image's FOV once, one image at a time."""
     ids = data.split.get(name, [])[: limit or None]
     samples = [data.samples[i] for i in ids]
-    loaded = load_all(samples, cfg.data)
+    native = LazySamples(samples, cfg.data) if lazy else load_all(samples, cfg.data)
     if not cfg.data.scale_norm.enabled:
-        return loaded
+        return native
     # The target is fixed by the training set once and stored, so val/test and later evals resample identically.
+    # scale_factors takes one pass over its samples, so a LazySamples streams through them, holding one at a time.
+    scales = None
     if data.target_scale is None:
-        train = load_all([data.samples[i] for i in data.split["train"]], cfg.data) if name != "train" else loaded
-        data.target_scale, _ = scale_factors(train, cfg.data.scale_norm)
+        train = native if name == "train" else LazySamples([data.samples[i] for i in data.split["train"]], cfg.data)
+        data.target_scale, train_scales = scale_factors(train, cfg.data.scale_norm)
+        scales = train_scales if name == "train" and not limit else None
         if run_dir is not None and data.is_main:
             write_text_atomic(run_dir / "scale.json", json.dumps({"target_fov_diameter": data.target_scale}))
-    _, scales = scale_factors(loaded, cfg.data.scale_norm, target=data.target_scale)
-    return load_all(samples, cfg.data, scales=scales)
+    if scales is None:
+        _, scales = scale_factors(native, cfg.data.scale_norm, target=data.target_scale)
+    return LazySamples(samples, cfg.data, scales=scales) if lazy else load_all(samples, cfg.data, scales=scales)
 
 
 # ---- another data set for a trained run (`medtune eval RUN --data FILE`) ------------------------------------------

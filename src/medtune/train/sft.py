@@ -70,7 +70,7 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
 
     # ---- data: the split is fixed in RUN/split.json; batches are a pure function of (seed, step)
     data = prepare_split(cfg, run_dir, is_main, accelerator.wait_for_everyone)
-    train_samples = load_split_samples(cfg, data, "train", run_dir)
+    train_samples = load_split_samples(cfg, data, "train", run_dir, lazy=True)  # decoded in the loader's workers
     val_samples = load_split_samples(cfg, data, "val", run_dir, limit=cfg.train.max_eval_images)
     check_readable(cfg, data)
     task = task_for(cfg)
