@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -14,5 +15,6 @@ def old_module(commit: str, path: str, name: str) -> types.ModuleType:
     source = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO, capture_output=True, text=True,
                             check=True).stdout
     module = types.ModuleType(name)
+    sys.modules[name] = module  # dataclasses look their module up there
     exec(compile(source, f"{commit}:{path}", "exec"), module.__dict__)
     return module

@@ -166,14 +166,18 @@ def scale_factors(
     return float(target), {i: float(target) / d for i, d in diameters.items()}
 
 
-def load_all(samples: list[Sample], cfg: DataCfg, scales: dict[str, float] | None = None) -> list[LoadedSample]:
-    """Load every sample (progress bar); one DataError with every sample that failed."""
+def load_all(samples: list[Sample], cfg: DataCfg, scales: dict[str, float] | None = None,
+             keep: bool = True) -> list[LoadedSample]:
+    """Load every sample (progress bar); one DataError with every sample that failed. ``keep=False`` only checks
+    that each loads, holding one at a time, and returns []."""
     loaded: list[LoadedSample] = []
     problems: list[str] = []
     failed = 0
     for sample in tqdm(samples, desc="loading images", unit="img", leave=False, disable=len(samples) < 8):
         try:
-            loaded.append(load_sample(sample, cfg, (scales or {}).get(sample.id, 1.0)))
+            one = load_sample(sample, cfg, (scales or {}).get(sample.id, 1.0))
+            if keep:
+                loaded.append(one)
         except DataError as err:
             failed += 1
             problems.extend(line.strip(" -") for line in str(err).splitlines() if line.strip())

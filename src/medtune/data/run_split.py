@@ -217,7 +217,7 @@ def check_readable(cfg: Config, data: RunData, names: tuple[str, ...] = ("test",
     """Read the splits training does not load, so a broken test image fails now with every problem listed, not
     after a night of training."""
     ids = [i for name in names for i in data.split.get(name, [])]
-    load_all([data.samples[i] for i in ids], cfg.data)
+    load_all([data.samples[i] for i in ids], cfg.data, keep=False)
 
 
 def _warn(msg: str) -> None:
