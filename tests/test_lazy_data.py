@@ -13,7 +13,6 @@ from torch.utils.data.dataloader import default_collate as collate
 import medtune.data.loading as loading
 from medtune.data.datasets import StepBatchSampler, TrainPatchDataset
 from medtune.data.run_split import load_split_samples, prepare_split
-
 from medtune.train.sft import train
 
 STEPS = (0, 3, 7)  # a step of each epoch's start, middle and a later epoch (8 keys per epoch at batch 4)
