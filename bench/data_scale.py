@@ -79,11 +79,11 @@ def child(data_dir: str, variant: str, workers: int, steps: int) -> dict:
     loss_fn = task.make_loss(cfg)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     sampler = StepBatchSampler(len(dataset), cfg.data.batch_size, cfg.run.seed)
-    batches = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=task.collate,
-                              generator=torch.Generator()))
+    loader = {"batches": iter(DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                         collate_fn=task.collate, generator=torch.Generator()))}
 
     def step():
-        loss, _ = loss_fn(model, next(batches))
+        loss, _ = loss_fn(model, next(loader["batches"]))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -93,7 +93,7 @@ def child(data_dir: str, variant: str, workers: int, steps: int) -> dict:
     for _ in range(steps):
         step()
     t_end = time.perf_counter()
-    del batches  # shuts the workers down, so their peak RSS is counted below
+    loader.clear()  # shuts the workers down, so their peak RSS is counted below
     return {"images_train": len(train), "split_s": t_split - t0, "load_s": t_load - t_split,
             "first_step_s": t_first - t0, "steps_per_s": steps / (t_end - t_first) if steps else None,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
