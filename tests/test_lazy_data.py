@@ -77,3 +77,33 @@ def test_resume_with_two_workers_gives_bit_identical_weights(tmp_path):
     resumed = load_file(str(run / "checkpoints" / "last" / "model" / "model.safetensors"))
     assert any(not torch.equal(final[k], torch.zeros_like(final[k])) for k in final)
     assert all(torch.equal(final[k], resumed[k]) for k in final)
+
+
+def test_a_broken_training_file_met_in_a_worker_is_one_line(tmp_path, capsys):
+    """Decoding on access means a broken training file (here a mask: masks are not read at start) is met inside a
+    DataLoader worker, whose error torch re-raises with the worker's traceback folded into the message; the CLI
+    still prints the original error's one line, naming the file."""
+    from helpers import tiny_cfg, write_generic
+
+    from medtune.cli import main
+
+    data = write_generic(tmp_path / "data", n=8, size=32)
+    for mask in (data / "masks").iterdir():
+        mask.write_bytes(b"not a png")
+    cfg = tiny_cfg(tmp_path, "data.layout=generic", f"data.path={data}", "data.num_workers=2",
+                   "data.split.val_fraction=0.0", "data.split.test_fraction=0.0", steps=2)
+    config = tmp_path / "broken.yaml"
+    config.write_text(cfg.to_yaml())
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("medtune train: error: ") and "cannot be read as an image" in err
+    assert str(data / "masks") in err and "Traceback" not in err and "DataLoader worker" not in err
+
+
+def test_one_line_unwraps_only_the_worker_wrapper():
+    from medtune.errors import DataError, one_line
+
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                        "last):\n  File \"x.py\", line 1, in f\nmedtune.errors.DataError: a.png: cannot be read")
+    assert one_line(wrapped) == "a.png: cannot be read"
+    assert one_line(DataError("b.png: two: colons")) == "b.png: two: colons"

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from medtune.errors import UserError
+from medtune.errors import UserError, one_line
 from medtune.threads import prepare_openmp
 
 
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:  # anything else is a bug: its traceback is what a bug report needs
         if args.debug or os.environ.get("MEDTUNE_DEBUG"):
             raise
-        print(f"medtune {args.command}: error: {err}", file=sys.stderr)
+        print(f"medtune {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     return code or 0
 
