@@ -53,7 +53,7 @@ def test_step_flops_counts_only_the_first_step():
 def test_matmul_peak_is_measured_and_mfu_is_the_ratio():
     peak = measure_matmul_peak("cpu", torch.float32, size=256)
     assert peak.flops_per_s > 1e8 and peak.dtype == "float32" and peak.matmul_size == 256
-    assert mfu(flops_per_image=1e9, images_per_s=10.0, peak_flops_per_s=4e10, processes=2) == pytest.approx(0.125)
+    assert mfu(1e9 * 10.0, peak_flops_per_s=4e10, processes=2) == pytest.approx(0.125)  # 1 GFLOP/image, 10 img/s
 
 
 def test_run_logs_mfu_from_its_own_first_step_and_excludes_validation_time(tmp_path, monkeypatch):

@@ -225,7 +225,9 @@ def load_checkpoint(ckpt: Path, model: SegModel, optimizer=None, scheduler=None,
     """With `accelerator` (every process calls it, after accelerator.prepare): optimizer, scaler and this rank's own
     RNG come from the checkpoint's engine/ folder through accelerate's load_state."""
     engine = ckpt / ENGINE_DIR
-    if accelerator is None or not engine_holds_weights(accelerator):
+    # FSDP / DeepSpeed restore the weights from engine/; a checkpoint without it (older, or saved by one process)
+    # holds them only as adapter/ or model/, which must then be loaded here or the run resumes untrained
+    if accelerator is None or not (engine_holds_weights(accelerator) and engine.is_dir()):
         load_trainable(model, ckpt)
     state_path = ckpt / "trainer_state.pt"
     if optimizer is None and scheduler is None and not restore_rng:

@@ -128,10 +128,11 @@ def generate_answers(model, samples: list[LoadedSample], cfg: Config, device, de
     return answers
 
 
-def require_text(answers: list[str], what: str, scored: bool = True) -> None:
+def require_text(answers: list[str], what: str, scored: bool = True, fatal: bool = True) -> None:
     """Refuse an answer set without any text: that is a generation that does not work (a model stopping at once, a
     generate() output read at the wrong place), which scoring would turn into a plausible-looking accuracy of 0.
-    ``scored=False`` (predict: the answers are written, not scored): the same line as a warning."""
+    ``fatal=False``: the same line as a warning (validation during training, where a model early in training may stop
+    at once; predict, whose answers are written, not scored: ``scored=False``)."""
     if answers and not any(a.strip() for a in answers):
         message = (
             f"generation produced no text: all {len(answers)} answers ({what}) are empty"
@@ -139,7 +140,7 @@ def require_text(answers: list[str], what: str, scored: bool = True) -> None:
             + ". Likely cause: the model ends its turn at once because the generation prompt is not the one it was "
             "trained on (check model.vlm.chat_template and the checkpoint's chat template / stop tokens), or the "
             "model's generate() returns no answer tokens")
-        if scored:
+        if fatal:
             raise UserError(message)
         log.warning(message)
 
@@ -210,10 +211,7 @@ def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict[str, f
 
     labels = resolve_labels(cfg, discover(cfg.data))
     answers = generate_answers(model, val, cfg, device, "val answers")
-    try:
-        require_text(answers, "validation")
-    except UserError as err:  # training goes on (a model early in training may stop at once); the log says why
-        log.warning("%s", err)
+    require_text(answers, "validation", fatal=False)  # training goes on; the log says why
     rows = score(val, answers, labels, cfg)
     scored = [r for r in rows if r["reference_label"]]
     out = {"val_lm_loss": teacher_forced_loss(model, val, cfg, device)}
@@ -328,7 +326,7 @@ def answer_images(run, images: list[Path], question: str, desc: str = "predict")
     samples = [LoadedSample(id=Path(p).stem, image=read_image(Path(p), cfg.data.channels), mask=None, fov=None,
                             conversations=[{"role": "user", "content": text}]) for p in images]
     answers = generate_answers(run.model, samples, cfg, run.device, desc)
-    require_text(answers, desc, scored=False)
+    require_text(answers, desc, scored=False, fatal=False)
     labels = cfg.task.labels or _evaluated_labels(run.run_dir)
     vocab = answer_vocabulary(labels, cfg.task.synonyms) if labels else None
     return [ImagePrediction(image=s.image, probs=np.zeros((0, *s.image.shape[-2:]), np.float32), answer=a,

@@ -15,7 +15,7 @@ holds no ``[SEG]`` is scored as an empty mask).
 
 Images reach the model at their own resolution, never as a copy shrunk to ``data.patch_size``: the VLM's processor
 makes its pixels and image tokens (through the plain VLM's ``ChatCodec``; InternVL's dynamic tiling where its image
-processor asks for it), the mask head's SAM input is PIL bicubic uint8 at 1024 (``models.vlm.seg.encode_item``).
+processor asks for it), the mask head's SAM input is PIL bicubic uint8 at 1024 (``models.vlm.seg.model.encode_item``).
 Masks and losses are computed at ``data.patch_size``
 x ``data.patch_size`` (the whole image, squared like SAM's input; Sa2VA computes its loss on the 256 x 256 low-res
 logits against the ground truth resized to them: ``data.patch_size=256`` is that); evaluation and prediction
@@ -265,8 +265,6 @@ def generated_masks(model, cfg, image: np.ndarray, questions: list[str], device
     (one question per turn, the image in the first), then one mask per [SEG] of the generated answers, decoded from
     the hidden states of a forward over the generated conversation. The model preprocesses the image at its own
     resolution and returns the logits at it."""
-    import torch
-
     x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None].to(device)
     with torch.no_grad():  # inference: the model's own mask forward is differentiable for training's sake
         answers, logits = model.generate_turns(x, questions, max_new_tokens=cfg.task.max_new_tokens)

@@ -21,7 +21,7 @@ from medtune.config import Config
 from medtune.runs.checkpoint import TrainerState, rotate_step_checkpoints, save_checkpoint
 from medtune.runs.files import MetricsLog
 from medtune.train.setup import StopFlag, TrainingStopped, frozen_metric_warning, warn
-from medtune.train.utilisation import StepFlops, compute_dtype, measure_matmul_peak, reference_peak
+from medtune.train.utilisation import StepFlops, compute_dtype, measure_matmul_peak, mfu, reference_peak
 
 log = logging.getLogger("medtune")
 
@@ -163,12 +163,12 @@ class Bookkeeping:
                 self.peak, self._utilisation_written = again, False
                 if self.reference.source.startswith("measured"):
                     self.reference = reference_peak(self.acc.device, again)
-        shapes = (self.flops.shapes, self.flops.estimated_steps)
+        shapes = self.flops.shapes  # (estimated steps grow every step: not a reason to rewrite the file)
         if not self._utilisation_written or shapes != self._written_shapes:  # this session's counts and peaks
             write_text_atomic(self.run_dir / "utilisation.json", json.dumps(self._utilisation_info(), indent=2))
             self._utilisation_written, self._written_shapes = True, shapes
-        return {"tflops_per_s": achieved / 1e12, "mfu": achieved / (self.peak.flops_per_s * processes),
-                "mfu_published": achieved / (self.reference.flops_per_s * processes)}
+        return {"tflops_per_s": achieved / 1e12, "mfu": mfu(achieved, self.peak.flops_per_s, processes),
+                "mfu_published": mfu(achieved, self.reference.flops_per_s, processes)}
 
     def log(self, record: dict) -> None:
         if not self.is_main:

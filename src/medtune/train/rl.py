@@ -38,6 +38,7 @@ from medtune.train.preflight import run_preflight
 from medtune.train.setup import (
     StopFlag,
     batch_to,
+    images_in,
     init_trackers,
     make_accelerator,
     make_optimizer,
@@ -328,7 +329,7 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
     while state.step < cfg.optim.max_steps:
         model.train()
         batch = batch_to(next(stream), device)
-        n_images = len(batch["ids"]) if "ids" in batch else batch["image"].shape[0]  # segvlm: prepared images
+        n_images = images_in(batch)
         with books.counting_flops(n_images):  # the whole iteration: rollout + inner_epochs updates
             roll = rollout(model, reference, task, batch, cfg, weights,
                            sampling_generator(device, cfg.run.seed, state.step, accelerator.process_index))

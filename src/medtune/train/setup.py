@@ -64,6 +64,11 @@ def frozen_metric_warning(history: list[float], window: int = 3) -> str | None:
     return None
 
 
+def images_in(batch: dict) -> int:
+    """Samples in a batch, for throughput: its ids (instruct, segvlm: no image tensor), else its images."""
+    return len(batch["ids"]) if "ids" in batch else batch["image"].shape[0]
+
+
 def batch_to(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 

@@ -27,6 +27,7 @@ from medtune.train.preflight import run_preflight
 from medtune.train.setup import (
     StopFlag,
     batch_to,
+    images_in,
     init_trackers,
     make_accelerator,
     make_optimizer,
@@ -37,10 +38,6 @@ from medtune.train.setup import (
 )
 
 log = logging.getLogger("medtune")
-
-
-def images_in(batch: dict) -> int:
-    return len(batch["ids"]) if "ids" in batch else batch["image"].shape[0]  # instruct: no image key
 
 
 def micro_batch_weights(micro_batches: list[dict], task, accelerator) -> list[torch.Tensor]:

@@ -145,8 +145,9 @@ def count_flops(fn) -> int:
     return int(mode.get_total_flops())
 
 
-def mfu(flops_per_image: float, images_per_s: float, peak_flops_per_s: float, processes: int = 1) -> float:
-    return flops_per_image * images_per_s / (peak_flops_per_s * processes)
+def mfu(achieved_flops_per_s: float, peak_flops_per_s: float, processes: int = 1) -> float:
+    """Model FLOP utilisation: the FLOPs the run achieved per second over the peak of all its processes."""
+    return achieved_flops_per_s / (peak_flops_per_s * processes)
 
 
 

@@ -4,7 +4,8 @@ on image + conversation data.
 
 The network is whatever ``from_pretrained`` builds from a local folder (``AutoModelForImageTextToText``, or
 ``AutoModelForCausalLM`` for remote code), with the folder's processor; ``model.config: {preset: tiny, vlm: llava |
-internvl}`` builds the offline tiny models of ``tiny_vlm``. What this module adds is where things go wrong silently:
+internvl | qwen2_5_vl | qwen3_vl}`` builds the offline tiny models of ``models.vlm.tiny``. What this module adds is
+where things go wrong silently:
 
 * LoRA placement: vision towers reuse the language model's layer names (``q_proj`` ...), so the default targets are
   one anchored regex over the *full* names of the language model's linear layers, and ``after_lora`` refuses any
@@ -521,15 +522,7 @@ class VLMModel(SegModel):
         return out_dir
 
     def load_base_weights(self, folder: str | Path) -> None:
-        """Through ``from_pretrained``: ``save_pretrained`` may write a model's weights under other names (LLaVA keeps
-        its legacy key layout on disk), and only transformers' loader maps them back."""
-        net = self.base_network
-        kwargs = {"trust_remote_code": True} if getattr(net.config, "auto_map", None) else {}
-        loaded = type(net).from_pretrained(str(folder), dtype=torch.float32, **kwargs)
-        missing, unexpected = net.load_state_dict(loaded.state_dict(), strict=False)
-        if missing or unexpected:
-            raise UserError(f"weights in {folder} do not fit this model (saved from another architecture?): missing "
-                             f"{missing[:8]}, unexpected {unexpected[:8]}")
+        reload_vlm_weights(self.base_network, Path(folder))
 
 
 def _auto_class(meta: dict, path: Path):
@@ -563,6 +556,20 @@ def check_token_compression(meta: dict, cfg: Config, path: Path) -> None:
                      f"sample per forward only, but this run batches {per_forward} ({where}); set {TOKEN_COMPRESSION_KEY} "
                      f"to false in that config.json (for images it changes nothing; Hulu-Med's own notebook turns it "
                      f"off){fix}")
+
+
+def reload_vlm_weights(net: nn.Module, folder: Path) -> None:
+    """A VLM's weights from a folder its own class saved, into ``net`` (both families' ``load_base_weights``).
+    Through that class's ``from_pretrained``: ``save_pretrained`` may write weights under other names (LLaVA keeps its
+    legacy key layout on disk) and only the loader maps them back; medtune's Hulu-Med loads the same way."""
+    kwargs = {"trust_remote_code": True} if getattr(net.config, "auto_map", None) and not is_hulumed_config(
+        net.config.to_dict()) else {}
+    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+    loaded = type(net).from_pretrained(str(folder), dtype=dtype, **kwargs)
+    missing, unexpected = net.load_state_dict(loaded.state_dict(), strict=False)
+    if missing or unexpected:
+        raise UserError(f"weights in {folder} do not fit this model (saved from another architecture?): missing "
+                        f"{missing[:8]}, unexpected {unexpected[:8]}")
 
 
 def load_vlm_folder(path: Path, cfg: Config):

@@ -32,6 +32,7 @@ from medtune.models.vlm.model import (
     generation_kwargs,
     lora_target_patterns,
     new_tokens,
+    reload_vlm_weights,
 )
 from medtune.models.vlm.model import collate as collate_vlm
 from medtune.models.vlm.processing import UINT8_MAX, save_processor, to_uint8_rgb
@@ -492,9 +493,6 @@ class SegVLMModel(SegModel):
 
         from medtune.models.lora import merged_copy
 
-        if getattr(self.base_network.vlm, "is_loaded_in_4bit", False):
-            raise UserError("cannot save a 4-bit (QLoRA) VLM as a model folder; build the model unquantised "
-                             "(model.quantize_4bit=false), load the adapter with load_trainable, then export")
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         net = merged_copy(self.net)
@@ -513,15 +511,9 @@ class SegVLMModel(SegModel):
 
     def load_base_weights(self, folder: str | Path) -> None:
         from safetensors.torch import load_file
-        from transformers import AutoModelForImageTextToText
 
         folder, net = Path(folder), self.base_network
-        # transformers writes VLM weights under the checkpoint's original key names; its own loader maps them back
-        fresh = AutoModelForImageTextToText.from_pretrained(str(folder / VLM_DIR), dtype=_floating_dtype(net.vlm))
-        missing, unexpected = net.vlm.load_state_dict(fresh.state_dict(), strict=False)
-        if missing or unexpected:
-            raise UserError(f"VLM weights in {folder / VLM_DIR} do not fit this model: missing {missing[:6]}, "
-                             f"unexpected {unexpected[:6]}")
+        reload_vlm_weights(net.vlm, folder / VLM_DIR)  # the plain VLM's reload: any VLM the family loads
         load_safetensors_folder(net.sam, folder / SAM_DIR)
         net.seg_projection.load_state_dict(load_file(str(folder / PROJECTION_FILE)))
 
