@@ -311,3 +311,33 @@ def test_a_checkpoint_from_before_engine_state_still_resumes_exactly(tmp_path):
     train(tiny_cfg(tmp_path, *opts, steps=4, name="full"), resume=run)
     resumed = load_file(str(run / "checkpoints" / "last" / "model" / "model.safetensors"))
     assert all(torch.equal(final[k], resumed[k]) for k in final)
+
+
+def test_a_launch_config_whose_accumulation_differs_from_the_recipe_is_refused(tmp_path, monkeypatch):
+    """`accelerate launch` hands a DeepSpeed config's gradient_accumulation_steps over in the environment, where it
+    overrides the recipe's; the engine would then step at other boundaries than the micro-batches. One line, before
+    anything is written."""
+    from medtune.errors import ConfigError
+    from medtune.train.setup import make_accelerator
+
+    cfg = tiny_cfg(tmp_path, steps=2)
+    cfg.optim.grad_accum = 2
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1")
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps=1, but optim.grad_accum=2"):
+        make_accelerator(cfg)
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
+    assert make_accelerator(cfg).gradient_accumulation_steps == 2
+
+
+@pytest.mark.slow
+def test_accelerate_does_not_enable_fsdp_on_cpu_processes(tmp_path):
+    """Why the multi-process CPU tests run DDP and not FSDP: accelerate (the engine) turns FSDP on only for GPU-like
+    device types; 2 gloo CPU processes with ACCELERATE_USE_FSDP=true stay MULTI_CPU (accelerate/state.py). If this
+    fails, accelerate supports FSDP on CPU and the 2-process save/resume test should run it too."""
+    script = tmp_path / "probe.py"
+    script.write_text("from accelerate import Accelerator\nprint('TYPE', Accelerator(cpu=True).distributed_type.name)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_FSDP": "true"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("TYPE MULTI_CPU") == 2, proc.stdout

@@ -19,7 +19,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from medtune.atomic import write_text_atomic
 from medtune.config import Config
-from medtune.errors import UserError
+from medtune.errors import ConfigError, UserError
 from medtune.runs.checkpoint import (
     TrainerState,
     keep_weights_out_of_engine_state,
@@ -154,8 +154,18 @@ def make_accelerator(cfg: Config) -> Accelerator:
     placeholder until the run folder is agreed between processes (start_run)."""
     keep_freed_host_memory()  # CPU steps stop paying page faults for memory they just freed
     configure_threads(cfg.train.threads)  # from the usable cores, before env.json records them (medtune.threads)
+    # gradient_accumulation_steps: accelerate's `accumulate` then decides per micro-batch whether gradients are
+    # synchronised (DDP no_sync, FSDP) and tells DeepSpeed where its accumulation boundary is, so its engine steps
+    # once per optimizer step and not once per micro-batch
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision, log_with=cfg.train.trackers or None,
-                              project_dir=".", cpu=not torch.cuda.is_available())
+                              project_dir=".", cpu=not torch.cuda.is_available(),
+                              gradient_accumulation_steps=cfg.optim.grad_accum)
+    if accelerator.gradient_accumulation_steps != cfg.optim.grad_accum:
+        # `accelerate launch` passes a config's deepspeed gradient_accumulation_steps through the environment, and
+        # it wins over ours: the engine would then step at other boundaries than the recipe's micro-batches
+        raise ConfigError(f"the accelerate launch config sets gradient_accumulation_steps="
+                          f"{accelerator.gradient_accumulation_steps}, but optim.grad_accum={cfg.optim.grad_accum}; "
+                          "make them equal (e.g. deepspeed_config.gradient_accumulation_steps in the accelerate YAML)")
     keep_weights_out_of_engine_state(accelerator)  # checkpoints keep weights as plain PEFT / from_pretrained folders
     return accelerator
 

@@ -7,7 +7,6 @@ Runs unchanged on 1 CPU process, 2 CPU processes (``torchrun --nproc_per_node 2`
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
@@ -120,11 +119,12 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
         for micro, (batch, weight) in enumerate(zip(micro_batches, weights)):
             batch = batch_to(batch, device)
             n_images = images_in(batch)
-            # gradients are all-reduced once per optimizer step, not once per micro-batch
-            sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
-            with sync, books.counting_flops(n_images, batch):
+            # accelerate's accumulate: gradients are all-reduced (DeepSpeed: its engine steps) once per optimizer
+            # step, on the last micro-batch. Its backward divides the loss by grad_accum (DeepSpeed's engine does
+            # the same); the weights already normalise over all micro-batches, hence the factor accum.
+            with accelerator.accumulate(model), books.counting_flops(n_images, batch):
                 loss, parts = loss_fn(model, batch)
-                accelerator.backward(loss * weight)
+                accelerator.backward(loss * weight * accum)
             loss_sum += loss.detach() * weight
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v * float(weight)
