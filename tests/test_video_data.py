@@ -25,6 +25,8 @@ from medtune.data.video import (
     collate_clips,
     open_frames,
     read_video_mask,
+    decode_rle,
+    encode_rle,
     sample_clip,
 )
 from medtune.data.video_layouts import discover_videos
@@ -77,11 +79,8 @@ def square_mask(size: tuple[int, int], top: int, side: int = 8) -> np.ndarray:
 def write_sa2va(root: Path) -> dict:
     """Two videos in Sa2VA's / MeViS's files: a list of per-frame RLEs (null = absent) and a sparse {index: RLE}
     object; one video has two expressions. -> the masks written, {(video, expression, frame): mask}."""
-    from pycocotools import mask as mask_utils
-
     def rle(mask):
-        encoded = mask_utils.encode(np.asfortranarray(mask))
-        return {"size": encoded["size"], "counts": encoded["counts"].decode()}
+        return encode_rle(mask) if len(mask_dict) % 2 else {"size": list(mask.shape), "counts": uncompressed(mask)}
 
     truth, meta, mask_dict = {}, {"videos": {}}, {}
     for v, name in enumerate(["clipA", "clipB"]):
@@ -104,6 +103,34 @@ def write_sa2va(root: Path) -> dict:
     (root / "meta_expressions.json").write_text(json.dumps(meta))
     (root / "mask_dict.json").write_text(json.dumps(mask_dict))
     return truth
+
+
+def uncompressed(mask: np.ndarray) -> list[int]:
+    """COCO's uncompressed RLE counts: alternating background / foreground runs down the columns."""
+    flat = mask.ravel(order="F")
+    runs, value, n = [], 0, 0
+    for v in flat:
+        if v != value:
+            runs.append(n)
+            value, n = v, 0
+        n += 1
+    return runs + [n]
+
+
+def test_rle_codec_matches_coco_strings():
+    # written by pycocotools.mask.encode (COCO's reference implementation) for this mask
+    coco = {"size": [7, 9], "counts": "012040N3O000002M1000L0"}
+    mask = np.zeros((7, 9), np.uint8)
+    mask[1:5, 2:6] = 1
+    mask[3, :] = mask[0, 0] = mask[6, 8] = 1
+    assert np.array_equal(decode_rle(coco, "x"), mask) and encode_rle(mask) == coco
+    rng = np.random.default_rng(0)
+    for shape in [(40, 50), (3, 1), (64, 64)]:
+        m = (rng.random(shape) < 0.3).astype(np.uint8)
+        assert np.array_equal(decode_rle(encode_rle(m), "x"), m)
+        assert np.array_equal(decode_rle({"size": list(shape), "counts": uncompressed(m)}, "x"), m)
+    with pytest.raises(DataError, match="frame 3: not a run-length encoded mask"):
+        decode_rle({"size": [7, 9], "counts": "01"}, "frame 3")
 
 
 # ---- layouts ------------------------------------------------------------------------------------------------------

@@ -189,21 +189,68 @@ def open_frames(video: VideoSample, cfg: DataCfg) -> FrameReader:
     return FrameReader(video, cfg)
 
 
+# COCO's compressed run-length strings: each count (from the third on, as the difference to the count two before)
+# in little-endian 5-bit groups, a 6th bit saying another group follows, offset into printable ASCII from "0";
+# the last group's top data bit is the sign.
+_RLE_CHAR_OFFSET = 48
+_RLE_MORE, _RLE_SIGN, _RLE_DATA = 0x20, 0x10, 0x1F
+
+
+def _rle_string_counts(text: str | bytes) -> list[int]:
+    data = text.encode() if isinstance(text, str) else bytes(text)
+    counts: list[int] = []
+    p = 0
+    while p < len(data):
+        value = shift = 0
+        while True:
+            if p >= len(data):
+                raise ValueError("the string ends inside a count")
+            c = data[p] - _RLE_CHAR_OFFSET
+            p += 1
+            value |= (c & _RLE_DATA) << shift
+            shift += 5
+            if not c & _RLE_MORE:
+                if c & _RLE_SIGN:
+                    value -= 1 << shift
+                break
+        counts.append(value + counts[-2] if len(counts) > 2 else value)
+    return counts
+
+
+def encode_rle(mask: np.ndarray) -> dict:
+    """uint8/bool [H, W] -> COCO's compressed RLE ``{"size": [H, W], "counts": str}`` (as Sa2VA's mask_dict.json
+    and pycocotools write it)."""
+    mask = np.asarray(mask).astype(bool)
+    flat = mask.ravel(order="F")  # COCO runs go down the columns
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    if flat.size and flat[0]:
+        runs = [0] + runs  # runs start with background
+    chars = []
+    for i, x in enumerate(runs):
+        x = x - runs[i - 2] if i > 2 else x
+        while True:
+            c, x = x & _RLE_DATA, x >> 5
+            more = x != -1 if c & _RLE_SIGN else x != 0
+            chars.append(chr((c | (_RLE_MORE if more else 0)) + _RLE_CHAR_OFFSET))
+            if not more:
+                break
+    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": "".join(chars)}
+
+
 def decode_rle(rle: dict, where: str) -> np.ndarray:
     """A COCO run-length encoding (compressed string or uncompressed counts list) -> uint8 [H, W] in {0, 1}."""
-    from pycocotools import mask as mask_utils
-
     try:
         h, w = (int(v) for v in rle["size"])
         counts = rle["counts"]
-        if isinstance(counts, list):
-            rle = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
-        else:
-            rle = {"size": [h, w], "counts": counts.encode() if isinstance(counts, str) else counts}
-        return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+        counts = [int(c) for c in counts] if isinstance(counts, list) else _rle_string_counts(counts)
+        if any(c < 0 for c in counts) or sum(counts) != h * w:
+            raise ValueError(f"its runs cover {sum(counts)} pixels, not {h}x{w}")
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"{where}: not a run-length encoded mask ({type(err).__name__}: {err}); fix the mask "
                         "file") from None
+    flat = np.repeat(np.arange(len(counts), dtype=np.uint8) % 2, counts)
+    return np.ascontiguousarray(flat.reshape((h, w), order="F"))
 
 
 def read_video_mask(video: VideoSample, i: int, cfg: DataCfg | None = None,
