@@ -23,10 +23,10 @@ from medtune.data.video import (
     VideoClipDataset,
     VideoSample,
     collate_clips,
-    open_frames,
-    read_video_mask,
     decode_rle,
     encode_rle,
+    open_frames,
+    read_video_mask,
     sample_clip,
 )
 from medtune.data.video_layouts import discover_videos
