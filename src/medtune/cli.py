@@ -96,6 +96,8 @@ INSPECT_PROBLEMS_EXIT = 1  # `data inspect` listed problems (2 stays "could not 
 def _inspect(args) -> int:
     from medtune.config import build_config
     from medtune.data.inspect import format_inspection, inspect_dataset
+    from medtune.data.video import is_video_data
+    from medtune.data.video_inspect import format_video_inspection, inspect_videos
 
     overrides = [f"data.path={args.path}", f"data.layout={args.layout}", *args.overrides]
     cfg = build_config({}, overrides)
@@ -105,8 +107,12 @@ def _inspect(args) -> int:
             split = json.loads(Path(args.split).read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise UserError(f"--split {args.split}: cannot read it as a split.json ({err})") from None
-    report = inspect_dataset(cfg.data, split=split)
-    print(format_inspection(report))
+    if is_video_data(cfg.data):
+        report = inspect_videos(cfg.data, split=split)
+        print(format_video_inspection(report))
+    else:
+        report = inspect_dataset(cfg.data, split=split)
+        print(format_inspection(report))
     return INSPECT_PROBLEMS_EXIT if report["problems"] else 0
 
 

@@ -71,10 +71,24 @@ class SyntheticCfg(Section):
     seed: int = 0
 
 
+class VideoDataCfg(Section):
+    """Video layouts (video_frames, sa2va_video, video_files): training clips and the files annotations live in."""
+
+    # frames per training clip; a video with fewer frames (at clip_stride) gives a shorter clip, padded at the end
+    # by collate_clips (frame_index -1, never annotated), which a causal memory never looks back on
+    clip_length: int = Field(8, ge=1)
+    clip_stride: int = Field(1, ge=1)  # frames between consecutive clip frames (1: consecutive frames)
+    clips_per_video: int = Field(4, ge=1)  # training items per video per epoch
+    fps: float | None = Field(None, gt=0)  # frame rate of frame-folder videos, for reports (video files carry theirs)
+    # sa2va_video: Sa2VA's / MeViS's expressions file ({"videos": {name: {"frames", "expressions"}}}) and RLE masks
+    expressions_file: str = "meta_expressions.json"
+    mask_file: str = "mask_dict.json"
+
+
 class DataCfg(Section):
     path: str | None = None
     layout: Literal["auto", "generic", "drive", "chase", "stare", "busi", "polygon_json", "llava_json",
-                    "synthetic"] = "auto"
+                    "synthetic", "video_frames", "sa2va_video", "video_files"] = "auto"
     image_dir: str = "images"
     mask_dir: str = "masks"
     fov_dir: str | None = None
@@ -101,6 +115,7 @@ class DataCfg(Section):
     scale_norm: ScaleNormCfg = Field(default_factory=ScaleNormCfg)
     augment: AugmentCfg = Field(default_factory=AugmentCfg)
     synthetic: SyntheticCfg = Field(default_factory=SyntheticCfg)
+    video: VideoDataCfg = Field(default_factory=VideoDataCfg)
 
 
 class LoraCfg(Section):

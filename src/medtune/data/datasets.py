@@ -49,6 +49,16 @@ def mask_box(mask: torch.Tensor, rng: np.random.Generator | None = None) -> torc
     return torch.tensor([x1, y1, max(x2, x1 + 1.0), max(y2, y1 + 1.0)], dtype=torch.float32)
 
 
+def resize_square(image: torch.Tensor, labels: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole image(s) [..., C, H, W] and label maps [..., K, H, W] resized to size x size (bilinear with
+    anti-aliasing / nearest), the ``whole_image`` sampling of images and of video clips."""
+    image = F.interpolate(image.reshape(-1, *image.shape[-3:]), size=(size, size), mode="bilinear",
+                          align_corners=False, antialias=True).reshape(*image.shape[:-2], size, size)
+    labels = F.interpolate(labels.reshape(-1, *labels.shape[-3:]), size=(size, size),
+                           mode="nearest-exact").reshape(*labels.shape[:-2], size, size)
+    return image.clamp(0.0, 1.0), labels
+
+
 class TrainPatchDataset(Dataset):
     """Patches (random_crop) or resized whole images (whole_image), augmented, keyed by ``(index, epoch)``.
 
@@ -85,12 +95,9 @@ class TrainPatchDataset(Dataset):
         return image[:, y:y + p, x:x + p], crop_mask, loss_region(fov[y:y + p, x:x + p], crop_mask)
 
     def _resize_whole(self, ls: LoadedSample) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        size = (self.patch, self.patch)
-        image = torch.from_numpy(ls.image)[None]
-        image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-        labels = torch.from_numpy(np.stack([ls.mask, loss_region(ls.fov, ls.mask)]).astype(np.float32))[None]
-        labels = F.interpolate(labels, size=size, mode="nearest-exact")[0]
-        return image.clamp(0.0, 1.0), labels[:1], labels[1:]
+        labels = torch.from_numpy(np.stack([ls.mask, loss_region(ls.fov, ls.mask)]).astype(np.float32))
+        image, labels = resize_square(torch.from_numpy(ls.image), labels, self.patch)
+        return image, labels[:1], labels[1:]
 
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
         index, epoch = (key, 0) if isinstance(key, (int, np.integer)) else key

@@ -196,9 +196,15 @@ def read_image(path: str | Path, channels: int = 3, image_max: float | None = No
     8-bit data is divided by 255; wider integer data by ``image_max`` (the data set's full scale, ``data.image_max``),
     or, when None, by the image's own bit-depth tier (255 / 4095 / 65535).
     """
+    return pixels_to_chw(_decode(Path(path)), channels, image_max, Path(path))
+
+
+def pixels_to_chw(arr: np.ndarray, channels: int = 3, image_max: float | None = None,
+                  path: Path | str | None = None) -> np.ndarray:
+    """Decoded pixels ([H,W] grey or [H,W,C]) -> float32 [channels, H, W] in [0, 1], as ``read_image`` scales them
+    (also for frames decoded from a video file); ``path`` names the source in errors."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    arr = _decode(Path(path))
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim == 3 and arr.shape[-1] == 4:
@@ -210,7 +216,7 @@ def read_image(path: str | Path, channels: int = 3, image_max: float | None = No
             f"{path}: unsupported image shape {arr.shape} (expected H×W grey or H×W×3 colour); "
             "export a 2-D slice as PNG/TIFF"
         )
-    unit = _to_unit_range(arr, image_max, Path(path))
+    unit = _to_unit_range(arr, image_max, path)
     if unit.ndim == 2:
         chw = unit[None]
         if channels == 3:
@@ -349,3 +355,16 @@ def derive_fov(image: np.ndarray) -> np.ndarray:
     sizes[0] = 0
     fov = ndimage.binary_fill_holes(labels == int(np.argmax(sizes)))
     return fov.astype(np.uint8)
+
+
+def image_shape(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image file from its header where PIL can read one (no decoding), else by decoding it."""
+    path = Path(path)
+    if not path.name.lower().endswith(".gz") and path.suffix.lower() not in DICOM_EXTENSIONS:
+        try:
+            with Image.open(path) as img:
+                return int(img.height), int(img.width)
+        except Exception:  # noqa: BLE001 - PIL cannot open it (scientific TIFF, broken file): _decode decides
+            pass
+    arr = _decode(path)
+    return int(arr.shape[0]), int(arr.shape[1])

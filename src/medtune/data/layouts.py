@@ -22,7 +22,14 @@ from medtune.data.types import DataError, Sample, Target
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("generic", "drive", "chase", "stare", "busi", "polygon_json", "llava_json", "synthetic")
+LAYOUTS = ("generic", "drive", "chase", "stare", "busi", "polygon_json", "llava_json", "synthetic", "video_frames",
+           "sa2va_video", "video_files")
+# Layouts whose samples are videos (medtune.data.video_layouts discovers them; this module only recognises them).
+VIDEO_LAYOUTS = ("video_frames", "sa2va_video", "video_files")
+# DAVIS / SA-V folder names of the video_frames layout (data.image_dir / data.mask_dir name the generic pair)
+VIDEO_FRAME_DIR, VIDEO_MASK_DIR = "JPEGImages", "Annotations"
+VIDEO_FILES_DIR = "videos"
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 SYNTHETIC_DEFAULT_ROOT = Path("~/.cache/medtune/synthetic")
 
 _DRIVE_SPLITS = {"training": "train", "train": "train", "test": "test"}
@@ -80,6 +87,13 @@ def detect_layout(root: str | Path, cfg: DataCfg | None = None) -> str:
         raise DataError(f"{root}: data folder not found; set data.path to the folder that holds the images")
     if (root / cfg.annotations).is_file():
         return "llava_json" if _holds_conversations(root / cfg.annotations) else "polygon_json"
+    if (root / cfg.video.expressions_file).is_file() and (root / cfg.video.mask_file).is_file():
+        return "sa2va_video"
+    if (root / VIDEO_FRAME_DIR).is_dir() and (root / VIDEO_MASK_DIR).is_dir():
+        return "video_frames"
+    videos = root / VIDEO_FILES_DIR
+    if videos.is_dir() and any(p.suffix.lower() in VIDEO_EXTENSIONS for p in videos.iterdir()):
+        return "video_files"
     subdirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
     has_drive_splits = "test" in subdirs and bool({"training", "train"} & subdirs.keys())
     if has_drive_splits and any((d / "images").is_dir() for n, d in subdirs.items() if n in _DRIVE_SPLITS):
@@ -520,8 +534,13 @@ _DISCOVERERS = {
 }
 
 
-def _apply_groups(found: Discovery, pattern: str | None) -> None:
-    """Group samples by ``data.split.group_by``, a regex searched in each image file name (first group or whole match).
+def _image_name(sample: Sample) -> str:
+    return sample.image.name
+
+
+def apply_groups(found: Discovery, pattern: str | None, name_of=_image_name, noun: str = "image file name") -> None:
+    """Group samples by ``data.split.group_by``, a regex searched in each sample's name (``name_of``: the image file
+    name; a video's id for videos), its first group or whole match.
 
     A regex that matches no file is an error and one that misses some files a warning: either way a typo would
     otherwise make every file its own group and spread one patient across train/val/test. The layout's own groups
@@ -537,23 +556,23 @@ def _apply_groups(found: Discovery, pattern: str | None) -> None:
     keys: dict[str, str] = {}
     unmatched: list[Sample] = []
     for s in found.samples:
-        match = regex.search(s.image.name)
+        match = regex.search(name_of(s))
         if match is None:
             unmatched.append(s)
         else:
             keys[s.id] = match.group(1) if regex.groups and match.group(1) is not None else match.group(0)
     total = len(found.samples)
     if not keys:
-        examples = ", ".join(s.image.name for s in found.samples[:_GROUP_EXAMPLES])
+        examples = ", ".join(name_of(s) for s in found.samples[:_GROUP_EXAMPLES])
         found.problems.append(
-            f"data.split.group_by='{pattern}' matches none of the {total} image file names (e.g. {examples}); fix "
+            f"data.split.group_by='{pattern}' matches none of the {total} {noun}s (e.g. {examples}); fix "
             "the regex (it is searched in the file name, its first group is the patient / video id) or unset it"
         )
         return
     if unmatched:
-        examples = ", ".join(s.image.name for s in unmatched[:_GROUP_EXAMPLES])
+        examples = ", ".join(name_of(s) for s in unmatched[:_GROUP_EXAMPLES])
         found.warnings.append(
-            f"data.split.group_by='{pattern}' does not match {len(unmatched)} of {total} image file names (e.g. "
+            f"data.split.group_by='{pattern}' does not match {len(unmatched)} of {total} {noun}s (e.g. "
             f"{examples}): each of those is its own group and may straddle train/val/test; fix the regex if they "
             "belong to a patient / video"
         )
@@ -585,8 +604,11 @@ def scan(cfg: DataCfg) -> Discovery:
                 layout = detect_layout(root, cfg)
             except DataError as err:
                 return Discovery("auto", root, problems=[str(err)])
+        if layout in VIDEO_LAYOUTS:
+            return Discovery(layout, root, problems=[f"{root} holds videos (layout {layout}); this command reads "
+                                                     "still images only"])
         found = _DISCOVERERS[layout](cfg, root)
-    _apply_groups(found, cfg.split.group_by)
+    apply_groups(found, cfg.split.group_by)
     found.samples.sort(key=lambda s: s.id)
     id_counts = Counter(s.id for s in found.samples)
     for dup in sorted(i for i, n in id_counts.items() if n > 1):

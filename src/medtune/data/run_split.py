@@ -18,11 +18,14 @@ from medtune.atomic import write_text_atomic
 from medtune.config import Config
 from medtune.data.inspect import duplicate_groups, find_near_duplicates
 from medtune.data.io import dataset_image_max
-from medtune.data.layouts import discover
+from medtune.data.layouts import discover, format_problems
 from medtune.data.loading import LazySamples, load_all, scale_factors
 from medtune.data.splits import check_split, load_split, make_split, save_split
 from medtune.data.types import DataError, LoadedSample, Sample
-from medtune.errors import UserError
+from medtune.data.video import VideoSample, check_video, is_video_data
+from medtune.data.video_inspect import find_near_duplicate_videos
+from medtune.data.video_layouts import discover_videos
+from medtune.errors import ConfigError, UserError
 
 log = logging.getLogger("medtune")
 
@@ -31,7 +34,7 @@ INTENSITY_FILE = "intensity.json"
 
 @dataclass
 class RunData:
-    samples: dict[str, Sample]
+    samples: dict[str, Sample] | dict[str, VideoSample]  # videos for a video layout (split by video, always)
     split: dict[str, list[str]]
     target_scale: float | None  # scale normalisation target (FOV diameter), None when off
     is_main: bool = True  # only the main process writes run files
@@ -47,7 +50,7 @@ def prepare_split(cfg: Config, run_dir: Path, is_main: bool = True,
     pass ``wait_for_main`` (``accelerator.wait_for_everyone``) from multi-process recipes so the others then re-read
     the main process's files instead of trusting their own copy.
     """
-    samples = {s.id: s for s in discover(cfg.data)}
+    samples = {s.id: s for s in discover_any(cfg)}
     split_path = run_dir / "split.json"
     new_split = not split_path.exists()
     if new_split:
@@ -86,6 +89,28 @@ def prepare_split(cfg: Config, run_dir: Path, is_main: bool = True,
     return RunData(samples=samples, split=split, target_scale=target, is_main=is_main)
 
 
+def discover_any(cfg: Config) -> list[Sample] | list[VideoSample]:
+    """The data set's samples: images, or videos for a video layout (a video is one sample: its frames never
+    straddle two splits)."""
+    if not is_video_data(cfg.data):
+        return discover(cfg.data)
+    if cfg.data.scale_norm.enabled:
+        raise ConfigError("data.scale_norm is not supported for videos yet; set data.scale_norm.enabled=false")
+    return discover_videos(cfg.data)
+
+
+def _image_files(samples) -> list[Path]:
+    """The image files whose bit depth sets the data set's intensity scale: every still image, or every frame file
+    (a video file decodes to 8 bits)."""
+    out = []
+    for s in samples:
+        if isinstance(s, VideoSample):
+            out += [] if s.is_file else list(s.frames)
+        else:
+            out.append(s.image)
+    return out
+
+
 def _read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -106,7 +131,7 @@ def _intensity_record(cfg: Config, recorded: dict | None, samples: dict[str, Sam
         return {"image_max": cfg.data.image_max, "source": "data.image_max"}
     if recorded is not None:
         return recorded
-    image_max, observed = dataset_image_max([s.image for s in samples.values()])
+    image_max, observed = dataset_image_max(_image_files(samples.values()))
     if image_max is None:
         return {"image_max": None, "source": f"the data set's {len(samples)} images are 8-bit (or float): /255"}
     return {"image_max": image_max, "observed_max": observed,
@@ -132,7 +157,10 @@ def duplicate_groups_for_split(cfg: Config, samples: list[Sample]) -> dict[str, 
         return None
     if cfg.data.split.use_layout_split and any(s.split for s in samples) and not cfg.data.split.folds:
         return None
-    pairs = find_near_duplicates(samples, cfg.data.duplicate_hash_distance)
+    if samples and isinstance(samples[0], VideoSample):
+        pairs = find_near_duplicate_videos(samples, cfg.data, cfg.data.duplicate_hash_distance)
+    else:
+        pairs = find_near_duplicates(samples, cfg.data.duplicate_hash_distance)
     groups = duplicate_groups(pairs)
     largest = max(Counter(groups.values()).values(), default=0)
     if largest > max(3, 0.1 * len(samples)):
@@ -151,6 +179,8 @@ def load_split_samples(cfg: Config, data: RunData, name: str, run_dir: Path | No
     data may not fit in memory). Scale normalisation reads each image's FOV once, one image at a time."""
     ids = data.split.get(name, [])[: limit or None]
     samples = [data.samples[i] for i in ids]
+    if samples and isinstance(samples[0], VideoSample):
+        return samples  # videos stay undecoded: clips and evaluation read their frames on demand (open_frames)
     native = LazySamples(samples, cfg.data) if lazy else load_all(samples, cfg.data)
     if not cfg.data.scale_norm.enabled:
         return native
@@ -192,7 +222,7 @@ def external_data(cfg: Config, run_data: RunData, path: str | Path, image_root: 
     ext.data.max_samples = None  # the run's quick-trial limit is about its own data
     if run_dir is not None:
         use_recorded_image_max(ext, run_dir)
-    samples = {s.id: s for s in discover(ext.data)}
+    samples = {s.id: s for s in discover_any(ext)}
     if not samples:
         raise DataError(f"--data {path}: no samples found")
     if cfg.data.scale_norm.enabled and run_data.target_scale is None:  # fixed by the run's training set, as in eval
@@ -204,8 +234,8 @@ def external_data(cfg: Config, run_data: RunData, path: str | Path, image_root: 
         if other != ext.data.path:
             raise UserError(f"{earlier.parent} holds the evaluation of {other}, another file of that name: copy "
                             f"{path} under another name (the folder is named after it), or delete that folder")
-    trained = {str(run_data.samples[i].image) for i in run_data.split.get("train", []) if i in run_data.samples}
-    seen = sum(str(s.image) in trained for s in samples.values())
+    trained = {_source(run_data.samples[i]) for i in run_data.split.get("train", []) if i in run_data.samples}
+    seen = sum(_source(s) in trained for s in samples.values())
     if seen:
         _warn(f"--data {path}: {seen} of its {len(samples)} images are in the run's training split; its scores are "
               "not held-out scores")
@@ -213,11 +243,24 @@ def external_data(cfg: Config, run_data: RunData, path: str | Path, image_root: 
                         is_main=False)
 
 
+def _source(sample: Sample | VideoSample) -> str:
+    """The file(s) a sample is read from: its image, a video's file or first frame."""
+    if isinstance(sample, VideoSample):
+        return str(sample.frames if sample.is_file else sample.frames[0])
+    return str(sample.image)
+
+
 def check_readable(cfg: Config, data: RunData, names: tuple[str, ...] = ("test",)) -> None:
     """Read the splits training does not load, so a broken test image fails now with every problem listed, not
     after a night of training."""
     ids = [i for name in names for i in data.split.get(name, [])]
-    load_all([data.samples[i] for i in ids], cfg.data, keep=False)
+    samples = [data.samples[i] for i in ids]
+    if samples and isinstance(samples[0], VideoSample):
+        problems = [p for video in samples for p in check_video(video, cfg.data)]
+        if problems:
+            raise DataError(format_problems(problems, f"the {'/'.join(names)} videos"))
+        return
+    load_all(samples, cfg.data, keep=False)
 
 
 def _warn(msg: str) -> None:

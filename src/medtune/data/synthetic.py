@@ -55,7 +55,7 @@ DOMAINS: dict[str, Domain] = {
 
 
 # ---- geometry -----------------------------------------------------------------------------------------------------
-def _grow_tree(rng: np.random.Generator, size: int, centre: np.ndarray, radius: float, disc: np.ndarray,
+def grow_tree(rng: np.random.Generator, size: int, centre: np.ndarray, radius: float, disc: np.ndarray,
                width_scale: float, target_area: float) -> list[tuple[np.ndarray, np.ndarray]]:
     """Vessel centre lines as [(points [N,2] (x,y), widths [N])], grown widest-first until ~target_area px^2."""
     w_root = 6.0 * width_scale * np.sqrt(size / 128.0)  # calibre grows slower than the image (more, finer branches)
@@ -114,7 +114,7 @@ def _grow_tree(rng: np.random.Generator, size: int, centre: np.ndarray, radius: 
     return vessels
 
 
-def _render_coverage(vessels: list[tuple[np.ndarray, np.ndarray]], size: int) -> np.ndarray:
+def render_coverage(vessels: list[tuple[np.ndarray, np.ndarray]], size: int) -> np.ndarray:
     """Anti-aliased vessel coverage in [0,1] at native resolution (area average of a supersampled drawing)."""
     ss = SUPERSAMPLE
     canvas = Image.new("L", (size * ss, size * ss), 0)
@@ -151,8 +151,8 @@ def generate_image(rng: np.random.Generator, size: int, domain: str) -> tuple[np
 
     fov_area = float(fov.sum())
     target = rng.uniform(0.075, 0.105) * fov_area
-    vessels = _grow_tree(rng, size, centre, radius, disc, d.width_scale, target)
-    coverage = _render_coverage(vessels, size) * fov
+    vessels = grow_tree(rng, size, centre, radius, disc, d.width_scale, target)
+    coverage = render_coverage(vessels, size) * fov
     mask = (coverage >= 0.5) & fov
 
     # Illumination: vignetting towards the rim, a linear gradient (uneven flash), a bright disc, a darker macula,
