@@ -153,13 +153,32 @@ class VLMCfg(Section):
     mask_output: Literal["auto", "best_iou", "single"] = "auto"
 
 
+class VideoModelCfg(Section):
+    """Family ``sam2_video`` (SAM 2 on clips): which parts of the memory path train, and the inference memory bank."""
+
+    # train: trained (fully; under LoRA the memory attention's projections get adapters and the others are trained as
+    # modules_to_save copies); frozen: kept as loaded. memory_attention: the attention of the current frame to the
+    # memory bank (+ the memories' temporal position encodings); memory_encoder: what turns a frame and its predicted
+    # mask into a memory (+ the occlusion embedding); object_pointers: the projection of the decoder's output token
+    # into a per-frame object pointer, its temporal position projection, and the mask prompt's downsampler.
+    memory_attention: Literal["train", "frozen"] = "train"
+    memory_encoder: Literal["train", "frozen"] = "train"
+    object_pointers: Literal["train", "frozen"] = "train"
+    # propagation: tracked frames whose outputs stay in the memory bank, besides the prompted frame. None: exactly
+    # what the model can read (SAM 2: its 6 previous-frame memories and 15 previous object pointers), so the bounded
+    # bank gives the same masks as an unbounded one; fewer reads fewer memories (less memory, different masks).
+    memory_frames: int | None = Field(None, ge=1)
+
+
 class ModelCfg(Section):
     family: str = "unet"
     path: str | None = None  # local checkpoint folder; None -> built from `config` (random init)
     config: dict[str, Any] = Field(default_factory=dict)  # family-specific architecture overrides
     # auto: LoRA for a pretrained model (path given), full training for a model built from scratch.
     finetune: Literal["auto", "lora", "full"] = "auto"
-    prompt: Literal["none", "box"] = "none"  # SAM: semantic (no prompt) or box prompt from the ground truth
+    # SAM: semantic (no prompt) or box prompt from the ground truth; sam2_video also mask (the ground-truth mask of
+    # the clip's first annotated frame prompts the model, whose memory carries it through the clip)
+    prompt: Literal["none", "box", "mask"] = "none"
     trust_remote_code: bool = False
     gradient_checkpointing: bool = False
     quantize_4bit: bool = False  # QLoRA (bitsandbytes, CUDA only)
@@ -168,6 +187,7 @@ class ModelCfg(Section):
     # decoder (e.g. lora.target_modules='^mask_decoder\.transformer\..*_proj$' lora.modules_to_save=[]).
     freeze_image_encoder: bool = False
     vlm: VLMCfg = Field(default_factory=VLMCfg)
+    video: VideoModelCfg = Field(default_factory=VideoModelCfg)
 
 
 # Sa2VA / LISA mask-loss weights: the segmenting VLM's default when the config sets no `loss`.

@@ -27,6 +27,7 @@ BUILDERS: dict[str, str] = {
     "unet": "medtune.models.unet:build_unet",
     "sam": "medtune.models.sam:build_sam",
     "sam2": "medtune.models.sam:build_sam2",
+    "sam2_video": "medtune.models.video:build_sam2_video",
     "segvlm": "medtune.models.vlm.seg:build_segvlm",
     "vlm": "medtune.models.vlm.model:build_vlm",
 }

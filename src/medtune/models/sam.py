@@ -88,6 +88,7 @@ class SamSegModel(SegModel):
     family = "sam"
     model_type = "sam"
     supports_feature_cache = True
+    takes_mask_prompt = False
     DEFAULT_TARGETS = r"^vision_encoder\.layers\.\d+\.attn\.(?:qkv|proj)$"
     DEFAULT_MODULES_TO_SAVE = ["mask_decoder"]
 
@@ -96,6 +97,17 @@ class SamSegModel(SegModel):
         self.prompt = prompt
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @staticmethod
+    def transformers_classes():
+        """(network class, config class) of the family in transformers."""
+        from transformers import SamConfig, SamModel
+
+        return SamModel, SamConfig
+
+    @staticmethod
+    def tiny_config_dict() -> dict[str, Any]:
+        return tiny_sam_config_dict()
 
     @property
     def image_size(self) -> int:
@@ -196,6 +208,16 @@ class Sam2SegModel(SamSegModel):
     model_type = "sam2"
     DEFAULT_TARGETS = r"^vision_encoder\.backbone\.blocks\.\d+\.attn\.(?:qkv|proj)$"
 
+    @staticmethod
+    def transformers_classes():
+        from transformers import Sam2Config, Sam2Model
+
+        return Sam2Model, Sam2Config
+
+    @staticmethod
+    def tiny_config_dict() -> dict[str, Any]:
+        return tiny_sam2_config_dict()
+
     def encoder_features(self, image: torch.Tensor) -> list[torch.Tensor]:
         """The vision encoder's FPN levels [B, C, h, w], high to low resolution. Not ``get_image_embeddings``: that
         also runs the mask decoder's conv_s0/conv_s1 and adds no_memory_embedding, which train with the decoder."""
@@ -214,34 +236,35 @@ class Sam2SegModel(SamSegModel):
         return [m.permute(1, 2, 0).view(b, -1, *size) for m, size in zip(maps, net.backbone_feature_sizes)]
 
 
-def _config_from_overrides(family: str, overrides: dict[str, Any]):
-    """``model.config`` -> config object; ``preset: tiny`` starts from the tiny test config."""
-    from transformers import Sam2Config, SamConfig
-
+def _config_from_overrides(cls: type[SamSegModel], overrides: dict[str, Any]):
+    """``model.config`` -> the family's transformers config object; ``preset: tiny`` starts from the tiny test config."""
     overrides = dict(overrides)
     preset = overrides.pop("preset", None)
     if preset not in (None, "tiny"):
-        raise ConfigError(f"model.config.preset {preset!r} unknown for {family}; valid: tiny (or omit it for the "
+        raise ConfigError(f"model.config.preset {preset!r} unknown for {cls.family}; valid: tiny (or omit it for the "
                           "transformers default: SAM ViT-B / SAM 2 Hiera-B+ sized)")
-    if family == "sam":
-        base = tiny_sam_config_dict() if preset == "tiny" else {}
+    base = cls.tiny_config_dict() if preset == "tiny" else {}
+    if cls.family == "sam":
         # transformers' SamVisionConfig defaults to initializer_range=1e-10 (harmless under pretrained weights); a
         # model built from a config would start with a ~zero vision encoder and vanishing gradients.
         base = deep_merge({"vision_config": {"initializer_range": 0.02}}, base)
-        return SamConfig(**deep_merge(base, overrides))
-    base = tiny_sam2_config_dict() if preset == "tiny" else {}
-    return Sam2Config(**deep_merge(base, overrides))
+    return cls.transformers_classes()[1](**deep_merge(base, overrides))
 
 
-def _build(cfg: Config, cls: type[SamSegModel]) -> SamSegModel:
-    from transformers import AutoModel, Sam2Model, SamModel
+def build_sam_network(cfg: Config, cls: type[SamSegModel]) -> nn.Module:
+    """The transformers network of a SAM-like family (``cls``): loaded from ``model.path`` or built from
+    ``model.config``, prepared for training; the caller wraps it in ``cls``."""
+    from transformers import AutoModel
 
-    model_cls = SamModel if cls.model_type == "sam" else Sam2Model
+    model_cls, _ = cls.transformers_classes()
+    if cfg.model.prompt == "mask" and not cls.takes_mask_prompt:
+        raise ConfigError(f"model.prompt=mask prompts a video model's memory (family sam2_video); {cls.family} takes "
+                          "none or box")
     path = resolve_model_path(cfg)
     if path is None:
         if cfg.model.quantize_4bit:
             raise ConfigError("model.quantize_4bit quantises a pretrained model; set model.path to a local checkpoint")
-        net = model_cls(_config_from_overrides(cls.family, cfg.model.config))
+        net = model_cls(_config_from_overrides(cls, cfg.model.config))
     else:
         meta = read_config_json(path)
         if cfg.model.config:
@@ -253,14 +276,17 @@ def _build(cfg: Config, cls: type[SamSegModel]) -> SamSegModel:
         keep = cfg.lora.modules_to_save if cfg.lora.modules_to_save is not None else cls.DEFAULT_MODULES_TO_SAVE
         loader = AutoModel if cfg.model.trust_remote_code else model_cls
         net = load_pretrained(loader, path, **load_kwargs(cfg, keep))
-    if cls.model_type == "sam2":
+    if cls.model_type != "sam":
         # SAM 2 swaps in another mask token in eval mode when the first one looks unstable; training and
         # evaluation must run the same function, so always take the single-mask token.
         net.mask_decoder.dynamic_multimask_via_stability = False
     # Non-reentrant checkpointing back-propagates into LoRA even though the patch embedding's output does not
     # require grad (pitfall 3), so input grads are not needed here.
-    net = prepare_for_training(net, cfg)
-    return cls(net, cfg.data.channels, cfg.model.prompt)
+    return prepare_for_training(net, cfg)
+
+
+def _build(cfg: Config, cls: type[SamSegModel]) -> SamSegModel:
+    return cls(build_sam_network(cfg, cls), cfg.data.channels, cfg.model.prompt)
 
 
 def build_sam(cfg: Config) -> SamSegModel:

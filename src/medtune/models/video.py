@@ -1,0 +1,568 @@
+"""Family ``sam2_video``: SAM 2 on frame sequences (transformers ``Sam2VideoModel``), trained through its memory.
+
+Training (``seg(batch=clip_batch)``) runs a clip the way ``Sam2VideoModel`` runs a video at inference, but with
+gradient: transformers' ``forward`` / ``propagate_in_video_iterator`` run under ``torch.inference_mode()`` and
+``get_image_embeddings`` under ``no_grad``, so the clip forward is composed from the network's own per-frame steps
+(none of which disables gradient) around transformers' memory bank, a ``Sam2VideoInferenceSession`` used as a plain
+container of per-frame outputs:
+
+- every frame of every clip goes through the vision encoder in one batch (``get_image_features``);
+- the prompted frame (``model.prompt``: the first annotated frame of the clip for ``mask`` / ``box``, frame 0 for
+  ``none``) is the conditioning frame: a mask prompt is taken as that frame's output (``_use_mask_as_output``), a box
+  is encoded as SAM 2's two box-corner points, no prompt decodes from the frame alone (``no_memory_embedding``);
+- the frames after it are tracked forward, the frames before it backward (``reverse``), as SAM 2 propagates: each
+  tracked frame attends to the bank's memories (``memory_attention``) and object pointers, the mask decoder decodes,
+  and the memory encoder turns the frame and its predicted mask into the frame's memory (``_encode_new_memory``);
+- the bank is read with transformers' own selection (``_gather_memory_frame_outputs``, ``_get_object_pointers`` in
+  streaming mode, which is what a long video gets), batched over the clips that share a prompted frame.
+
+Inference (``propagate``) streams frames through the session API itself under inference mode, trimming the bank after
+every frame to what the model can still read (``model.video.memory_frames``), so memory stays flat in the length of
+the video. A test checks that both give the same masks on a clip.
+
+The clip's loss (``clip_loss``) is SAM 2's: a mask loss on the annotated frames (not on a mask-prompted frame, whose
+output is the prompt) plus the object-score loss that trains the head deciding whether the object is in the frame
+(a frame it calls empty gets the constant -1024 logits and no mask gradient).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medtune.config import Config, VideoModelCfg, deep_merge
+from medtune.data.datasets import mask_box
+from medtune.errors import ConfigError
+from medtune.models.base import ModelOutput
+from medtune.models.sam import Sam2SegModel, build_sam_network, tiny_sam2_config_dict
+
+log = logging.getLogger(__name__)
+
+# the one object a clip tracks, by the session's (arbitrary) object id
+OBJECT_ID = 1
+# SAM 2's box prompt: its two corners as points with these labels (Sam2VideoProcessor's encoding)
+BOX_CORNER_LABELS = (2, 3)
+# transformers' memory attention reads memories of this many channels (its cross-attention key size is fixed)
+MEMORY_CHANNELS = 64
+# tiny test model: fpn / decoder width. SAM 2 splits each object pointer into memory-sized tokens, which needs a width
+# that is a multiple of MEMORY_CHANNELS and larger than it.
+TINY_HIDDEN = 2 * MEMORY_CHANNELS
+# tiny model's memory-fuser layer scale. transformers initialises it to 0, which leaves the fuser's convolutions
+# without gradient on a model built from a config; pretrained SAM 2 checkpoints carry learnt values.
+TINY_FUSER_LAYER_SCALE = 0.1
+# object-score head bias of a model built from a config (init_from_config)
+OBJECT_SCORE_PRIOR = 1.0
+# SAM 2's object-score loss weight next to the mask loss (its training recipe's loss_class weight)
+PRESENCE_WEIGHT = 1.0
+
+
+def tiny_sam2_video_config_dict() -> dict[str, Any]:
+    """models/sam.py's tiny SAM 2 (64x64 input, Hiera sizes) widened to SAM 2's memory layout, with a one-layer memory
+    attention and memory fuser."""
+    base = tiny_sam2_config_dict()
+    size = base["prompt_encoder_config"]["image_size"]
+    top = base["vision_config"]["backbone_feature_sizes"][-1]
+    return deep_merge(base, {
+        "vision_config": {"fpn_hidden_size": TINY_HIDDEN},
+        # SAM 2's mask-prompt width (models/sam.py's 4 leaves its first layer norm one channel wide: constant)
+        "prompt_encoder_config": {"hidden_size": TINY_HIDDEN, "mask_input_channels": 16},
+        "mask_decoder_config": {"hidden_size": TINY_HIDDEN},
+        "image_size": size,
+        "memory_attention_hidden_size": TINY_HIDDEN, "memory_attention_num_layers": 1,
+        "memory_attention_feed_forward_hidden_size": TINY_HIDDEN, "memory_attention_rope_feat_sizes": list(top),
+        "memory_encoder_hidden_size": TINY_HIDDEN, "memory_encoder_output_channels": MEMORY_CHANNELS,
+        "mask_downsampler_embed_dim": TINY_HIDDEN, "memory_fuser_embed_dim": TINY_HIDDEN,
+        "memory_fuser_intermediate_dim": TINY_HIDDEN, "memory_fuser_num_layers": 1,
+        "memory_fuser_layer_scale_init_value": TINY_FUSER_LAYER_SCALE,
+    })
+
+
+def tiny_sam2_video_config(**overrides: Any):
+    """A ~1.3M-parameter Sam2VideoConfig (64x64 input) for tests and the demo."""
+    from transformers import Sam2VideoConfig
+
+    return Sam2VideoConfig(**deep_merge(tiny_sam2_video_config_dict(), overrides))
+
+
+@dataclass
+class VideoModelOutput(ModelOutput):
+    """``mask_logits`` [B, T, 1, H, W] at the input size; ``object_score_logits`` [B, T] (> 0: the model sees the
+    object in the frame); ``mask_prompted`` [B, T] bool: the frame whose output is the mask prompt itself (no loss
+    there); ``prompt_frame`` [B] long: each clip's conditioning frame."""
+
+    object_score_logits: torch.Tensor | None = None
+    mask_prompted: torch.Tensor | None = None
+    prompt_frame: torch.Tensor | None = None
+
+
+@dataclass
+class VideoPrompt:
+    """What prompts propagation on frame ``frame``: a ``mask`` [H, W] (1 = object) or a ``box`` (x1, y1, x2, y2 in
+    the frame's pixels), or neither (semantic: the model decodes that frame alone)."""
+
+    frame: int = 0
+    mask: torch.Tensor | None = None
+    box: Sequence[float] | None = None
+
+
+class Sam2VideoSegModel(Sam2SegModel):
+    family = "sam2_video"
+    model_type = "sam2_video"
+    supports_feature_cache = False  # a clip's frames are encoded together inside the clip forward
+    takes_mask_prompt = True
+    MEMORY_ATTENTION_TARGETS = r"^memory_attention\.layers\.\d+\.(?:self_attn|cross_attn_image)\.[qkvo]_proj$"
+    # everything that may train fully under LoRA: also the modules QLoRA leaves unquantised
+    DEFAULT_MODULES_TO_SAVE = ["mask_decoder", "memory_encoder", "object_pointer_proj",
+                               "temporal_positional_encoding_projection_layer", "mask_downsample"]
+
+    def __init__(self, net: nn.Module, in_channels: int, prompt: str, video: VideoModelCfg | None = None):
+        super().__init__(net, in_channels, prompt)
+        self.video = video or VideoModelCfg()
+
+    @staticmethod
+    def transformers_classes():
+        from transformers import Sam2VideoConfig, Sam2VideoModel
+
+        return Sam2VideoModel, Sam2VideoConfig
+
+    @staticmethod
+    def tiny_config_dict() -> dict[str, Any]:
+        return tiny_sam2_video_config_dict()
+
+    # --- training forward -----------------------------------------------------------------------------------------
+    def forward_batch(self, batch: dict) -> VideoModelOutput:
+        """A collated clip batch: ``frames`` [B, T, C, H, W] in [0, 1], ``masks`` [B, T, 1, H, W], ``annotated``
+        [B, T] bool; ``box`` [B, 4] (optional, input pixels) overrides the box of the prompted frame's mask."""
+        return self.forward_clip(batch["frames"], batch.get("annotated"), batch.get("masks"), batch.get("box"))
+
+    def forward_logits(self, image: torch.Tensor, box: torch.Tensor | None = None) -> torch.Tensor:
+        """One image as a one-frame clip (semantic or box-prompted): mask logits [B, 1, H, W]."""
+        if self.prompt == "mask":
+            raise ValueError("model.prompt=mask: a single image has no frame to carry the mask to; use "
+                             "forward_clip / propagate on a frame sequence")
+        if self.prompt == "box" and box is None:
+            raise ValueError("model.prompt=box: sam2_video needs a box [B, 4] (x1, y1, x2, y2 in input pixels)")
+        return self.forward_clip(image[:, None], box=box).mask_logits[:, 0]
+
+    def forward_clip(self, frames: torch.Tensor, annotated: torch.Tensor | None = None,
+                     masks: torch.Tensor | None = None, box: torch.Tensor | None = None) -> VideoModelOutput:
+        if frames.ndim != 5 or frames.shape[2] != self.in_channels:
+            raise ValueError(f"sam2_video expects frames [B, T, {self.in_channels}, H, W], got {tuple(frames.shape)}")
+        b, t, _, h, w = frames.shape
+        net = self.base_network
+        prompt_frame = self._prompt_frames(b, t, annotated, frames.device)
+        if self.prompt == "mask" and masks is None:
+            raise ValueError("model.prompt=mask needs the clip's masks [B, T, 1, H, W] (batch['masks'])")
+        if self.prompt == "box" and box is None:
+            if masks is None:
+                raise ValueError("model.prompt=box needs batch['box'] [B, 4] or the clip's masks to draw it from")
+            box = torch.stack([mask_box(masks[i, prompt_frame[i]].detach().cpu()) for i in range(b)])
+        vision = net.get_image_features(self._encoder_input(frames.flatten(0, 1)), return_dict=True)
+        feats, pos = list(vision.fpn_hidden_states), list(vision.fpn_position_encoding)  # each [HW, B*T, C]
+
+        low_res: list[torch.Tensor | None] = [None] * (b * t)
+        scores: list[torch.Tensor | None] = [None] * (b * t)
+        for k in sorted(set(prompt_frame.tolist())):
+            clips = (prompt_frame == k).nonzero().flatten()
+            prompt_mask = prompt_points = None
+            if self.prompt == "mask":
+                prompt_mask = prompt_mask_input(masks[clips, k].float(), self.image_size)
+            elif self.prompt == "box":
+                prompt_points = box_points(box[clips].to(frames.device), (h, w), self.image_size)
+            for frame, out in self._track(net, feats, pos, clips, t, k, prompt_mask, prompt_points):
+                for row, clip in enumerate(clips.tolist()):
+                    low_res[clip * t + frame] = out["pred_masks"][row]
+                    scores[clip * t + frame] = out["object_score_logits"][row].reshape(())
+        logits = upsample_logits(torch.stack(low_res), (h, w), self.image_size).view(b, t, 1, h, w)
+        frame_ids = torch.arange(t, device=frames.device)
+        prompted = (frame_ids[None, :] == prompt_frame[:, None]) & (self.prompt == "mask")
+        return VideoModelOutput(mask_logits=logits, object_score_logits=torch.stack(scores).view(b, t).float(),
+                                mask_prompted=prompted, prompt_frame=prompt_frame)
+
+    def _prompt_frames(self, b: int, t: int, annotated: torch.Tensor | None, device) -> torch.Tensor:
+        """Each clip's conditioning frame: its first annotated frame when a mask or box prompts it, frame 0 in
+        semantic mode (nothing ties the prompt-less conditioning to an annotation, and propagation starts there)."""
+        if self.prompt == "none" or annotated is None:
+            return torch.zeros(b, dtype=torch.long, device=device)
+        annotated = annotated.bool().view(b, t)
+        empty = (~annotated.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"model.prompt={self.prompt}: clip {empty[0]} of the batch has no annotated frame to "
+                             "prompt on; the clip sampler must put an annotated frame in every clip")
+        return annotated.int().argmax(dim=1).to(device)
+
+    def _track(self, net: nn.Module, feats: list[torch.Tensor], pos: list[torch.Tensor], clips: torch.Tensor,
+               t: int, k: int, prompt_mask: torch.Tensor | None,
+               prompt_points: tuple[torch.Tensor, torch.Tensor] | None) -> Iterator[tuple[int, dict]]:
+        """The clips ``clips`` (sharing conditioning frame ``k``) through the memory, frame by frame: ``k``, then
+        forward to the end, then backward to 0. Yields (frame, {"pred_masks" [n, 1, h, w], "object_pointer",
+        "object_score_logits" [n, 1, 1]})."""
+        from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
+
+        top = feats[-1]
+        bank = Sam2VideoInferenceSession(inference_device=top.device, inference_state_device=top.device,
+                                         video_storage_device=top.device, dtype=top.dtype)
+        obj = bank.obj_id_to_idx(OBJECT_ID)
+        n = clips.numel()
+        channels, (fh, fw) = net.hidden_dim, net.backbone_feature_sizes[-1]
+        order = [(f, False) for f in range(k, t)] + [(f, True) for f in range(k - 1, -1, -1)]
+        for frame, reverse in order:
+            columns = clips * t + frame
+            level = [x[:, columns] for x in feats]  # [HW, n, C] per level, high to low resolution
+            high_res = [x.permute(1, 2, 0).reshape(n, x.shape[2], *size)
+                        for x, size in zip(level[:-1], net.backbone_feature_sizes[:-1])]
+            current = level[-1]
+            conditioning = frame == k
+            points = prompt_points if conditioning else None
+            if conditioning and prompt_mask is not None:
+                pix = current.permute(1, 2, 0).reshape(n, channels, fh, fw)
+            elif conditioning:  # no memory yet: SAM 2's learnt "no memory" token
+                pix = (current + net.no_memory_embedding).permute(1, 2, 0).reshape(n, channels, fh, fw)
+            else:
+                pix = _memory_conditioned(net, bank, obj, frame, current, pos[-1][:, columns], reverse)
+            # one clip at a time through the decoder: transformers' best-of-three mask selection pairs each clip with
+            # the first clip's choice when given several
+            parts = [_decode(net, [x[i:i + 1] for x in high_res], pix[i:i + 1],
+                             None if not conditioning or prompt_mask is None else prompt_mask[i:i + 1],
+                             None if points is None else (points[0][i:i + 1], points[1][i:i + 1]), conditioning)
+                     for i in range(n)]
+            out = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+            prompted = conditioning and (prompt_mask is not None or points is not None)
+            memory, memory_pos = net._encode_new_memory(current, out.pop("high_res_masks"),
+                                                        out["object_score_logits"], is_mask_from_pts=prompted)
+            bank.store_output(obj, frame, output_value={**out, "maskmem_features": memory,
+                                                        "maskmem_pos_enc": memory_pos},
+                              is_conditioning_frame=conditioning)
+            yield frame, out
+
+    # --- what trains ----------------------------------------------------------------------------------------------
+    def default_lora_targets(self) -> str:
+        targets = self.DEFAULT_TARGETS
+        if self.video.memory_attention == "train":
+            targets = f"{targets}|{self.MEMORY_ATTENTION_TARGETS}"
+        return targets
+
+    def default_modules_to_save(self) -> list[str] | None:
+        keep = ["mask_decoder"]
+        if self.video.memory_encoder == "train":
+            keep.append("memory_encoder")
+        if self.video.object_pointers == "train":
+            keep += ["object_pointer_proj", "temporal_positional_encoding_projection_layer"]
+            if self.prompt == "mask":
+                keep.append("mask_downsample")
+        return keep
+
+    def frozen_by_design(self) -> str | None:
+        # Never reach the clip's mask logits or object scores: the IoU head only picks among the multimask outputs
+        # (argmax), no_memory_positional_encoding is unused by Sam2VideoModel. The single-mask token (hypernetwork 0)
+        # and the point embeddings serve box prompts only; the mask embedding and mask downsampler mask prompts only,
+        # and a mask-prompted clip never decodes a frame without memory (no_memory_embedding). Memory parts the
+        # config freezes (model.video) are kept frozen in every fine-tuning mode the same way.
+        unused = [r"iou_prediction_head\.", r"(^|\.)no_memory_positional_encoding$"]
+        if self.prompt != "box":
+            unused += [r"output_hypernetworks_mlps\.0\.", r"prompt_encoder\.point_embed\."]
+        if self.prompt != "mask":
+            unused += [r"prompt_encoder\.mask_embed\.", r"(^|\.)mask_downsample\."]
+        else:
+            unused.append(r"(^|\.)no_memory_embedding$")
+        if self.video.memory_attention == "frozen":
+            unused += [r"(^|\.)memory_attention\.", r"(^|\.)memory_temporal_positional_encoding$"]
+        if self.video.memory_encoder == "frozen":
+            unused += [r"(^|\.)memory_encoder\.", r"(^|\.)occlusion_spatial_embedding_parameter$"]
+        if self.video.object_pointers == "frozen":
+            unused += [r"(^|\.)object_pointer_proj\.", r"(^|\.)temporal_positional_encoding_projection_layer\.",
+                       r"(^|\.)no_object_pointer$", r"(^|\.)mask_downsample\."]
+        return "|".join(unused)
+
+    def selected_by_prediction(self) -> str | None:
+        # the multimask hypernetworks reach the loss when their mask has the best predicted IoU; the "no object"
+        # pointer and occlusion embedding when the model calls the object absent from a frame
+        return (r"output_hypernetworks_mlps\.[1-9]\.|(^|\.)no_object_pointer$|"
+                r"(^|\.)occlusion_spatial_embedding_parameter$")
+
+
+def _decode(net: nn.Module, high_res: list[torch.Tensor], pix: torch.Tensor, prompt_mask: torch.Tensor | None,
+            points: tuple[torch.Tensor, torch.Tensor] | None, conditioning: bool) -> dict[str, torch.Tensor]:
+    """One clip's frame through the mask decoder (``_run_single_frame_inference`` after its memory step): the mask
+    prompt taken as the output, else the decoder on the (memory-conditioned) features with the box or no prompt."""
+    if prompt_mask is not None:
+        out = net._use_mask_as_output(pix, high_res, prompt_mask)
+    else:
+        point_inputs = None if points is None else {"point_coords": points[0], "point_labels": points[1]}
+        out = net._single_frame_forward(pixel_values=None, input_points=None if points is None else points[0],
+                                        input_labels=None if points is None else points[1],
+                                        image_embeddings=high_res + [pix],
+                                        multimask_output=net._use_multimask(conditioning, point_inputs))
+    return {"pred_masks": out.pred_masks, "object_pointer": out.object_pointer,
+            "object_score_logits": out.object_score_logits, "high_res_masks": out.high_res_masks}
+
+
+def _memory_conditioned(net: nn.Module, bank, obj: int, frame: int, current: torch.Tensor,
+                        current_pos: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """``current`` [HW, n, C] attended to the bank's memories and object pointers: what transformers'
+    ``_prepare_memory_conditioned_features`` computes for one clip, for n clips (its final reshape assumes n = 1)."""
+    n, channels = current.shape[1], net.hidden_dim
+    fh, fw = net.backbone_feature_sizes[-1]
+    memories, memory_pos = net._build_memory_attention_inputs(
+        net._gather_memory_frame_outputs(bank, obj, frame, track_in_reverse_time=reverse), current.device)
+    offsets, pointers, max_pointers = net._get_object_pointers(bank, obj, frame, None, current.device,
+                                                               track_in_reverse_time=reverse, streaming=True)
+    n_pointer_tokens = 0
+    if pointers:
+        pointer_tokens, pointer_pos = net._process_object_pointers(offsets, pointers, max_pointers, n, channels,
+                                                                   current.device)
+        memories.append(pointer_tokens)
+        memory_pos.append(pointer_pos)
+        n_pointer_tokens = pointer_tokens.shape[0]
+    attended = net.memory_attention(current_vision_features=current, current_vision_position_embeddings=current_pos,
+                                    memory=torch.cat(memories, dim=0).to(current.dtype),
+                                    memory_posision_embeddings=torch.cat(memory_pos, dim=0),
+                                    num_object_pointer_tokens=n_pointer_tokens)  # [1, n, HW, C]
+    return attended[0].transpose(1, 2).reshape(n, channels, fh, fw)
+
+
+# --- prompts and outputs, shared by training and propagation ----------------------------------------------------------
+def prompt_mask_input(mask: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Mask prompt [n, 1, H, W] -> the model's square input [n, 1, S, S] in {0, 1}, as Sam2VideoProcessor makes it."""
+    mask = mask.float()
+    if mask.shape[-2:] != (image_size, image_size):
+        mask = F.interpolate(mask, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+    return (mask >= 0.5).float()
+
+
+def box_points(box: torch.Tensor, frame_size: tuple[int, int], image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes [n, 4] (x1, y1, x2, y2 in frame pixels) -> SAM 2's box prompt: corner points [n, 1, 2, 2] in the model's
+    input square and their labels [n, 1, 2]."""
+    h, w = frame_size
+    scale = torch.tensor([image_size / w, image_size / h], device=box.device, dtype=torch.float32)
+    corners = box.float().view(-1, 1, 2, 2) * scale
+    labels = torch.tensor(BOX_CORNER_LABELS, dtype=torch.int32, device=box.device).expand(corners.shape[0], 1, 2)
+    return corners, labels.contiguous()
+
+
+def upsample_logits(low_res: torch.Tensor, frame_size: tuple[int, int], image_size: int) -> torch.Tensor:
+    """Low-resolution mask logits [n, 1, h, w] -> [n, 1, H, W] at the frame's size, as Sam2VideoProcessor's
+    post_process_masks does (to the model's square input, then to the frame)."""
+    logits = F.interpolate(low_res.float(), size=(image_size, image_size), mode="bilinear", align_corners=False)
+    if tuple(frame_size) != (image_size, image_size):
+        logits = F.interpolate(logits, size=tuple(frame_size), mode="bilinear", align_corners=False)
+    return logits
+
+
+def clip_loss(out: VideoModelOutput, batch: dict,
+              mask_loss: Callable[..., tuple[torch.Tensor, dict[str, float]]]) -> tuple[torch.Tensor, dict[str, float]]:
+    """SAM 2's clip objective: ``mask_loss(logits [N, 1, H, W], target, fov)`` (e.g. losses.ComboLoss) on the N
+    annotated frames of the batch that were not mask-prompted, plus BCE of the object score against "the annotated
+    mask is not empty". Unannotated frames carry no loss (they only carry memory)."""
+    selected = batch["annotated"].bool().to(out.mask_logits.device)
+    if out.mask_prompted is not None:
+        selected = selected & ~out.mask_prompted
+    selected = selected.flatten()
+    if not bool(selected.any()):  # e.g. a mask-prompted clip whose only annotated frame is the prompt
+        return out.mask_logits.sum() * 0.0, {}
+    logits = out.mask_logits.flatten(0, 1)[selected]
+    target = batch["masks"].flatten(0, 1).to(logits.device)[selected].float()
+    fov = batch.get("fov")
+    fov = fov.flatten(0, 1).to(logits.device)[selected].float() if fov is not None else None
+    loss, parts = mask_loss(logits, target, fov)
+    present = (target.flatten(1).amax(dim=1) > 0.5).float()
+    presence = F.binary_cross_entropy_with_logits(out.object_score_logits.flatten()[selected], present)
+    parts = {**parts, "presence": float(presence.detach())}
+    return loss + PRESENCE_WEIGHT * presence, parts
+
+
+# --- inference: streaming propagation with a bounded memory bank ---------------------------------------------------
+def memory_reach(net: nn.Module, memory_frames: int | None) -> tuple[int, int]:
+    """(frames back whose memories the next frame reads, frames back whose object pointers it reads), capped at
+    ``memory_frames``."""
+    memories = net.num_maskmem - 1
+    pointers = net.config.max_object_pointers_in_encoder - 1
+    if memory_frames is not None:
+        memories, pointers = min(memories, memory_frames), min(pointers, memory_frames)
+    return memories, pointers
+
+
+def memory_bank_frames(session) -> int:
+    """Frames whose outputs a session's memory bank holds (all objects)."""
+    return sum(len(store) for per_obj in session.output_dict_per_obj.values() for store in per_obj.values())
+
+
+def memory_bank_bytes(session) -> int:
+    """Bytes of the tensors the session holds: bank, stored frames, cached vision features."""
+    seen: set[int] = set()
+
+    def size(value) -> int:
+        if torch.is_tensor(value):
+            if value.data_ptr() in seen:
+                return 0
+            seen.add(value.data_ptr())
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(size(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(size(v) for v in value)
+        return 0
+
+    return (size(session.output_dict_per_obj) + size(session.processed_frames or {})
+            + size(session.cache._vision_features))
+
+
+def _trim_bank(session, obj: int, readers: list[tuple[int, int]], reach: tuple[int, int]) -> None:
+    """Keep of the tracked frames' outputs only what the frames still to come (``readers``: (frame, direction))
+    can read: whole memories within ``reach[0]`` frames, object pointers within ``reach[1]``; drop the full-size mask
+    logits every frame (transformers keeps them for the memory encoder of the frame's own step only)."""
+    memory_reach_, pointer_reach = reach
+    store = session.output_dict_per_obj[obj]
+    for out in store["cond_frame_outputs"].values():
+        out.pop("high_res_masks", None)
+    tracked = store["non_cond_frame_outputs"]
+    for frame in list(tracked):
+        behind = [(reader - frame) * direction for reader, direction in readers]
+        if any(1 <= d <= memory_reach_ for d in behind):
+            for key in ("high_res_masks", "pred_masks"):
+                tracked[frame].pop(key, None)
+        elif any(1 <= d <= pointer_reach for d in behind):
+            tracked[frame] = {"object_pointer": tracked[frame]["object_pointer"]}
+        else:
+            del tracked[frame]
+            session.frames_tracked_per_obj[obj].pop(frame, None)
+
+
+def _frame_reader(frames) -> Callable[[int], torch.Tensor] | None:
+    """Random access to ``frames`` (a FrameReader's ``read``, a tensor or a sequence), or None for a plain iterable."""
+    if hasattr(frames, "read") and hasattr(frames, "__len__"):
+        return frames.read
+    if torch.is_tensor(frames) or isinstance(frames, Sequence):
+        return frames.__getitem__
+    return None
+
+
+def propagate(seg: Sam2VideoSegModel, frames: Iterable[torch.Tensor], prompt: VideoPrompt | None = None, *,
+              memory_frames: int | None = None,
+              after_frame: Callable[[Any], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """Segment a frame sequence: yields (frame index, object probability float32 [H, W] on the CPU, at the frame's
+    size) for every frame, the prompted frame first, then forward to the end, then (prompt on a later frame) backward
+    to frame 0, which needs random access to ``frames`` (a FrameReader, a tensor [T, C, H, W] or a list).
+
+    ``frames``: float [C, H, W] in [0, 1]. ``prompt``: None = semantic, conditioned on frame 0 without a prompt.
+    The memory bank keeps the prompted frame and, of the tracked frames, what the frames to come can read
+    (``memory_frames``, default ``model.video.memory_frames``); ``after_frame(session)`` is called after every
+    frame (memory measurements). Runs the network in eval mode under inference mode (transformers' session API).
+    """
+    from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
+
+    if not isinstance(seg, Sam2VideoSegModel):
+        raise TypeError(f"propagate needs a sam2_video model, got family {getattr(seg, 'family', type(seg).__name__)}")
+    prompt = prompt or VideoPrompt()
+    if prompt.mask is not None and prompt.box is not None:
+        raise ValueError("a video prompt is a mask or a box, not both")
+    net = seg.base_network
+    device = next(seg.parameters()).device
+    start = int(prompt.frame)
+    reach = memory_reach(net, memory_frames if memory_frames is not None else seg.video.memory_frames)
+    session = Sam2VideoInferenceSession(inference_device=device, inference_state_device=device,
+                                        video_storage_device=device, dtype=seg._input_dtype())
+    obj = session.obj_id_to_idx(OBJECT_ID)
+    read = _frame_reader(frames)
+    if start > 0 and read is None:
+        raise ValueError(f"the prompt is on frame {start}: propagating back to frame 0 needs random access to the "
+                         "frames (a FrameReader, a tensor or a list), not a one-pass iterator")
+
+    def step(index: int, frame: torch.Tensor, reverse: bool) -> torch.Tensor:
+        if frame.ndim != 3 or frame.shape[0] != seg.in_channels:
+            raise ValueError(f"frame {index}: expected [{seg.in_channels}, H, W] in [0, 1], got {tuple(frame.shape)}")
+        size = tuple(frame.shape[-2:])
+        with torch.no_grad():
+            pixels = seg._encoder_input(frame.to(device, torch.float32)[None])
+        if index == start:
+            _add_prompt(session, obj, index, prompt, size, seg.image_size, device)
+        out = net(inference_session=session, frame_idx=index, frame=pixels[0], reverse=reverse)
+        session.obj_with_new_inputs = []  # a prompt-less conditioning frame is not consumed by the model itself
+        session.processed_frames.pop(index, None)  # its features stay in the session's one-frame cache
+        readers = [(index + (-1 if reverse else 1), -1 if reverse else 1)]
+        if start > 0 and not reverse:
+            readers.append((start - 1, -1))
+        _trim_bank(session, obj, readers, reach)
+        if after_frame is not None:
+            after_frame(session)
+        with torch.no_grad():
+            prob = torch.sigmoid(upsample_logits(out.pred_masks[:1].clone(), size, seg.image_size))[0, 0]
+        return prob.float().cpu()
+
+    was_training = seg.training
+    seg.eval()
+    try:
+        seen = 0
+        for index, frame in enumerate(frames):
+            seen = index + 1
+            if index >= start:
+                yield index, step(index, frame, reverse=False)
+        if seen <= start:
+            raise ValueError(f"the prompt is on frame {start}, but the sequence has {seen} frames")
+        for index in range(start - 1, -1, -1):
+            yield index, step(index, read(index), reverse=True)
+    finally:
+        seg.train(was_training)
+
+
+def _add_prompt(session, obj: int, index: int, prompt: VideoPrompt, frame_size: tuple[int, int], image_size: int,
+                device) -> None:
+    """The prompt of ``index`` into the session, as Sam2VideoProcessor.add_inputs_to_inference_session puts it."""
+    if prompt.mask is not None:
+        mask = torch.as_tensor(prompt.mask, dtype=torch.float32).to(device)
+        if tuple(mask.shape[-2:]) != tuple(frame_size):
+            raise ValueError(f"frame {index}: the mask prompt is {tuple(mask.shape[-2:])}, the frame {frame_size}")
+        session.add_mask_inputs(obj, index, prompt_mask_input(mask.view(1, 1, *mask.shape[-2:]), image_size))
+    elif prompt.box is not None:
+        box = torch.as_tensor(prompt.box, dtype=torch.float32, device=device).view(1, 4)
+        coords, labels = box_points(box, frame_size, image_size)
+        session.add_point_inputs(obj, index, {"point_coords": coords, "point_labels": labels})
+    session.obj_with_new_inputs = [OBJECT_ID]
+
+
+# --- building ---------------------------------------------------------------------------------------------------------
+def _check_memory_layout(config) -> None:
+    """What transformers' Sam2VideoModel silently assumes of its config (a model built from model.config overrides
+    that breaks it fails deep inside the first clip otherwise)."""
+    hidden = config.vision_config.fpn_hidden_size
+    problems = []
+    if config.num_maskmem < 1:
+        problems.append(f"num_maskmem={config.num_maskmem} (a video model needs memories)")
+    if config.memory_encoder_output_channels != MEMORY_CHANNELS:
+        problems.append(f"memory_encoder_output_channels={config.memory_encoder_output_channels} (transformers' "
+                        f"memory attention reads {MEMORY_CHANNELS})")
+    elif hidden <= MEMORY_CHANNELS or hidden % MEMORY_CHANNELS:
+        problems.append(f"vision_config.fpn_hidden_size={hidden} (object pointers are split into "
+                        f"{MEMORY_CHANNELS}-channel tokens: a multiple of {MEMORY_CHANNELS} above it)")
+    sizes = {"memory_attention_hidden_size": config.memory_attention_hidden_size,
+             "memory_encoder_hidden_size": config.memory_encoder_hidden_size,
+             "prompt_encoder_config.hidden_size": config.prompt_encoder_config.hidden_size,
+             "mask_decoder_config.hidden_size": config.mask_decoder_config.hidden_size}
+    problems += [f"{key}={value} (must equal vision_config.fpn_hidden_size={hidden})"
+                 for key, value in sizes.items() if value != hidden]
+    if problems:
+        raise ConfigError(f"model.config does not describe a working SAM 2 video model: {'; '.join(problems)}")
+
+
+def init_from_config(net: nn.Module) -> None:
+    """What a Sam2VideoModel built from a config starts from, besides transformers' initialisation. Its
+    _init_weights zeroes the memory fuser's layer scale whatever the config says, which leaves the fuser's
+    convolutions without gradient: set the configured value. And the random object-score head scores ~0, so about
+    half the frames would get the constant "no object" logits and no mask gradient: start out seeing the object."""
+    with torch.no_grad():
+        for block in net.memory_encoder.memory_fuser.layers:
+            block.scale.fill_(net.config.memory_fuser_layer_scale_init_value)
+        net.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(OBJECT_SCORE_PRIOR)
+
+
+def build_sam2_video(cfg: Config) -> Sam2VideoSegModel:
+    net = build_sam_network(cfg, Sam2VideoSegModel)
+    _check_memory_layout(net.config)
+    if cfg.model.path is None:
+        init_from_config(net)
+    return Sam2VideoSegModel(net, cfg.data.channels, cfg.model.prompt, cfg.model.video)
