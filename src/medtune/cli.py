@@ -69,7 +69,7 @@ def _predict(args) -> None:
         if len(box) != 4 or not (box[0] < box[2] and box[1] < box[3]):
             raise UserError(f"--box {args.box!r}: give x1,y1,x2,y2 in pixels with x1 < x2 and y1 < y2")
     for line in predict_images(args.run, args.images, args.out, checkpoint=args.checkpoint, threshold=args.threshold,
-                               box=box, prompt=args.prompt, question=args.question):
+                               box=box, prompt=args.prompt, question=args.question, frame=args.frame):
         print(line)
 
 
@@ -183,16 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("predict", help="masks, probability maps and overlays for images (VLM runs: answers to "
-                                       "--question)")
+                                       "--question; video runs: a video file or a folder of frames each)")
     p.add_argument("run")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+", metavar="INPUT", help="image files; for a video run (family sam2_video) "
+                                                              "video files (mp4, avi ...) or folders of frames")
     p.add_argument("--out", required=True)
     p.add_argument("--checkpoint", default="best")
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--box", default=None, help="x1,y1,x2,y2 for box-prompted runs")
     p.add_argument("--prompt", default=None, action="append",
                    help="segmenting VLM runs: the question asked (default: the run's task.prompt); the answer and one "
-                        "mask per [SEG] are written. Repeat it to ask several questions about one image, one turn each")
+                        "mask per [SEG] are written. Repeat it to ask several questions about one image, one turn each. "
+                        "Mask-prompted video runs: a mask PNG of frame --frame")
+    p.add_argument("--frame", type=int, default=None, metavar="N",
+                   help="video runs: the frame the --prompt mask or the --box is drawn on (default 0)")
     p.add_argument("--question", default=None, help="instruction-tuned VLM runs: the question asked about each "
                                                     "image; answers are printed and saved")
     p.set_defaults(func=_predict)

@@ -12,6 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from medtune.errors import ConfigError
 
+# Layouts whose samples are videos (data.layout); medtune.data.video_layouts discovers them
+VIDEO_LAYOUTS = ("video_frames", "sa2va_video", "video_files")
+# Model families that segment frame sequences through a memory (the task ``video``)
+VIDEO_FAMILIES = ("sam2_video",)
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -281,9 +286,9 @@ class RLCfg(Section):
 
 class TaskCfg(Section):
     """What the model is asked to do with each sample (``auto``: from the family: segvlm -> segvlm, vlm -> instruct,
-    otherwise masks)."""
+    sam2_video -> video, any other family on a video layout named in data.layout -> video, otherwise masks)."""
 
-    kind: Literal["auto", "masks", "segvlm", "instruct"] = "auto"
+    kind: Literal["auto", "masks", "segvlm", "instruct", "video"] = "auto"
     # segvlm, for data without referring expressions: the question asked and the teacher-forced answer
     class_name: str = "object"
     prompt: str = "Please segment the {class_name} in this image."
@@ -339,9 +344,18 @@ class Config(Section):
             raise ValueError(f"{key}: data.augment changes the encoder input every epoch, so cached features would "
                              "be stale or never reused; set data.augment.enabled=false or train.feature_cache=off")
 
-    def task_kind(self) -> Literal["masks", "segvlm", "instruct"]:
+    def task_kind(self) -> Literal["masks", "segvlm", "instruct", "video"]:
+        """The task a run is trained, evaluated and predicted by. Decided from the config alone (no disk access, so
+        a run folder's config.yaml always names the same task): a video family, or a mask family on a layout named
+        a video layout (the video task then refuses a model that cannot take clips, in one line). A video folder
+        reached through ``data.layout=auto`` with an image family stays ``masks``, whose data loading refuses
+        videos."""
         if self.task.kind != "auto":
             return self.task.kind
+        if self.model.family in VIDEO_FAMILIES:
+            return "video"
+        if self.model.family not in ("segvlm", "vlm") and self.data.layout in VIDEO_LAYOUTS:
+            return "video"
         return {"segvlm": "segvlm", "vlm": "instruct"}.get(self.model.family, "masks")
 
     def finetune_mode(self) -> Literal["lora", "full"]:

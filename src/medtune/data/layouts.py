@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medtune.config import DataCfg
+from medtune.config import VIDEO_LAYOUTS, DataCfg
 from medtune.data.io import is_image_file, strip_image_extension
 from medtune.data.splits import sample_groups
 from medtune.data.types import DataError, Sample, Target
@@ -24,8 +24,6 @@ log = logging.getLogger(__name__)
 
 LAYOUTS = ("generic", "drive", "chase", "stare", "busi", "polygon_json", "llava_json", "synthetic", "video_frames",
            "sa2va_video", "video_files")
-# Layouts whose samples are videos (medtune.data.video_layouts discovers them; this module only recognises them).
-VIDEO_LAYOUTS = ("video_frames", "sa2va_video", "video_files")
 # DAVIS / SA-V folder names of the video_frames layout (data.image_dir / data.mask_dir name the generic pair)
 VIDEO_FRAME_DIR, VIDEO_MASK_DIR = "JPEGImages", "Annotations"
 VIDEO_FILES_DIR = "videos"

@@ -405,3 +405,36 @@ def discover_videos(cfg: DataCfg) -> list[VideoSample]:
         warnings.warn(message, DataWarning, stacklevel=2)
     videos = scan.usable
     return videos[: cfg.max_samples] if cfg.max_samples is not None else videos
+
+
+def video_from_path(path: str | Path, cfg: DataCfg) -> VideoSample:
+    """One video to predict on, unannotated: a video file (decoded through PyAV) or a folder of frame files (ordered
+    by the number ending their names, as the video_frames layout orders them). DataError in one line naming the path
+    (and the frame) when it is neither, empty, unreadable, numbered with gaps or of mixed frame sizes."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        scan = VideoScan("video_frames", path)
+        frames, numbers = _order_frames(path.name, _image_files(path), scan)
+        if not frames:
+            raise DataError(f"{path}: no frame files (png, jpg, tif ...) in this folder; give a video file or a folder "
+                            "of frames")
+        video = VideoSample(id=path.name, frames=frames, n_frames=len(frames), fps=cfg.video.fps,
+                            frame_numbers=numbers)
+        if not scan.problems:
+            _check_sizes(video, scan)
+        if scan.problems:
+            raise DataError(scan.problems[0])
+        return video
+    if not path.is_file():
+        raise DataError(f"{path}: no such video file or frame folder")
+    video = VideoSample(id=path.stem, frames=path, n_frames=0)
+    decoder = VideoFileDecoder(video)  # DataError naming the file when it is not a readable video
+    try:
+        video.n_frames = len(decoder)
+        rate = decoder.stream.average_rate
+        video.fps = float(rate) if rate else cfg.video.fps
+    finally:
+        decoder.close()
+    if video.n_frames == 0:
+        raise DataError(f"video {video.id}: {path} holds no frames; re-encode it")
+    return video

@@ -354,15 +354,21 @@ def upsample_logits(low_res: torch.Tensor, frame_size: tuple[int, int], image_si
     return logits
 
 
+def supervised_frames(out: VideoModelOutput, batch: dict) -> torch.Tensor:
+    """bool [B * T]: the frames of a clip batch that carry a loss: the annotated ones (padding never is), less the
+    frame a mask prompted (its output is the prompt itself). The clip loss and the RL mask policy select these."""
+    selected = batch["annotated"].bool().to(out.mask_logits.device)
+    if out.mask_prompted is not None:
+        selected = selected & ~out.mask_prompted
+    return selected.flatten()
+
+
 def clip_loss(out: VideoModelOutput, batch: dict,
               mask_loss: Callable[..., tuple[torch.Tensor, dict[str, float]]]) -> tuple[torch.Tensor, dict[str, float]]:
     """SAM 2's clip objective: ``mask_loss(logits [N, 1, H, W], target, fov)`` (e.g. losses.ComboLoss) on the N
     annotated frames of the batch that were not mask-prompted, plus BCE of the object score against "the annotated
     mask is not empty". Unannotated frames carry no loss (they only carry memory)."""
-    selected = batch["annotated"].bool().to(out.mask_logits.device)
-    if out.mask_prompted is not None:
-        selected = selected & ~out.mask_prompted
-    selected = selected.flatten()
+    selected = supervised_frames(out, batch)
     if not bool(selected.any()):  # e.g. a mask-prompted clip whose only annotated frame is the prompt
         return out.mask_logits.sum() * 0.0, {}
     logits = out.mask_logits.flatten(0, 1)[selected]

@@ -17,6 +17,7 @@ TASKS: dict[str, str] = {
     "masks": "medtune.tasks.masks:TASK",
     "segvlm": "medtune.tasks.segvlm:TASK",
     "instruct": "medtune.tasks.instruct:TASK",
+    "video": "medtune.tasks.video:TASK",
 }
 
 

@@ -45,6 +45,7 @@ class PredictRequest:
     box: tuple[float, float, float, float] | None = None  # box-prompted mask runs
     prompt: str | list[str] | None = None  # segmenting VLM: the request(s), one turn each (default: task.prompt)
     question: str | None = None  # instruction-tuned VLM: asked about each image
+    frame: int | None = None  # video runs: the frame --prompt's mask / --box is drawn on (default 0)
 
     def refuse(self, task: str, **unsupported: str) -> None:
         """One line for each option this task does not take (``option name -> what it is for``)."""

@@ -348,7 +348,7 @@ def predict_answers(req: PredictRequest, device=None) -> list[dict]:
     from medtune.runs.load import load_run
 
     req.refuse("instruction-tuned VLM", box="box-prompted mask runs", prompt="segmenting VLM runs (family segvlm)",
-               threshold="mask runs")
+               threshold="mask runs", frame="video runs (family sam2_video)")
     question = _require_question(req)
     run_dir, out_dir, images = Path(req.run_dir), Path(req.out_dir), req.images
     run = load_run(run_dir, req.checkpoint, device)

@@ -93,7 +93,8 @@ def write_maps(stem: str, image: np.ndarray, prob: np.ndarray, thr: float) -> Pa
 
 def predict_masks(req: PredictRequest) -> list[str]:
     """One mask per image (task ``masks``): STEM_{mask,prob,overlay}.png and predict.json in ``req.out_dir``."""
-    req.refuse("mask", prompt="segmenting VLM runs (family segvlm)", question="instruction-tuned VLM runs")
+    req.refuse("mask", prompt="segmenting VLM runs (family segvlm)", question="instruction-tuned VLM runs",
+               frame="video runs (family sam2_video)")
     run = load_run(req.run_dir, req.checkpoint)
     if run.cfg.model.prompt == "box" and req.box is None:
         raise DataError("this run was trained with box prompts: pass --box x1,y1,x2,y2 (pixels of the input image)")

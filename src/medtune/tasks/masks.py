@@ -9,6 +9,8 @@ import torch
 from medtune.config import Config
 from medtune.data.datasets import TrainPatchDataset
 from medtune.data.types import LoadedSample
+from medtune.data.video import VideoSample
+from medtune.errors import ConfigError
 from medtune.inference import predict_prob
 from medtune.losses import ComboLoss
 from medtune.metrics import pooled_metrics
@@ -17,6 +19,9 @@ from medtune.tasks.base import LossFn, TargetPrediction, Task
 
 
 def train_dataset(samples: list[LoadedSample], cfg: Config, model) -> TrainPatchDataset:
+    if samples and isinstance(samples[0], VideoSample):  # data.layout=auto found videos; the task was chosen unread
+        raise ConfigError(f"{cfg.data.path} holds videos: train them with model.family=sam2_video (task video), or "
+                          "set task.kind=video; an image model cannot take clips")
     return TrainPatchDataset(samples, cfg.data, seed=cfg.run.seed)
 
 

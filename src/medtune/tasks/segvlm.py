@@ -305,7 +305,8 @@ def predict_segvlm(req: PredictRequest) -> list[str]:
     `STEM_seg{k}_{mask,prob,overlay}.png` (k counts the [SEG] of all answers in order), and predict.json listing
     every answer and the images whose answers held no [SEG]. Several prompts (``--prompt`` repeated) are asked in
     one conversation, one turn each (as the model was trained on several referring expressions of one image)."""
-    req.refuse("segmenting VLM", box="box-prompted mask runs", question="instruction-tuned VLM runs (family vlm)")
+    req.refuse("segmenting VLM", box="box-prompted mask runs", question="instruction-tuned VLM runs (family vlm)",
+               frame="video runs (family sam2_video)")
     run_dir, out_dir = Path(req.run_dir), Path(req.out_dir)
     run = load_run(run_dir, req.checkpoint)
     thr, source = (req.threshold, "given") if req.threshold is not None else mask_predict.calibrated_threshold(run_dir)

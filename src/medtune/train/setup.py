@@ -65,8 +65,13 @@ def frozen_metric_warning(history: list[float], window: int = 3) -> str | None:
 
 
 def images_in(batch: dict) -> int:
-    """Samples in a batch, for throughput: its ids (instruct, segvlm: no image tensor), else its images."""
-    return len(batch["ids"]) if "ids" in batch else batch["image"].shape[0]
+    """Images in a batch, for throughput: its ids (instruct, segvlm: no image tensor), the frames of its clips
+    (video: every frame goes through the encoder), else its images."""
+    if "ids" in batch:
+        return len(batch["ids"])
+    if "frames" in batch:
+        return batch["frames"].shape[0] * batch["frames"].shape[1]
+    return batch["image"].shape[0]
 
 
 def batch_to(batch: dict, device) -> dict:

@@ -1,0 +1,384 @@
+"""Task ``video``: frame sequences in, one mask per frame out, through a model with a memory (family ``sam2_video``).
+
+Training: clips of ``data.video.clip_length`` frames (``VideoClipDataset``, collated by ``collate_clips``) go through
+the model's clip forward with gradient; the loss (``models.video.clip_loss`` with ``ComboLoss``) is on the annotated
+frames only: unannotated and padding frames carry the memory and no loss, and a mask-prompted frame, whose output is
+the prompt, none either. The supervised recipe (``train/sft.py``) and the RL recipe (``train/rl.py``: the mask policy
+on every supervised frame of a clip, ``mask_targets``) run unchanged.
+
+Validation, evaluation and prediction propagate through whole videos (``models.video.propagate``, a bounded memory
+bank): each frame resized to ``data.patch_size`` square as training resized it, the probability map mapped back to
+the frame's own size. Prompted runs (``model.prompt=mask|box``) are prompted on the first annotated frame by its
+ground truth (the semi-supervised video-object-segmentation protocol); that frame is not scored for a mask prompt.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from medtune.config import Config
+from medtune.data.datasets import mask_box, resize_square
+from medtune.data.io import read_mask
+from medtune.data.loading import resample_to_native
+from medtune.data.run_split import use_recorded_image_max
+from medtune.data.types import DataError
+from medtune.data.video import (
+    FrameReader,
+    VideoClipDataset,
+    VideoSample,
+    collate_clips,
+    open_frames,
+    read_video_mask,
+)
+from medtune.data.video_layouts import video_from_path
+from medtune.errors import ConfigError, UserError
+from medtune.losses import ComboLoss
+from medtune.tasks.base import LossFn, PredictRequest, TargetPrediction, Task
+from medtune.tasks.mask_predict import calibrated_threshold, overlay
+from medtune.tasks.masks import pooled_validation
+
+log = logging.getLogger("medtune")
+
+# probability maps are written as 16-bit PNGs: 1/65535 steps, exact enough for any threshold a user picks later
+PROB_PNG_MAX = 65535
+# the overlay video: MPEG-4 Part 2 is in every FFmpeg build PyAV ships (H.264 encoders are not); yuv420p needs even
+# sides, so odd frames are padded by one pixel
+OVERLAY_CODEC, OVERLAY_PIXEL_FORMAT = "mpeg4", "yuv420p"
+OVERLAY_BIT_RATE = 4_000_000
+# frame rate of the overlay video when the input carries none (a frame folder without data.video.fps)
+DEFAULT_OVERLAY_FPS = 10.0
+
+
+def _require_clip_model(model, cfg: Config) -> None:
+    """The video task trains a model that takes clips (``seg(batch=clip batch)`` with a memory): one line otherwise."""
+    from medtune.models.video import Sam2VideoSegModel
+
+    if not isinstance(model, Sam2VideoSegModel):
+        raise ConfigError(f"task video trains clips through a model with a memory (model.family=sam2_video); "
+                          f"model.family={cfg.model.family} segments single images: set model.family=sam2_video, or "
+                          "use an image layout with task.kind=masks")
+
+
+def train_dataset(videos: list[VideoSample], cfg: Config, model) -> VideoClipDataset:
+    _require_clip_model(model, cfg)
+    return VideoClipDataset(videos, cfg.data, seed=cfg.run.seed)
+
+
+def mask_targets(out, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits, target, fov), each [N, 1, H, W] over the N supervised frames of the batch: what the RL recipe's mask
+    policy samples from and is rewarded on."""
+    from medtune.models.video import supervised_frames
+
+    selected = supervised_frames(out, batch)
+    logits = out.mask_logits.flatten(0, 1)[selected]
+    target = batch["masks"].flatten(0, 1).to(logits.device)[selected].float()
+    fov = batch["fov"].flatten(0, 1).to(logits.device)[selected].float()
+    return logits, target, fov
+
+
+def make_loss(cfg: Config) -> LossFn:
+    from medtune.models.video import clip_loss
+
+    combo = ComboLoss(cfg.loss)
+
+    def loss(model, batch: dict):
+        return clip_loss(model(batch=batch), batch, combo)
+
+    return loss
+
+
+def loss_units(batch: dict) -> torch.Tensor:
+    """The annotated frames of a batch: the loss is a mean over them, so gradient accumulation and processes weigh
+    micro-batches by them (a mask-prompted frame counts too: one per clip, alike in every micro-batch)."""
+    return batch["annotated"].sum().float()
+
+
+# ---- whole videos: propagation --------------------------------------------------------------------------------------
+class ModelFrames(Sequence):
+    """A video's frames as the model saw them in training: float [C, S, S] tensors (S = data.patch_size), read one at
+    a time from a FrameReader (random access, for propagating back from a later prompt)."""
+
+    def __init__(self, reader: FrameReader, size: int):
+        self.reader, self.size = reader, size
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < len(self.reader):
+            raise IndexError(i)
+        frame = torch.from_numpy(self.reader.read(i))
+        return resize_square(frame, frame.new_zeros(1, *frame.shape[-2:]), self.size)[0]
+
+
+@dataclass
+class PromptSpec:
+    """What prompts a video's propagation, at the frame's own size: a mask [H, W] or a box (x1, y1, x2, y2) on frame
+    ``frame``, or nothing (semantic)."""
+
+    frame: int = 0
+    mask: np.ndarray | None = None
+    box: tuple[float, float, float, float] | None = None
+
+
+def ground_truth_prompt(video: VideoSample, cfg: Config) -> PromptSpec | None:
+    """Evaluation's prompt: the first annotated frame's ground-truth mask (model.prompt=mask) or its box (box), as
+    training prompts every clip; None in semantic mode."""
+    if cfg.model.prompt == "none":
+        return None
+    if not video.annotated:
+        raise DataError(f"video {video.id}: no annotated frame to prompt on (model.prompt={cfg.model.prompt}); "
+                        "annotate one frame or remove the video")
+    first = video.annotated[0]
+    mask = read_video_mask(video, first, cfg.data)
+    if cfg.model.prompt == "mask":
+        return PromptSpec(frame=first, mask=mask)
+    return PromptSpec(frame=first, box=tuple(float(v) for v in mask_box(torch.from_numpy(mask))))
+
+
+def _model_prompt(spec: PromptSpec | None, frame_size: tuple[int, int], size: int):
+    """A PromptSpec at the frame's size -> the model's VideoPrompt at the training size S x S."""
+    from medtune.models.video import VideoPrompt
+
+    if spec is None:
+        return None
+    h, w = frame_size
+    if spec.mask is not None:
+        if tuple(spec.mask.shape) != (h, w):
+            raise DataError(f"the mask prompt is {spec.mask.shape[0]}x{spec.mask.shape[1]} but the video's frames are "
+                            f"{h}x{w}; give a mask of the frame's size")
+        mask = torch.from_numpy(np.ascontiguousarray(spec.mask)).float()[None, None]
+        mask = F.interpolate(mask, size=(size, size), mode="nearest-exact")[0, 0]
+        return VideoPrompt(frame=spec.frame, mask=mask)
+    if spec.box is not None:
+        x1, y1, x2, y2 = spec.box
+        return VideoPrompt(frame=spec.frame, box=(x1 * size / w, y1 * size / h, x2 * size / w, y2 * size / h))
+    return VideoPrompt(frame=spec.frame)
+
+
+def propagate_video(model, video: VideoSample, cfg: Config, prompt: PromptSpec | None = None,
+                    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yields (frame index, probability float32 [H, W] at the frame's own size, the frame float32 [C, H, W]) for every
+    frame of ``video``, in the order the model propagates (the prompted frame, forward to the end, then back to 0).
+    One frame in memory at a time besides the model's bounded memory bank."""
+    from medtune.models.video import propagate
+
+    size = cfg.data.patch_size
+    with open_frames(video, cfg.data) as reader:
+        if prompt is not None and not 0 <= prompt.frame < len(reader):
+            raise DataError(f"video {video.id}: the prompt is on frame {prompt.frame} but the video has {len(reader)} "
+                            f"frames (0-{len(reader) - 1})")
+        first = reader.read(prompt.frame if prompt is not None else 0)
+        frame_size = tuple(first.shape[-2:])
+        frames = ModelFrames(reader, size)
+        for index, prob in propagate(model, frames, _model_prompt(prompt, frame_size, size)):
+            native = resample_to_native(prob.numpy().astype(np.float32), frame_size)
+            yield index, np.clip(native, 0.0, 1.0), reader.read(index)
+
+
+def video_probabilities(model, video: VideoSample, cfg: Config,
+                        ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], set[int]]:
+    """(probabilities of every frame, ground truth of the annotated frames, frames not to score: the mask-prompted
+    one) of one video, prompted by its ground truth as training was."""
+    prompt = ground_truth_prompt(video, cfg)
+    probs = {i: prob for i, prob, _ in propagate_video(model, video, cfg, prompt)}
+    gts = {i: read_video_mask(video, i, cfg.data) for i in video.annotated}
+    exclude = {prompt.frame} if prompt is not None and prompt.mask is not None else set()
+    return probs, gts, exclude
+
+
+def target_probabilities(model, video: VideoSample, cfg: Config, device) -> list[TargetPrediction]:
+    """One prediction per scored annotated frame (id ``video#frame``), from propagating the whole video: what
+    validation (and RL's validation reward) pool."""
+    probs, gts, exclude = video_probabilities(model, video, cfg)
+    return [TargetPrediction(f"{video.id}#{i}", probs[i], gts[i], np.ones_like(gts[i]), video)
+            for i in sorted(gts) if i not in exclude]
+
+
+def validate(model, videos: list[VideoSample], cfg: Config, device) -> dict[str, float]:
+    """Pooled Dice / AUC at 0.5 over the annotated frames of the validation videos, each propagated whole."""
+    return pooled_validation([p for v in videos for p in target_probabilities(model, v, cfg, device)])
+
+
+# ---- prediction: a video file or a frame folder -> masks, probabilities, overlay video ------------------------------
+def _prompt_of_request(req: PredictRequest, cfg: Config) -> PromptSpec | None:
+    """The prompt `medtune predict` was given, checked against what the run was trained with."""
+    prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt or [])
+    frame = req.frame if req.frame is not None else 0
+    if cfg.model.prompt == "none":
+        if prompts or req.box is not None:
+            raise UserError(f"{req.run_dir} segments without a prompt (model.prompt=none); drop --prompt / --box")
+        return None
+    if cfg.model.prompt == "box":
+        if prompts:
+            raise UserError(f"{req.run_dir} was trained with box prompts: give --box x1,y1,x2,y2 (and --frame N), "
+                            "not --prompt")
+        if req.box is None:
+            raise UserError(f"{req.run_dir} was trained with box prompts: pass --box x1,y1,x2,y2 (pixels of frame "
+                            "--frame, default 0)")
+        return PromptSpec(frame=frame, box=req.box)
+    if req.box is not None or len(prompts) != 1:
+        raise UserError(f"{req.run_dir} was trained with mask prompts: pass --prompt MASK.png, one mask of frame "
+                        "--frame (default 0) at the frame's size")
+    path = Path(prompts[0])
+    if not path.is_file():
+        raise UserError(f"--prompt {path}: no such mask file (a PNG of the prompted frame, object > 0)")
+    mask, _ = read_mask(path, cfg.data.mask_labels)
+    if not mask.any():
+        raise DataError(f"--prompt {path}: the mask is empty; draw the object on frame {frame}")
+    return PromptSpec(frame=frame, mask=mask)
+
+
+def _even_rgb(rgb: np.ndarray) -> np.ndarray:
+    """Pad an H x W x 3 frame by one edge pixel where a side is odd (yuv420p needs even sides)."""
+    pad_h, pad_w = rgb.shape[0] % 2, rgb.shape[1] % 2
+    return np.pad(rgb, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge") if pad_h or pad_w else rgb
+
+
+class OverlayWriter:
+    """The overlay video, written frame by frame with PyAV (frames must arrive in order)."""
+
+    def __init__(self, path: Path, fps: float):
+        import av
+
+        self.path = path
+        self.container = av.open(str(path), "w")
+        rate = Fraction(fps).limit_denominator(1001)
+        self.stream = self.container.add_stream(OVERLAY_CODEC, rate=rate)
+        self.stream.pix_fmt = OVERLAY_PIXEL_FORMAT
+        self.stream.bit_rate = OVERLAY_BIT_RATE
+
+    def write(self, rgb: np.ndarray) -> None:
+        import av
+
+        rgb = _even_rgb(rgb)
+        if not self.stream.width:
+            self.stream.width, self.stream.height = rgb.shape[1], rgb.shape[0]
+        for packet in self.stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+            self.container.mux(packet)
+
+    def close(self) -> None:
+        for packet in self.stream.encode():
+            self.container.mux(packet)
+        self.container.close()
+
+
+def predict_video(model, video: VideoSample, cfg: Config, out_dir: Path, threshold: float,
+                  prompt: PromptSpec | None) -> dict:
+    """One video -> ``out_dir/masks/NNNNN.png`` (0/255), ``out_dir/probs/NNNNN.png`` (16-bit, probability x 65535)
+    and ``out_dir/overlay.mp4`` (the mask in green over every frame, in frame order). Frames are written as the
+    model propagates; the overlay, which must be in order, is written after (from the masks and frames on disk) when
+    propagation starts past frame 0. Returns what was written."""
+    mask_dir, prob_dir = out_dir / "masks", out_dir / "probs"
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    prob_dir.mkdir(parents=True, exist_ok=True)
+    fps = video.fps or cfg.data.video.fps or DEFAULT_OVERLAY_FPS
+    overlay_path = out_dir / "overlay.mp4"
+    writer = OverlayWriter(overlay_path, fps)
+    in_order = prompt is None or prompt.frame == 0
+    n = 0
+    try:
+        for index, prob, frame in tqdm(propagate_video(model, video, cfg, prompt), total=video.n_frames,
+                                       desc=video.id, unit="frame", leave=False):
+            binary = (prob >= threshold).astype(np.uint8)
+            Image.fromarray(binary * 255).save(mask_dir / f"{index:05d}.png")
+            Image.fromarray((prob * PROB_PNG_MAX).round().astype(np.uint16)).save(prob_dir / f"{index:05d}.png")
+            if in_order:
+                writer.write(overlay(frame, binary))
+            n += 1
+        if not in_order:
+            with open_frames(video, cfg.data) as reader:
+                for index in range(n):
+                    binary = (np.asarray(Image.open(mask_dir / f"{index:05d}.png")) > 0).astype(np.uint8)
+                    writer.write(overlay(reader.read(index), binary))
+    finally:
+        writer.close()
+    return {"video": video.id, "frames": n, "masks": str(mask_dir), "probabilities": str(prob_dir),
+            "overlay": str(overlay_path), "fps": fps}
+
+
+def predict(req: PredictRequest) -> list[str]:
+    """`medtune predict RUN VIDEO.mp4 | FRAME_FOLDER/ ...`: per input, ``OUT/<name>/{masks,probs}/NNNNN.png`` and
+    ``OUT/<name>/overlay.mp4``, and ``OUT/predict.json``; at the run's calibrated threshold unless --threshold."""
+    from medtune.runs.load import load_run
+
+    req.refuse("video", question="instruction-tuned VLM runs")
+    run = load_run(req.run_dir, req.checkpoint)
+    cfg = run.cfg
+    use_recorded_image_max(cfg, req.run_dir)  # 16-bit frames scaled like the training data
+    prompt = _prompt_of_request(req, cfg)
+    videos = [video_from_path(p, cfg.data) for p in req.images]  # every input checked before any is predicted
+    names = [v.id for v in videos]
+    if len(set(names)) != len(names):
+        raise UserError(f"two inputs are named {max(names, key=names.count)!r}; their outputs would share "
+                        f"{req.out_dir}/<name>/: rename one")
+    thr, source = (req.threshold, "given") if req.threshold is not None else calibrated_threshold(req.run_dir)
+    req.out_dir.mkdir(parents=True, exist_ok=True)
+    written = [predict_video(run.model, v, cfg, req.out_dir / v.id, thr, prompt) for v in videos]
+    (req.out_dir / "predict.json").write_text(json.dumps({
+        "run": str(req.run_dir), "threshold": thr, "threshold_source": source,
+        "prompt": None if prompt is None else {"frame": prompt.frame, "kind": "mask" if prompt.mask is not None
+                                               else "box", "box": prompt.box},
+        "inputs": [str(p) for p in req.images], "videos": written}, indent=2))
+    return [f"{w['video']}: {w['frames']} masks and probability maps in {req.out_dir / w['video']}, overlay "
+            f"{w['overlay']}" for w in written] + [f"threshold {thr:.3f}: {source}"]
+
+
+def prompt_option(cfg: Config) -> str | None:
+    return {"box": "box", "mask": "prompt"}.get(cfg.model.prompt)
+
+
+# ---- after training: evaluation, report, compare -------------------------------------------------------------------
+def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", device=None,
+                 strategy: str | None = None, data_file=None, image_root=None) -> dict:
+    from medtune.tasks import video_eval
+
+    return video_eval.evaluate_run(run_dir, split, checkpoint, device, strategy, data_file, image_root)
+
+
+def format_summary(summary: dict) -> str:
+    from medtune.tasks import video_eval
+
+    return video_eval.format_summary(summary)
+
+
+def write_report(run_dir: Path, split: str = "test") -> Path:
+    from medtune.tasks import video_eval
+
+    return video_eval.write_report(run_dir, split)
+
+
+def compare(runs: list[Path], out_dir: Path | None = None, split: str = "test", at: str = "cal",
+            allow_eval_mismatch: bool = False) -> str:
+    from medtune.tasks import video_eval
+
+    return video_eval.compare(runs, out_dir, split, at, allow_eval_mismatch)
+
+
+TASK = Task(
+    name="video",
+    train_dataset=train_dataset,
+    make_loss=make_loss,
+    validate=validate,
+    selection_metric="val_dice",
+    evaluate_run=evaluate_run,
+    format_summary=format_summary,
+    predict=predict,
+    write_report=write_report,
+    compare=compare,
+    prompt_option=prompt_option,
+    collate=collate_clips,
+    loss_units=loss_units,
+    target_probabilities=target_probabilities,
+    mask_targets=mask_targets,
+)
