@@ -427,6 +427,8 @@ def video_from_path(path: str | Path, cfg: DataCfg) -> VideoSample:
         return video
     if not path.is_file():
         raise DataError(f"{path}: no such video file or frame folder")
+    if is_image_file(path):
+        raise DataError(f"{path}: a single image; give a video file or the folder of the video's frames")
     video = VideoSample(id=path.stem, frames=path, n_frames=0)
     decoder = VideoFileDecoder(video)  # DataError naming the file when it is not a readable video
     try:
