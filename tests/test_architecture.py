@@ -17,7 +17,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("medtune.errors", "medtune.config", "medtune.atomic", "medtune.threads")),
     ("foundations", ("medtune.data", "medtune.metrics", "medtune.stats", "medtune.calibration", "medtune.losses",
-                     "medtune.rewards", "medtune.policy", "medtune.answers", "medtune.text_policy")),
+                     "medtune.rewards", "medtune.policy", "medtune.answers", "medtune.text_policy",
+                     "medtune.video_metrics")),
     ("models", ("medtune.models", "medtune.inference")),
     ("runs", ("medtune.runs",)),
     ("pages", ("medtune.report.page", "medtune.report.plots", "medtune.report.html", "medtune.report.answers",
