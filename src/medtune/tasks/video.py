@@ -43,7 +43,7 @@ from medtune.data.video import (
 from medtune.data.video_layouts import video_from_path
 from medtune.errors import ConfigError, UserError
 from medtune.losses import ComboLoss
-from medtune.tasks.base import LossFn, PredictRequest, TargetPrediction, Task
+from medtune.tasks.base import ImagePrediction, LossFn, PredictRequest, TargetPrediction, Task
 from medtune.tasks.mask_predict import calibrated_threshold, overlay
 from medtune.tasks.masks import pooled_validation
 
@@ -69,8 +69,26 @@ def _require_clip_model(model, cfg: Config) -> None:
                           "use an image layout with task.kind=masks")
 
 
+# the module of SAM 2's mask decoder that decides whether the object is in a frame at all (a hard gate: a frame it
+# calls empty gets constant logits)
+OBJECT_SCORE_HEAD = "pred_obj_score_head"
+
+
+def _check_rl(model, cfg: Config) -> None:
+    """objective: rl samples each supervised frame's mask from its logits (the mask policy, unchanged). The object-score
+    head is no part of that policy, so no policy gradient reaches it: refuse a run that would train it (the default
+    lora.modules_to_save holds the whole mask decoder) in one line, before the preflight finds it dead."""
+    gate = [n for n, p in model.named_parameters() if p.requires_grad and OBJECT_SCORE_HEAD in n]
+    if cfg.objective == "rl" and gate:
+        raise ConfigError("objective: rl on video samples each frame's mask from its logits, and no policy gradient "
+                          "reaches SAM 2's object-score head (its present/absent gate), which lora.modules_to_save "
+                          "trains with the mask decoder: set lora.modules_to_save=[] (LoRA in the encoder and memory "
+                          "attention) or a list without mask_decoder")
+
+
 def train_dataset(videos: list[VideoSample], cfg: Config, model) -> VideoClipDataset:
     _require_clip_model(model, cfg)
+    _check_rl(model, cfg)
     return VideoClipDataset(videos, cfg.data, seed=cfg.run.seed)
 
 
@@ -257,13 +275,15 @@ class OverlayWriter:
         self.stream = self.container.add_stream(OVERLAY_CODEC, rate=rate)
         self.stream.pix_fmt = OVERLAY_PIXEL_FORMAT
         self.stream.bit_rate = OVERLAY_BIT_RATE
+        self.started = False
 
     def write(self, rgb: np.ndarray) -> None:
         import av
 
         rgb = _even_rgb(rgb)
-        if not self.stream.width:
+        if not self.started:  # the stream takes its size from the first frame (PyAV's default is 640x480)
             self.stream.width, self.stream.height = rgb.shape[1], rgb.shape[0]
+            self.started = True
         for packet in self.stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
             self.container.mux(packet)
 
@@ -310,18 +330,20 @@ def predict_video(model, video: VideoSample, cfg: Config, out_dir: Path, thresho
 def predict(req: PredictRequest) -> list[str]:
     """`medtune predict RUN VIDEO.mp4 | FRAME_FOLDER/ ...`: per input, ``OUT/<name>/{masks,probs}/NNNNN.png`` and
     ``OUT/<name>/overlay.mp4``, and ``OUT/predict.json``; at the run's calibrated threshold unless --threshold."""
+    from medtune.runs.files import load_run_config
     from medtune.runs.load import load_run
 
     req.refuse("video", question="instruction-tuned VLM runs")
-    run = load_run(req.run_dir, req.checkpoint)
-    cfg = run.cfg
-    use_recorded_image_max(cfg, req.run_dir)  # 16-bit frames scaled like the training data
+    cfg = load_run_config(req.run_dir)
     prompt = _prompt_of_request(req, cfg)
-    videos = [video_from_path(p, cfg.data) for p in req.images]  # every input checked before any is predicted
+    videos = [video_from_path(p, cfg.data) for p in req.images]  # every input checked before the model loads
     names = [v.id for v in videos]
     if len(set(names)) != len(names):
         raise UserError(f"two inputs are named {max(names, key=names.count)!r}; their outputs would share "
                         f"{req.out_dir}/<name>/: rename one")
+    run = load_run(req.run_dir, req.checkpoint)
+    cfg = run.cfg
+    use_recorded_image_max(cfg, req.run_dir)  # 16-bit frames scaled like the training data
     thr, source = (req.threshold, "given") if req.threshold is not None else calibrated_threshold(req.run_dir)
     req.out_dir.mkdir(parents=True, exist_ok=True)
     written = [predict_video(run.model, v, cfg, req.out_dir / v.id, thr, prompt) for v in videos]
@@ -332,6 +354,20 @@ def predict(req: PredictRequest) -> list[str]:
         "inputs": [str(p) for p in req.images], "videos": written}, indent=2))
     return [f"{w['video']}: {w['frames']} masks and probability maps in {req.out_dir / w['video']}, overlay "
             f"{w['overlay']}" for w in written] + [f"threshold {thr:.3f}: {source}"]
+
+
+def predict_image(run, path: Path, req: PredictRequest) -> ImagePrediction:
+    """One image as a one-frame video (what `medtune app` shows): the model with nothing in its memory yet, at the
+    image's own size (probs [1, H, W])."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such image file")
+    use_recorded_image_max(run.cfg, run.run_dir)
+    video = VideoSample(id=Path(path).stem, frames=[Path(path)], n_frames=1)
+    prompt = _prompt_of_request(req, run.cfg)
+    if prompt is not None and prompt.frame != 0:
+        raise UserError(f"--frame {prompt.frame}: a single image is frame 0")
+    ((_, prob, image),) = list(propagate_video(run.model, video, run.cfg, prompt))
+    return ImagePrediction(image=image, probs=prob[None].astype(np.float32))
 
 
 def prompt_option(cfg: Config) -> str | None:
@@ -423,6 +459,7 @@ TASK = Task(
     evaluate_run=evaluate_run,
     format_summary=format_summary,
     predict=predict,
+    predict_image=predict_image,
     write_report=write_report,
     compare=compare,
     prompt_option=prompt_option,
