@@ -38,6 +38,11 @@ demo: $(STAMP)
 demo-segvlm: $(STAMP)
 	$(BIN)/medtune demo segvlm
 
+# A tiny SAM 2 video model learns vessels in synthetic angiography runs on clips through its memory; the same model
+# trained image-only is the baseline (per-frame Dice and temporal stability, before / after).
+demo-video: $(STAMP)
+	$(BIN)/medtune demo video
+
 # Headless Chromium renders the HTML report and drives the app in tests; installed here (Debian package) when
 # missing and root.
 chromium:
@@ -53,4 +58,4 @@ test: $(STAMP) $(APP_STAMP) chromium
 test-all: $(STAMP) $(APP_STAMP) chromium
 	$(BIN)/python -m pytest -q tests
 
-.PHONY: venv app-venv demo demo-segvlm test test-all chromium
+.PHONY: venv app-venv demo demo-segvlm demo-video test test-all chromium

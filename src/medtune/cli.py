@@ -82,10 +82,12 @@ def _app(args) -> None:
 
 
 def _demo(args) -> None:
-    from medtune.demo import run_demo, run_segvlm_demo
+    from medtune.demo import run_demo, run_segvlm_demo, run_video_demo
 
     if args.which == "segvlm":
         run_segvlm_demo(Path(args.out if args.out != "runs/demo" else "runs/demo-segvlm"), fast=args.fast)
+    elif args.which == "video":
+        run_video_demo(Path(args.out if args.out != "runs/demo" else "runs/demo-video"), fast=args.fast)
     else:
         run_demo(Path(args.out), fast=args.fast)
 
@@ -212,8 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_app)
 
     p = sub.add_parser("demo", help="the embedded default: adapt a vessel model to a new site with LoRA; "
-                                    "`demo segvlm`: a tiny segmenting VLM learns vessels from a text prompt")
-    p.add_argument("which", nargs="?", choices=["unet", "segvlm"], default="unet")
+                                    "`demo segvlm`: a tiny segmenting VLM learns vessels from a text prompt; "
+                                    "`demo video`: a tiny SAM 2 video model on synthetic angiography runs, trained "
+                                    "through its memory vs image-only")
+    p.add_argument("which", nargs="?", choices=["unet", "segvlm", "video"], default="unet")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--fast", action="store_true", help="fewer steps (a quick smoke run)")
     p.set_defaults(func=_demo)
