@@ -220,3 +220,47 @@ def test_rl_on_clips_runs_unchanged_or_says_why(trained, tmp_path):
     run = train(rl_cfg("rl", "lora.modules_to_save=[]"))
     records = read_metrics(run)
     assert any("reward_mean" in r for r in records) and any("val_reward" in r for r in records)
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_video_demo_fast_mode_runs_end_to_end(tmp_path):
+    """`medtune demo video --fast`: both runs train, the three are scored on every frame of the same test videos."""
+    from medtune.demo import VIDEO_DEMO, run_video_demo
+
+    result = run_video_demo(tmp_path / "demo", fast=True)
+    for name in ("initial", "video", "image_only"):
+        assert 0.0 <= result[name]["dice"] <= 1.0 and 0.0 <= result[name]["flicker"] <= 1.0
+    summary = json.loads((Path(result["runs"]["video"]) / "eval" / "data-test-dense" / "summary.json").read_text())
+    assert summary["n_annotated_frames"] == summary["n_frames"] == VIDEO_DEMO["n_frames"] * summary["n_videos"]
+
+
+def test_a_mask_prompted_run_predicts_from_a_later_frame(tmp_path):
+    """model.prompt=mask: the mask given for frame 3 prompts the memory, which propagates forward to the end and back
+    to frame 0; every frame gets its mask and the overlay video still runs in frame order. Without the mask, or with
+    a mask of another size, one line."""
+    from medtune.errors import UserError
+    from medtune.predict import predict_images
+    from medtune.train import train
+
+    _data(tmp_path)
+    run = train(video_cfg(tmp_path, "prompted", "model.prompt=mask", "train.preflight=false", steps=2))
+    frames = tmp_path / "data" / "JPEGImages" / "run000"
+    prompt = tmp_path / "data" / "Annotations" / "run000" / "00003.png"
+    out_dir = tmp_path / "pred"
+    predict_images(run, [frames], out_dir, prompt=[str(prompt)], frame=3)
+    masks = sorted((out_dir / "run000" / "masks").glob("*.png"))
+    assert len(masks) == N_FRAMES
+    overlay = read_video(out_dir / "run000" / "overlay.mp4")
+    assert len(overlay) == N_FRAMES
+    # frame 3's output is its prompt (at the mask decoder's low resolution): high on the given vessels, ~0 elsewhere;
+    # the two training steps leave the other frames undecided
+    given = np.asarray(Image.open(prompt)) > 0
+    prob3 = np.asarray(Image.open(out_dir / "run000" / "probs" / "00003.png")) / 65535
+    assert prob3[given].mean() > 0.2 and prob3[~given].mean() < 0.05
+    with pytest.raises(UserError, match="--prompt MASK.png"):
+        predict_images(run, [frames], tmp_path / "p2")
+    small = tmp_path / "small.png"
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(small)
+    with pytest.raises(UserError, match="frame's size"):
+        predict_images(run, [frames], tmp_path / "p3", prompt=[str(small)])

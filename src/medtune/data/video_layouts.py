@@ -435,6 +435,8 @@ def video_from_path(path: str | Path, cfg: DataCfg) -> VideoSample:
         video.n_frames = len(decoder)
         rate = decoder.stream.average_rate
         video.fps = float(rate) if rate else cfg.video.fps
+        ctx = decoder.stream.codec_context
+        video.frame_size = (int(ctx.height), int(ctx.width)) if ctx.height and ctx.width else None
     finally:
         decoder.close()
     if video.n_frames == 0:

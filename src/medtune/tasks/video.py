@@ -257,6 +257,18 @@ def _prompt_of_request(req: PredictRequest, cfg: Config) -> PromptSpec | None:
     return PromptSpec(frame=frame, mask=mask)
 
 
+def check_prompt(prompt: PromptSpec | None, video: VideoSample) -> None:
+    """The prompt fits the video: its frame exists, a mask has the frame's size (where the size is known)."""
+    if prompt is None:
+        return
+    if not 0 <= prompt.frame < video.n_frames:
+        raise UserError(f"--frame {prompt.frame}: video {video.id} has {video.n_frames} frames "
+                        f"(0-{video.n_frames - 1})")
+    if prompt.mask is not None and video.frame_size is not None and tuple(prompt.mask.shape) != video.frame_size:
+        raise UserError(f"--prompt: the mask is {prompt.mask.shape[0]}x{prompt.mask.shape[1]} but video {video.id}'s "
+                        f"frames are {video.frame_size[0]}x{video.frame_size[1]}; give a mask of the frame's size")
+
+
 def _even_rgb(rgb: np.ndarray) -> np.ndarray:
     """Pad an H x W x 3 frame by one edge pixel where a side is odd (yuv420p needs even sides)."""
     pad_h, pad_w = rgb.shape[0] % 2, rgb.shape[1] % 2
@@ -341,6 +353,8 @@ def predict(req: PredictRequest) -> list[str]:
     if len(set(names)) != len(names):
         raise UserError(f"two inputs are named {max(names, key=names.count)!r}; their outputs would share "
                         f"{req.out_dir}/<name>/: rename one")
+    for video in videos:
+        check_prompt(prompt, video)
     run = load_run(req.run_dir, req.checkpoint)
     cfg = run.cfg
     use_recorded_image_max(cfg, req.run_dir)  # 16-bit frames scaled like the training data
