@@ -103,7 +103,8 @@ def over_time_plot(series: dict[str, tuple[Sequence, Sequence]], title: str, yla
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     if len(cleaned) > 1:
-        ax.legend(fontsize=7, loc="best")
+        # outside the axes: up to 8 crossing lines leave no free corner
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return figure_to_data_uri(fig)
 
 
