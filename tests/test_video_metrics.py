@@ -235,6 +235,13 @@ def test_video_scores_fov_and_empty_ground_truth():
     fov = np.zeros_like(gt)  # nothing inside the FOV: everything empty, J 1 by the DAVIS rule
     s = video_scores({0: probs[0]}, {0: gt}, fov=fov)
     assert s["per_frame"][0]["area"] == 0 and s["j"] == 1.0
+    s = video_scores({0: probs[0], 1: probs[1]}, {0: gt, 1: gt}, fov={0: fov})  # a FOV per frame; frame 1 has none
+    assert s["per_frame"][0]["area"] == 0 and s["per_frame"][1]["area"] == 8 and s["per_frame"][1]["dice"] > 0
+    # boundary F takes the FOV too: outside it a wrong contour costs nothing
+    half = np.ones_like(gt)
+    half[:, 5:] = 0
+    assert boundary_f(square(2, 2), square(2, 6)) < 1.0
+    assert boundary_f(square(2, 2), square(2, 2) | square(2, 7), fov=half) == 1.0
 
 
 # ------------------------------------------------------------------------------------------------ pooling

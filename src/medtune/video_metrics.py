@@ -72,8 +72,8 @@ def boundary_tolerance(shape: tuple[int, int], bound_th: float = BOUND_TH) -> in
     return int(math.ceil(bound_th * math.hypot(shape[0], shape[1])))
 
 
-def boundary_precision_recall(pred: np.ndarray, gt: np.ndarray, fov: np.ndarray | None = None,
-                              bound_th: float = BOUND_TH) -> tuple[float, float, float]:
+def boundary_precision_recall(pred: np.ndarray, gt: np.ndarray, bound_th: float = BOUND_TH,
+                              fov: np.ndarray | None = None) -> tuple[float, float, float]:
     """(F, precision, recall) of the mask boundaries (DAVIS contour accuracy, Perazzi et al. CVPR 2016).
 
     A boundary pixel of the prediction is matched when a ground-truth boundary pixel lies within the tolerance
@@ -105,9 +105,9 @@ def boundary_precision_recall(pred: np.ndarray, gt: np.ndarray, fov: np.ndarray 
     return f_score, precision, recall
 
 
-def boundary_f(pred: np.ndarray, gt: np.ndarray, fov: np.ndarray | None = None, bound_th: float = BOUND_TH) -> float:
+def boundary_f(pred: np.ndarray, gt: np.ndarray, bound_th: float = BOUND_TH, fov: np.ndarray | None = None) -> float:
     """DAVIS boundary F (see ``boundary_precision_recall``)."""
-    return boundary_precision_recall(pred, gt, fov, bound_th)[0]
+    return boundary_precision_recall(pred, gt, bound_th, fov)[0]
 
 
 # ----------------------------------------------------------------------------------------- temporal stability
