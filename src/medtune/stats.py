@@ -12,8 +12,9 @@ import numpy as np
 
 NAN = float("nan")
 
-# Metrics where a smaller value is the better one; compare_metric flips its verdict for these.
-LOWER_IS_BETTER = frozenset({"hd95", "assd", "betti0_error", "betti1_error"})
+# Metrics where a smaller value is the better one; compare_metric flips its verdict for these. change_error and
+# flicker: a video's temporal instability (medtune.video_metrics).
+LOWER_IS_BETTER = frozenset({"hd95", "assd", "betti0_error", "betti1_error", "change_error", "flicker"})
 
 
 def _floats(values: Iterable) -> np.ndarray:
