@@ -28,8 +28,17 @@ written with InternVL's dynamic tiling (``crop_to_patches``, 1..12 tiles + thumb
 with the best predicted IoU kept (``model.vlm.mask_output``), without object-score gating. tests/test_sa2va_parity.py
 checks this against tensors Sa2VA's own code computed (``../shared/fixtures/sa2va-tiny``).
 
-Tensors the image model does not use (SAM 2's video parts: memory attention / encoder, object pointers, ...) are
-listed with their shapes in ``unused_tensors.json`` next to ``segvlm.json`` and in the importer's output.
+SAM 2 is written whole, once: ``sam/`` is a transformers ``Sam2VideoModel`` checkpoint (``config.json`` model_type
+``sam2_video``) holding every SAM 2 tensor of the checkpoint, its video half included (memory attention, memory
+encoder, object-pointer projection, ``mask_downsample``, ``maskmem_tpos_enc``, ``no_mem_pos_enc``, ``no_obj_ptr``).
+The image model (``Sam2Model``) of the segvlm family loads its subset from it (models.vlm.seg.parts.load_sam); a video
+model loads all of it (models.video.load_sam2_video). Its memory sizes (Sam2VideoConfig kwargs) come, each, from the
+first that states it: ``--sam-config`` (Sam2VideoConfig kwargs may be added to the Sam2Config ones), the folder's
+``sam2.py`` (``build_memory_attention`` / ``build_memory_encoder`` / the ``SAM2VideoPredictor(...)`` call, read with
+``ast``), the weights' shapes (every memory size shows in a tensor). The names are transformers' conversion names
+(``SAM2_*``) plus the memory encoder's (``_rename_memory_tensors``); a tensor that has no place in the Sam2VideoModel,
+or one of another shape, is refused in one line before anything is written. ``unused_tensors.json`` lists the Sa2VA
+tensors of modules segvlm does not have (none in a Sa2VA hub checkpoint).
 """
 from __future__ import annotations
 
@@ -173,10 +182,10 @@ CHAT_TEMPLATE = (
 @dataclass
 class ConvertedState:
     vlm: dict[str, torch.Tensor] = field(default_factory=dict)  # transformers' InternVL checkpoint key names
-    sam: dict[str, torch.Tensor] = field(default_factory=dict)  # Sam2Model names
+    sam: dict[str, torch.Tensor] = field(default_factory=dict)  # Sam2VideoModel names (Sam2Model's for the image half)
     projection: dict[str, torch.Tensor] = field(default_factory=dict)  # seg_projection names ("0.weight" ...)
     unused: list[str] = field(default_factory=list)  # Sa2VA keys with no place in segvlm
-    sam_source: dict[str, str] = field(default_factory=dict)  # Sam2Model name -> the Sa2VA key it came from
+    sam_source: dict[str, str] = field(default_factory=dict)  # SAM name -> the Sa2VA key it came from
 
 
 def _apply(key: str, mapping: dict[str, str]) -> str:
@@ -504,6 +513,12 @@ def memory_config_from_weights(shapes: dict[str, tuple]) -> dict:
         return len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
 
     attention, encoder = "memory_attention.layers.0.", "memory_encoder."
+    needed = [attention + "self_attn.q_proj.weight", encoder + "projection.weight", "memory_temporal_positional_encoding",
+              encoder + "mask_downsampler.layers.0.conv.weight", encoder + "memory_fuser.layers.0.depthwise_conv.weight"]
+    absent = [k for k in needed if k not in shapes]
+    if absent:
+        raise UserError(f"the SAM 2 weights hold no {absent[0]!r} (a SAM 2 video model has memory attention and a "
+                         "memory encoder); pass its memory sizes with --sam-config FILE.json (Sam2VideoConfig kwargs)")
     hidden = shapes[attention + "self_attn.q_proj.weight"][1]
     downsampler = count(encoder + "mask_downsampler.layers.")
     kernel = shapes[encoder + "mask_downsampler.layers.0.conv.weight"][-1]
@@ -745,7 +760,8 @@ def import_sa2va(sa2va_dir: str | Path, out_dir: str | Path, sam_config=None, se
         "tensors": unused}, indent=2))
     (out / SEGVLM_JSON).write_text(json.dumps({
         "format": FORMAT_VERSION, "seg_token": seg_token, "seg_token_id": tokenizer.convert_tokens_to_ids(seg_token),
-        "vlm_model_type": "internvl", "sam_model_type": video_config.model_type, "hidden_size": hidden, "prompt_size": prompt,
+        "vlm_model_type": "internvl", "sam_model_type": video_config.model_type, "hidden_size": hidden,
+        "prompt_size": prompt,
         # Sa2VA normalises SAM's input with mean/std tensors created in bfloat16 (preprocess_image's default dtype)
         SAM_MEAN_KEY: _bf16(IMAGENET_MEAN), SAM_STD_KEY: _bf16(IMAGENET_STD),
         "imported_from": str(src), "unused_keys": converted.unused, "unused_tensors": UNUSED_FILE,
