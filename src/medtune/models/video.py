@@ -560,6 +560,52 @@ def init_from_config(net: nn.Module) -> None:
         net.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(OBJECT_SCORE_PRIOR)
 
 
+def fit_memory_width(net: nn.Module) -> list[str]:
+    """Give the memory cross-attention the width of the memories it reads. transformers' memory-attention layer builds
+    its key / value projections for MEMORY_CHANNELS-channel memories whatever the config says; SAM 2 builds them for
+    ``memory_encoder_output_channels`` (its ``kv_in_dim``), equal in every published SAM 2 but not in a shrunk one (the
+    Sa2VA test fixture: 16). Returns the names of the re-created (uninitialised) weights; none when widths agree."""
+    width = net.config.memory_encoder_output_channels
+    refit = []
+    for i, layer in enumerate(net.memory_attention.layers):
+        attention = layer.cross_attn_image
+        if attention.k_proj.in_features == width:
+            continue
+        like = attention.k_proj.weight
+        attention.kv_in_dim = width
+        attention.k_proj = nn.Linear(width, attention.internal_dim, device=like.device, dtype=like.dtype)
+        attention.v_proj = nn.Linear(width, attention.internal_dim, device=like.device, dtype=like.dtype)
+        refit += [f"memory_attention.layers.{i}.cross_attn_image.{p}.{t}" for p in ("k_proj", "v_proj")
+                  for t in ("weight", "bias")]
+    return refit
+
+
+def load_sam2_video(path, **kwargs) -> nn.Module:
+    """A ``Sam2VideoModel`` checkpoint folder, loaded with transformers' ``from_pretrained`` (models.hf.load_pretrained);
+    a checkpoint whose memories are not MEMORY_CHANNELS wide (see fit_memory_width) gets its memory cross-attention
+    refitted and those weights read from the folder."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from transformers import Sam2VideoModel
+
+    from medtune.models.hf import load_pretrained, read_config_json
+
+    narrow = read_config_json(Path(path)).get("memory_encoder_output_channels", MEMORY_CHANNELS) != MEMORY_CHANNELS
+    net = load_pretrained(Sam2VideoModel, path, ignore_mismatched_sizes=narrow, **kwargs)
+    refit = set(fit_memory_width(net))
+    if refit:
+        params = dict(net.named_parameters())
+        for file in sorted(Path(path).glob("*.safetensors")):
+            with safe_open(str(file), "pt") as f, torch.no_grad():
+                for key in refit.intersection(f.keys()):
+                    params[key].copy_(f.get_tensor(key))
+                    refit.discard(key)
+        if refit:
+            raise ConfigError(f"{path}: the memory cross-attention weights {sorted(refit)[:2]} are missing")
+    return net
+
+
 def build_sam2_video(cfg: Config) -> Sam2VideoSegModel:
     net = build_sam_network(cfg, Sam2VideoSegModel)
     _check_memory_layout(net.config)
