@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,10 +59,10 @@ MASK_HEAD_KEYS = frozenset({"sam_image", "image_size", "mask", "fov", "target_va
 STACKED_KEYS = ("sam_image", "image_size", "fov")
 
 
-def seg_turns(questions: list[str], answers: list[str], seg_token: str) -> list[dict[str, str]]:
+def seg_turns(questions: list[str], answers: list[str], seg_token: str, images: int = 1) -> list[dict[str, str]]:
     """One user turn per question (the image placeholder in the first only, as Sa2VA's data put several referring
-    expressions of one image), each followed by its answer when given: as many answers (teacher forcing) or one
-    fewer (the conversation ends with the question to answer)."""
+    expressions of one image; ``images`` placeholders for the frames of a video), each followed by its answer when
+    given: as many answers (teacher forcing) or one fewer (the conversation ends with the question to answer)."""
     if not questions:
         raise UserError("a segvlm conversation needs at least one question")
     if len(answers) not in (len(questions), len(questions) - 1):
@@ -74,7 +75,7 @@ def seg_turns(questions: list[str], answers: list[str], seg_token: str) -> list[
                                  f"and {seg_token!r} belongs in answers only")
     turns: list[dict[str, str]] = []
     for k, question in enumerate(questions):
-        turns.append({"role": "user", "content": (IMAGE_PLACEHOLDER if k == 0 else "") + question})
+        turns.append({"role": "user", "content": (IMAGE_PLACEHOLDER * images if k == 0 else "") + question})
         if k < len(answers):
             if IMAGE_PLACEHOLDER in answers[k]:
                 raise UserError(f"the answer {answers[k]!r} contains the image placeholder {IMAGE_PLACEHOLDER!r}")
@@ -87,12 +88,21 @@ def encode_item(codec: ChatCodec, prep: SamImagePrep, image, questions: list[str
     """One sample: ``ChatCodec.encode`` of the conversation with the image (the VLM processor's tokens and pixels,
     its other keys, labels on the answers) + the mask head's ``sam_image`` and the image's ``image_size``. ``image``:
     float [C, H, W] in [0, 1] or uint8, at its own resolution. Module-level and picklable (DataLoader workers)."""
-    from PIL import Image
-
     rgb = to_uint8_rgb(image)
-    item = codec.encode(seg_turns(questions, answers, seg_token), Image.fromarray(rgb), sample_id)
+    item = encode_frames(codec, [rgb], questions, answers, sample_id, seg_token)
     item.update(prep(rgb))
     return item
+
+
+def encode_frames(codec: ChatCodec, frames: list, questions: list[str], answers: list[str], sample_id: str,
+                  seg_token: str) -> dict:
+    """The VLM's part of a sample: ``ChatCodec.encode`` of the conversation with ``frames`` (images as ``encode_item``
+    takes them, or uint8 [H, W, 3] arrays) in its first turn, one image placeholder each."""
+    from PIL import Image
+
+    images = [Image.fromarray(f if isinstance(f, np.ndarray) and f.ndim == 3 and f.shape[-1] == 3
+                              and f.dtype == np.uint8 else to_uint8_rgb(f)) for f in frames]
+    return codec.encode(seg_turns(questions, answers, seg_token, images=len(images)), images, sample_id)
 
 
 def collate(items: list[dict], padding_side: str = "right") -> dict:
@@ -123,6 +133,18 @@ class DecodedMasks:
     iou_scores: torch.Tensor  # [B, K, M]
     index: torch.Tensor  # [B, K] long
     low_res: torch.Tensor  # [B, K, h, w]
+
+
+@dataclass
+class VLMPass:
+    """What the VLM's forward gives the mask head: token logits (at ``positions``), the LM loss (None without
+    labels), the last hidden state at each [SEG] ``seg_hidden`` [B, K, H] and which slots hold one [B, K]."""
+
+    token_logits: torch.Tensor | None
+    lm_loss: torch.Tensor | None
+    positions: Any
+    seg_hidden: torch.Tensor
+    seg_valid: torch.Tensor
 
 
 @dataclass
@@ -240,9 +262,25 @@ class SegVLMModel(SegModel):
         net = self.base_network
         sam_image = batch["sam_image"]
         device = sam_image.device
+        vlm = self.vlm_pass(batch, device, sam_image.shape[0])
+        prompts, valid, b = vlm.seg_hidden, vlm.seg_valid, sam_image.shape[0]
+        if prompts.shape[1] == 0:
+            mask_logits = torch.zeros(b, 0, *output_size, device=device, dtype=torch.float32)
+        else:
+            features = self._sam_features(net.sam, self._sam_pixels(sam_image))
+            low = self._decode_masks(net.sam, features, self.project(prompts)).low_res
+            mask_logits = self.upsample(low, output_size)
+            mask_logits = torch.where(valid[:, :, None, None], mask_logits, torch.zeros_like(mask_logits))
+        return ModelOutput(mask_logits=mask_logits, lm_loss=vlm.lm_loss, token_logits=vlm.token_logits,
+                           mask_valid=valid, logit_positions=vlm.positions)
+
+    def vlm_pass(self, batch: dict, device, b: int) -> "VLMPass":
+        """The VLM on the batch's processor inputs (``input_ids`` [B, T], ``attention_mask``, ``labels``, pixel keys
+        ...): token logits where ``logit_positions`` puts them, the LM loss (with labels), and the last hidden state
+        at each [SEG]. Shared by the image forward and the clip forward (``seg/video.py``)."""
+        net = self.base_network
         inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.model_inputs(batch).items()}
         input_ids = inputs["input_ids"]
-        b = sam_image.shape[0]
         if input_ids.ndim != 2 or input_ids.shape[0] != b:
             raise UserError(f"input_ids must be [B={b}, T], got {tuple(input_ids.shape)}")
         if inputs.get("attention_mask") is None:
@@ -260,17 +298,12 @@ class SegVLMModel(SegModel):
             lm_loss = token_loss(logits, labels, None, positions) if supervised else logits.sum() * 0.0
         # hidden_states[-1] is the final-norm output, the lm_head input: the [SEG] token's own last hidden state
         prompts, valid = self._seg_hidden(out.hidden_states[-1], input_ids, inputs["attention_mask"])
-        if prompts.shape[1] == 0:
-            mask_logits = torch.zeros(b, 0, *output_size, device=device, dtype=torch.float32)
-        else:
-            projection = net.seg_projection
-            weight_dtype = next(projection.parameters()).dtype
-            features = self._sam_features(net.sam, self._sam_pixels(sam_image))
-            low = self._decode_masks(net.sam, features, projection(prompts.to(weight_dtype))).low_res
-            mask_logits = self.upsample(low, output_size)
-            mask_logits = torch.where(valid[:, :, None, None], mask_logits, torch.zeros_like(mask_logits))
-        return ModelOutput(mask_logits=mask_logits, lm_loss=lm_loss, token_logits=logits, mask_valid=valid,
-                           logit_positions=positions)
+        return VLMPass(token_logits=logits, lm_loss=lm_loss, positions=positions, seg_hidden=prompts, seg_valid=valid)
+
+    def project(self, seg_hidden: torch.Tensor) -> torch.Tensor:
+        """[SEG] hidden states [..., H] -> SAM's sparse prompt embeddings [..., D] (``seg_projection``)."""
+        projection = self.base_network.seg_projection
+        return projection(seg_hidden.to(next(projection.parameters()).dtype))
 
     def upsample(self, low: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
         """Low-res logits [B, K, h, w] -> [B, K, H, W] as Sa2VA: bilinear to SAM's input size (SAM 2's video
@@ -371,17 +404,28 @@ class SegVLMModel(SegModel):
         wants that.
         """
         x = self._one_image(image, "generate_turns")
+        item = self.encode(x, questions[:1], None, "generate")
+        answers, seg_counts, generated = self.generate_conversation(item, questions, max_new_tokens, image.device)
+        batch = collate([generated])
+        batch = {key: (v.to(image.device) if torch.is_tensor(v) else v) for key, v in batch.items()}
+        out = self._forward(batch, tuple(image.shape[-2:]))
+        return answers, list(torch.split(out.mask_logits[0], seg_counts))
+
+    def generate_conversation(self, item: dict, questions: list[str], max_new_tokens: int, device,
+                              images: int = 1) -> tuple[list[str], list[int], dict]:
+        """Greedy answers to ``questions`` (``item``: the encoded first question with its ``images`` images, for
+        generation), each turn continuing the previous turns' generated tokens. Returns the answers, the [SEG]
+        count of each, and ``item`` holding the whole generated conversation (no labels) for one teacher-forced
+        forward (the image forward's or the clip forward's)."""
         codec = self.codec
         stops = set(codec.stop_ids)
         close = codec.end_of_turn_id if codec.end_of_turn_id is not None else codec.stop_ids[0]
-        item = self.encode(x, questions[:1], None, "generate")
         sequence: list[int] = item["input_ids"].tolist()
         answers: list[str] = []
         seg_counts: list[int] = []
-        device = image.device
         for k in range(len(questions)):
             if k:
-                turns = seg_turns(questions[:k + 1], answers, self.seg_token)
+                turns = seg_turns(questions[:k + 1], answers, self.seg_token, images)
                 sequence += codec.continuation_ids(turns, "generate")
             batch = collate([_with_ids(item, sequence)])
             inputs = {key: (v.to(device) if torch.is_tensor(v) else v) for key, v in self.model_inputs(batch).items()}
@@ -395,10 +439,7 @@ class SegVLMModel(SegModel):
             seg_counts.append(sum(t == self.seg_token_id for t in new))
             # an answer cut by max_new_tokens is closed as training closes every answer, before the next turn
             sequence += new if new and new[-1] in stops else new + [close]
-        batch = collate([_with_ids(item, sequence)])
-        batch = {key: (v.to(device) if torch.is_tensor(v) else v) for key, v in batch.items()}
-        out = self._forward(batch, tuple(image.shape[-2:]))
-        return answers, list(torch.split(out.mask_logits[0], seg_counts))
+        return answers, seg_counts, _with_ids(item, sequence)
 
     def teacher_forced_masks(self, image: torch.Tensor, question: str | list[str], answer: str | list[str]
                              ) -> torch.Tensor:
