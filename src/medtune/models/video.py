@@ -686,7 +686,7 @@ def _add_prompt(session, obj: int, index: int, prompt: VideoPrompt, frame_size: 
 
 
 # --- building ---------------------------------------------------------------------------------------------------------
-def _check_memory_layout(config) -> None:
+def check_memory_layout(config) -> None:
     """What transformers' Sam2VideoModel silently assumes of its config (a model built from model.config overrides
     that breaks it fails deep inside the first clip otherwise)."""
     hidden = config.vision_config.fpn_hidden_size
@@ -722,7 +722,7 @@ def init_from_config(net: nn.Module) -> None:
 
 def build_sam2_video(cfg: Config) -> Sam2VideoSegModel:
     net = build_sam_network(cfg, Sam2VideoSegModel)
-    _check_memory_layout(net.config)
+    check_memory_layout(net.config)
     if cfg.model.path is None:
         init_from_config(net)
     return Sam2VideoSegModel(net, cfg.data.channels, cfg.model.prompt, cfg.model.video)
