@@ -536,15 +536,17 @@ def test_qlora_refused_without_cuda(internvl_parts):
 
 
 def test_sam2_video_checkpoint_is_a_valid_sam_path(internvl_parts, tmp_path):
-    from transformers import Sam2VideoConfig, Sam2VideoModel
+    from transformers import Sam2VideoModel
 
-    from medtune.models.sam import tiny_sam2_config_dict
+    from medtune.models.video import tiny_sam2_video_config
 
     video = tmp_path / "sam2-video"
     torch.manual_seed(0)
-    Sam2VideoModel(Sam2VideoConfig(**tiny_sam2_config_dict())).save_pretrained(video)
+    Sam2VideoModel(tiny_sam2_video_config()).save_pretrained(video)
     seg = build_model(_parts_cfg((internvl_parts[0], video)))
-    assert type(seg.base_network.sam).__name__ == "Sam2Model"
+    # loaded whole (its memory kept through training and export), trained on images: the memory stays frozen
+    assert type(seg.base_network.sam).__name__ == "Sam2VideoModel"
+    assert not any("memory_" in n for n, _ in seg.trainable_named_parameters())
     ref = Sam2VideoModel.from_pretrained(video)
     assert torch.equal(seg.base_network.sam.vision_encoder.neck.convs[0].weight,
                        ref.vision_encoder.neck.convs[0].weight)
