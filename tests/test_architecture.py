@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("medtune.models", "medtune.inference")),
     ("runs", ("medtune.runs",)),
     ("pages", ("medtune.report.page", "medtune.report.plots", "medtune.report.html", "medtune.report.answers",
-               "medtune.report.compare")),
+               "medtune.report.compare", "medtune.report.video")),
     ("tasks", ("medtune.tasks",)),
     ("commands", ("medtune.train", "medtune.evaluate", "medtune.predict", "medtune.reporting", "medtune.report.cv",
                   "medtune.demo", "medtune.app")),
@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ]
 # The commands after training: they dispatch through the run's task and must not test its kind themselves.
 AFTER_TRAINING = ("medtune/evaluate.py", "medtune/predict.py", "medtune/reporting.py", "medtune/report/html.py",
-                  "medtune/report/compare.py", "medtune/report/answers.py")
+                  "medtune/report/compare.py", "medtune/report/answers.py", "medtune/report/video.py")
 
 
 def _modules() -> dict[str, Path]:

@@ -536,15 +536,17 @@ def test_qlora_refused_without_cuda(internvl_parts):
 
 
 def test_sam2_video_checkpoint_is_a_valid_sam_path(internvl_parts, tmp_path):
-    from transformers import Sam2VideoConfig, Sam2VideoModel
+    from transformers import Sam2VideoModel
 
-    from medtune.models.sam import tiny_sam2_config_dict
+    from medtune.models.video import tiny_sam2_video_config
 
     video = tmp_path / "sam2-video"
     torch.manual_seed(0)
-    Sam2VideoModel(Sam2VideoConfig(**tiny_sam2_config_dict())).save_pretrained(video)
+    Sam2VideoModel(tiny_sam2_video_config()).save_pretrained(video)
     seg = build_model(_parts_cfg((internvl_parts[0], video)))
-    assert type(seg.base_network.sam).__name__ == "Sam2Model"
+    # loaded whole (its memory kept through training and export), trained on images: the memory stays frozen
+    assert type(seg.base_network.sam).__name__ == "Sam2VideoModel"
+    assert not any("memory_" in n for n, _ in seg.trainable_named_parameters())
     ref = Sam2VideoModel.from_pretrained(video)
     assert torch.equal(seg.base_network.sam.vision_encoder.neck.convs[0].weight,
                        ref.vision_encoder.neck.convs[0].weight)
@@ -570,8 +572,8 @@ INTERNLM2_ANCHORS = ["language_model.model.tok_embeddings.weight", "language_mod
                      "language_model.model.layers.0.feed_forward.w1.weight",
                      "language_model.model.layers.0.attention_norm.weight",
                      "language_model.model.layers.0.ffn_norm.weight", "language_model.output.weight"]
-# memory / video parts of Sa2VA's SAM 2 that a single-image segvlm does not use
-SAM2_VIDEO_KEYS = ["memory_attention.layers.0.linear1.weight", "maskmem_tpos_enc", "no_obj_ptr", "no_mem_pos_enc",
+# memory / video parts of Sa2VA's SAM 2 (kept by the importer in sam/, a Sam2VideoModel checkpoint)
+SAM2_VIDEO_ANCHORS = ["memory_attention.layers.0.linear1.weight", "maskmem_tpos_enc", "no_obj_ptr", "no_mem_pos_enc",
                    "obj_ptr_proj.layers.0.weight", "mask_downsample.weight", "memory_encoder.fuser.layers.0.pwconv2.bias"]
 
 
@@ -586,8 +588,22 @@ def _original_vision(name: str) -> str:
 
 
 def _original_sam2(name: str) -> str:
-    """Sam2Model name -> the SAM 2 repository's."""
-    rules = [(r"^vision_encoder\.backbone\.", "image_encoder.trunk."),
+    """Sam2Model / Sam2VideoModel name -> the SAM 2 repository's (Sa2VA's)."""
+    rules = [(r"^memory_encoder\.mask_downsampler\.layers\.(\d+)\.conv\.",
+              lambda m: f"memory_encoder.mask_downsampler.encoder.{3 * int(m.group(1))}."),
+             (r"^memory_encoder\.mask_downsampler\.layers\.(\d+)\.layer_norm\.",
+              lambda m: f"memory_encoder.mask_downsampler.encoder.{3 * int(m.group(1)) + 1}."),
+             (r"^memory_encoder\.mask_downsampler\.final_conv\.", "memory_encoder.mask_downsampler.encoder.12."),
+             (r"^memory_encoder\.feature_projection\.", "memory_encoder.pix_feat_proj."),
+             (r"^memory_encoder\.projection\.", "memory_encoder.out_proj."),
+             (r"^memory_encoder\.memory_fuser\.layers\.(\d+)\.scale$", r"memory_encoder.fuser.layers.\1.g_weight"),
+             (r"^memory_encoder\.memory_fuser\.", "memory_encoder.fuser."), (r"\.depthwise_conv\.", ".dwconv."),
+             (r"\.pointwise_conv(\d)\.", r".pwconv\1."), (r"^memory_temporal_positional_encoding$", "maskmem_tpos_enc"),
+             (r"^no_memory_positional_encoding$", "no_mem_pos_enc"), (r"^no_object_pointer$", "no_obj_ptr"),
+             (r"^object_pointer_proj\.proj_in\.", "obj_ptr_proj.layers.0."),
+             (r"^object_pointer_proj\.layers\.0\.", "obj_ptr_proj.layers.1."),
+             (r"^object_pointer_proj\.proj_out\.", "obj_ptr_proj.layers.2."),
+             (r"^vision_encoder\.backbone\.", "image_encoder.trunk."),
              (r"^vision_encoder\.neck\.convs\.(\d+)\.", r"image_encoder.neck.convs.\1.conv."),
              (r"^prompt_encoder\.", "sam_prompt_encoder."), (r"^mask_decoder\.", "sam_mask_decoder."),
              (r"^no_memory_embedding$", "no_mem_embed"),
@@ -653,12 +669,34 @@ def _fake_sa2va(vlm, sam, projection, llama: bool) -> dict:
                 state[f"grounding_encoder.sam2_model.sam_prompt_encoder.point_embeddings.{i}.weight"] = value[i:i + 1]
             continue
         state[f"grounding_encoder.sam2_model.{_original_sam2(name)}"] = value.clone()
-    for key in SAM2_VIDEO_KEYS:
-        state[f"grounding_encoder.sam2_model.{key}"] = torch.zeros(2)
     for name, value in projection.state_dict().items():
         state[f"text_hidden_fcs.{name}"] = value.clone()
     state["vp_extractor.weight"] = torch.zeros(2)  # a part segvlm has no place for: reported, not loaded
     return state
+
+
+def _tiny_sa2va_sam2_video(sam):
+    """A Sam2VideoModel around the tiny SAM 2 ``sam`` (its weights), with a Sa2VA-like (SAM 2.0) memory: no temporal
+    encoding of object pointers, no occlusion embedding; memories 16 channels wide."""
+    from transformers import Sam2VideoConfig, Sam2VideoModel
+
+    from medtune.models.video import fit_memory_width
+
+    image = sam.config.to_dict()
+    config = Sam2VideoConfig(
+        vision_config=image["vision_config"], prompt_encoder_config=image["prompt_encoder_config"],
+        mask_decoder_config=image["mask_decoder_config"], image_size=64, memory_attention_rope_feat_sizes=[4, 4],
+        memory_attention_hidden_size=32, memory_attention_num_layers=1, memory_attention_feed_forward_hidden_size=64,
+        memory_encoder_hidden_size=32, memory_encoder_output_channels=16, mask_downsampler_embed_dim=32,
+        memory_fuser_embed_dim=32, memory_fuser_intermediate_dim=128, enable_occlusion_spatial_embedding=False,
+        enable_temporal_pos_encoding_for_object_pointers=False)
+    video = Sam2VideoModel(config)
+    fit_memory_width(video)
+    with torch.no_grad():
+        for p in video.parameters():  # nothing zero or one: a mis-mapped tensor shows
+            p.copy_(torch.randn_like(p) * 0.1)
+    video.load_state_dict(sam.state_dict(), strict=False)
+    return video
 
 
 @pytest.mark.parametrize("llm", ["qwen2", "internlm2"])
@@ -685,9 +723,10 @@ def test_sa2va_import_maps_every_weight(llm, tmp_path):
     sam, projection = tiny_sam("sam2"), new_projection(text_size["hidden_size"], 32)
     # SAM 2 has one positional Gaussian matrix (the prompt encoder's pe_layer); transformers keeps two equal copies
     sam.shared_image_embedding.positional_embedding.copy_(sam.prompt_encoder.shared_embedding.positional_embedding)
-    state = _fake_sa2va(vlm, sam, projection, llama=llm == "internlm2")
+    video = _tiny_sa2va_sam2_video(sam)
+    state = _fake_sa2va(vlm, video, projection, llama=llm == "internlm2")
     sam_keys = [k.removeprefix("grounding_encoder.sam2_model.") for k in state]
-    assert set(SAM2_ANCHORS) <= set(sam_keys) and set(INTERNVL_ANCHORS) <= set(state)
+    assert set(SAM2_ANCHORS + SAM2_VIDEO_ANCHORS) <= set(sam_keys) and set(INTERNVL_ANCHORS) <= set(state)
     assert llm != "internlm2" or set(INTERNLM2_ANCHORS) <= set(state)
 
     src = tmp_path / "Sa2VA-tiny"
@@ -717,6 +756,11 @@ def test_sa2va_import_maps_every_weight(llm, tmp_path):
         assert set(got_sd) == set(want_sd)
         assert all(torch.equal(got_sd[k], want_sd[k]) for k in want_sd), [k for k in want_sd
                                                                            if not torch.equal(got_sd[k], want_sd[k])]
+    # sam/ holds the whole SAM 2 (a Sam2VideoModel): memory included, every tensor as in the source
+    from medtune.models.video import load_sam2_video
+
+    got_sd, want_sd = load_sam2_video(out / "sam").state_dict(), video.state_dict()
+    assert set(got_sd) == set(want_sd) and all(torch.equal(got_sd[k], want_sd[k]) for k in want_sd)
     item = seg.encode(torch.rand(3, 40, 48), QUESTION, ANSWER)
     # Sa2VA's tiling (1..12 tiles + thumbnail); per 56 px tile 4 x 4 patches, pixel-shuffled to 4 image tokens
     assert item["pixel_values"].shape[0] > 1

@@ -84,6 +84,9 @@ def test_evaluate_videos_writes_summary_and_tables(tmp_path):
 
     text = format_summary(on_disk)
     assert "3 videos, 18 frames (9 annotated)" in text and "per-video J&F" in text and "change_error" in text
+    assert "calibrated threshold" in text and "fitted on val videos" in text
+    given = format_summary({**on_disk, "calibration": {"strategy": "given", "note": "threshold given, not calibrated"}})
+    assert "fitted on val" not in given and "threshold given, not calibrated" in given
 
 
 def test_prompt_frames_are_not_scored():

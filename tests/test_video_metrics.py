@@ -56,11 +56,39 @@ def test_region_similarity_ignores_pixels_outside_the_fov():
 
 
 # ------------------------------------------------------------------------------------------------------- F
-def test_boundary_of_a_square_is_its_ring():
-    b = boundary_pixels(square(1, 1))
-    assert b.sum() == 8 and not b[2, 2]  # 3x3 square: 8 ring pixels, the centre is inside
+def test_boundary_of_a_square_is_the_davis_ring():
+    b = boundary_pixels(square(1, 1))  # rows / cols 1-3
+    ring = np.zeros((10, 10), bool)
+    ring[0:4, 0:4] = True  # the contour runs between pixel centres: the row / column above / left is on it too
+    ring[1:3, 1:3] = False  # windows wholly inside the square
+    assert (b == ring).all() and b.sum() == 12
     full = np.ones((4, 4), np.uint8)
-    assert boundary_pixels(full).sum() == 0  # the image's outside is not background
+    assert boundary_pixels(full).sum() == 0  # the image's edge is no contour
+    corner = np.zeros((4, 4), np.uint8)
+    corner[2:, 2:] = 1  # touching the bottom-right edge: the contour is its top and left side only
+    assert np.argwhere(boundary_pixels(corner)).tolist() == [[1, 1], [1, 2], [1, 3], [2, 1], [3, 1]]
+
+
+def test_boundary_map_is_the_davis_rule_pixel_by_pixel():
+    """DAVIS' rule written as a loop: a pixel is on the contour when its right, lower or lower-right neighbour is of
+    the other class; on the last row only the right neighbour counts, on the last column only the lower one."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(7)
+    m = ndimage.binary_opening(rng.random((17, 13)) > 0.4)
+    h, w = m.shape
+    expected = np.zeros_like(m)
+    for y in range(h):
+        for x in range(w):
+            others = []
+            if x + 1 < w and y + 1 < h:
+                others = [m[y, x + 1], m[y + 1, x], m[y + 1, x + 1]]
+            elif x + 1 < w:
+                others = [m[y, x + 1]]
+            elif y + 1 < h:
+                others = [m[y + 1, x]]
+            expected[y, x] = any(o != m[y, x] for o in others)
+    assert (boundary_pixels(m) == expected).all()
 
 
 def test_boundary_tolerance_follows_the_diagonal_rule():
@@ -71,13 +99,14 @@ def test_boundary_tolerance_follows_the_diagonal_rule():
 
 def test_boundary_f_by_hand_for_shifted_squares():
     gt = square(1, 1)
-    # shifted one column: with tolerance 0 the rings share their top and bottom middle pixels, 4 of 8 each way
+    # rings of 12 (4x4 less 2x2). Shifted one column, tolerance 0: they share 3 pixels of the top row and 3 of the
+    # bottom row, none of the sides: 6 of 12 each way
     assert boundary_precision_recall(square(1, 2), gt, bound_th=0.0) == pytest.approx((0.5, 0.5, 0.5))
     # ... and with the default tolerance (1 px on a 10x10 image) every ring pixel is within 1 of the other ring
     assert boundary_f(square(1, 2), gt) == pytest.approx(1.0)
-    # shifted two columns: the far column of each ring (3 px) is 2 away, the other 5 match within 1
+    # shifted two columns: per top / bottom row 3 of 4 within 1 px, per side row 1 of 2: 8 of 12 each way
     f, p, r = boundary_precision_recall(square(1, 3), gt, bound_th=1)
-    assert (p, r, f) == pytest.approx((5 / 8, 5 / 8, 5 / 8))
+    assert (p, r, f) == pytest.approx((2 / 3, 2 / 3, 2 / 3))
 
 
 def test_boundary_f_empty_cases_follow_davis():
@@ -206,6 +235,13 @@ def test_video_scores_fov_and_empty_ground_truth():
     fov = np.zeros_like(gt)  # nothing inside the FOV: everything empty, J 1 by the DAVIS rule
     s = video_scores({0: probs[0]}, {0: gt}, fov=fov)
     assert s["per_frame"][0]["area"] == 0 and s["j"] == 1.0
+    s = video_scores({0: probs[0], 1: probs[1]}, {0: gt, 1: gt}, fov={0: fov})  # a FOV per frame; frame 1 has none
+    assert s["per_frame"][0]["area"] == 0 and s["per_frame"][1]["area"] == 8 and s["per_frame"][1]["dice"] > 0
+    # boundary F takes the FOV too: outside it a wrong contour costs nothing
+    half = np.ones_like(gt)
+    half[:, 5:] = 0
+    assert boundary_f(square(2, 2), square(2, 6)) < 1.0
+    assert boundary_f(square(2, 2), square(2, 2) | square(2, 7), fov=half) == 1.0
 
 
 # ------------------------------------------------------------------------------------------------ pooling

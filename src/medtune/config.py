@@ -156,6 +156,12 @@ class VLMCfg(Section):
     # with the highest predicted IoU (Sa2VA, training and inference); single: the single-mask head (mask token 0;
     # LISA's multimask_output=False); auto: best_iou with SAM 2, single with SAM.
     mask_output: Literal["auto", "best_iou", "single"] = "auto"
+    # segvlm on videos (mask head: a SAM 2 video model): the frames of a clip / video the VLM sees with the question;
+    # the projected [SEG] prompts SAM 2 on each of them (conditioning frames, decoded without memory) and SAM 2's
+    # memory carries the mask to the other frames, in training as in inference (Sa2VA: 5; first: the first frames,
+    # as Sa2VA's inference; uniform: spread evenly over the sequence, the first and last included)
+    video_frames: int = Field(5, ge=1)
+    video_frame_choice: Literal["first", "uniform"] = "first"
 
 
 class VideoModelCfg(Section):

@@ -32,8 +32,6 @@ BOUND_TH = 0.008
 # Per-video scalar metrics pooled with CIs over videos; the order of report tables and of format_summary.
 VIDEO_METRICS = ["dice", "j", "f", "jf", "cldice", "pooled_dice", "precision", "recall", "pred_change", "gt_change",
                  "change_ratio", "change_excess", "change_error", "flicker"]
-# 4-connected inner boundary: a foreground pixel with a background pixel above, below, left or right of it
-_CROSS = ndimage.generate_binary_structure(2, 1)
 
 
 def _check_shapes(a: np.ndarray, b: np.ndarray, what: str) -> None:
@@ -51,12 +49,19 @@ def region_similarity(pred: np.ndarray, gt: np.ndarray, fov: np.ndarray | None =
 
 
 def boundary_pixels(mask: np.ndarray) -> np.ndarray:
-    """The inner boundary of a binary mask: foreground pixels with a 4-neighbour in the background (the image's
-    outside does not count as background, so a mask filling the image has no boundary)."""
+    """The boundary map DAVIS scores (its ``seg2bmap``): pixels whose 2x2 window (the pixel and its right, lower and
+    lower-right neighbours) is not all one class. The contour runs between pixel centres, so it is marked on the
+    pixels above / left of the object's edge as well as on the object's own last row / column: a 3x3 square has a
+    12-pixel ring (its 4x4 block less the 2x2 inside). Beyond the image the last row / column repeat, so the image's
+    edge is no contour and a mask filling the image has no boundary."""
     m = _as_mask(mask, "mask")
     if not m.any():
         return m
-    return m & ~ndimage.binary_erosion(m, structure=_CROSS, border_value=1)
+    padded = np.pad(m, ((0, 1), (0, 1)), mode="edge")
+    window = (padded[:-1, :-1], padded[:-1, 1:], padded[1:, :-1], padded[1:, 1:])
+    all_fg = window[0] & window[1] & window[2] & window[3]
+    any_fg = window[0] | window[1] | window[2] | window[3]
+    return any_fg & ~all_fg
 
 
 def boundary_tolerance(shape: tuple[int, int], bound_th: float = BOUND_TH) -> int:
@@ -67,18 +72,15 @@ def boundary_tolerance(shape: tuple[int, int], bound_th: float = BOUND_TH) -> in
     return int(math.ceil(bound_th * math.hypot(shape[0], shape[1])))
 
 
-def boundary_precision_recall(pred: np.ndarray, gt: np.ndarray, fov: np.ndarray | None = None,
-                              bound_th: float = BOUND_TH) -> tuple[float, float, float]:
+def boundary_precision_recall(pred: np.ndarray, gt: np.ndarray, bound_th: float = BOUND_TH,
+                              fov: np.ndarray | None = None) -> tuple[float, float, float]:
     """(F, precision, recall) of the mask boundaries (DAVIS contour accuracy, Perazzi et al. CVPR 2016).
 
     A boundary pixel of the prediction is matched when a ground-truth boundary pixel lies within the tolerance
     (Euclidean distance <= ``boundary_tolerance``, the same set as DAVIS' dilation by a disk), and vice versa.
     precision = matched prediction boundary / prediction boundary, recall = matched ground-truth boundary / ground-
     truth boundary, F their harmonic mean. Empty boundaries as in DAVIS: both empty 1, one empty 0.
-
-    Unlike DAVIS' ``seg2bmap`` (which marks pixels whose right, lower or lower-right neighbour differs), the boundary
-    here is the 4-connected inner boundary (``boundary_pixels``); both are one pixel wide, and with the tolerance the
-    scores agree to within a pixel's shift of the contour.
+    The boundary map is DAVIS' (``boundary_pixels``), so the scores are the benchmark's for masks of one size.
     """
     p, g = _as_mask(pred, "pred"), _as_mask(gt, "gt")
     _check_shapes(p, g, "boundary F")
@@ -103,9 +105,9 @@ def boundary_precision_recall(pred: np.ndarray, gt: np.ndarray, fov: np.ndarray 
     return f_score, precision, recall
 
 
-def boundary_f(pred: np.ndarray, gt: np.ndarray, fov: np.ndarray | None = None, bound_th: float = BOUND_TH) -> float:
+def boundary_f(pred: np.ndarray, gt: np.ndarray, bound_th: float = BOUND_TH, fov: np.ndarray | None = None) -> float:
     """DAVIS boundary F (see ``boundary_precision_recall``)."""
-    return boundary_precision_recall(pred, gt, fov, bound_th)[0]
+    return boundary_precision_recall(pred, gt, bound_th, fov)[0]
 
 
 # ----------------------------------------------------------------------------------------- temporal stability

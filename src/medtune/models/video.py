@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,21 +94,47 @@ def tiny_sam2_video_config(**overrides: Any):
 class VideoModelOutput(ModelOutput):
     """``mask_logits`` [B, T, 1, H, W] at the input size; ``object_score_logits`` [B, T] (> 0: the model sees the
     object in the frame); ``mask_prompted`` [B, T] bool: the frame whose output is the mask prompt itself (no loss
-    there); ``prompt_frame`` [B] long: each clip's conditioning frame."""
+    there); ``prompt_frame`` [B] long: each clip's (first) conditioning frame; ``conditioning`` [B, T] bool: the
+    frames decoded from the prompt without memory (the segmenting VLM: the frames the VLM saw)."""
 
     object_score_logits: torch.Tensor | None = None
     mask_prompted: torch.Tensor | None = None
     prompt_frame: torch.Tensor | None = None
+    conditioning: torch.Tensor | None = None
 
 
 @dataclass
 class VideoPrompt:
     """What prompts propagation on frame ``frame``: a ``mask`` [H, W] (1 = object) or a ``box`` (x1, y1, x2, y2 in
-    the frame's pixels), or neither (semantic: the model decodes that frame alone)."""
+    the frame's pixels), or neither (semantic: the model decodes that frame alone); or a sparse prompt
+    ``embedding`` [D] (the segmenting VLM's projected [SEG]) on each of ``embedding_frames`` (default: ``frame``),
+    all decoded without memory before propagation starts at the first of them (Sa2VA's video inference)."""
 
     frame: int = 0
     mask: torch.Tensor | None = None
     box: Sequence[float] | None = None
+    embedding: torch.Tensor | None = None
+    embedding_frames: Sequence[int] | None = None
+
+    def conditioning_frames(self) -> tuple[int, ...]:
+        if self.embedding is not None and self.embedding_frames:
+            return tuple(sorted(set(int(f) for f in self.embedding_frames)))
+        return (int(self.frame),)
+
+
+@dataclass
+class VideoHead:
+    """What ``propagate`` needs of a model whose mask head is a ``Sam2VideoModel`` (``model.video_head()``): the
+    network, the module switched to eval mode while propagating, the frame -> encoder input function (a frame
+    float [C, H, W] in [0, 1] -> [1, 3, S, S]), and the memory bank bound."""
+
+    net: nn.Module
+    module: nn.Module
+    pixels: Callable[[torch.Tensor], torch.Tensor]
+    image_size: int
+    in_channels: int
+    memory_frames: int | None
+    dtype: torch.dtype
 
 
 class Sam2VideoSegModel(Sam2SegModel):
@@ -165,24 +192,21 @@ class Sam2VideoSegModel(Sam2SegModel):
         vision = net.get_image_features(self._encoder_input(frames.flatten(0, 1)), return_dict=True)
         feats, pos = list(vision.fpn_hidden_states), list(vision.fpn_position_encoding)  # each [HW, B*T, C]
 
-        low_res: list[torch.Tensor | None] = [None] * (b * t)
-        scores: list[torch.Tensor | None] = [None] * (b * t)
+        groups = []
         for k in sorted(set(prompt_frame.tolist())):
             clips = (prompt_frame == k).nonzero().flatten()
-            prompt_mask = prompt_points = None
+            cond = ClipConditioning(frames=(k,))
             if self.prompt == "mask":
-                prompt_mask = prompt_mask_input(masks[clips, k].float(), self.image_size)
+                cond.mask = prompt_mask_input(masks[clips, k].float(), self.image_size)
             elif self.prompt == "box":
-                prompt_points = box_points(box[clips].to(frames.device), (h, w), self.image_size)
-            for frame, out in self._track(net, feats, pos, clips, t, k, prompt_mask, prompt_points):
-                for row, clip in enumerate(clips.tolist()):
-                    low_res[clip * t + frame] = out["pred_masks"][row]
-                    scores[clip * t + frame] = out["object_score_logits"][row].reshape(())
-        logits = upsample_logits(torch.stack(low_res), (h, w), self.image_size).view(b, t, 1, h, w)
-        frame_ids = torch.arange(t, device=frames.device)
-        prompted = (frame_ids[None, :] == prompt_frame[:, None]) & (self.prompt == "mask")
-        return VideoModelOutput(mask_logits=logits, object_score_logits=torch.stack(scores).view(b, t).float(),
-                                mask_prompted=prompted, prompt_frame=prompt_frame)
+                cond.points = box_points(box[clips].to(frames.device), (h, w), self.image_size)
+            groups.append((clips, cond))
+        low_res, scores = decode_clips(net, feats, pos, b, t, groups)
+        logits = upsample_logits(low_res, (h, w), self.image_size).view(b, t, 1, h, w)
+        conditioning = torch.arange(t, device=frames.device)[None, :] == prompt_frame[:, None]
+        return VideoModelOutput(mask_logits=logits, object_score_logits=scores.view(b, t).float(),
+                                mask_prompted=conditioning & (self.prompt == "mask"), prompt_frame=prompt_frame,
+                                conditioning=conditioning)
 
     def _prompt_frames(self, b: int, t: int, annotated: torch.Tensor | None, device) -> torch.Tensor:
         """Each clip's conditioning frame: its first annotated frame when a mask or box prompts it, frame 0 in
@@ -196,49 +220,10 @@ class Sam2VideoSegModel(Sam2SegModel):
                              "prompt on; the clip sampler must put an annotated frame in every clip")
         return annotated.int().argmax(dim=1).to(device)
 
-    def _track(self, net: nn.Module, feats: list[torch.Tensor], pos: list[torch.Tensor], clips: torch.Tensor,
-               t: int, k: int, prompt_mask: torch.Tensor | None,
-               prompt_points: tuple[torch.Tensor, torch.Tensor] | None) -> Iterator[tuple[int, dict]]:
-        """The clips ``clips`` (sharing conditioning frame ``k``) through the memory, frame by frame: ``k``, then
-        forward to the end, then backward to 0. Yields (frame, {"pred_masks" [n, 1, h, w], "object_pointer",
-        "object_score_logits" [n, 1, 1]})."""
-        from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
-
-        top = feats[-1]
-        bank = Sam2VideoInferenceSession(inference_device=top.device, inference_state_device=top.device,
-                                         video_storage_device=top.device, dtype=top.dtype)
-        obj = bank.obj_id_to_idx(OBJECT_ID)
-        n = clips.numel()
-        channels, (fh, fw) = net.hidden_dim, net.backbone_feature_sizes[-1]
-        order = [(f, False) for f in range(k, t)] + [(f, True) for f in range(k - 1, -1, -1)]
-        for frame, reverse in order:
-            columns = clips * t + frame
-            level = [x[:, columns] for x in feats]  # [HW, n, C] per level, high to low resolution
-            high_res = [x.permute(1, 2, 0).reshape(n, x.shape[2], *size)
-                        for x, size in zip(level[:-1], net.backbone_feature_sizes[:-1])]
-            current = level[-1]
-            conditioning = frame == k
-            points = prompt_points if conditioning else None
-            if conditioning and prompt_mask is not None:
-                pix = current.permute(1, 2, 0).reshape(n, channels, fh, fw)
-            elif conditioning:  # no memory yet: SAM 2's learnt "no memory" token
-                pix = (current + net.no_memory_embedding).permute(1, 2, 0).reshape(n, channels, fh, fw)
-            else:
-                pix = _memory_conditioned(net, bank, obj, frame, current, pos[-1][:, columns], reverse)
-            # one clip at a time through the decoder: transformers' best-of-three mask selection pairs each clip with
-            # the first clip's choice when given several
-            parts = [_decode(net, [x[i:i + 1] for x in high_res], pix[i:i + 1],
-                             None if not conditioning or prompt_mask is None else prompt_mask[i:i + 1],
-                             None if points is None else (points[0][i:i + 1], points[1][i:i + 1]), conditioning)
-                     for i in range(n)]
-            out = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
-            prompted = conditioning and (prompt_mask is not None or points is not None)
-            memory, memory_pos = net._encode_new_memory(current, out.pop("high_res_masks"),
-                                                        out["object_score_logits"], is_mask_from_pts=prompted)
-            bank.store_output(obj, frame, output_value={**out, "maskmem_features": memory,
-                                                        "maskmem_pos_enc": memory_pos},
-                              is_conditioning_frame=conditioning)
-            yield frame, out
+    def video_head(self) -> VideoHead:
+        return VideoHead(net=self.base_network, module=self, pixels=lambda frame: self._encoder_input(frame[None]),
+                         image_size=self.image_size, in_channels=self.in_channels,
+                         memory_frames=self.video.memory_frames, dtype=self._input_dtype())
 
     # --- what trains ----------------------------------------------------------------------------------------------
     def default_lora_targets(self) -> str:
@@ -270,36 +255,181 @@ class Sam2VideoSegModel(Sam2SegModel):
             unused += [r"prompt_encoder\.mask_embed\.", r"(^|\.)mask_downsample\."]
         else:
             unused.append(r"(^|\.)no_memory_embedding$")
-        if self.video.memory_attention == "frozen":
-            unused += [r"(^|\.)memory_attention\.", r"(^|\.)memory_temporal_positional_encoding$"]
-        if self.video.memory_encoder == "frozen":
-            unused += [r"(^|\.)memory_encoder\.", r"(^|\.)occlusion_spatial_embedding_parameter$"]
-        if self.video.object_pointers == "frozen":
-            unused += [r"(^|\.)object_pointer_proj\.", r"(^|\.)temporal_positional_encoding_projection_layer\.",
-                       r"(^|\.)no_object_pointer$", r"(^|\.)mask_downsample\."]
-        return "|".join(unused)
+        return "|".join(unused + frozen_memory_parts(self.video))
 
     def selected_by_prediction(self) -> str | None:
         # the multimask hypernetworks reach the loss when their mask has the best predicted IoU; the "no object"
         # pointer and occlusion embedding when the model calls the object absent from a frame
-        return (r"output_hypernetworks_mlps\.[1-9]\.|(^|\.)no_object_pointer$|"
-                r"(^|\.)occlusion_spatial_embedding_parameter$")
+        return MEMORY_SELECTED_BY_PREDICTION
 
 
-def _decode(net: nn.Module, high_res: list[torch.Tensor], pix: torch.Tensor, prompt_mask: torch.Tensor | None,
-            points: tuple[torch.Tensor, torch.Tensor] | None, conditioning: bool) -> dict[str, torch.Tensor]:
-    """One clip's frame through the mask decoder (``_run_single_frame_inference`` after its memory step): the mask
-    prompt taken as the output, else the decoder on the (memory-conditioned) features with the box or no prompt."""
-    if prompt_mask is not None:
-        out = net._use_mask_as_output(pix, high_res, prompt_mask)
+# what reaches a clip's loss only on the frames whose prediction selects it: the multimask hypernetworks when their
+# mask has the best predicted IoU; the "no object" pointer and occlusion embedding when the object is called absent
+MEMORY_SELECTED_BY_PREDICTION = (r"output_hypernetworks_mlps\.[1-9]\.|(^|\.)no_object_pointer$|"
+                                 r"(^|\.)occlusion_spatial_embedding_parameter$")
+
+
+def frozen_memory_parts(video: VideoModelCfg, all_parts: bool = False) -> list[str]:
+    """Regexes of the memory parts ``model.video`` keeps frozen (``all_parts``: every one of them, for a model that
+    is not trained on clips, where none of them reaches a loss)."""
+    unused = []
+    if all_parts or video.memory_attention == "frozen":
+        unused += [r"(^|\.)memory_attention\.", r"(^|\.)memory_temporal_positional_encoding$"]
+    if all_parts or video.memory_encoder == "frozen":
+        unused += [r"(^|\.)memory_encoder\.", r"(^|\.)occlusion_spatial_embedding_parameter$"]
+    if all_parts or video.object_pointers == "frozen":
+        unused += [r"(^|\.)object_pointer_proj\.", r"(^|\.)temporal_positional_encoding_projection_layer\.",
+                   r"(^|\.)no_object_pointer$", r"(^|\.)mask_downsample\."]
+    return unused
+
+
+@dataclass
+class ClipConditioning:
+    """What conditions a group of clips: the conditioning ``frames`` (clip positions, decoded from the prompt without
+    memory, before any other frame) and the prompt on them: a ``mask`` [n, 1, S, S] in the model's input square or
+    box ``points`` (corner points [n, 1, 2, 2], labels [n, 1, 2]) on the first of them, or a sparse prompt
+    ``embedding`` [n, D] (the segmenting VLM's projected [SEG]) on every one of them (Sa2VA's video inference), or
+    nothing (semantic: the frame decoded alone)."""
+
+    frames: tuple[int, ...] = (0,)
+    mask: torch.Tensor | None = None
+    points: tuple[torch.Tensor, torch.Tensor] | None = None
+    embedding: torch.Tensor | None = None
+
+    def rows(self, i: int) -> "ClipConditioning":
+        """Clip ``i`` of the group alone."""
+        return ClipConditioning(self.frames, None if self.mask is None else self.mask[i:i + 1],
+                                None if self.points is None else (self.points[0][i:i + 1], self.points[1][i:i + 1]),
+                                None if self.embedding is None else self.embedding[i:i + 1])
+
+    @property
+    def prompted(self) -> bool:
+        return self.mask is not None or self.points is not None or self.embedding is not None
+
+
+def decode_clips(net: nn.Module, feats: list[torch.Tensor], pos: list[torch.Tensor], b: int, t: int,
+                 groups: Sequence[tuple[torch.Tensor, ClipConditioning]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clips of a batch through the memory: ``feats`` / ``pos`` the vision features of all B*T frames ([HW,
+    B*T, C] per level, ``get_image_features``), ``groups`` (clip indices, their conditioning) covering every clip
+    once. Returns the low-resolution mask logits [B*T, 1, h, w] and object-score logits [B*T]."""
+    low_res: list[torch.Tensor | None] = [None] * (b * t)
+    scores: list[torch.Tensor | None] = [None] * (b * t)
+    for clips, cond in groups:
+        for frame, out in track_clips(net, feats, pos, clips, t, cond):
+            for row, clip in enumerate(clips.tolist()):
+                low_res[clip * t + frame] = out["pred_masks"][row]
+                scores[clip * t + frame] = out["object_score_logits"][row].reshape(())
+    return torch.stack(low_res), torch.stack(scores)
+
+
+def tracking_order(t: int, conditioning: Sequence[int]) -> list[tuple[int, bool]]:
+    """(frame, reverse) in SAM 2's order: the conditioning frames first, then forward from the first of them to the
+    end, then backward to frame 0 (``propagate_in_video`` from the earliest prompted frame, both ways)."""
+    cond = sorted(set(int(k) for k in conditioning))
+    first = cond[0]
+    return ([(k, False) for k in cond] + [(f, False) for f in range(first + 1, t) if f not in cond]
+            + [(f, True) for f in range(first - 1, -1, -1) if f not in cond])
+
+
+def track_clips(net: nn.Module, feats: list[torch.Tensor], pos: list[torch.Tensor], clips: torch.Tensor, t: int,
+                cond: ClipConditioning) -> Iterator[tuple[int, dict]]:
+    """The clips ``clips`` (sharing ``cond``) through the memory, frame by frame in ``tracking_order``, around
+    transformers' memory bank (a ``Sam2VideoInferenceSession`` used as a container). Yields (frame,
+    {"pred_masks" [n, 1, h, w], "object_pointer", "object_score_logits" [n, 1, 1]})."""
+    from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
+
+    top = feats[-1]
+    bank = Sam2VideoInferenceSession(inference_device=top.device, inference_state_device=top.device,
+                                     video_storage_device=top.device, dtype=top.dtype)
+    obj = bank.obj_id_to_idx(OBJECT_ID)
+    for frame, reverse in tracking_order(t, cond.frames):
+        columns = clips * t + frame
+        out = frame_step(net, bank, obj, frame, [x[:, columns] for x in feats], pos[-1][:, columns], reverse, cond)
+        yield frame, out
+
+
+def frame_step(net: nn.Module, bank, obj: int, frame: int, level: list[torch.Tensor], top_pos: torch.Tensor,
+               reverse: bool, cond: ClipConditioning) -> dict[str, torch.Tensor]:
+    """One frame of n clips (``level``: its vision features [HW, n, C] per level, high to low resolution): decoded
+    from the prompt without memory on a conditioning frame, else attended to the bank's memories; its memory
+    encoded and stored in ``bank``. What ``_run_single_frame_inference`` + ``_batch_encode_memories`` compute, with
+    gradient, for n clips, and with a sparse prompt embedding. Shared by the training forward and ``propagate``."""
+    n = level[-1].shape[1]
+    channels, (fh, fw) = net.hidden_dim, net.backbone_feature_sizes[-1]
+    high_res = [x.permute(1, 2, 0).reshape(n, x.shape[2], *size)
+                for x, size in zip(level[:-1], net.backbone_feature_sizes[:-1])]
+    current = level[-1]
+    conditioning = frame in cond.frames
+    if conditioning and cond.mask is not None:
+        pix = current.permute(1, 2, 0).reshape(n, channels, fh, fw)
+    elif conditioning:  # no memory: SAM 2's learnt "no memory" token
+        pix = (current + net.no_memory_embedding).permute(1, 2, 0).reshape(n, channels, fh, fw)
     else:
+        pix = _memory_conditioned(net, bank, obj, frame, current, top_pos, reverse)
+    # one clip at a time through the decoder: transformers' best-of-three mask selection pairs each clip with the
+    # first clip's choice when given several
+    on_frame = cond if conditioning else ClipConditioning(cond.frames)
+    first = conditioning and frame == min(cond.frames)
+    parts = [_decode(net, [x[i:i + 1] for x in high_res], pix[i:i + 1], on_frame.rows(i), conditioning, first)
+             for i in range(n)]
+    out = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    memory, memory_pos = net._encode_new_memory(current, out.pop("high_res_masks"), out["object_score_logits"],
+                                                is_mask_from_pts=conditioning and cond.prompted)
+    bank.store_output(obj, frame, output_value={**out, "maskmem_features": memory, "maskmem_pos_enc": memory_pos},
+                      is_conditioning_frame=conditioning)
+    return out
+
+
+@contextmanager
+def _sparse_prompt(net: nn.Module, embedding: torch.Tensor | None) -> Iterator[None]:
+    """``embedding`` [1, D] appended to the prompt encoder's sparse output (after SAM 2's padding point), as Sa2VA
+    injects the [SEG] embedding; transformers' ``_single_frame_forward`` takes no custom sparse prompt otherwise."""
+    if embedding is None:
+        yield
+        return
+
+    def append(module, args, output):
+        sparse, dense = output
+        return torch.cat([sparse, embedding.to(sparse.dtype).view(sparse.shape[0], 1, 1, -1)], dim=2), dense
+
+    handle = net.prompt_encoder.register_forward_hook(append)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _decode(net: nn.Module, high_res: list[torch.Tensor], pix: torch.Tensor, cond: ClipConditioning,
+            conditioning: bool, first: bool) -> dict[str, torch.Tensor]:
+    """One clip's frame through the mask decoder (``_run_single_frame_inference`` after its memory step): the mask
+    prompt taken as the output, else the decoder on the (memory-conditioned) features with the box, the embedding
+    (every conditioning frame) or no prompt. A mask or box prompts the first conditioning frame only."""
+    if first and cond.mask is not None:
+        out = net._use_mask_as_output(pix, high_res, cond.mask)
+    else:
+        points = cond.points if first else None
         point_inputs = None if points is None else {"point_coords": points[0], "point_labels": points[1]}
-        out = net._single_frame_forward(pixel_values=None, input_points=None if points is None else points[0],
-                                        input_labels=None if points is None else points[1],
-                                        image_embeddings=high_res + [pix],
-                                        multimask_output=net._use_multimask(conditioning, point_inputs))
+        with _sparse_prompt(net, cond.embedding if conditioning else None):
+            out = net._single_frame_forward(pixel_values=None, input_points=None if points is None else points[0],
+                                            input_labels=None if points is None else points[1],
+                                            image_embeddings=high_res + [pix],
+                                            multimask_output=net._use_multimask(conditioning, point_inputs))
     return {"pred_masks": out.pred_masks, "object_pointer": out.object_pointer,
             "object_score_logits": out.object_score_logits, "high_res_masks": out.high_res_masks}
+
+
+@contextmanager
+def _pointers_as_in_inference(net: nn.Module) -> Iterator[None]:
+    """transformers reads the object pointers of conditioning frames *after* the current one (in tracking
+    direction) in training mode only (SAM 2's ``only_obj_ptrs_in_the_past_for_eval``): training reads them as
+    inference does, so a clip trains the way it is propagated. Only ``_get_object_pointers`` runs inside; the
+    flag of the top module alone is switched (no submodule changes mode)."""
+    was = net.training
+    net.training = False
+    try:
+        yield
+    finally:
+        net.training = was
 
 
 def _memory_conditioned(net: nn.Module, bank, obj: int, frame: int, current: torch.Tensor,
@@ -310,8 +440,9 @@ def _memory_conditioned(net: nn.Module, bank, obj: int, frame: int, current: tor
     fh, fw = net.backbone_feature_sizes[-1]
     memories, memory_pos = net._build_memory_attention_inputs(
         net._gather_memory_frame_outputs(bank, obj, frame, track_in_reverse_time=reverse), current.device)
-    offsets, pointers, max_pointers = net._get_object_pointers(bank, obj, frame, None, current.device,
-                                                               track_in_reverse_time=reverse, streaming=True)
+    with _pointers_as_in_inference(net):
+        offsets, pointers, max_pointers = net._get_object_pointers(bank, obj, frame, None, current.device,
+                                                                   track_in_reverse_time=reverse, streaming=True)
     n_pointer_tokens = 0
     if pointers:
         pointer_tokens, pointer_pos = net._process_object_pointers(offsets, pointers, max_pointers, n, channels,
@@ -448,48 +579,74 @@ def _frame_reader(frames) -> Callable[[int], torch.Tensor] | None:
     return None
 
 
-def propagate(seg: Sam2VideoSegModel, frames: Iterable[torch.Tensor], prompt: VideoPrompt | None = None, *,
+def propagate(seg: nn.Module, frames: Iterable[torch.Tensor], prompt: VideoPrompt | None = None, *,
               memory_frames: int | None = None,
               after_frame: Callable[[Any], None] | None = None) -> Iterator[tuple[int, torch.Tensor]]:
     """Segment a frame sequence: yields (frame index, object probability float32 [H, W] on the CPU, at the frame's
-    size) for every frame, the prompted frame first, then forward to the end, then (prompt on a later frame) backward
-    to frame 0, which needs random access to ``frames`` (a FrameReader, a tensor [T, C, H, W] or a list).
+    size) for every frame, the (first) prompted frame first, then forward to the end, then (prompt on a later frame)
+    backward to frame 0, which needs random access to ``frames`` (a FrameReader, a tensor [T, C, H, W] or a list).
 
-    ``frames``: float [C, H, W] in [0, 1]. ``prompt``: None = semantic, conditioned on frame 0 without a prompt.
-    The memory bank keeps the prompted frame and, of the tracked frames, what the frames to come can read
+    ``seg``: any model with a ``video_head()`` (family ``sam2_video``; a segmenting VLM whose mask head is a SAM 2
+    video model). ``frames``: float [C, H, W] in [0, 1]. ``prompt``: None = semantic, conditioned on frame 0 without
+    a prompt; an embedding prompt's frames are all decoded first (random access needed), as the training forward
+    does. The memory bank keeps the conditioning frames and, of the tracked frames, what the frames to come can read
     (``memory_frames``, default ``model.video.memory_frames``); ``after_frame(session)`` is called after every
     frame (memory measurements). Runs the network in eval mode under inference mode (transformers' session API).
     """
     from transformers.models.sam2_video.modeling_sam2_video import Sam2VideoInferenceSession
 
-    if not isinstance(seg, Sam2VideoSegModel):
-        raise TypeError(f"propagate needs a sam2_video model, got family {getattr(seg, 'family', type(seg).__name__)}")
+    video_head = getattr(seg, "video_head", None)
+    if not callable(video_head):
+        raise TypeError(f"propagate needs a model with a SAM 2 video mask head, got family "
+                        f"{getattr(seg, 'family', type(seg).__name__)}")
+    head: VideoHead = video_head()
     prompt = prompt or VideoPrompt()
-    if prompt.mask is not None and prompt.box is not None:
-        raise ValueError("a video prompt is a mask or a box, not both")
-    net = seg.base_network
-    device = next(seg.parameters()).device
-    start = int(prompt.frame)
-    reach = memory_reach(net, memory_frames if memory_frames is not None else seg.video.memory_frames)
+    if sum(x is not None for x in (prompt.mask, prompt.box, prompt.embedding)) > 1:
+        raise ValueError("a video prompt is one of a mask, a box or an embedding")
+    net = head.net
+    device = next(head.module.parameters()).device
+    conditioning = prompt.conditioning_frames()
+    start = conditioning[0]
+    reach = memory_reach(net, memory_frames if memory_frames is not None else head.memory_frames)
     session = Sam2VideoInferenceSession(inference_device=device, inference_state_device=device,
-                                        video_storage_device=device, dtype=seg._input_dtype())
+                                        video_storage_device=device, dtype=head.dtype)
     obj = session.obj_id_to_idx(OBJECT_ID)
     read = _frame_reader(frames)
-    if start > 0 and read is None:
-        raise ValueError(f"the prompt is on frame {start}: propagating back to frame 0 needs random access to the "
-                         "frames (a FrameReader, a tensor or a list), not a one-pass iterator")
+    if read is None and (start > 0 or prompt.embedding is not None):
+        why = (f"the prompt is on frame {start}: propagating back to frame 0" if start > 0
+               else "an embedding prompt decodes its frames first, which")
+        raise ValueError(f"{why} needs random access to the frames (a FrameReader, a tensor or a list), not a "
+                         "one-pass iterator")
+
+    def pixels_of(index: int, frame: torch.Tensor) -> torch.Tensor:
+        if frame.ndim != 3 or frame.shape[0] != head.in_channels:
+            raise ValueError(f"frame {index}: expected [{head.in_channels}, H, W] in [0, 1], got {tuple(frame.shape)}")
+        with torch.no_grad():
+            return head.pixels(frame.to(device, torch.float32))
+
+    decoded: dict[int, torch.Tensor] = {}  # conditioning frames decoded from the embedding: low-res logits
+
+    def condition(index: int, frame: torch.Tensor) -> None:
+        """An embedding-prompted frame decoded without memory into the bank, as the training forward decodes it."""
+        pixels = pixels_of(index, frame)
+        with torch.inference_mode():
+            vision = net.get_image_features(pixels, return_dict=True)
+            cond = ClipConditioning(frames=conditioning, embedding=prompt.embedding.to(device).reshape(1, -1))
+            out = frame_step(net, session, obj, index, list(vision.fpn_hidden_states),
+                             vision.fpn_position_encoding[-1], False, cond)
+        decoded[index] = out["pred_masks"][:1]
 
     def step(index: int, frame: torch.Tensor, reverse: bool) -> torch.Tensor:
-        if frame.ndim != 3 or frame.shape[0] != seg.in_channels:
-            raise ValueError(f"frame {index}: expected [{seg.in_channels}, H, W] in [0, 1], got {tuple(frame.shape)}")
         size = tuple(frame.shape[-2:])
-        with torch.no_grad():
-            pixels = seg._encoder_input(frame.to(device, torch.float32)[None])
-        if index == start:
-            _add_prompt(session, obj, index, prompt, size, seg.image_size, device)
-        out = net(inference_session=session, frame_idx=index, frame=pixels[0], reverse=reverse)
-        session.obj_with_new_inputs = []  # a prompt-less conditioning frame is not consumed by the model itself
-        session.processed_frames.pop(index, None)  # its features stay in the session's one-frame cache
+        if index in decoded:
+            pred_masks = decoded[index]
+        else:
+            pixels = pixels_of(index, frame)
+            if index == start and prompt.embedding is None:
+                _add_prompt(session, obj, index, prompt, size, head.image_size, device)
+            pred_masks = net(inference_session=session, frame_idx=index, frame=pixels[0], reverse=reverse).pred_masks
+            session.obj_with_new_inputs = []  # a prompt-less conditioning frame is not consumed by the model itself
+            session.processed_frames.pop(index, None)  # its features stay in the session's one-frame cache
         readers = [(index + (-1 if reverse else 1), -1 if reverse else 1)]
         if start > 0 and not reverse:
             readers.append((start - 1, -1))
@@ -497,23 +654,26 @@ def propagate(seg: Sam2VideoSegModel, frames: Iterable[torch.Tensor], prompt: Vi
         if after_frame is not None:
             after_frame(session)
         with torch.no_grad():
-            prob = torch.sigmoid(upsample_logits(out.pred_masks[:1].clone(), size, seg.image_size))[0, 0]
+            prob = torch.sigmoid(upsample_logits(pred_masks[:1].clone(), size, head.image_size))[0, 0]
         return prob.float().cpu()
 
-    was_training = seg.training
-    seg.eval()
+    was_training = head.module.training
+    head.module.eval()
     try:
+        if prompt.embedding is not None:
+            for index in conditioning:
+                condition(index, read(index))
         seen = 0
         for index, frame in enumerate(frames):
             seen = index + 1
             if index >= start:
                 yield index, step(index, frame, reverse=False)
-        if seen <= start:
-            raise ValueError(f"the prompt is on frame {start}, but the sequence has {seen} frames")
+        if seen <= conditioning[-1]:
+            raise ValueError(f"the prompt is on frame {conditioning[-1]}, but the sequence has {seen} frames")
         for index in range(start - 1, -1, -1):
             yield index, step(index, read(index), reverse=True)
     finally:
-        seg.train(was_training)
+        head.module.train(was_training)
 
 
 def _add_prompt(session, obj: int, index: int, prompt: VideoPrompt, frame_size: tuple[int, int], image_size: int,
@@ -532,7 +692,7 @@ def _add_prompt(session, obj: int, index: int, prompt: VideoPrompt, frame_size: 
 
 
 # --- building ---------------------------------------------------------------------------------------------------------
-def _check_memory_layout(config) -> None:
+def check_memory_layout(config) -> None:
     """What transformers' Sam2VideoModel silently assumes of its config (a model built from model.config overrides
     that breaks it fails deep inside the first clip otherwise)."""
     hidden = config.vision_config.fpn_hidden_size
@@ -566,9 +726,55 @@ def init_from_config(net: nn.Module) -> None:
         net.mask_decoder.pred_obj_score_head.proj_out.bias.fill_(OBJECT_SCORE_PRIOR)
 
 
+def fit_memory_width(net: nn.Module) -> list[str]:
+    """Give the memory cross-attention the width of the memories it reads. transformers' memory-attention layer builds
+    its key / value projections for MEMORY_CHANNELS-channel memories whatever the config says; SAM 2 builds them for
+    ``memory_encoder_output_channels`` (its ``kv_in_dim``), equal in every published SAM 2 but not in a shrunk one (the
+    Sa2VA test fixture: 16). Returns the names of the re-created (uninitialised) weights; none when widths agree."""
+    width = net.config.memory_encoder_output_channels
+    refit = []
+    for i, layer in enumerate(net.memory_attention.layers):
+        attention = layer.cross_attn_image
+        if attention.k_proj.in_features == width:
+            continue
+        like = attention.k_proj.weight
+        attention.kv_in_dim = width
+        attention.k_proj = nn.Linear(width, attention.internal_dim, device=like.device, dtype=like.dtype)
+        attention.v_proj = nn.Linear(width, attention.internal_dim, device=like.device, dtype=like.dtype)
+        refit += [f"memory_attention.layers.{i}.cross_attn_image.{p}.{t}" for p in ("k_proj", "v_proj")
+                  for t in ("weight", "bias")]
+    return refit
+
+
+def load_sam2_video(path, **kwargs) -> nn.Module:
+    """A ``Sam2VideoModel`` checkpoint folder, loaded with transformers' ``from_pretrained`` (models.hf.load_pretrained);
+    a checkpoint whose memories are not MEMORY_CHANNELS wide (see fit_memory_width) gets its memory cross-attention
+    refitted and those weights read from the folder."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+    from transformers import Sam2VideoModel
+
+    from medtune.models.hf import load_pretrained, read_config_json
+
+    narrow = read_config_json(Path(path)).get("memory_encoder_output_channels", MEMORY_CHANNELS) != MEMORY_CHANNELS
+    net = load_pretrained(Sam2VideoModel, path, ignore_mismatched_sizes=narrow, **kwargs)
+    refit = set(fit_memory_width(net))
+    if refit:
+        params = dict(net.named_parameters())
+        for file in sorted(Path(path).glob("*.safetensors")):
+            with safe_open(str(file), "pt") as f, torch.no_grad():
+                for key in refit.intersection(f.keys()):
+                    params[key].copy_(f.get_tensor(key))
+                    refit.discard(key)
+        if refit:
+            raise ConfigError(f"{path}: the memory cross-attention weights {sorted(refit)[:2]} are missing")
+    return net
+
+
 def build_sam2_video(cfg: Config) -> Sam2VideoSegModel:
     net = build_sam_network(cfg, Sam2VideoSegModel)
-    _check_memory_layout(net.config)
+    check_memory_layout(net.config)
     if cfg.model.path is None:
         init_from_config(net)
     return Sam2VideoSegModel(net, cfg.data.channels, cfg.model.prompt, cfg.model.video)

@@ -31,6 +31,23 @@ SEED = 0
 MIN_PAIRS_FOR_SIGNIFICANCE = 6
 
 
+@dataclass(frozen=True)
+class Unit:
+    """What one paired observation is: an image (the mask tasks) or a video (the video task, whose runs are compared
+    over videos: its frames are not independent). Names the evaluation table, the summary blocks and the metrics."""
+
+    noun: str  # "image" / "video"
+    table: str  # the per-unit table in RUN/eval/<split>/
+    block: str  # summary blocks <block>@t050 / <block>@cal
+    metrics: tuple[str, ...]
+
+
+IMAGES = Unit("image", "per_image.csv", "per_image", tuple(COMPARE_METRICS))
+# metrics with a direction only: change_ratio / change_excess are signed, neither sign is "better"
+VIDEOS = Unit("video", "per_video.csv", "per_video", ("dice", "jf", "j", "f", "cldice", "precision", "recall",
+                                                      "change_error", "flicker"))
+
+
 @dataclass
 class RunEval:
     path: Path
@@ -67,15 +84,15 @@ class Row:
     comparisons: list[Comparison | None]  # one per run after the baseline
 
 
-def load_run_eval(run: Path, split: str) -> RunEval:
+def load_run_eval(run: Path, split: str, unit: Unit = IMAGES) -> RunEval:
     from medtune.runs.files import FREE_GENERATION_CSV, read_metrics
 
     run = Path(run)
     ev = eval_dir(run, split)
-    ids, cols = read_per_image(ev / "per_image.csv")
+    ids, cols = read_per_image(ev / unit.table)
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
-        raise UserError(f"{ev / 'per_image.csv'}: image id(s) listed twice ({', '.join(dup[:5])}); re-run "
+        raise UserError(f"{ev / unit.table}: {unit.noun} id(s) listed twice ({', '.join(dup[:5])}); re-run "
                         f"`medtune eval {run} --split {split}`")
     config_path = run / "config.yaml"
     config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
@@ -173,23 +190,24 @@ def _unique_labels(evals: list[RunEval]) -> None:
             e.label = f"{e.label} ({n + 1})"
 
 
-def build_rows(evals: list[RunEval], common: list[str], at: str = "cal") -> list[Row]:
+def build_rows(evals: list[RunEval], common: list[str], at: str = "cal", unit: Unit = IMAGES) -> list[Row]:
     index = [{sid: k for k, sid in enumerate(e.ids)} for e in evals]
     rows = []
-    for m in COMPARE_METRICS:
+    block = f"{unit.block}@{at}"
+    for m in unit.metrics:
         col = f"{m}@{at}"
-        if not any(col in e.cols or m in (e.summary.get(f"per_image@{at}") or {}) for e in evals):
+        if not any(col in e.cols or m in (e.summary.get(block) or {}) for e in evals):
             continue
         per_run = []
         for e in evals:
-            c = (e.summary.get(f"per_image@{at}") or {}).get(m) or {}
+            c = (e.summary.get(block) or {}).get(m) or {}
             per_run.append({"mean": _f(c.get("mean")), "lo": _f(c.get("lo")), "hi": _f(c.get("hi"))})
         comps: list[Comparison | None] = []
         base = evals[0]
         for j, e in enumerate(evals[1:], start=1):
             if col not in base.cols or col not in e.cols or not common:
                 comps.append(Comparison(0, None, None, None, None, "not testable",
-                                        "no common images" if not common else f"no {col} column"))
+                                        f"no common {unit.noun}s" if not common else f"no {col} column"))
                 continue
             a = np.array([base.cols[col][index[0][i]] for i in common])
             b = np.array([e.cols[col][index[j][i]] for i in common])
@@ -226,27 +244,28 @@ def _free_generation_row(evals: list[RunEval], common: list[str], at: str) -> Ro
     return Row(FREE_GENERATION_ROW, False, per_run, comps)
 
 
-def image_set_notes(evals: list[RunEval]) -> tuple[list[str], list[str]]:
-    """(common ids in baseline order, notes) — paired tests use only images every run was scored on."""
+def image_set_notes(evals: list[RunEval], unit: Unit = IMAGES) -> tuple[list[str], list[str]]:
+    """(common ids in baseline order, notes) — paired tests use only images (videos) every run was scored on."""
+    n = unit.noun
     sets = [set(e.ids) for e in evals]
     common_set = set.intersection(*sets)
     common = [i for i in evals[0].ids if i in common_set]
     notes = []
     if any(s != sets[0] for s in sets[1:]):
-        detail = "; ".join(f"{e.label}: {len(e.ids)} images, {len(set(e.ids) - common_set)} not in every run"
+        detail = "; ".join(f"{e.label}: {len(e.ids)} {n}s, {len(set(e.ids) - common_set)} not in every run"
                            for e in evals)
         if common:
-            notes.append(f"The runs were evaluated on different image sets ({detail}). Paired tests use only the "
-                         f"{len(common)} images common to all runs; the per-run means and CIs are over each run's "
-                         "own images and are not directly comparable.")
+            notes.append(f"The runs were evaluated on different {n} sets ({detail}). Paired tests use only the "
+                         f"{len(common)} {n}s common to all runs; the per-run means and CIs are over each run's "
+                         f"own {n}s and are not directly comparable.")
         else:
-            notes.append(f"The runs share no evaluated image ({detail}): no paired test is possible. Evaluate "
+            notes.append(f"The runs share no evaluated {n} ({detail}): no paired test is possible. Evaluate "
                          "them on the same split (same data and split.json) to compare them.")
     if 0 < len(common) < MIN_PAIRS_FOR_SIGNIFICANCE:
         # exact two-sided Wilcoxon: the smallest possible p with n pairs is 2 / 2**n, above 0.05 for n < 6
-        notes.append(f"Only {len(common)} paired image(s): the Wilcoxon signed-rank test cannot reach p < {ALPHA} "
+        notes.append(f"Only {len(common)} paired {n}(s): the Wilcoxon signed-rank test cannot reach p < {ALPHA} "
                      f"with fewer than {MIN_PAIRS_FOR_SIGNIFICANCE}, so no difference can be called significant. "
-                     "Evaluate on more images (or use `medtune cv`).")
+                     f"Evaluate on more {n}s (or use `medtune cv`).")
     return common, notes
 
 
@@ -287,31 +306,35 @@ def text_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *[line(r) for r in body]])
 
 
-def _preamble(evals: list[RunEval], common: list[str], split: str) -> list[str]:
+def _preamble(evals: list[RunEval], common: list[str], split: str, unit: Unit = IMAGES) -> list[str]:
     base = evals[0]
-    lines = [f"comparison on split '{split}': baseline {base.label}; paired over {len(common)} common image(s)"]
+    lines = [f"comparison on split '{split}': baseline {base.label}; paired over {len(common)} common {unit.noun}(s)"]
     lines += [f"  {e.label}: {e.path} (threshold {fmt(e.summary.get('threshold'), 3)}, "
               f"checkpoint {e.summary.get('checkpoint', '?')})" for e in evals]
     return lines
 
 
-FOOTNOTE = (f"Per-image metrics at each run's calibrated threshold (fitted on its own validation split), or at 0.5 when "
-            f"the notes say so. Difference = "
-            f"run − baseline, mean over paired images with a paired-bootstrap 95% CI ({N_BOOT} resamples); verdict "
-            f"'better'/'worse' only when the Wilcoxon signed-rank p < {ALPHA} and the CI excludes 0 "
+def footnote(unit: Unit = IMAGES) -> str:
+    return (f"Per-{unit.noun} metrics at each run's calibrated threshold (fitted on its own validation split), or at "
+            f"0.5 when the notes say so. Difference = "
+            f"run − baseline, mean over paired {unit.noun}s with a paired-bootstrap 95% CI ({N_BOOT} resamples); "
+            f"verdict 'better'/'worse' only when the Wilcoxon signed-rank p < {ALPHA} and the CI excludes 0 "
             "(↓: lower is better). "
             "p-values are per metric, not corrected for testing several metrics.")
 
 
-def _markdown(evals, common, split, header, body, notes, diffs) -> str:
+FOOTNOTE = footnote(IMAGES)
+
+
+def _markdown(evals, common, split, header, body, notes, diffs, unit: Unit = IMAGES) -> str:
     def md_row(cells):
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
     out = [f"# Comparison: {' vs '.join(e.label for e in evals)}", ""]
-    out += [f"- {line.strip()}" for line in _preamble(evals, common, split)]
+    out += [f"- {line.strip()}" for line in _preamble(evals, common, split, unit)]
     out += [""] + [f"> **Note:** {n}" for n in notes] + ([""] if notes else [])
     out += [md_row(header), "|" + "---|" + "---:|" * (len(header) - 1)] + [md_row(r) for r in body]
-    out += ["", FOOTNOTE, "", "## Config differences", ""]
+    out += ["", footnote(unit), "", "## Config differences", ""]
     if diffs:
         out += [md_row(["key"] + [e.label for e in evals]), "|---|" + "---|" * len(evals)]
         out += [md_row([k] + [_value_text(v) for v in vals]) for k, vals in diffs]
@@ -348,7 +371,7 @@ def _csv(evals: list[RunEval], rows: list[Row]) -> str:
     return buf.getvalue()
 
 
-def _html(evals, common, split, header, body, rows, notes, diffs) -> str:
+def _html(evals, common, split, header, body, rows, notes, diffs, unit: Unit = IMAGES) -> str:
     def curve(key: str):
         series = {}
         for e in evals:
@@ -368,9 +391,10 @@ def _html(evals, common, split, header, body, rows, notes, diffs) -> str:
                 out[k] = f'<span class="{cls}">{esc(c.verdict)}</span>'
         cells_html.append(out)
     parts = [f"<h1>Comparison: {esc(' vs '.join(e.label for e in evals))}</h1>",
-             "<ul>" + "".join(f"<li>{esc(line.strip())}</li>" for line in _preamble(evals, common, split)) + "</ul>"]
+             "<ul>" + "".join(f"<li>{esc(line.strip())}</li>" for line in _preamble(evals, common, split, unit))
+             + "</ul>"]
     parts += [f'<p class="note">{esc(n)}</p>' for n in notes]
-    parts += [table([esc(h) for h in header], cells_html, raw=True), f'<p class="muted">{esc(FOOTNOTE)}</p>',
+    parts += [table([esc(h) for h in header], cells_html, raw=True), f'<p class="muted">{esc(footnote(unit))}</p>',
               "<h2>Training curves</h2>",
               '<div class="figs">' + img(curve("val_dice"), "validation Dice of all runs")
               + img(curve("loss"), "training loss of all runs") + "</div>", "<h2>Config differences</h2>"]
@@ -383,23 +407,24 @@ def _html(evals, common, split, header, body, rows, notes, diffs) -> str:
 
 
 def compare_runs(runs: list[Path], out_dir: Path | None = None, split: str = "test", at: str = "cal",
-                 allow_eval_mismatch: bool = False) -> str:
+                 allow_eval_mismatch: bool = False, unit: Unit = IMAGES) -> str:
     """The comparison table as text; with ``out_dir`` also compare.{md,csv,html} there. ``at`` = "cal" (each run's
     calibrated threshold) or "t050" (all runs at 0.5: a policy change is not re-absorbed by re-calibration).
     Runs evaluated with different settings (e.g. one with flip TTA) are refused unless ``allow_eval_mismatch``: the
-    difference would mix the evaluation change into the model change."""
+    difference would mix the evaluation change into the model change. ``unit``: what is paired, images (IMAGES, the
+    mask tasks) or videos (VIDEOS, see ``compare_video_runs``)."""
     if at not in ("cal", "t050"):
         raise ValueError(f"threshold must be 'cal' or 't050', got {at!r}")
     if len(runs) < 2:
         raise UserError("compare needs at least two run folders (the first is the baseline)")
-    evals = [load_run_eval(Path(r), split) for r in runs]
+    evals = [load_run_eval(Path(r), split, unit) for r in runs]
     _unique_labels(evals)
     mismatch = eval_mismatch(evals, at)
     if mismatch and not allow_eval_mismatch:
         raise ValueError(f"the runs were evaluated with different settings: {mismatch}; re-evaluate them with the same "
                          "settings (the eval section of each run's config.yaml, then `medtune eval RUN`) or pass "
                          "--allow-eval-mismatch")
-    common, notes = image_set_notes(evals)
+    common, notes = image_set_notes(evals, unit)
     if mismatch:
         notes.append(f"The runs were evaluated with different settings ({mismatch}): the differences below include "
                      "the effect of the evaluation change, not only of the models.")
@@ -410,22 +435,29 @@ def compare_runs(runs: list[Path], out_dir: Path | None = None, split: str = "te
         # same ids need not be the same pixels: pairing two data sets by file name would be meaningless
         notes.append(f"The runs read different data ({', '.join(differing)} differ): paired tests assume image "
                      "ids name the same images with the same ground truth in every run; check that they do.")
-    rows = build_rows(evals, common, at)
+    rows = build_rows(evals, common, at, unit)
     if at == "t050":
         notes.append("All runs compared at threshold 0.5 (not their calibrated thresholds).")
     header, body = table_cells(evals, rows)
     diffs = config_differences([e.config for e in evals])
 
-    text = "\n".join(_preamble(evals, common, split) + [f"NOTE: {n}" for n in notes] + ["", text_table(header, body),
-                                                                                       "", FOOTNOTE])
+    text = "\n".join(_preamble(evals, common, split, unit) + [f"NOTE: {n}" for n in notes]
+                     + ["", text_table(header, body), "", footnote(unit)])
     diff_keys = [k for k, _ in diffs if k != "run.name"]
     text += "\nconfig differences: " + (", ".join(
         f"{k} ({' / '.join(_value_text(v) for v in vals)})" for k, vals in diffs if k in diff_keys) or "none")
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "compare.md").write_text(_markdown(evals, common, split, header, body, notes, diffs))
+        (out_dir / "compare.md").write_text(_markdown(evals, common, split, header, body, notes, diffs, unit))
         (out_dir / "compare.csv").write_text(_csv(evals, rows))
-        (out_dir / "compare.html").write_text(_html(evals, common, split, header, body, rows, notes, diffs))
+        (out_dir / "compare.html").write_text(_html(evals, common, split, header, body, rows, notes, diffs, unit))
         text += f"\nwritten: {out_dir / 'compare.md'}, compare.csv, compare.html"
     return text
+
+
+def compare_video_runs(runs: list[Path], out_dir: Path | None = None, split: str = "test", at: str = "cal",
+                       allow_eval_mismatch: bool = False) -> str:
+    """``compare_runs`` for video runs (``medtune.tasks.video_eval`` output): paired over the videos every run was
+    evaluated on, per-video Dice, J&F, clDice and temporal stability (change_error, flicker: lower is better)."""
+    return compare_runs(runs, out_dir, split, at, allow_eval_mismatch, unit=VIDEOS)

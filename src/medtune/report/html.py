@@ -110,12 +110,12 @@ def _training_section(records: list[dict]) -> str:
     return "".join(parts)
 
 
-def _metrics_table(blocks: dict, thr: float) -> str:
+def _metrics_table(blocks: dict, thr: float, unit: str = "image", order: list[str] = METRIC_ORDER) -> str:
     """Pooled and per-image (mean [95% CI]) metrics at 0.5 and at ``thr`` from the summary blocks pooled@t050,
-    pooled@cal, per_image@t050, per_image@cal."""
+    pooled@cal, per_image@t050, per_image@cal (``unit="video"``: per_video@..., the video task's CIs over videos)."""
     pooled = {t: blocks.get(f"pooled@{t}") or {} for t in ("t050", "cal")}
-    per = {t: blocks.get(f"per_image@{t}") or {} for t in ("t050", "cal")}
-    names = [m for m in METRIC_ORDER if any(m in d for d in (*pooled.values(), *per.values()))]
+    per = {t: blocks.get(f"per_{unit}@{t}") or {} for t in ("t050", "cal")}
+    names = [m for m in order if any(m in d for d in (*pooled.values(), *per.values()))]
     names += sorted({k for d in (*pooled.values(), *per.values()) for k in d} - set(names))
     rows = []
     for m in names:
@@ -125,8 +125,8 @@ def _metrics_table(blocks: dict, thr: float) -> str:
             nan_note = f" ({c['n_nan']} NaN)" if c.get("n_nan") else ""
             row += [fmt(pooled[t].get(m)), ci_text(c.get("mean"), c.get("lo"), c.get("hi")) + nan_note]
         rows.append(row)
-    header = ["metric", "pooled @0.5", "per-image mean [95% CI] @0.5",
-              f"pooled @{fmt(thr, 3)}", f"per-image mean [95% CI] @{fmt(thr, 3)}"]
+    header = ["metric", "pooled @0.5", f"per-{unit} mean [95% CI] @0.5",
+              f"pooled @{fmt(thr, 3)}", f"per-{unit} mean [95% CI] @{fmt(thr, 3)}"]
     return table(header, rows)
 
 

@@ -76,6 +76,38 @@ def line_plot(series: dict[str, tuple[Sequence, Sequence]], title: str, xlabel: 
     return figure_to_data_uri(fig)
 
 
+def over_time_plot(series: dict[str, tuple[Sequence, Sequence]], title: str, ylabel: str,
+                   marks: dict[str, Sequence] | None = None, ylim: tuple[float, float] | None = None,
+                   size: tuple[float, float] = (6.0, 3.2)) -> str | None:
+    """A value against the frame index, one line per video ({label: (frames, values)}, NaN where undefined). Every
+    defined value is a dot on its line; ``marks`` ({label: frames}, e.g. the annotated frames) are ticks in the
+    line's colour along the bottom, so frames that carry ground truth show even where the value is undefined (an
+    empty mask has no Dice). None when nothing is finite."""
+    cleaned = {label: _finite_xy(x, y) for label, (x, y) in series.items()}
+    if not any(len(x) for x, _ in cleaned.values()):
+        return None
+    fig = Figure(figsize=size)
+    ax = fig.subplots()
+    for n, (label, (x, y)) in enumerate(cleaned.items()):
+        color = COLORS[n % len(COLORS)]
+        ax.plot(x, y, label=label, color=color, lw=1.2, marker="o", ms=2.5)
+        ticks = np.asarray((marks or {}).get(label, []), dtype=float)
+        if ticks.size:
+            # x in data units, y in axes units: the ticks sit on the bottom edge whatever the value range
+            ax.plot(ticks, np.full(ticks.size, 0.02), ls="", marker="|", ms=6, color=color, alpha=0.7,
+                    transform=ax.get_xaxis_transform())
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("frame")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if len(cleaned) > 1:
+        # outside the axes: up to 8 crossing lines leave no free corner
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return figure_to_data_uri(fig)
+
+
 def threshold_plot(curve: dict, chosen: float) -> str | None:
     """Dice / precision / recall against threshold (validation), with the calibrated threshold marked."""
     thr = curve.get("thresholds")

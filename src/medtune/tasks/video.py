@@ -453,15 +453,16 @@ def format_summary(summary: dict) -> str:
 
 
 def write_report(run_dir: Path, split: str = "test") -> Path:
-    raise UserError("the HTML report of video runs is not wired yet (per-video rows and a Dice-over-time plot "
-                    "come with medtune.tasks.video_eval); read RUN/eval/<split>/summary.json, per_video.csv and "
-                    "per_frame.csv meanwhile")
+    from medtune.report.video import write_video_report  # matplotlib: only when a report is asked for
+
+    return write_video_report(run_dir, split)
 
 
 def compare(runs: list[Path], out_dir: Path | None = None, split: str = "test", at: str = "cal",
             allow_eval_mismatch: bool = False) -> str:
-    raise UserError("`medtune compare` of video runs is not wired yet; compare RUN/eval/<split>/per_video.csv "
-                    "meanwhile")
+    from medtune.report.compare import compare_video_runs
+
+    return compare_video_runs(runs, out_dir, split, at, allow_eval_mismatch)
 
 
 TASK = Task(

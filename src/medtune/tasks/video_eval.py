@@ -35,6 +35,8 @@ PER_FRAME_METRICS = ["area", "change", "dice", "j", "f", "cldice"]
 # the count columns of per_video.csv (the same at both thresholds, or threshold-independent)
 VIDEO_COUNTS = ["n_frames", "n_annotated", "n_empty_gt", "n_pairs", "n_flicker_pairs"]
 TAGS = ("t050", "cal")
+# calibration strategies that mean no threshold was fitted (no validation frames; a threshold given by the caller)
+UNCALIBRATED = ("none", "given")
 SUMMARY_LINES = ["dice", "jf", "j", "f", "cldice", "change_error", "pred_change", "gt_change", "flicker"]
 
 
@@ -158,7 +160,9 @@ def format_summary(summary: dict) -> str:
             f"{summary['n_frames']} frames ({summary['n_annotated_frames']} annotated), "
             f"checkpoint {summary.get('checkpoint', '-')}]")
     lines = [head, *([f"data: {summary['data']}"] if summary.get("data") else []),
-             f"calibrated threshold {summary['threshold']:.3f} ({calib.get('strategy')}, fitted on val videos)"]
+             f"calibrated threshold {summary['threshold']:.3f} ({calib.get('strategy')}, fitted on val videos)"
+             if calib.get("strategy") not in UNCALIBRATED else
+             f"threshold {summary['threshold']:.3f} ({calib.get('note') or 'not calibrated'})"]
     for tag in TAGS:
         label = "0.5" if tag == "t050" else f"{summary['threshold']:.3f}"
         pooled = summary.get(f"pooled@{tag}") or {}

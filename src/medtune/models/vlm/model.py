@@ -178,11 +178,13 @@ class ChatCodec:
         """Model inputs of one sample: sequence keys 1-D [T] (input_ids, attention_mask, labels, and any other
         per-token key of the processor: a [1, T] output not in ``PER_IMAGE_KEYS``), every other processor key
         (pixel_values, image_grid_thw, merge_sizes ...) as returned; ``item[SEQUENCE_KEYS]`` names the sequence keys.
+        ``image``: one image, or a list (several ``<image>`` placeholders: the frames of a video the VLM sees).
         ``for_generation``: the prompt for the last answer (labels all ignored)."""
         if for_generation and turns and turns[-1]["role"] == "assistant":
             turns = question_turns(turns)
         pieces = self.pieces(turns, sample_id)
-        first = self.processor(text=[pieces[0][0]], images=[image] if image is not None else None,
+        images = None if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+        first = self.processor(text=[pieces[0][0]], images=images,
                                return_tensors="pt", add_special_tokens=False)
         t0 = first["input_ids"].shape[1]
         token_keys = [k for k, v in first.items()

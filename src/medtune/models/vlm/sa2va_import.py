@@ -28,8 +28,17 @@ written with InternVL's dynamic tiling (``crop_to_patches``, 1..12 tiles + thumb
 with the best predicted IoU kept (``model.vlm.mask_output``), without object-score gating. tests/test_sa2va_parity.py
 checks this against tensors Sa2VA's own code computed (``../shared/fixtures/sa2va-tiny``).
 
-Tensors the image model does not use (SAM 2's video parts: memory attention / encoder, object pointers, ...) are
-listed with their shapes in ``unused_tensors.json`` next to ``segvlm.json`` and in the importer's output.
+SAM 2 is written whole, once: ``sam/`` is a transformers ``Sam2VideoModel`` checkpoint (``config.json`` model_type
+``sam2_video``) holding every SAM 2 tensor of the checkpoint, its video half included (memory attention, memory
+encoder, object-pointer projection, ``mask_downsample``, ``maskmem_tpos_enc``, ``no_mem_pos_enc``, ``no_obj_ptr``).
+The image model (``Sam2Model``) of the segvlm family loads its subset from it (models.vlm.seg.parts.load_sam); a video
+model loads all of it (models.video.load_sam2_video). Its memory sizes (Sam2VideoConfig kwargs) come, each, from the
+first that states it: ``--sam-config`` (Sam2VideoConfig kwargs may be added to the Sam2Config ones), the folder's
+``sam2.py`` (``build_memory_attention`` / ``build_memory_encoder`` / the ``SAM2VideoPredictor(...)`` call, read with
+``ast``), the weights' shapes (every memory size shows in a tensor). The names are transformers' conversion names
+(``SAM2_*``) plus the memory encoder's (``_rename_memory_tensors``); a tensor that has no place in the Sam2VideoModel,
+or one of another shape, is refused in one line before anything is written. ``unused_tensors.json`` lists the Sa2VA
+tensors of modules segvlm does not have (none in a Sa2VA hub checkpoint).
 """
 from __future__ import annotations
 
@@ -140,6 +149,12 @@ _SAM2_RULES = [  # (pattern, group holding the layer number, {layer: (old, new)}
      {0: ("layers.0", "proj_in"), 1: ("layers.1", "layers.0"), 2: ("layers.2", "proj_out")}),
 ]
 SAM2_POINT_EMBEDDINGS = 4
+# Sa2VA's SAM 2 video (memory) tensors that replace_keys leaves in the original layout, renamed onto Sam2VideoModel:
+# SAM 2's MaskDownSampler is one Sequential [conv, LayerNorm2d, GELU] x n + a final 1x1 conv (transformers: layers.i.
+# conv / layers.i.layer_norm / final_conv), and Sa2VA's CXBlock calls SAM 2's layer scale ``gamma`` ``g_weight``.
+MASK_DOWNSAMPLER_KEY = re.compile(r"^memory_encoder\.mask_downsampler\.encoder\.(\d+)\.(weight|bias)$")
+MASK_DOWNSAMPLER_STEP = 3  # modules per downsampling step in the Sequential: conv, norm, activation
+FUSER_SCALE = (".g_weight", ".scale")
 
 # Sa2VA's module prefixes
 SAM_PREFIX = "grounding_encoder.sam2_model."
@@ -149,6 +164,7 @@ IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "cont
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 UNUSED_FILE = "unused_tensors.json"  # next to segvlm.json: Sa2VA tensors the image model does not use
 HIERA_L = "the default Hiera-L SAM 2"
+SAM2_IMAGE_PARTS = ("vision_config", "prompt_encoder_config", "mask_decoder_config")  # Sam2Config's sub-configs
 # Sa2VA's preparing_for_generation fixes the tiling whatever config.json says (its dynamic_image_size / use_thumbnail /
 # min/max_dynamic_patch are the training-time values): dynamic_preprocess with 1..12 tiles and a thumbnail.
 SA2VA_MIN_TILES, SA2VA_MAX_TILES = 1, 12
@@ -166,10 +182,10 @@ CHAT_TEMPLATE = (
 @dataclass
 class ConvertedState:
     vlm: dict[str, torch.Tensor] = field(default_factory=dict)  # transformers' InternVL checkpoint key names
-    sam: dict[str, torch.Tensor] = field(default_factory=dict)  # Sam2Model names
+    sam: dict[str, torch.Tensor] = field(default_factory=dict)  # Sam2VideoModel names (Sam2Model's for the image half)
     projection: dict[str, torch.Tensor] = field(default_factory=dict)  # seg_projection names ("0.weight" ...)
     unused: list[str] = field(default_factory=list)  # Sa2VA keys with no place in segvlm
-    sam_source: dict[str, str] = field(default_factory=dict)  # Sam2Model name -> the Sa2VA key it came from
+    sam_source: dict[str, str] = field(default_factory=dict)  # SAM name -> the Sa2VA key it came from
 
 
 def _apply(key: str, mapping: dict[str, str]) -> str:
@@ -238,6 +254,7 @@ def convert_sa2va_state_dict(state: dict[str, torch.Tensor], llm_type: str, text
             out.projection[key[len(PROJECTION_PREFIX):]] = value
         else:
             out.unused.append(key)
+    _rename_memory_tensors(out)
     point = [f"prompt_encoder.point_embed.{i}.weight" for i in range(SAM2_POINT_EMBEDDINGS)]
     if all(p in out.sam for p in point):
         out.sam["prompt_encoder.point_embed.weight"] = torch.cat([out.sam.pop(p) for p in point], dim=0)
@@ -245,6 +262,30 @@ def convert_sa2va_state_dict(state: dict[str, torch.Tensor], llm_type: str, text
     if shared in out.sam:
         out.sam["shared_image_embedding.positional_embedding"] = out.sam[shared]
     return out
+
+
+def _rename_memory_tensors(out: ConvertedState) -> None:
+    """The memory encoder's tensors replace_keys does not rename (MASK_DOWNSAMPLER_KEY, FUSER_SCALE) -> Sam2VideoModel's.
+    A mask-downsampler index that is neither a conv, a norm nor the last (final) conv is left as is: the shape check
+    then refuses it as unmapped."""
+    steps = [int(m.group(1)) for m in map(MASK_DOWNSAMPLER_KEY.match, out.sam) if m]
+    final = max(steps, default=-1)
+    for key in list(out.sam):
+        new = key
+        match = MASK_DOWNSAMPLER_KEY.match(key)
+        if match:
+            index, kind = int(match.group(1)), match.group(2)
+            step, position = divmod(index, MASK_DOWNSAMPLER_STEP)
+            prefix = "memory_encoder.mask_downsampler"
+            if index == final:
+                new = f"{prefix}.final_conv.{kind}"
+            elif position in (0, 1):
+                new = f"{prefix}.layers.{step}.{'conv' if position == 0 else 'layer_norm'}.{kind}"
+        elif key.startswith("memory_encoder.memory_fuser.") and key.endswith(FUSER_SCALE[0]):
+            new = key[:-len(FUSER_SCALE[0])] + FUSER_SCALE[1]
+        if new != key:
+            out.sam[new] = out.sam.pop(key)
+            out.sam_source[new] = out.sam_source.pop(key)
 
 
 def internvl_config(meta: dict, image_token_id: int, tie_word_embeddings: bool):
@@ -350,6 +391,193 @@ def sam_config_from_sam2_py(path: Path) -> dict | None:
     }
 
 
+# --- the memory (video) half of SAM 2: Sam2VideoConfig kwargs ------------------------------------------------------
+# Where each memory size is read in sa2va's sam2.py: (enclosing functions, in order; name of the literal). Sizes
+# sam2.py leaves to its classes' defaults (MemoryEncoder in_dim, MaskDownSampler embed_dim / total_stride) get them.
+_SAM2_PY_MEMORY = {
+    "memory_attention_hidden_size": (("build_memory_attention",), "d_model"),
+    "memory_attention_num_layers": (("build_memory_attention",), "num_layers"),
+    "memory_attention_feed_forward_hidden_size": (("build_memory_attention",), "dim_feedforward"),
+    "memory_attention_num_attention_heads": (("build_memory_attention", "build_cross_attention"), "num_heads"),
+    "memory_attention_downsample_rate": (("build_memory_attention", "build_cross_attention"), "downsample_rate"),
+    "memory_encoder_output_channels": (("build_memory_encoder",), "out_dim"),
+    "memory_encoder_hidden_size": (("build_memory_encoder",), "in_dim"),
+    "mask_downsampler_embed_dim": (("build_memory_encoder", "build_mask_downsampler"), "embed_dim"),
+    "mask_downsampler_kernel_size": (("build_memory_encoder", "build_mask_downsampler"), "kernel_size"),
+    "mask_downsampler_stride": (("build_memory_encoder", "build_mask_downsampler"), "stride"),
+    "mask_downsampler_padding": (("build_memory_encoder", "build_mask_downsampler"), "padding"),
+    "mask_downsampler_total_stride": (("build_memory_encoder", "build_mask_downsampler"), "total_stride"),
+    "memory_fuser_num_layers": (("build_memory_encoder", "build_fuser"), "num_layers"),
+    "memory_fuser_embed_dim": (("build_memory_encoder", "build_fuser", "build_layer"), "dim"),
+    "memory_fuser_kernel_size": (("build_memory_encoder", "build_fuser", "build_layer"), "kernel_size"),
+    "memory_fuser_padding": (("build_memory_encoder", "build_fuser", "build_layer"), "padding"),
+    "memory_fuser_layer_scale_init_value": (("build_memory_encoder", "build_fuser", "build_layer"),
+                                            "layer_scale_init_value"),
+}
+# the class defaults sam2.py relies on (SAM 2's MemoryEncoder / MaskDownSampler signatures)
+_SAM2_PY_MEMORY_DEFAULTS = {"memory_encoder_hidden_size": 256, "mask_downsampler_embed_dim": 256,
+                            "mask_downsampler_total_stride": 16}
+# SAM2VideoPredictor(...) keyword arguments of Sa2VA's SAM2 -> Sam2VideoConfig
+_SAM2_PY_PREDICTOR = "SAM2VideoPredictor"
+_SAM2_PY_PREDICTOR_KWARGS = {
+    "num_maskmem": "num_maskmem", "image_size": "image_size", "sigmoid_scale_for_mem_enc": "sigmoid_scale_for_mem_enc",
+    "sigmoid_bias_for_mem_enc": "sigmoid_bias_for_mem_enc", "multimask_output_in_sam": "multimask_output_in_sam",
+    "multimask_output_for_tracking": "multimask_output_for_tracking", "multimask_min_pt_num": "multimask_min_pt_num",
+    "multimask_max_pt_num": "multimask_max_pt_num",
+    # SAM 2.0 (Sa2VA): no temporal encoding of object pointers; transformers has it and its projection as one switch
+    "add_tpos_enc_to_obj_ptrs": "enable_temporal_pos_encoding_for_object_pointers",
+}
+# SAM 2's CXBlock (memory fuser layer): pointwise MLP of 4 x its width
+FUSER_EXPANSION = 4
+# Sam2VideoModel tensor whose presence turns a config switch on (SAM 2.1 added both; Sa2VA's SAM 2.0 has neither)
+_OPTIONAL_VIDEO_TENSORS = {
+    "enable_temporal_pos_encoding_for_object_pointers": "temporal_positional_encoding_projection_layer.weight",
+    "enable_occlusion_spatial_embedding": "occlusion_spatial_embedding_parameter",
+}
+
+
+def _literals(tree) -> dict[tuple[str, ...], object]:
+    """Every literal assignment ``name = <literal>`` and literal keyword argument ``f(name=<literal>)`` of a parsed
+    file, keyed by (enclosing function names..., name); call keywords also by ("call:" + callee, name). First wins."""
+    import ast
+
+    found: dict[tuple[str, ...], object] = {}
+
+    def keep(key: tuple[str, ...], node) -> None:
+        if key in found:
+            return
+        try:
+            found[key] = ast.literal_eval(node)
+        except (ValueError, TypeError, SyntaxError):  # a variable or an expression: its own assignment counts
+            pass
+
+    def visit(node, scope: tuple[str, ...]) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = scope + (child.name,) if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else scope
+            if isinstance(child, ast.Assign) and len(child.targets) == 1 and isinstance(child.targets[0], ast.Name):
+                keep(scope + (child.targets[0].id,), child.value)
+            elif isinstance(child, ast.Call):
+                callee = getattr(child.func, "id", None) or getattr(child.func, "attr", None)
+                for kw in child.keywords:
+                    if kw.arg:
+                        keep(scope + (kw.arg,), kw.value)
+                        keep((f"call:{callee}", kw.arg), kw.value)
+            visit(child, inner)
+
+    visit(tree, ())
+    return found
+
+
+def _within(literals: dict, functions: tuple[str, ...], name: str):
+    """The first literal ``name`` whose enclosing functions include ``functions`` in that order (None: absent)."""
+    for key, value in literals.items():
+        scope, it = key[:-1], iter(key[:-1])
+        if key[-1] == name and not (scope and scope[0].startswith("call:")) and all(f in it for f in functions):
+            return value
+    return None
+
+
+def memory_config_from_sam2_py(path: Path) -> dict:
+    """Sam2VideoConfig memory kwargs read from Sa2VA's ``sam2.py`` as DATA (``ast``; never executed): the literals of
+    ``build_memory_attention`` / ``build_memory_encoder`` and of the ``SAM2VideoPredictor(...)`` call. Only what the
+    file states (plus the class defaults it relies on); {} when it cannot be parsed or holds no memory sizes."""
+    import ast
+
+    try:
+        literals = _literals(ast.parse(path.read_text()))
+    except (SyntaxError, UnicodeDecodeError, OSError):
+        return {}
+    out = {key: _within(literals, functions, name) for key, (functions, name) in _SAM2_PY_MEMORY.items()}
+    out = {k: v for k, v in out.items() if v is not None}
+    if not out:
+        return {}
+    out = {**_SAM2_PY_MEMORY_DEFAULTS, **out}
+    if "memory_fuser_embed_dim" in out:
+        out["memory_fuser_intermediate_dim"] = FUSER_EXPANSION * out["memory_fuser_embed_dim"]
+    kv = _within(literals, ("build_memory_attention", "build_cross_attention"), "kv_in_dim")
+    if kv is not None and "memory_encoder_output_channels" in out and kv != out["memory_encoder_output_channels"]:
+        raise UserError(f"{path}: memory cross-attention kv_in_dim {kv} differs from the memory encoder's out_dim "
+                         f"{out['memory_encoder_output_channels']}; SAM 2 reads its memories with kv_in_dim = out_dim")
+    for name, key in _SAM2_PY_PREDICTOR_KWARGS.items():
+        value = literals.get((f"call:{_SAM2_PY_PREDICTOR}", name))
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def memory_config_from_weights(shapes: dict[str, tuple]) -> dict:
+    """Sam2VideoConfig memory kwargs read from the converted SAM 2 tensors' shapes (Sam2VideoModel names). Unlike
+    Hiera's global-attention blocks, every memory size shows in some tensor; what does not (attention heads, RoPE
+    theta, the sigmoid scale of masks fed to memory) is the same in every published SAM 2: transformers' defaults."""
+    def count(prefix: str) -> int:
+        return len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
+
+    attention, encoder = "memory_attention.layers.0.", "memory_encoder."
+    needed = [attention + "self_attn.q_proj.weight", encoder + "projection.weight", "memory_temporal_positional_encoding",
+              encoder + "mask_downsampler.layers.0.conv.weight", encoder + "memory_fuser.layers.0.depthwise_conv.weight"]
+    absent = [k for k in needed if k not in shapes]
+    if absent:
+        raise UserError(f"the SAM 2 weights hold no {absent[0]!r} (a SAM 2 video model has memory attention and a "
+                         "memory encoder); pass its memory sizes with --sam-config FILE.json (Sam2VideoConfig kwargs)")
+    hidden = shapes[attention + "self_attn.q_proj.weight"][1]
+    downsampler = count(encoder + "mask_downsampler.layers.")
+    kernel = shapes[encoder + "mask_downsampler.layers.0.conv.weight"][-1]
+    fuser_kernel = shapes[encoder + "memory_fuser.layers.0.depthwise_conv.weight"][-1]
+    total_stride = _SAM2_PY_MEMORY_DEFAULTS["mask_downsampler_total_stride"]
+    out = {
+        "memory_attention_hidden_size": hidden,
+        "memory_attention_num_layers": count("memory_attention.layers."),
+        "memory_attention_feed_forward_hidden_size": shapes[attention + "linear1.weight"][0],
+        "memory_attention_downsample_rate": hidden // shapes[attention + "self_attn.q_proj.weight"][0],
+        "memory_encoder_hidden_size": shapes[encoder + "feature_projection.weight"][1],
+        "memory_encoder_output_channels": shapes[encoder + "projection.weight"][0],
+        "mask_downsampler_embed_dim": shapes[encoder + "mask_downsampler.final_conv.weight"][0],
+        "mask_downsampler_kernel_size": kernel, "mask_downsampler_padding": kernel // 2,
+        "mask_downsampler_total_stride": total_stride,
+        "mask_downsampler_stride": round(total_stride ** (1 / downsampler)) if downsampler else 2,
+        "memory_fuser_num_layers": count(encoder + "memory_fuser.layers."),
+        "memory_fuser_embed_dim": shapes[encoder + "memory_fuser.layers.0.depthwise_conv.weight"][0],
+        "memory_fuser_intermediate_dim": shapes[encoder + "memory_fuser.layers.0.pointwise_conv1.weight"][0],
+        "memory_fuser_kernel_size": fuser_kernel, "memory_fuser_padding": fuser_kernel // 2,
+        "num_maskmem": shapes["memory_temporal_positional_encoding"][0],
+    }
+    out.update({switch: key in shapes for switch, key in _OPTIONAL_VIDEO_TENSORS.items()})
+    return out
+
+
+def sam_video_config(image_config, memory: dict):
+    """The ``Sam2VideoConfig`` of the whole SAM 2: the image model's sub-configs plus the memory kwargs, its RoPE grid
+    the backbone's top feature map (what the memory attention runs on)."""
+    from transformers import Sam2VideoConfig
+
+    image = image_config.to_dict()
+    top = image["vision_config"]["backbone_feature_sizes"][-1]
+    kwargs = {"image_size": image["prompt_encoder_config"]["image_size"], "memory_attention_rope_feat_sizes": list(top),
+              **memory}
+    try:
+        return Sam2VideoConfig(vision_config=image["vision_config"], prompt_encoder_config=image["prompt_encoder_config"],
+                               mask_decoder_config=image["mask_decoder_config"], **kwargs)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"the SAM 2 memory sizes are not valid Sam2VideoConfig kwargs: {str(err).splitlines()[0]}"
+                         ) from None
+
+
+def resolve_memory_config(given: dict, sam2_py: Path | None, shapes: dict[str, tuple]) -> tuple[dict, str]:
+    """Memory kwargs, each from the first that states it: the given SAM 2 config (``--sam-config``: Sam2VideoConfig
+    kwargs), the folder's ``sam2.py``, the weights' shapes. Returns them and where they came from (for messages)."""
+    stated = {k: v for k, v in given.items() if k in _video_only_keys()}
+    from_file = memory_config_from_sam2_py(sam2_py) if sam2_py is not None and sam2_py.is_file() else {}
+    memory = {**memory_config_from_weights(shapes), **from_file, **stated}
+    where = [name for name, part in (("the given SAM 2 config", stated), (str(sam2_py), from_file)) if part]
+    return memory, " + ".join(where + ["the weights' shapes"])
+
+
+def _video_only_keys() -> set[str]:
+    from transformers import Sam2Config, Sam2VideoConfig
+
+    return set(Sam2VideoConfig().to_dict()) - set(Sam2Config().to_dict())
+
+
 def _load_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -370,6 +598,8 @@ def load_sam_config(value):
 
     if value is None or isinstance(value, Sam2Config):
         return value
+    if type(value).__name__ == "Sam2VideoConfig":  # its image half
+        value = {k: v for k, v in value.to_dict().items() if k in SAM2_IMAGE_PARTS}
     if isinstance(value, (str, Path)):
         path = Path(value)
         if not path.is_file():
@@ -386,26 +616,52 @@ def load_sam_config(value):
         raise UserError(f"the SAM 2 config is not valid Sam2Config kwargs: {str(err).splitlines()[0]}") from None
 
 
-def check_sam_shapes(src: Path, converted: ConvertedState, sam_config, which: str) -> list[str]:
-    """Compare the converted SAM 2 weights with a model of ``sam_config`` built on the meta device (no memory): any
-    missing, surplus or differently shaped tensor is refused in one line. Returns the keys the image model drops
-    (SAM 2's video-only tensors)."""
-    from transformers import Sam2Model
+def check_sam_shapes(src: Path, converted: ConvertedState, video_config, which: str) -> None:
+    """Compare the converted SAM 2 weights with a ``Sam2VideoModel`` of ``video_config`` built on the meta device (no
+    memory; the image model's tensors are a subset of it): a tensor with no place in it, a missing or a differently
+    shaped one is refused in one line, before anything is written."""
+    from transformers import Sam2VideoModel
+
+    from medtune.models.video import fit_memory_width
 
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Sam2Model(sam_config).state_dict().items()}
-    ignored = [k for k in converted.sam if k not in expected
-               and any(re.search(p, k) for p in Sam2Model._keys_to_ignore_on_load_unexpected)]
-    surplus = [k for k in converted.sam if k not in expected and k not in ignored]
+        net = Sam2VideoModel(video_config)
+        fit_memory_width(net)
+        expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    unmapped = [k for k in converted.sam if k not in expected]
     missing = [k for k in expected if k not in converted.sam]
     wrong = [f"{k}: weights {list(converted.sam[k].shape)} vs config {list(v)}" for k, v in expected.items()
              if k in converted.sam and tuple(converted.sam[k].shape) != v]
-    if wrong or missing or surplus:
-        first = wrong[0] if wrong else (f"missing {missing[0]}" if missing else f"unexpected {surplus[0]}")
+    if wrong or missing:  # other sizes (more blocks, wider layers): the config, not the names, is wrong
+        first = wrong[0] if wrong else f"missing {missing[0]}"
         raise UserError(f"{src}: its SAM 2 weights do not fit {which} ({len(wrong)} shapes differ, {len(missing)} "
-                         f"missing, {len(surplus)} unexpected; e.g. {first}); pass --sam-config FILE.json with the "
-                         "checkpoint's SAM 2 as transformers Sam2Config kwargs")
-    return ignored
+                         f"missing, {len(unmapped)} unexpected; e.g. {first}); pass --sam-config FILE.json with the "
+                         "checkpoint's SAM 2 as transformers Sam2Config (or Sam2VideoConfig) kwargs")
+    if unmapped:  # every tensor of the model is there, and more: a tensor the name map does not know
+        key = unmapped[0]
+        raise UserError(f"{src}: Sa2VA tensor {converted.sam_source.get(key, key)!r} (renamed {key!r}) has no place in "
+                         f"transformers' Sam2VideoModel ({len(unmapped)} such tensors): the importer does not know "
+                         "this SAM 2 variant")
+
+
+def _config_kwargs(value) -> dict:
+    """The kwargs a SAM 2 config was given as (a config object, a dict, a JSON file; {} for none), for the memory keys
+    it may state. The file is read again by load_sam_config, which reports what is wrong with it."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, (str, Path)):
+        try:
+            read = json.loads(Path(value).read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return read if isinstance(read, dict) else {}
+    return value.to_dict() if type(value).__name__ == "Sam2VideoConfig" else {}
+
+
+def _memory_shapes(converted: ConvertedState) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in converted.sam.items()}
 
 
 def import_sa2va(sa2va_dir: str | Path, out_dir: str | Path, sam_config=None, seg_token: str = "[SEG]",
@@ -414,8 +670,10 @@ def import_sa2va(sa2va_dir: str | Path, out_dir: str | Path, sam_config=None, se
     ``unused_tensors.json``) from a local Sa2VA folder. No Sa2VA code runs: its config.json is read as data and its
     weights renamed. ``sam_config``: a ``Sam2Config``, its kwargs or a JSON file of them (default: Hiera-L)."""
     from safetensors.torch import save_file
-    from transformers import AutoModelForImageTextToText, AutoTokenizer, Sam2Model
+    from transformers import AutoModelForImageTextToText, AutoTokenizer, Sam2VideoModel
     from transformers.models.got_ocr2 import GotOcr2ImageProcessorPil
+
+    from medtune.models.video import fit_memory_width
 
     src, out = Path(sa2va_dir), Path(out_dir)
     if not (src / "config.json").is_file():
@@ -427,6 +685,7 @@ def import_sa2va(sa2va_dir: str | Path, out_dir: str | Path, sam_config=None, se
                          f"{', '.join(LLM_TYPES)})")
     if meta.get("ps_version", "v2") != "v2":
         raise UserError(f"{src}: ps_version {meta.get('ps_version')!r}; transformers' InternVL implements v2 only")
+    given = _config_kwargs(sam_config)
     which = "the given SAM 2 config"
     if sam_config is None and (src / SAM2_PY).is_file():
         sam_config = sam_config_from_sam2_py(src / SAM2_PY)
@@ -452,8 +711,11 @@ def import_sa2va(sa2va_dir: str | Path, out_dir: str | Path, sam_config=None, se
     config = internvl_config(meta, tokenizer.convert_tokens_to_ids(IMAGE_TOKENS["context_image_token"]),
                              tie_word_embeddings=head not in state)
     converted = convert_sa2va_state_dict(state, llm_type, config.text_config, config.vision_config.hidden_size)
-    # before anything is written: a SAM 2 of other sizes than the config fails here in one line
-    video_only = check_sam_shapes(src, converted, sam_config, which)
+    # the memory half of SAM 2 (Sam2VideoConfig), then before anything is written: a SAM 2 of other sizes than the
+    # config, or with a tensor Sam2VideoModel has no place for, fails here in one line
+    memory, memory_from = resolve_memory_config(given, src / SAM2_PY, _memory_shapes(converted))
+    video_config = sam_video_config(sam_config, memory)
+    check_sam_shapes(src, converted, video_config, f"{which} (memory sizes: {memory_from})")
 
     vlm_dir = out / VLM_DIR
     vlm_dir.mkdir(parents=True, exist_ok=True)
@@ -476,9 +738,10 @@ def import_sa2va(sa2va_dir: str | Path, out_dir: str | Path, sam_config=None, se
     (vlm_dir / "processor_config.json").write_text(json.dumps(
         {"processor_class": "InternVLProcessor", "image_seq_length": config.image_seq_length}, indent=2))
 
-    sam = Sam2Model(sam_config)
-    missing, unexpected = sam.load_state_dict({k: v for k, v in converted.sam.items() if k not in video_only},
-                                              strict=False)
+    # SAM 2 whole, once, as transformers' video model: the image model (Sam2Model) loads its own subset from it
+    sam = Sam2VideoModel(video_config)
+    fit_memory_width(sam)
+    missing, unexpected = sam.load_state_dict(converted.sam, strict=False)
     if missing or unexpected:
         raise UserError(f"{src}: SAM 2 weights do not fit: missing {missing[:6]}, unexpected {unexpected[:6]}")
     sam.save_pretrained(str(out / SAM_DIR))
@@ -491,14 +754,14 @@ def import_sa2va(sa2va_dir: str | Path, out_dir: str | Path, sam_config=None, se
                          f"{prompt})")
     save_file({k: v.float().contiguous() for k, v in converted.projection.items()}, str(out / PROJECTION_FILE))
     unused = {key: list(state[key].shape) for key in converted.unused}
-    unused.update({converted.sam_source[k]: list(converted.sam[k].shape) for k in video_only})
     (out / UNUSED_FILE).write_text(json.dumps({
-        "what": "Sa2VA tensors the composed image model does not use (SAM 2 video parts: memory attention / "
-                "encoder, object pointers, ...): Sa2VA name -> shape; Sam2Model names in 'as'",
-        "tensors": unused, "as": {converted.sam_source[k]: k for k in video_only}}, indent=2))
+        "what": "Sa2VA tensors with no place in the composed folder (modules segvlm does not have): Sa2VA name -> "
+                "shape. SAM 2's memory tensors are not here: they are in sam/ (a Sam2VideoModel checkpoint)",
+        "tensors": unused}, indent=2))
     (out / SEGVLM_JSON).write_text(json.dumps({
         "format": FORMAT_VERSION, "seg_token": seg_token, "seg_token_id": tokenizer.convert_tokens_to_ids(seg_token),
-        "vlm_model_type": "internvl", "sam_model_type": "sam2", "hidden_size": hidden, "prompt_size": prompt,
+        "vlm_model_type": "internvl", "sam_model_type": video_config.model_type, "hidden_size": hidden,
+        "prompt_size": prompt,
         # Sa2VA normalises SAM's input with mean/std tensors created in bfloat16 (preprocess_image's default dtype)
         SAM_MEAN_KEY: _bf16(IMAGENET_MEAN), SAM_STD_KEY: _bf16(IMAGENET_STD),
         "imported_from": str(src), "unused_keys": converted.unused, "unused_tensors": UNUSED_FILE,

@@ -47,6 +47,7 @@ def build_segvlm(cfg: Config) -> SegVLMModel:
     from safetensors.torch import load_file
 
     from medtune.models.hf import prepare_for_training
+    from medtune.models.video import check_memory_layout
     from medtune.models.vlm.model import ChatCodec, load_vlm_folder
     from medtune.models.vlm.processing import apply_image_processor_settings, read_chat_template
     from medtune.models.vlm.seg import parts, tiny
@@ -81,6 +82,13 @@ def build_segvlm(cfg: Config) -> SegVLMModel:
                         f"trained segmenting VLM (segvlm.json: seg_token {sources.meta.get('seg_token')!r}, id "
                         f"{sources.meta.get('seg_token_id')}); the folder is incomplete: export the run again "
                         "(`medtune export RUN --out DIR`)")
+    clips = parts.trains_on_clips(cfg)
+    if parts.is_video_sam(sam):
+        check_memory_layout(sam.config)
+    elif clips:
+        raise UserError(f"a segmenting VLM trains on video clips through SAM 2's memory, but its mask head is a "
+                         f"{type(sam).__name__}; set model.vlm.sam_path to a SAM 2 video checkpoint (config.json "
+                         "model_type sam2_video, e.g. facebook/sam2.1-hiera-tiny) or model.config.sam: sam2_video")
     seg_id = parts.add_seg_token(processor.tokenizer, vcfg.seg_token, where)
     parts.fit_embeddings(vlm, processor.tokenizer)
     hidden = vlm.config.get_text_config().hidden_size
@@ -110,4 +118,6 @@ def build_segvlm(cfg: Config) -> SegVLMModel:
     seg = SegVLMModel(net, cfg.data.channels, processor, codec, vcfg, seg_id, **stats)
     # RL's loss has no LM term (the masks read the hidden state before lm_head): like lm_weight=0 for the output row
     seg.lm_loss_trained = cfg.task.lm_weight > 0 and cfg.objective != "rl"
+    # a SAM 2 video mask head: its memory trains (as model.video says) only when the run trains on clips
+    seg.video, seg.clip_training = cfg.model.video, clips
     return seg

@@ -12,15 +12,22 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medtune.config import VLMCfg
+from medtune.config import VideoModelCfg, VLMCfg
 from medtune.data.conversations import IMAGE_PLACEHOLDER
 from medtune.errors import UserError
 from medtune.models.base import ModelOutput, SegModel, load_safetensors_folder
 from medtune.models.sam import IMAGENET_MEAN, IMAGENET_STD, Sam2SegModel, SamSegModel
+from medtune.models.video import (
+    MEMORY_SELECTED_BY_PREDICTION,
+    Sam2VideoSegModel,
+    VideoHead,
+    frozen_memory_parts,
+)
 from medtune.models.vlm.logits import IGNORE_INDEX, forward_logits_at, logit_positions, token_loss
 from medtune.models.vlm.model import (
     NON_MODEL_KEYS,
@@ -46,22 +53,28 @@ from medtune.models.vlm.seg.parts import (
     SEGVLM_JSON,
     VLM_DIR,
     embeddings_tied,
+    is_video_sam,
     module_name,
     sam_kind,
     vision_unused_regex,
 )
+from medtune.models.vlm.seg.video import clip_item, forward_clip, vlm_frame_positions
 
 # SAM 2's mask decoder makes three masks plus the single-mask head (token 0); the modes that pick one of them.
 MASK_OUTPUTS = ("best_iou", "single")
 # Batch keys of the mask head (its input, the targets): never passed to the VLM. Stacked per image by ``collate``.
-MASK_HEAD_KEYS = frozenset({"sam_image", "image_size", "mask", "fov", "target_valid", "output_size"})
+MASK_HEAD_KEYS = frozenset({"sam_image", "image_size", "mask", "fov", "target_valid", "output_size",
+                            # a clip batch's (seg/video.py)
+                            "sam_frames", "vlm_frames", "masks", "annotated", "frame_index", "frames"})
+# the key that makes a batch a clip batch: every frame's mask-head input, uint8 [B, T, 3, S, S]
+CLIP_KEY = "sam_frames"
 STACKED_KEYS = ("sam_image", "image_size", "fov")
 
 
-def seg_turns(questions: list[str], answers: list[str], seg_token: str) -> list[dict[str, str]]:
+def seg_turns(questions: list[str], answers: list[str], seg_token: str, images: int = 1) -> list[dict[str, str]]:
     """One user turn per question (the image placeholder in the first only, as Sa2VA's data put several referring
-    expressions of one image), each followed by its answer when given: as many answers (teacher forcing) or one
-    fewer (the conversation ends with the question to answer)."""
+    expressions of one image; ``images`` placeholders for the frames of a video), each followed by its answer when
+    given: as many answers (teacher forcing) or one fewer (the conversation ends with the question to answer)."""
     if not questions:
         raise UserError("a segvlm conversation needs at least one question")
     if len(answers) not in (len(questions), len(questions) - 1):
@@ -74,7 +87,7 @@ def seg_turns(questions: list[str], answers: list[str], seg_token: str) -> list[
                                  f"and {seg_token!r} belongs in answers only")
     turns: list[dict[str, str]] = []
     for k, question in enumerate(questions):
-        turns.append({"role": "user", "content": (IMAGE_PLACEHOLDER if k == 0 else "") + question})
+        turns.append({"role": "user", "content": (IMAGE_PLACEHOLDER * images if k == 0 else "") + question})
         if k < len(answers):
             if IMAGE_PLACEHOLDER in answers[k]:
                 raise UserError(f"the answer {answers[k]!r} contains the image placeholder {IMAGE_PLACEHOLDER!r}")
@@ -87,12 +100,21 @@ def encode_item(codec: ChatCodec, prep: SamImagePrep, image, questions: list[str
     """One sample: ``ChatCodec.encode`` of the conversation with the image (the VLM processor's tokens and pixels,
     its other keys, labels on the answers) + the mask head's ``sam_image`` and the image's ``image_size``. ``image``:
     float [C, H, W] in [0, 1] or uint8, at its own resolution. Module-level and picklable (DataLoader workers)."""
-    from PIL import Image
-
     rgb = to_uint8_rgb(image)
-    item = codec.encode(seg_turns(questions, answers, seg_token), Image.fromarray(rgb), sample_id)
+    item = encode_frames(codec, [rgb], questions, answers, sample_id, seg_token)
     item.update(prep(rgb))
     return item
+
+
+def encode_frames(codec: ChatCodec, frames: list, questions: list[str], answers: list[str], sample_id: str,
+                  seg_token: str) -> dict:
+    """The VLM's part of a sample: ``ChatCodec.encode`` of the conversation with ``frames`` (images as ``encode_item``
+    takes them, or uint8 [H, W, 3] arrays) in its first turn, one image placeholder each."""
+    from PIL import Image
+
+    images = [Image.fromarray(f if isinstance(f, np.ndarray) and f.ndim == 3 and f.shape[-1] == 3
+                              and f.dtype == np.uint8 else to_uint8_rgb(f)) for f in frames]
+    return codec.encode(seg_turns(questions, answers, seg_token, images=len(images)), images, sample_id)
 
 
 def collate(items: list[dict], padding_side: str = "right") -> dict:
@@ -123,6 +145,18 @@ class DecodedMasks:
     iou_scores: torch.Tensor  # [B, K, M]
     index: torch.Tensor  # [B, K] long
     low_res: torch.Tensor  # [B, K, h, w]
+
+
+@dataclass
+class VLMPass:
+    """What the VLM's forward gives the mask head: token logits (at ``positions``), the LM loss (None without
+    labels), the last hidden state at each [SEG] ``seg_hidden`` [B, K, H] and which slots hold one [B, K]."""
+
+    token_logits: torch.Tensor | None
+    lm_loss: torch.Tensor | None
+    positions: Any
+    seg_hidden: torch.Tensor
+    seg_valid: torch.Tensor
 
 
 @dataclass
@@ -187,6 +221,9 @@ class SegVLMModel(SegModel):
         self.parts = VLMParts.find(net.vlm)  # names inside the VLM; under "vlm." in the composed network
         # set by the builder from task.lm_weight: whether any loss reaches the VLM's output head
         self.lm_loss_trained = True
+        # set by the builder: the memory settings of a SAM 2 video mask head, and whether the run trains on clips
+        self.video = VideoModelCfg()
+        self.clip_training = False
         self.sam_kind = sam_kind(net.sam)
         self.mask_output = resolve_mask_output(vcfg.mask_output, self.sam_kind)
         self.image_prep = SamImagePrep(sam_size=_square(net.sam.config.prompt_encoder_config.image_size))
@@ -209,6 +246,43 @@ class SegVLMModel(SegModel):
         answers = [] if answers is None else [answers] if isinstance(answers, str) else list(answers)
         return encode_item(self.codec, self.image_prep, image, questions, answers, sample_id, self.seg_token)
 
+    def encode_vlm_frames(self, frames: list, questions: str | list[str], answers: str | list[str] | None = None,
+                          sample_id: str = "sample") -> dict:
+        """The VLM's part of a sample seeing several ``frames`` (``encode_frames``): no mask-head input."""
+        questions = [questions] if isinstance(questions, str) else list(questions)
+        answers = [] if answers is None else [answers] if isinstance(answers, str) else list(answers)
+        return encode_frames(self.codec, frames, questions, answers, sample_id, self.seg_token)
+
+    def encode_clip(self, clip: dict, questions: str | list[str], answers: str | list[str] | None = None) -> dict:
+        """One training clip (a ``VideoClipDataset`` item: ``frames`` [T, C, H, W] in [0, 1], masks, annotated ...)
+        with its conversation: the VLM sees the clip's frames at ``vlm_frame_positions`` (``model.vlm.video_frames``,
+        ``video_frame_choice``), the mask head every frame (``seg/video.py``'s ``clip_item``). Batch the items with
+        ``seg/video.py``'s ``collate_clip_items``; ``model(batch=...)`` runs the clip forward."""
+        frames = clip["frames"]
+        positions = vlm_frame_positions(len(frames), self.vcfg.video_frames, self.vcfg.video_frame_choice)
+        vlm_item = self.encode_vlm_frames([frames[i] for i in positions], questions, answers, str(clip["id"]))
+        return clip_item(vlm_item, clip, positions, self.image_prep.sam_image)
+
+    @property
+    def video_capable(self) -> bool:
+        return is_video_sam(self.base_network.sam)
+
+    def video_head(self) -> VideoHead:
+        """The SAM 2 video mask head for ``models.video.propagate``: frames go through the mask head's own input
+        (``images.SamImagePrep``: uint8, PIL bicubic to SAM's size) as in the clip forward."""
+        sam = self.base_network.sam
+        if not self.video_capable:
+            raise UserError(f"this segmenting VLM's mask head is a {type(sam).__name__}, which has no memory to run a "
+                             "video with; set model.vlm.sam_path to a SAM 2 video checkpoint (model_type sam2_video) "
+                             "or model.config.sam: sam2_video")
+
+        def pixels(frame: torch.Tensor) -> torch.Tensor:
+            return self._sam_pixels(self.image_prep.sam_image(to_uint8_rgb(frame))[None].to(self.sam_mean.device))
+
+        return VideoHead(net=sam, module=self, pixels=pixels, image_size=self.image_prep.sam_size[0],
+                         in_channels=self.in_channels, memory_frames=self.video.memory_frames,
+                         dtype=_floating_dtype(sam.vision_encoder))
+
     def model_inputs(self, batch: dict) -> dict:
         """Every key of the batch the VLM takes: all processor outputs (pixel_values, image_grid_thw, ...)."""
         return {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS and k not in MASK_HEAD_KEYS}
@@ -218,6 +292,8 @@ class SegVLMModel(SegModel):
         (``input_ids`` [B, T], ``attention_mask``, ``labels`` (-100 = not supervised), pixel keys ...), the mask head
         on ``sam_image`` uint8 [B, 3, S, S]. The mask logits come at ``output_size`` (H, W): given, else that of
         ``mask``, else the (common) size of the images."""
+        if CLIP_KEY in batch:  # a clip batch (seg/video.py's collate_clip_items): through SAM 2's memory
+            return forward_clip(self, batch)
         missing = [k for k in ("input_ids", "sam_image") if k not in batch]
         if missing:
             raise UserError(f"segvlm batch lacks {missing}: it needs a collated batch of model.encode(image, "
@@ -240,9 +316,25 @@ class SegVLMModel(SegModel):
         net = self.base_network
         sam_image = batch["sam_image"]
         device = sam_image.device
+        vlm = self.vlm_pass(batch, device, sam_image.shape[0])
+        prompts, valid, b = vlm.seg_hidden, vlm.seg_valid, sam_image.shape[0]
+        if prompts.shape[1] == 0:
+            mask_logits = torch.zeros(b, 0, *output_size, device=device, dtype=torch.float32)
+        else:
+            features = self._sam_features(net.sam, self._sam_pixels(sam_image))
+            low = self._decode_masks(net.sam, features, self.project(prompts)).low_res
+            mask_logits = self.upsample(low, output_size)
+            mask_logits = torch.where(valid[:, :, None, None], mask_logits, torch.zeros_like(mask_logits))
+        return ModelOutput(mask_logits=mask_logits, lm_loss=vlm.lm_loss, token_logits=vlm.token_logits,
+                           mask_valid=valid, logit_positions=vlm.positions)
+
+    def vlm_pass(self, batch: dict, device, b: int) -> "VLMPass":
+        """The VLM on the batch's processor inputs (``input_ids`` [B, T], ``attention_mask``, ``labels``, pixel keys
+        ...): token logits where ``logit_positions`` puts them, the LM loss (with labels), and the last hidden state
+        at each [SEG]. Shared by the image forward and the clip forward (``seg/video.py``)."""
+        net = self.base_network
         inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.model_inputs(batch).items()}
         input_ids = inputs["input_ids"]
-        b = sam_image.shape[0]
         if input_ids.ndim != 2 or input_ids.shape[0] != b:
             raise UserError(f"input_ids must be [B={b}, T], got {tuple(input_ids.shape)}")
         if inputs.get("attention_mask") is None:
@@ -260,17 +352,12 @@ class SegVLMModel(SegModel):
             lm_loss = token_loss(logits, labels, None, positions) if supervised else logits.sum() * 0.0
         # hidden_states[-1] is the final-norm output, the lm_head input: the [SEG] token's own last hidden state
         prompts, valid = self._seg_hidden(out.hidden_states[-1], input_ids, inputs["attention_mask"])
-        if prompts.shape[1] == 0:
-            mask_logits = torch.zeros(b, 0, *output_size, device=device, dtype=torch.float32)
-        else:
-            projection = net.seg_projection
-            weight_dtype = next(projection.parameters()).dtype
-            features = self._sam_features(net.sam, self._sam_pixels(sam_image))
-            low = self._decode_masks(net.sam, features, projection(prompts.to(weight_dtype))).low_res
-            mask_logits = self.upsample(low, output_size)
-            mask_logits = torch.where(valid[:, :, None, None], mask_logits, torch.zeros_like(mask_logits))
-        return ModelOutput(mask_logits=mask_logits, lm_loss=lm_loss, token_logits=logits, mask_valid=valid,
-                           logit_positions=positions)
+        return VLMPass(token_logits=logits, lm_loss=lm_loss, positions=positions, seg_hidden=prompts, seg_valid=valid)
+
+    def project(self, seg_hidden: torch.Tensor) -> torch.Tensor:
+        """[SEG] hidden states [..., H] -> SAM's sparse prompt embeddings [..., D] (``seg_projection``)."""
+        projection = self.base_network.seg_projection
+        return projection(seg_hidden.to(next(projection.parameters()).dtype))
 
     def upsample(self, low: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
         """Low-res logits [B, K, h, w] -> [B, K, H, W] as Sa2VA: bilinear to SAM's input size (SAM 2's video
@@ -371,17 +458,28 @@ class SegVLMModel(SegModel):
         wants that.
         """
         x = self._one_image(image, "generate_turns")
+        item = self.encode(x, questions[:1], None, "generate")
+        answers, seg_counts, generated = self.generate_conversation(item, questions, max_new_tokens, image.device)
+        batch = collate([generated])
+        batch = {key: (v.to(image.device) if torch.is_tensor(v) else v) for key, v in batch.items()}
+        out = self._forward(batch, tuple(image.shape[-2:]))
+        return answers, list(torch.split(out.mask_logits[0], seg_counts))
+
+    def generate_conversation(self, item: dict, questions: list[str], max_new_tokens: int, device,
+                              images: int = 1) -> tuple[list[str], list[int], dict]:
+        """Greedy answers to ``questions`` (``item``: the encoded first question with its ``images`` images, for
+        generation), each turn continuing the previous turns' generated tokens. Returns the answers, the [SEG]
+        count of each, and ``item`` holding the whole generated conversation (no labels) for one teacher-forced
+        forward (the image forward's or the clip forward's)."""
         codec = self.codec
         stops = set(codec.stop_ids)
         close = codec.end_of_turn_id if codec.end_of_turn_id is not None else codec.stop_ids[0]
-        item = self.encode(x, questions[:1], None, "generate")
         sequence: list[int] = item["input_ids"].tolist()
         answers: list[str] = []
         seg_counts: list[int] = []
-        device = image.device
         for k in range(len(questions)):
             if k:
-                turns = seg_turns(questions[:k + 1], answers, self.seg_token)
+                turns = seg_turns(questions[:k + 1], answers, self.seg_token, images)
                 sequence += codec.continuation_ids(turns, "generate")
             batch = collate([_with_ids(item, sequence)])
             inputs = {key: (v.to(device) if torch.is_tensor(v) else v) for key, v in self.model_inputs(batch).items()}
@@ -395,10 +493,7 @@ class SegVLMModel(SegModel):
             seg_counts.append(sum(t == self.seg_token_id for t in new))
             # an answer cut by max_new_tokens is closed as training closes every answer, before the next turn
             sequence += new if new and new[-1] in stops else new + [close]
-        batch = collate([_with_ids(item, sequence)])
-        batch = {key: (v.to(device) if torch.is_tensor(v) else v) for key, v in batch.items()}
-        out = self._forward(batch, tuple(image.shape[-2:]))
-        return answers, list(torch.split(out.mask_logits[0], seg_counts))
+        return answers, seg_counts, _with_ids(item, sequence)
 
     def teacher_forced_masks(self, image: torch.Tensor, question: str | list[str], answer: str | list[str]
                              ) -> torch.Tensor:
@@ -422,13 +517,24 @@ class SegVLMModel(SegModel):
         parts = lora_target_patterns(self.base_network.vlm, self.parts, self.vcfg.vision_lora, prefix=f"{VLM_DIR}.")
         if self.vcfg.sam_encoder_lora:
             parts.append(self._sam_encoder_targets())
+        if self._memory_trains("memory_attention"):
+            parts.append(r"sam\." + Sam2VideoSegModel.MEMORY_ATTENTION_TARGETS.removeprefix("^").removesuffix("$"))
         return "^(?:" + "|".join(parts) + ")$"
+
+    def _memory_trains(self, part: str) -> bool:
+        """Whether a memory part (``model.video``'s memory_attention / memory_encoder / object_pointers) trains:
+        only a video mask head trained on clips."""
+        return self.clip_training and self.video_capable and getattr(self.video, part) == "train"
 
     def default_modules_to_save(self) -> list[str] | None:
         if self.vcfg.train_projector and self.parts.projector is None:
             raise UserError(f"model.vlm.train_projector: no projector found in {type(self.base_network.vlm).__name__}"
                              "; list it in lora.modules_to_save")
         extra = [f"{VLM_DIR}.{self.parts.projector}"] if self.vcfg.train_projector else []
+        if self._memory_trains("memory_encoder"):
+            extra.append("memory_encoder")
+        if self._memory_trains("object_pointers"):
+            extra += ["object_pointer_proj", "temporal_positional_encoding_projection_layer"]
         return ["mask_decoder", "seg_projection", *extra]
 
     def default_trainable_tokens(self) -> dict[str, list[int]] | None:
@@ -449,7 +555,8 @@ class SegVLMModel(SegModel):
 
         base = self.base_network
         check_lora_placement(base.vlm, self.parts, self.vcfg.vision_lora, self.vcfg.train_projector)
-        allowed = [f"{VLM_DIR}."] + (["sam.vision_encoder."] if self.vcfg.sam_encoder_lora else [])
+        allowed = [f"{VLM_DIR}."] + (["sam.vision_encoder."] if self.vcfg.sam_encoder_lora else []) \
+            + (["sam.memory_attention."] if self._memory_trains("memory_attention") else [])
         stray = [n for n, m in base.named_modules()
                  if isinstance(m, LoraLayer) and not any(n.startswith(a) for a in allowed)]
         if stray:
@@ -466,8 +573,19 @@ class SegVLMModel(SegModel):
         # which SAM without points never uses). And the VLM vision layers after the feature layer (LLaVA reads the
         # second-to-last CLIP layer).
         hyper = r"output_hypernetworks_mlps\.[1-9]" if self.mask_output == "single" else r"output_hypernetworks_mlps\.0\."
-        unused = [r"iou_prediction_head\.", r"pred_obj_score_head\.", hyper,
-                  r"sam\.prompt_encoder\.mask_embed\.", r"sam\.prompt_encoder\.point_embed\."]
+        if self.clip_training and self.video_capable:
+            # on clips SAM 2's own rule decides: with its default config every frame decodes three masks
+            c = self.base_network.sam.config
+            every_multimask = (c.multimask_output_in_sam and c.multimask_output_for_tracking
+                               and c.multimask_min_pt_num <= 0 <= c.multimask_max_pt_num)
+            hyper = r"output_hypernetworks_mlps\.0\." if every_multimask else None
+        unused = [r"iou_prediction_head\.", r"sam\.prompt_encoder\.mask_embed\.", r"sam\.prompt_encoder\.point_embed\."]
+        if hyper:
+            unused.append(hyper)
+        if self.video_capable:
+            unused += self._video_frozen_by_design()
+        else:
+            unused.append(r"pred_obj_score_head\.")
         if self.sam_kind == "sam":
             unused.append(r"sam\.prompt_encoder\.not_a_point_embed\.")
         out = self.base_network.vlm.get_output_embeddings()
@@ -479,10 +597,25 @@ class SegVLMModel(SegModel):
             unused.append(vision)
         return "|".join(unused)
 
+    def _video_frozen_by_design(self) -> list[str]:
+        """A SAM 2 video mask head: trained on images, none of its memory reaches a loss, nor its object-score head
+        (the image path does not gate by it); trained on clips, the memory parts ``model.video`` freezes, the mask
+        prompt's downsampler (no mask prompts) and the unused no-memory position encoding, while the object-score
+        head trains (the clip loss's presence term, SAM 2's gating on every frame)."""
+        sam = r"sam\."
+        if not self.clip_training:
+            return [r"pred_obj_score_head\.", r"sam\.no_memory_positional_encoding$"] + [
+                sam + part.removeprefix(r"(^|\.)") for part in frozen_memory_parts(self.video, all_parts=True)]
+        return [r"sam\.no_memory_positional_encoding$", r"sam\.mask_downsample\."] + [
+            sam + part.removeprefix(r"(^|\.)") for part in frozen_memory_parts(self.video)]
+
     def selected_by_prediction(self) -> str | None:
         """Regex of parameters that reach the loss only for the samples whose prediction selects them: with
         ``best_iou`` the hypernetworks of the three candidate masks, of which each prompt keeps one. The preflight
-        does not call them dead when a few steps happen to pick the same candidate."""
+        does not call them dead when a few steps happen to pick the same candidate. On clips also the "no object"
+        pointer and occlusion embedding (frames the model calls empty)."""
+        if self.clip_training and self.video_capable:
+            return MEMORY_SELECTED_BY_PREDICTION
         return r"output_hypernetworks_mlps\.[1-9]" if self.mask_output == "best_iou" else None
 
     def save_base(self, out_dir: str | Path) -> Path:

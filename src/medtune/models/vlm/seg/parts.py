@@ -31,9 +31,10 @@ VLM_DIR, SAM_DIR, PROJECTION_FILE = "vlm", "sam", "projection.safetensors"
 # segvlm.json keys: the mean / std SAM's input is normalised with (absent: ImageNet's). The Sa2VA importer writes the
 # bf16-rounded values Sa2VA's preprocess_image uses; save_base carries them on.
 SAM_MEAN_KEY, SAM_STD_KEY = "sam_image_mean", "sam_image_std"
-# SAM checkpoints by config model_type -> the single-image class used (a SAM 2 video checkpoint such as
-# facebook/sam2.1-hiera-tiny holds the same image encoder / prompt encoder / mask decoder weights).
-SAM_MODEL_TYPES = {"sam": "sam", "sam2": "sam2", "sam2_video": "sam2"}
+# SAM checkpoints by config model_type -> the class loaded. A SAM 2 video checkpoint (facebook/sam2.1-hiera-tiny)
+# loads as Sam2VideoModel: the same image encoder / prompt encoder / mask decoder, plus the memory a segmenting VLM
+# runs videos with (kept through training and export; trained only on clips).
+SAM_MODEL_TYPES = {"sam": "sam", "sam2": "sam2", "sam2_video": "sam2_video"}
 TINY_KEYS = {"preset", "vlm", "sam", "tie_word_embeddings"}
 
 
@@ -105,8 +106,21 @@ def sam_kind(sam: nn.Module) -> str:
     return "sam2" if type(sam).__name__.startswith("Sam2") else "sam"
 
 
+def is_video_sam(sam: nn.Module) -> bool:
+    """Whether the mask head is a SAM 2 video model (memory attention, memory encoder, object pointers)."""
+    return type(sam).__name__ == "Sam2VideoModel"
+
+
+def trains_on_clips(cfg: Config) -> bool:
+    """Whether the run trains a segmenting VLM on video clips (its SAM 2 memory then trains as ``model.video``
+    says; otherwise the memory parts stay frozen: no image loss reaches them)."""
+    from medtune.data.layouts import VIDEO_LAYOUTS
+
+    return cfg.task.kind == "video" or cfg.data.layout in VIDEO_LAYOUTS
+
+
 def load_sam(path: Path, key: str) -> nn.Module:
-    from transformers import Sam2Config, Sam2Model, SamModel
+    from transformers import Sam2Model, Sam2VideoModel, SamModel
 
     meta = read_config_json(path)
     model_type = meta.get("model_type")
@@ -115,14 +129,13 @@ def load_sam(path: Path, key: str) -> nn.Module:
             f"{key} {str(path)!r} holds a {model_type!r} model, not SAM or SAM 2 (config.json model_type sam, sam2 "
             f"or sam2_video); point {key} at a SAM checkpoint folder such as facebook/sam2.1-hiera-tiny"
         )
-    if SAM_MODEL_TYPES[model_type] == "sam":
+    kind = SAM_MODEL_TYPES[model_type]
+    if kind == "sam":
         net = load_pretrained(SamModel, path, dtype=torch.float32)
+    elif kind == "sam2_video":
+        net = load_pretrained(Sam2VideoModel, path, dtype=torch.float32)
     else:
-        # Build the image model's config from the checkpoint's sub-configs, so a video checkpoint loads without
-        # transformers' "model of type sam2_video" warning (the extra memory weights are simply not used).
-        config = Sam2Config(**{k: meta[k] for k in ("vision_config", "prompt_encoder_config", "mask_decoder_config")
-                               if k in meta})
-        net = load_pretrained(Sam2Model, path, config=config, dtype=torch.float32)
+        net = load_pretrained(Sam2Model, path, dtype=torch.float32)
     prepare_sam(net)
     return net
 

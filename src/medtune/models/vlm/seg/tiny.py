@@ -9,7 +9,8 @@ from pathlib import Path
 
 from medtune.errors import UserError
 
-TINY_SAM_KINDS = ("sam2", "sam")
+# sam2_video: a SAM 2 video model (memory included), the mask head a segmenting VLM runs videos with
+TINY_SAM_KINDS = ("sam2", "sam", "sam2_video")
 
 
 def tiny_vlm_overrides(tie_word_embeddings: bool | None) -> dict:
@@ -20,14 +21,19 @@ def tiny_vlm_overrides(tie_word_embeddings: bool | None) -> dict:
 
 
 def tiny_sam(kind: str):
-    from transformers import Sam2Model, SamModel
+    from transformers import Sam2Model, Sam2VideoModel, SamModel
 
     from medtune.models.sam import tiny_sam2_config, tiny_sam_config
+    from medtune.models.video import init_from_config, tiny_sam2_video_config
 
     if kind == "sam2":
         return Sam2Model(tiny_sam2_config())
     if kind == "sam":
         return SamModel(tiny_sam_config(vision_config={"initializer_range": 0.02}))
+    if kind == "sam2_video":
+        net = Sam2VideoModel(tiny_sam2_video_config())
+        init_from_config(net)
+        return net
     raise UserError(f"model.config.sam {kind!r} unknown for the tiny preset; valid: {', '.join(TINY_SAM_KINDS)}")
 
 
