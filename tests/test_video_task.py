@@ -156,6 +156,17 @@ def test_eval_writes_per_video_and_per_frame_tables(trained):
     assert len(per_frame) == 1 + N_FRAMES * len(split["test"])
     assert (trained / "eval" / "test" / "per_video.csv").is_file()
 
+    report = Path(_ok("report", str(trained)).split("report: ", 1)[1].strip())
+    assert report.is_file() and "Dice" in report.read_text()
+    # another run on the same videos, compared per video with the first as the baseline
+    from medtune.evaluate import evaluate_run
+    from medtune.train import train
+
+    other = train(video_cfg(trained.parent.parent, "v-other", "optim.lr=3e-3", steps=2))
+    evaluate_run(other)
+    table = _ok("compare", str(trained), str(other))
+    assert "videos" in table and "v-other" in table
+
 
 def test_predict_on_an_mp4_and_a_frame_folder(trained, tmp_path):
     """A video file (48x64: not the model's square) and a folder of odd-sized frames (61x63): one mask and one
@@ -198,8 +209,11 @@ def test_bad_inputs_to_predict_are_one_line(trained, tmp_path):
         lines = [line for line in done.stderr.splitlines() if not line.startswith("INFO ")]
         assert len(lines) == 1 and str(bad) in lines[0] and words in lines[0], done.stderr
         assert not (tmp_path / "p").exists()  # nothing written for a refused input
-    done = _run("predict", str(trained), str(empty), "--box", "1,2,3,4", "--out", str(tmp_path / "p"))
-    assert done.returncode == 2 and "model.prompt=none" in done.stderr
+    from medtune.errors import UserError
+    from medtune.predict import predict_images
+
+    with pytest.raises(UserError, match="model.prompt=none"):  # a semantic run takes no prompt
+        predict_images(trained, [empty], tmp_path / "p", box=(1, 2, 3, 4))
 
 
 def test_rl_on_clips_runs_unchanged_or_says_why(trained, tmp_path):
