@@ -229,5 +229,9 @@ def run_video_demo(out: Path, fast: bool = False) -> dict:
     for key, label in VIDEO_DEMO_ROWS:
         print(f"  {label:<56}" + "".join(f"{result[name][key]:>{w}.4f}" for name, w in
                                          (("initial", 9), ("video", 9), ("image_only", 12))))
+    for key, label in (("flicker", "flickers"), ("change_error", "departs from the true change")):
+        video, image = result["video"][key], result["image_only"][key]
+        print(f"  the video-trained model {label} {'less' if video < image else 'more'} than the image-only one "
+              f"({video:.4f} vs {image:.4f})")
     print(f"  runs: {video_run}  {image_run}   ({result['seconds']} s)")
     return result
