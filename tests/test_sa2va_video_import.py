@@ -231,3 +231,30 @@ raise SystemExit("executed")
     assert {k: read[k] for k in shared} == {k: weights[k] for k in shared}
     assert read["memory_fuser_padding"] == 3 and read["mask_downsampler_padding"] == 1
     assert read["image_size"] == 1024 and read["memory_attention_num_attention_heads"] == 1
+
+
+def test_imported_sam_trains_and_propagates_as_the_sam2_video_family(imported):
+    """The imported sam/ is a model.path for family sam2_video (16-channel memories included): a LoRA clip step has
+    gradient and `propagate` runs through a sequence with the memory bank."""
+    from medtune.config import build_config
+    from medtune.losses import ComboLoss
+    from medtune.models import video as V
+    from medtune.models.registry import build_model
+
+    cfg = build_config({"data": {"channels": 3, "sampling": "whole_image"},
+                        "model": {"family": "sam2_video", "path": str(imported / "sam"), "prompt": "mask"}})
+    seg = build_model(cfg)
+    size = seg.image_size
+    torch.manual_seed(0)
+    frames = torch.rand(1, 4, 3, size, size)
+    masks = torch.zeros(1, 4, 1, size, size)
+    masks[..., size // 4:size // 2, size // 4:size // 2] = 1
+    batch = {"frames": frames, "masks": masks, "annotated": torch.ones(1, 4, dtype=torch.bool)}
+    out = seg(batch=batch)
+    assert out.mask_logits.shape == (1, 4, 1, size, size)
+    # the random fixture calls the tracked frames empty (constant logits): SAM 2's object-score term carries gradient
+    loss, _ = V.clip_loss(out, batch, ComboLoss(cfg.loss))
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in seg.named_parameters() if "lora_B" in n)
+    probs = list(V.propagate(seg, list(frames[0]), V.VideoPrompt(mask=masks[0, 0, 0])))
+    assert [i for i, _ in probs] == [0, 1, 2, 3] and all(torch.isfinite(p).all() for _, p in probs)

@@ -109,6 +109,11 @@ class SamSegModel(SegModel):
     def tiny_config_dict() -> dict[str, Any]:
         return tiny_sam_config_dict()
 
+    @staticmethod
+    def load_network(loader, path: Path, **kwargs) -> nn.Module:
+        """``model.path`` -> the transformers network (``loader``: the family's class, or AutoModel for remote code)."""
+        return load_pretrained(loader, path, **kwargs)
+
     @property
     def image_size(self) -> int:
         size = self.base_network.config.prompt_encoder_config.image_size
@@ -275,7 +280,7 @@ def build_sam_network(cfg: Config, cls: type[SamSegModel]) -> nn.Module:
                               f"model.family to match the checkpoint")
         keep = cfg.lora.modules_to_save if cfg.lora.modules_to_save is not None else cls.DEFAULT_MODULES_TO_SAVE
         loader = AutoModel if cfg.model.trust_remote_code else model_cls
-        net = load_pretrained(loader, path, **load_kwargs(cfg, keep))
+        net = cls.load_network(loader, path, **load_kwargs(cfg, keep))
     if cls.model_type != "sam":
         # SAM 2 swaps in another mask token in eval mode when the first one looks unstable; training and
         # evaluation must run the same function, so always take the single-mask token.

@@ -161,6 +161,10 @@ class Sam2VideoSegModel(Sam2SegModel):
     def tiny_config_dict() -> dict[str, Any]:
         return tiny_sam2_video_config_dict()
 
+    @staticmethod
+    def load_network(loader, path, **kwargs) -> nn.Module:
+        return load_sam2_video(path, **kwargs)  # memories of any width (a shrunk Sa2VA import: 16)
+
     # --- training forward -----------------------------------------------------------------------------------------
     def forward_batch(self, batch: dict) -> VideoModelOutput:
         """A collated clip batch: ``frames`` [B, T, C, H, W] in [0, 1], ``masks`` [B, T, 1, H, W], ``annotated``
@@ -699,12 +703,11 @@ def check_memory_layout(config) -> None:
     problems = []
     if config.num_maskmem < 1:
         problems.append(f"num_maskmem={config.num_maskmem} (a video model needs memories)")
-    if config.memory_encoder_output_channels != MEMORY_CHANNELS:
-        problems.append(f"memory_encoder_output_channels={config.memory_encoder_output_channels} (transformers' "
-                        f"memory attention reads {MEMORY_CHANNELS})")
-    elif hidden <= MEMORY_CHANNELS or hidden % MEMORY_CHANNELS:
+    width = config.memory_encoder_output_channels  # any width: fit_memory_width refits the cross-attention
+    if hidden <= width or hidden % width:
         problems.append(f"vision_config.fpn_hidden_size={hidden} (object pointers are split into "
-                        f"{MEMORY_CHANNELS}-channel tokens: a multiple of {MEMORY_CHANNELS} above it)")
+                        f"{width}-channel memory tokens: a multiple of memory_encoder_output_channels={width} above "
+                        "it)")
     sizes = {"memory_attention_hidden_size": config.memory_attention_hidden_size,
              "memory_encoder_hidden_size": config.memory_encoder_hidden_size,
              "prompt_encoder_config.hidden_size": config.prompt_encoder_config.hidden_size,
@@ -776,5 +779,6 @@ def build_sam2_video(cfg: Config) -> Sam2VideoSegModel:
     net = build_sam_network(cfg, Sam2VideoSegModel)
     check_memory_layout(net.config)
     if cfg.model.path is None:
+        fit_memory_width(net)  # memories narrower than transformers' fixed MEMORY_CHANNELS, from model.config
         init_from_config(net)
     return Sam2VideoSegModel(net, cfg.data.channels, cfg.model.prompt, cfg.model.video)

@@ -120,7 +120,7 @@ def trains_on_clips(cfg: Config) -> bool:
 
 
 def load_sam(path: Path, key: str) -> nn.Module:
-    from transformers import Sam2Model, Sam2VideoModel, SamModel
+    from transformers import Sam2Model, SamModel
 
     meta = read_config_json(path)
     model_type = meta.get("model_type")
@@ -132,8 +132,10 @@ def load_sam(path: Path, key: str) -> nn.Module:
     kind = SAM_MODEL_TYPES[model_type]
     if kind == "sam":
         net = load_pretrained(SamModel, path, dtype=torch.float32)
-    elif kind == "sam2_video":
-        net = load_pretrained(Sam2VideoModel, path, dtype=torch.float32)
+    elif kind == "sam2_video":  # memories narrower than transformers' fixed width (a shrunk import) are refitted
+        from medtune.models.video import load_sam2_video
+
+        net = load_sam2_video(path, dtype=torch.float32)
     else:
         net = load_pretrained(Sam2Model, path, dtype=torch.float32)
     prepare_sam(net)
