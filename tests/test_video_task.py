@@ -107,7 +107,8 @@ def trained(tmp_path_factory) -> Path:
 def test_task_kind_follows_the_family_or_a_named_video_layout():
     assert build_config({}, ["model.family=sam2_video"]).task_kind() == "video"
     assert build_config({}, ["data.layout=video_files", "model.family=sam2"]).task_kind() == "video"
-    assert build_config({}, ["data.layout=video_frames", "model.family=segvlm"]).task_kind() == "segvlm"
+    assert build_config({}, ["data.layout=video_frames", "model.family=segvlm"]).task_kind() == "video"
+    assert build_config({}, ["data.layout=video_frames", "model.family=vlm"]).task_kind() == "instruct"
     assert build_config({}, ["model.family=sam2"]).task_kind() == "masks"
 
 

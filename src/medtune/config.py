@@ -292,7 +292,7 @@ class RLCfg(Section):
 
 class TaskCfg(Section):
     """What the model is asked to do with each sample (``auto``: from the family: segvlm -> segvlm, vlm -> instruct,
-    sam2_video -> video, any other family on a video layout named in data.layout -> video, otherwise masks)."""
+    sam2_video -> video, any other mask family on a video layout named in data.layout -> video, otherwise masks)."""
 
     kind: Literal["auto", "masks", "segvlm", "instruct", "video"] = "auto"
     # segvlm, for data without referring expressions: the question asked and the teacher-forced answer
@@ -321,7 +321,7 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
-        if self.task_kind() == "segvlm" and not self.loss.model_fields_set:
+        if "segvlm" in (self.task_kind(), self.model.family) and not self.loss.model_fields_set:
             # resolved here, so config.yaml records the weights the run really trains with
             object.__setattr__(self, "loss", LossCfg(**SEGVLM_LOSS))
         if self.data.split.val_fraction + self.data.split.test_fraction >= 1.0:
@@ -352,15 +352,15 @@ class Config(Section):
 
     def task_kind(self) -> Literal["masks", "segvlm", "instruct", "video"]:
         """The task a run is trained, evaluated and predicted by. Decided from the config alone (no disk access, so
-        a run folder's config.yaml always names the same task): a video family, or a mask family on a layout named
-        a video layout (the video task then refuses a model that cannot take clips, in one line). A video folder
-        reached through ``data.layout=auto`` with an image family stays ``masks``, whose data loading refuses
-        videos."""
+        a run folder's config.yaml always names the same task): a video family, or a mask family (segvlm included,
+        as ``models.vlm.seg.parts.trains_on_clips`` reads it) on a layout named a video layout (the video task then
+        refuses a model it cannot train, in one line). A video folder reached through ``data.layout=auto`` with an
+        image family stays ``masks``, whose training refuses videos."""
         if self.task.kind != "auto":
             return self.task.kind
         if self.model.family in VIDEO_FAMILIES:
             return "video"
-        if self.model.family not in ("segvlm", "vlm") and self.data.layout in VIDEO_LAYOUTS:
+        if self.model.family != "vlm" and self.data.layout in VIDEO_LAYOUTS:
             return "video"
         return {"segvlm": "segvlm", "vlm": "instruct"}.get(self.model.family, "masks")
 

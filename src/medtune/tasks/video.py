@@ -63,6 +63,10 @@ def _require_clip_model(model, cfg: Config) -> None:
     """The video task trains a model that takes clips (``seg(batch=clip batch)`` with a memory): one line otherwise."""
     from medtune.models.video import Sam2VideoSegModel
 
+    if getattr(model, "family", None) == "segvlm":
+        raise ConfigError("task video trains family sam2_video; the segmenting VLM's clip path (models/vlm/seg/"
+                          "video.py) is not wired into it yet: train it on images (an image layout, task segvlm) "
+                          "and segment videos with models.vlm.seg.video.segment_video")
     if not isinstance(model, Sam2VideoSegModel):
         raise ConfigError(f"task video trains clips through a model with a memory (model.family=sam2_video); "
                           f"model.family={cfg.model.family} segments single images: set model.family=sam2_video, or "
