@@ -157,15 +157,16 @@ def test_eval_writes_per_video_and_per_frame_tables(trained):
     assert len(per_frame) == 1 + N_FRAMES * len(split["test"])
     assert (trained / "eval" / "test" / "per_video.csv").is_file()
 
-    report = Path(_ok("report", str(trained)).split("report: ", 1)[1].strip())
-    assert report.is_file() and "Dice" in report.read_text()
-    # another run on the same videos, compared per video with the first as the baseline
+    # report and compare dispatch through the task like eval (in process: the CLI path is the same call)
     from medtune.evaluate import evaluate_run
+    from medtune.reporting import compare_runs, write_report
     from medtune.train import train
 
+    report = write_report(trained)
+    assert report.is_file() and "Dice" in report.read_text()
     other = train(video_cfg(trained.parent.parent, "v-other", "optim.lr=3e-3", steps=2))
     evaluate_run(other)
-    table = _ok("compare", str(trained), str(other))
+    table = compare_runs([trained, other])  # paired per video, the first run the baseline
     assert "videos" in table and "v-other" in table
 
 
@@ -204,14 +205,17 @@ def test_bad_inputs_to_predict_are_one_line(trained, tmp_path):
     not_video.write_text("not a video")
     empty = tmp_path / "empty"
     empty.mkdir()
-    for bad, words in ((not_video, "cannot be read as a video"), (empty, "no frame files")):
-        done = _run("predict", str(trained), str(bad), "--out", str(tmp_path / "p"))
-        assert done.returncode == 2
-        lines = [line for line in done.stderr.splitlines() if not line.startswith("INFO ")]
-        assert len(lines) == 1 and str(bad) in lines[0] and words in lines[0], done.stderr
-        assert not (tmp_path / "p").exists()  # nothing written for a refused input
-    from medtune.errors import UserError
+    done = _run("predict", str(trained), str(not_video), "--out", str(tmp_path / "p"))
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("INFO ")]
+    assert len(lines) == 1 and str(not_video) in lines[0] and "cannot be read as a video" in lines[0], done.stderr
+    from medtune.errors import DataError, UserError
     from medtune.predict import predict_images
+
+    with pytest.raises(DataError, match="no frame files") as refused:  # the CLI prints this one line
+        predict_images(trained, [empty], tmp_path / "p")
+    assert str(empty) in str(refused.value) and "\n" not in str(refused.value)
+    assert not (tmp_path / "p").exists()  # nothing written for a refused input
 
     with pytest.raises(UserError, match="model.prompt=none"):  # a semantic run takes no prompt
         predict_images(trained, [empty], tmp_path / "p", box=(1, 2, 3, 4))
