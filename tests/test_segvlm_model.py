@@ -751,7 +751,8 @@ def test_sa2va_import_maps_every_weight(llm, tmp_path):
 
     seg = build_model(_cfg(path=str(out), finetune="full")).eval()
     net = seg.base_network
-    for got, want in ((net.vlm, vlm), (net.sam, sam), (net.seg_projection, projection)):
+    # the mask head is the whole SAM 2 (a Sam2VideoModel: the image path + the memory a video run trains)
+    for got, want in ((net.vlm, vlm), (net.sam, video), (net.seg_projection, projection)):
         got_sd, want_sd = got.state_dict(), want.state_dict()
         assert set(got_sd) == set(want_sd)
         assert all(torch.equal(got_sd[k], want_sd[k]) for k in want_sd), [k for k in want_sd
