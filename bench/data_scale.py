@@ -55,7 +55,7 @@ def child(data_dir: str, variant: str, workers: int, steps: int) -> dict:
     from medtune.data.datasets import StepBatchSampler
     from medtune.data.run_split import load_split_samples, prepare_split
     from medtune.models.registry import build_run_model
-    from medtune.tasks import task_for
+    from medtune.tasks import collate_for, task_for
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -80,7 +80,7 @@ def child(data_dir: str, variant: str, workers: int, steps: int) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     sampler = StepBatchSampler(len(dataset), cfg.data.batch_size, cfg.run.seed)
     loader = {"batches": iter(DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                                         collate_fn=task.collate, generator=torch.Generator()))}
+                                         collate_fn=collate_for(task, dataset), generator=torch.Generator()))}
 
     def step():
         loss, _ = loss_fn(model, next(loader["batches"]))

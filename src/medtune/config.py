@@ -16,6 +16,8 @@ from medtune.errors import ConfigError
 VIDEO_LAYOUTS = ("video_frames", "sa2va_video", "video_files")
 # Model families that segment frame sequences through a memory (the task ``video``)
 VIDEO_FAMILIES = ("sam2_video",)
+# Mask families prompted by a question in words (task.prompt, `medtune predict --prompt TEXT`), not by model.prompt
+QUESTION_FAMILIES = ("segvlm",)
 
 
 class Section(BaseModel):
@@ -329,6 +331,9 @@ class Config(Section):
         if self.objective == "rl" and self.optim.grad_accum != 1:
             raise ValueError("optim.grad_accum is not used by objective: rl (each rollout is its own update); "
                              "raise data.batch_size or rl.group_size instead")
+        if self.model.family in QUESTION_FAMILIES and self.model.prompt != "none":
+            raise ValueError(f"model.prompt={self.model.prompt}: family {self.model.family} is prompted by a question "
+                             "(task.prompt, --prompt TEXT), not by a mask or a box; remove model.prompt")
         if self.model.prompt == "box" and self.data.sampling != "whole_image":
             raise ValueError("model.prompt=box needs data.sampling=whole_image (the box is drawn around the whole "
                              "lesion, and evaluation sees the whole image); random crops would train on other inputs")
@@ -363,6 +368,11 @@ class Config(Section):
         if self.model.family != "vlm" and self.data.layout in VIDEO_LAYOUTS:
             return "video"
         return {"segvlm": "segvlm", "vlm": "instruct"}.get(self.model.family, "masks")
+
+    def prompt_kind(self) -> Literal["none", "box", "mask", "text"]:
+        """What prompts the model: a question in words (``text``: a segmenting VLM) or ``model.prompt``. Decided from
+        the config alone, so `medtune predict` checks its options before the model loads."""
+        return "text" if self.model.family in QUESTION_FAMILIES else self.model.prompt
 
     def finetune_mode(self) -> Literal["lora", "full"]:
         if self.model.finetune != "auto":

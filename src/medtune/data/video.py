@@ -30,6 +30,11 @@ from medtune.data.types import DataError
 _MAX_DECODE_AHEAD = 30
 # collate_clips marks the frames it appends to a short clip with this frame index (never annotated)
 PAD_FRAME_INDEX = -1
+# a clip's target when its masks are the union of the video's objects (no expression drawn)
+NO_TARGET = -1
+# the seed-sequence entry of the random stream a clip's expression is drawn from (sample_clip's has none, the
+# augmentation's 1)
+_TARGET_STREAM = 2
 
 
 @dataclass
@@ -342,39 +347,57 @@ class VideoClipDataset(Dataset):
 
     ``{"frames": float32 [T, C, S, S] in [0, 1], "masks": float32 [T, 1, S, S] (zeros where not annotated),
     "annotated": bool [T], "frame_index": long [T], "fov": float32 [T, 1, S, S] (the in-view region: ones, less
-    what augmentation moved out), "id": str}``.
+    what augmentation moved out), "id": str, "target": int (the expression, or NO_TARGET), "text": str | None}``.
+
+    ``per_target``: a clip of a video with referring expressions (sa2va_video) is about one of them, drawn with the
+    clip (its masks and annotated frames are that expression's, ``text`` its words, not augmented: a flip would make
+    "the left vessel" wrong), as a model that reads the question needs; otherwise the masks are the union of the
+    video's objects.
     """
 
-    def __init__(self, videos: Sequence[VideoSample], cfg: DataCfg, seed: int):
+    def __init__(self, videos: Sequence[VideoSample], cfg: DataCfg, seed: int, per_target: bool = False):
         if not videos:
             raise DataError("VideoClipDataset needs at least one training video")
         unannotated = [v.id for v in videos if not v.annotated]
         if unannotated:
             raise DataError(f"video {unannotated[0]}: no annotated frame; annotate at least one frame or remove it")
-        self.videos, self.cfg, self.seed = list(videos), cfg, int(seed)
+        self.videos, self.cfg, self.seed, self.per_target = list(videos), cfg, int(seed), per_target
         self._augment = Augmentation(cfg.augment)
 
     def __len__(self) -> int:
         return len(self.videos) * self.cfg.video.clips_per_video
 
+    def clip_target(self, index: int, epoch: int = 0) -> int:
+        """The expression clip ``index`` is about (among those with an annotated frame), or NO_TARGET: a pure
+        function of (seed, epoch, index), on a stream of its own."""
+        video = self.videos[index % len(self.videos)]
+        annotated = [k for k, t in enumerate(video.targets) if t.rles]
+        if not self.per_target or not annotated:
+            return NO_TARGET
+        rng = np.random.default_rng([self.seed, epoch, index, _TARGET_STREAM])
+        return annotated[int(rng.integers(len(annotated)))]
+
     def clip_frames(self, index: int, epoch: int = 0) -> list[int]:
         video = self.videos[index % len(self.videos)]
         v = self.cfg.video
-        return sample_clip(video.n_frames, video.annotated, v.clip_length, self.seed, epoch, index, v.clip_stride)
+        target = self.clip_target(index, epoch)
+        annotated = video.annotated if target == NO_TARGET else sorted(video.targets[target].rles)
+        return sample_clip(video.n_frames, annotated, v.clip_length, self.seed, epoch, index, v.clip_stride)
 
     def __getitem__(self, key) -> dict:
         index, epoch = (key, 0) if isinstance(key, (int, np.integer)) else key
         index, epoch = int(index), int(epoch)
         video = self.videos[index % len(self.videos)]
+        target = self.clip_target(index, epoch)
         frame_index = self.clip_frames(index, epoch)
-        annotated = set(video.annotated)
+        annotated = set(video.annotated if target == NO_TARGET else video.targets[target].rles)
         with open_frames(video, self.cfg) as reader:
             frames = np.stack([reader.read(i) for i in frame_index])  # ascending: one sequential decode
             size = reader.size
         masks = np.zeros((len(frame_index), *size), dtype=np.float32)
         for k, i in enumerate(frame_index):
             if i in annotated:
-                mask = read_video_mask(video, i, self.cfg)
+                mask = read_video_mask(video, i, self.cfg, None if target == NO_TARGET else target)
                 if mask.shape != tuple(size):
                     raise DataError(f"{video.frame_name(i)}: mask is {mask.shape[0]}x{mask.shape[1]} but the frame "
                                     f"is {size[0]}x{size[1]}; re-export the mask at the frame size")
@@ -382,8 +405,11 @@ class VideoClipDataset(Dataset):
         t, c = frames.shape[:2]
         labels = torch.cat([torch.from_numpy(masks), torch.ones(1, *size)])  # [T + 1, H, W]: masks, in-view
         image, labels = resize_square(torch.from_numpy(frames).reshape(t * c, *size), labels, self.cfg.patch_size)
-        rng = np.random.default_rng([self.seed, epoch, index, 1])  # the clip's own stream, apart from sample_clip's
-        image, mask, fov = self._augment(image, labels[:t], labels[t:], rng)
+        text = None if target == NO_TARGET else video.targets[target].text
+        mask, fov = labels[:t], labels[t:]
+        if text is None:  # a flip would make "the left vessel" a wrong answer: words are not augmented (as images)
+            rng = np.random.default_rng([self.seed, epoch, index, 1])  # the clip's own stream, apart from sample_clip's
+            image, mask, fov = self._augment(image, mask, fov, rng)
         s = self.cfg.patch_size
         return {
             "frames": image.float().clamp(0.0, 1.0).reshape(t, c, s, s).contiguous(),
@@ -392,6 +418,8 @@ class VideoClipDataset(Dataset):
             "frame_index": torch.tensor(frame_index, dtype=torch.long),
             "fov": (fov > 0.5).float().reshape(1, 1, s, s).expand(t, 1, s, s).contiguous(),
             "id": video.id,
+            "target": target,
+            "text": text,
         }
 
 

@@ -53,6 +53,8 @@ class SegModel(nn.Module):
     # (models/feature_cache.py, train.feature_cache)
     supports_feature_cache: bool = False
     feature_cache = None
+    # families that read a question with the image (the segmenting VLM): their items carry the conversation
+    takes_question: bool = False
 
     def __init__(self, net: nn.Module, in_channels: int):
         super().__init__()

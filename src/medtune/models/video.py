@@ -38,6 +38,7 @@ from torch import nn
 
 from medtune.config import Config, VideoModelCfg, deep_merge
 from medtune.data.datasets import mask_box
+from medtune.data.video import collate_clips
 from medtune.errors import ConfigError
 from medtune.models.base import ModelOutput
 from medtune.models.sam import Sam2SegModel, build_sam_network, tiny_sam2_config_dict
@@ -223,6 +224,20 @@ class Sam2VideoSegModel(Sam2SegModel):
             raise ValueError(f"model.prompt={self.prompt}: clip {empty[0]} of the batch has no annotated frame to "
                              "prompt on; the clip sampler must put an annotated frame in every clip")
         return annotated.int().argmax(dim=1).to(device)
+
+    # --- the video task's hooks (tasks/video.py), alike for every model that takes clips ---------------------------
+    def clip_encoder(self) -> Callable[..., dict]:
+        """(clip, question, answer) -> the item the clip forward takes: a VideoClipDataset clip as it is (this family
+        reads no question)."""
+        return passthrough_clip
+
+    clip_collate = staticmethod(collate_clips)
+
+    def segment_video(self, frames, prompt: VideoPrompt | None = None, question: str | None = None,
+                      max_new_tokens: int = 0) -> tuple[None, Iterator[tuple[int, torch.Tensor]]]:
+        """(no answer, ``propagate`` from ``prompt``): what the video task's validation, evaluation and prediction
+        run (a segmenting VLM answers ``question`` first)."""
+        return None, propagate(self, frames, prompt)
 
     def video_head(self) -> VideoHead:
         return VideoHead(net=self.base_network, module=self, pixels=lambda frame: self._encoder_input(frame[None]),
@@ -515,6 +530,23 @@ def clip_loss(out: VideoModelOutput, batch: dict,
     presence = F.binary_cross_entropy_with_logits(out.object_score_logits.flatten()[selected], present)
     parts = {**parts, "presence": float(presence.detach())}
     return loss + PRESENCE_WEIGHT * presence, parts
+
+
+def clip_objective(out: VideoModelOutput, batch: dict, mask_loss, lm_weight: float = 0.0
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The video task's loss: ``clip_loss`` (mask loss on the annotated frames + object-score BCE), plus ``lm_weight``
+    x the LM loss on the answer when the model gave one (a segmenting VLM: ``task.lm_weight``, as the image task adds
+    it)."""
+    loss, parts = clip_loss(out, batch, mask_loss)
+    if out.lm_loss is not None and lm_weight > 0:
+        loss = loss + lm_weight * out.lm_loss
+        parts = {**parts, "lm": float(out.lm_loss.detach())}
+    return loss, parts
+
+
+def passthrough_clip(clip: dict, question: str | None = None, answer: str | None = None) -> dict:
+    """The clip item of a model that reads no question: the clip itself."""
+    return clip
 
 
 # --- inference: streaming propagation with a bounded memory bank ---------------------------------------------------

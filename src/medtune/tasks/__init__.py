@@ -11,7 +11,7 @@ from pathlib import Path
 
 from medtune.config import Config
 from medtune.errors import UserError
-from medtune.tasks.base import PredictRequest, TargetPrediction, Task, selection
+from medtune.tasks.base import PredictRequest, TargetPrediction, Task, collate_for, selection
 
 TASKS: dict[str, str] = {
     "masks": "medtune.tasks.masks:TASK",
@@ -40,5 +40,5 @@ def task_of_run(run_dir: str | Path) -> Task:
     return task_for(load_run_config(run_dir))
 
 
-__all__ = ["TASKS", "PredictRequest", "Task", "TargetPrediction", "selection", "task_for", "task_named",
+__all__ = ["TASKS", "PredictRequest", "Task", "TargetPrediction", "collate_for", "selection", "task_for", "task_named",
            "task_of_run"]

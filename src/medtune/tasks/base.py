@@ -99,6 +99,7 @@ class Task:
     # prompt_option(cfg) -> the PredictRequest option ("box", "prompt", "question") the run needs, or None
     prompt_option: Callable[[Config], str | None] | None = None
     higher_is_better: bool = True
+    # batches train_dataset's items (a dataset with its own ``collate`` attribute overrides it: ``collate_for``)
     collate: Callable[[list[dict]], dict] = default_collate
     # loss_units(batch) -> how many supervised units (tokens, pixels) the loss of this process's batch is the mean
     # over, as a float tensor; the recipe weights micro-batches and processes by it so that gradient accumulation and
@@ -118,6 +119,12 @@ class Task:
     # (free_generation's records over a split, cfg) -> answer statistics (e.g. the rate of answers without [SEG])
     generation_summary: Callable[[list[dict], Config], dict] | None = None
 
+
+
+def collate_for(task: Task, dataset: Dataset) -> Callable[[list[dict]], dict]:
+    """How the recipes batch ``task.train_dataset``'s items: the dataset's own ``collate`` when it brings one (the
+    video task's items are the model's, batched by the model's ``clip_collate``), else ``task.collate``."""
+    return getattr(dataset, "collate", None) or task.collate
 
 
 def selection(cfg: Config, task: Task) -> tuple[str, bool]:

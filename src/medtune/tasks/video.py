@@ -1,21 +1,31 @@
-"""Task ``video``: frame sequences in, one mask per frame out, through a model with a memory (family ``sam2_video``).
+"""Task ``video``: frame sequences in, one mask per frame out, through a model with a memory: family ``sam2_video``,
+or a segmenting VLM whose mask head is a SAM 2 video model (Sa2VA's video path).
 
-Training: clips of ``data.video.clip_length`` frames (``VideoClipDataset``, collated by ``collate_clips``) go through
-the model's clip forward with gradient; the loss (``models.video.clip_loss`` with ``ComboLoss``) is on the annotated
+One flat implementation for both: the model brings the hooks that differ (``clip_encoder``: a clip and its
+conversation -> the clip forward's item; ``clip_collate``; ``segment_video``: the answer, if the model answers, and
+the propagation through a whole video), and ``takes_question`` says whether a clip is about one referring expression.
+The question of a clip or a video is its expression where the data has them (sa2va_video), else ``task.prompt`` with
+``task.class_name``; the teacher-forced answer is ``task.answer``. A model without a question ignores both.
+
+Training: clips of ``data.video.clip_length`` frames (``VideoClipDataset``, made the model's items by its
+``clip_encoder``) go through the model's clip forward with gradient; the loss (``models.video.clip_objective``:
+``clip_loss`` with ``ComboLoss``, plus ``task.lm_weight`` x the LM loss of a model that answers) is on the annotated
 frames only: unannotated and padding frames carry the memory and no loss, and a mask-prompted frame, whose output is
 the prompt, none either. The supervised recipe (``train/sft.py``) and the RL recipe (``train/rl.py``: the mask policy
 on every supervised frame of a clip, ``mask_targets``) run unchanged.
 
-Validation, evaluation and prediction propagate through whole videos (``models.video.propagate``, a bounded memory
-bank): each frame resized to ``data.patch_size`` square as training resized it, the probability map mapped back to
-the frame's own size. Prompted runs (``model.prompt=mask|box``) are prompted on the first annotated frame by its
-ground truth (the semi-supervised video-object-segmentation protocol); that frame is not scored for a mask prompt.
+Validation, evaluation and prediction propagate through whole videos (the model's ``segment_video``: a bounded memory
+bank; a segmenting VLM first answers the question from its frames, and its [SEG] prompts the memory): each frame
+resized to ``data.patch_size`` square as training resized it, the probability map mapped back to the frame's own
+size. Prompted runs (``model.prompt=mask|box``) are prompted on the first annotated frame by its ground truth (the
+semi-supervised video-object-segmentation protocol); that frame is not scored for a mask prompt. A segmenting VLM's
+answers go to per_video.csv (evaluation) and next to the masks (prediction).
 """
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -24,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from medtune.config import Config
@@ -36,7 +47,6 @@ from medtune.data.video import (
     FrameReader,
     VideoClipDataset,
     VideoSample,
-    collate_clips,
     open_frames,
     read_video_mask,
 )
@@ -46,6 +56,7 @@ from medtune.losses import ComboLoss
 from medtune.tasks.base import ImagePrediction, LossFn, PredictRequest, TargetPrediction, Task
 from medtune.tasks.mask_predict import calibrated_threshold, overlay
 from medtune.tasks.masks import pooled_validation
+from medtune.tasks.segvlm import question as target_question
 
 log = logging.getLogger("medtune")
 
@@ -60,17 +71,12 @@ DEFAULT_OVERLAY_FPS = 10.0
 
 
 def _require_clip_model(model, cfg: Config) -> None:
-    """The video task trains a model that takes clips (``seg(batch=clip batch)`` with a memory): one line otherwise."""
-    from medtune.models.video import Sam2VideoSegModel
-
-    if getattr(model, "family", None) == "segvlm":
-        raise ConfigError("task video trains family sam2_video; the segmenting VLM's clip path (models/vlm/seg/"
-                          "video.py) is not wired into it yet: train it on images (an image layout, task segvlm) "
-                          "and segment videos with models.vlm.seg.video.segment_video")
-    if not isinstance(model, Sam2VideoSegModel):
-        raise ConfigError(f"task video trains clips through a model with a memory (model.family=sam2_video); "
-                          f"model.family={cfg.model.family} segments single images: set model.family=sam2_video, or "
-                          "use an image layout with task.kind=masks")
+    """The video task trains a model that takes clips (the hooks ``clip_encoder``, ``clip_collate``,
+    ``segment_video``: family sam2_video, a segmenting VLM): one line otherwise."""
+    if not callable(getattr(model, "clip_encoder", None)):
+        raise ConfigError(f"task video trains clips through a model with a memory (model.family=sam2_video, or "
+                          f"segvlm with a SAM 2 video mask head); model.family={cfg.model.family} segments single "
+                          "images: set model.family=sam2_video, or use an image layout with task.kind=masks")
 
 
 # the module of SAM 2's mask decoder that decides whether the object is in a frame at all (a hard gate: a frame it
@@ -90,10 +96,34 @@ def _check_rl(model, cfg: Config) -> None:
                           "attention) or a list without mask_decoder")
 
 
-def train_dataset(videos: list[VideoSample], cfg: Config, model) -> VideoClipDataset:
+def clip_question(text: str | None, cfg: Config) -> str:
+    """The question of a clip or a video: its referring expression (sa2va_video), else ``task.prompt`` with
+    ``task.class_name`` (the image task's rule)."""
+    return target_question(text, cfg)
+
+
+class ModelClipDataset(Dataset):
+    """``VideoClipDataset``'s clips as the model's items: ``encode(clip, question, task.answer)`` (the model's
+    ``clip_encoder``; a picklable function, for DataLoader workers), batched by ``collate`` (the model's
+    ``clip_collate``), which the recipes take from the dataset."""
+
+    def __init__(self, clips: VideoClipDataset, encode, collate, cfg: Config):
+        self.clips, self.encode, self.collate = clips, encode, collate
+        self.cfg = cfg
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, key) -> dict:
+        clip = self.clips[key]
+        return self.encode(clip, clip_question(clip["text"], self.cfg), self.cfg.task.answer)
+
+
+def train_dataset(videos: list[VideoSample], cfg: Config, model) -> ModelClipDataset:
     _require_clip_model(model, cfg)
     _check_rl(model, cfg)
-    return VideoClipDataset(videos, cfg.data, seed=cfg.run.seed)
+    clips = VideoClipDataset(videos, cfg.data, seed=cfg.run.seed, per_target=model.takes_question)
+    return ModelClipDataset(clips, model.clip_encoder(), model.clip_collate, cfg)
 
 
 def mask_targets(out, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,12 +139,13 @@ def mask_targets(out, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 def make_loss(cfg: Config) -> LossFn:
-    from medtune.models.video import clip_loss
+    from medtune.models.video import clip_objective
 
     combo = ComboLoss(cfg.loss)
+    lm_weight = cfg.task.lm_weight
 
     def loss(model, batch: dict):
-        return clip_loss(model(batch=batch), batch, combo)
+        return clip_objective(model(batch=batch), batch, combo, lm_weight)
 
     return loss
 
@@ -189,12 +220,12 @@ def _model_prompt(spec: PromptSpec | None, frame_size: tuple[int, int], size: in
 
 
 def propagate_video(model, video: VideoSample, cfg: Config, prompt: PromptSpec | None = None,
+                    question: str | None = None, on_answer: Callable | None = None,
                     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yields (frame index, probability float32 [H, W] at the frame's own size, the frame float32 [C, H, W]) for every
-    frame of ``video``, in the order the model propagates (the prompted frame, forward to the end, then back to 0).
-    One frame in memory at a time besides the model's bounded memory bank."""
-    from medtune.models.video import propagate
-
+    frame of ``video``, in the order the model propagates (the prompted frame, forward to the end, then back to 0),
+    through the model's ``segment_video`` (``question``: what a segmenting VLM is asked; its answer goes to
+    ``on_answer`` before the first frame). One frame in memory at a time besides the model's bounded memory bank."""
     size = cfg.data.patch_size
     with open_frames(video, cfg.data) as reader:
         if prompt is not None and not 0 <= prompt.frame < len(reader):
@@ -203,27 +234,61 @@ def propagate_video(model, video: VideoSample, cfg: Config, prompt: PromptSpec |
         first = reader.read(prompt.frame if prompt is not None else 0)
         frame_size = tuple(first.shape[-2:])
         frames = ModelFrames(reader, size)
-        for index, prob in propagate(model, frames, _model_prompt(prompt, frame_size, size)):
+        answer, probs = model.segment_video(frames, _model_prompt(prompt, frame_size, size), question,
+                                            cfg.task.max_new_tokens)
+        if on_answer is not None:
+            on_answer(answer)
+        for index, prob in probs:
             native = resample_to_native(prob.numpy().astype(np.float32), frame_size)
             yield index, np.clip(native, 0.0, 1.0), reader.read(index)
 
 
-def video_probabilities(model, video: VideoSample, cfg: Config,
-                        ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], set[int]]:
-    """(probabilities of every frame, ground truth of the annotated frames, frames not to score: the mask-prompted
-    one) of one video, prompted by its ground truth as training was."""
+@dataclass
+class VideoQuery:
+    """What one scored sequence of a video is: its id (the video's; ``video#k`` for expression k of a video with
+    several), the question asked, and the expression whose masks are its ground truth (None: the union)."""
+
+    id: str
+    question: str
+    target: int | None = None
+
+
+def video_queries(video: VideoSample, cfg: Config, takes_question: bool) -> list[VideoQuery]:
+    """A model that reads the question is asked about each referring expression of a video that has them, each
+    scored on its own masks; otherwise the video is one sequence (the union of its objects)."""
+    targets = [k for k, t in enumerate(video.targets) if t.rles] if takes_question else []
+    if not targets:
+        return [VideoQuery(video.id, clip_question(None, cfg))]
+    multi = len(video.targets) > 1
+    return [VideoQuery(f"{video.id}#{k}" if multi else video.id, clip_question(video.targets[k].text, cfg), k)
+            for k in targets]
+
+
+def answer_columns(answer) -> dict:
+    """A generated answer's columns in per_video.csv (nothing for a model that does not answer)."""
+    return {} if answer is None else {"answer": answer.answer, "has_seg": int(answer.n_seg > 0)}
+
+
+def video_probabilities(model, video: VideoSample, cfg: Config) -> Iterator[tuple[VideoQuery, dict, dict, set,
+                                                                                   dict]]:
+    """Per query of the video (``video_queries``): (the query, probabilities of every frame, ground truth of its
+    annotated frames, frames not to score: the mask-prompted one, the answer's columns), prompted by the ground truth
+    as training was, or asked the query's question."""
     prompt = ground_truth_prompt(video, cfg)
-    probs = {i: prob for i, prob, _ in propagate_video(model, video, cfg, prompt)}
-    gts = {i: read_video_mask(video, i, cfg.data) for i in video.annotated}
     exclude = {prompt.frame} if prompt is not None and prompt.mask is not None else set()
-    return probs, gts, exclude
+    for query in video_queries(video, cfg, model.takes_question):
+        answers: list = []
+        probs = {i: prob for i, prob, _ in propagate_video(model, video, cfg, prompt, query.question, answers.append)}
+        annotated = video.annotated if query.target is None else sorted(video.targets[query.target].rles)
+        gts = {i: read_video_mask(video, i, cfg.data, query.target) for i in annotated}
+        yield query, probs, gts, exclude, answer_columns(answers[0])
 
 
 def target_probabilities(model, video: VideoSample, cfg: Config, device) -> list[TargetPrediction]:
-    """One prediction per scored annotated frame (id ``video#frame``), from propagating the whole video: what
-    validation (and RL's validation reward) pool."""
-    probs, gts, exclude = video_probabilities(model, video, cfg)
-    return [TargetPrediction(f"{video.id}#{i}", probs[i], gts[i], np.ones_like(gts[i]), video)
+    """One prediction per scored annotated frame (id ``video#frame``, ``video#k#frame`` per expression), from
+    propagating the whole video: what validation (and RL's validation reward) pool."""
+    return [TargetPrediction(f"{query.id}#{i}", probs[i], gts[i], np.ones_like(gts[i]), video, query.target)
+            for query, probs, gts, exclude, _ in video_probabilities(model, video, cfg)
             for i in sorted(gts) if i not in exclude]
 
 
@@ -233,9 +298,30 @@ def validate(model, videos: list[VideoSample], cfg: Config, device) -> dict[str,
 
 
 # ---- prediction: a video file or a frame folder -> masks, probabilities, overlay video ------------------------------
-def _prompt_of_request(req: PredictRequest, cfg: Config) -> PromptSpec | None:
-    """The prompt `medtune predict` was given, checked against what the run was trained with."""
+def _question_of_request(req: PredictRequest, cfg: Config, prompts: list[str]) -> str:
+    """A segmenting VLM's question: ``--prompt TEXT`` (one per video), else task.prompt with task.class_name."""
+    if req.box is not None or req.frame is not None:
+        option = "--box" if req.box is not None else "--frame"
+        raise UserError(f"{option} is for mask- or box-prompted video runs; {req.run_dir} is asked a question: pass "
+                        "--prompt TEXT")
+    if len(prompts) > 1:
+        raise UserError(f"{req.run_dir} segments one object per video from one question: pass one --prompt TEXT")
+    if not prompts:
+        return clip_question(None, cfg)
+    if not prompts[0].strip():
+        raise UserError("--prompt is empty: type what to segment (e.g. 'Please segment the vessel.')")
+    return prompts[0]
+
+
+def _prompt_of_request(req: PredictRequest, cfg: Config) -> tuple[PromptSpec | None, str | None]:
+    """(the prompt, the question) `medtune predict` was given, checked against what the run was trained with."""
     prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt or [])
+    if cfg.prompt_kind() == "text":
+        return None, _question_of_request(req, cfg, prompts)
+    return _mask_prompt_of_request(req, cfg, prompts), None
+
+
+def _mask_prompt_of_request(req: PredictRequest, cfg: Config, prompts: list[str]) -> PromptSpec | None:
     frame = req.frame if req.frame is not None else 0
     if cfg.model.prompt == "none":
         if prompts or req.box is not None:
@@ -310,11 +396,12 @@ class OverlayWriter:
 
 
 def predict_video(model, video: VideoSample, cfg: Config, out_dir: Path, threshold: float,
-                  prompt: PromptSpec | None) -> dict:
+                  prompt: PromptSpec | None, question: str | None = None) -> dict:
     """One video -> ``out_dir/masks/NNNNN.png`` (0/255), ``out_dir/probs/NNNNN.png`` (16-bit, probability x 65535)
-    and ``out_dir/overlay.mp4`` (the mask in green over every frame, in frame order). Frames are written as the
-    model propagates; the overlay, which must be in order, is written after (from the masks and frames on disk) when
-    propagation starts past frame 0. Returns what was written."""
+    and ``out_dir/overlay.mp4`` (the mask in green over every frame, in frame order), and ``out_dir/answer.txt``
+    (a segmenting VLM's answer to ``question``). Frames are written as the model propagates; the overlay, which must
+    be in order, is written after (from the masks and frames on disk) when propagation starts past frame 0. Returns
+    what was written."""
     mask_dir, prob_dir = out_dir / "masks", out_dir / "probs"
     mask_dir.mkdir(parents=True, exist_ok=True)
     prob_dir.mkdir(parents=True, exist_ok=True)
@@ -322,10 +409,18 @@ def predict_video(model, video: VideoSample, cfg: Config, out_dir: Path, thresho
     overlay_path = out_dir / "overlay.mp4"
     writer = OverlayWriter(overlay_path, fps)
     in_order = prompt is None or prompt.frame == 0
+    answered: dict = {}
+
+    def write_answer(answer) -> None:
+        answered.update(answer_columns(answer))
+        if answer is not None:
+            (out_dir / "answer.txt").write_text(answer.answer + "\n")
+            answered.update(question=question, n_seg=answer.n_seg, answer_file=str(out_dir / "answer.txt"))
+
     n = 0
     try:
-        for index, prob, frame in tqdm(propagate_video(model, video, cfg, prompt), total=video.n_frames,
-                                       desc=video.id, unit="frame", leave=False):
+        for index, prob, frame in tqdm(propagate_video(model, video, cfg, prompt, question, write_answer),
+                                       total=video.n_frames, desc=video.id, unit="frame", leave=False):
             binary = (prob >= threshold).astype(np.uint8)
             Image.fromarray(binary * 255).save(mask_dir / f"{index:05d}.png")
             Image.fromarray((prob * PROB_PNG_MAX).round().astype(np.uint16)).save(prob_dir / f"{index:05d}.png")
@@ -340,7 +435,7 @@ def predict_video(model, video: VideoSample, cfg: Config, out_dir: Path, thresho
     finally:
         writer.close()
     return {"video": video.id, "frames": n, "masks": str(mask_dir), "probabilities": str(prob_dir),
-            "overlay": str(overlay_path), "fps": fps}
+            "overlay": str(overlay_path), "fps": fps, **answered}
 
 
 def predict(req: PredictRequest) -> list[str]:
@@ -351,7 +446,7 @@ def predict(req: PredictRequest) -> list[str]:
 
     req.refuse("video", question="instruction-tuned VLM runs")
     cfg = load_run_config(req.run_dir)
-    prompt = _prompt_of_request(req, cfg)
+    prompt, question = _prompt_of_request(req, cfg)
     videos = [video_from_path(p, cfg.data) for p in req.images]  # every input checked before the model loads
     names = [v.id for v in videos]
     if len(set(names)) != len(names):
@@ -364,14 +459,15 @@ def predict(req: PredictRequest) -> list[str]:
     use_recorded_image_max(cfg, req.run_dir)  # 16-bit frames scaled like the training data
     thr, source = (req.threshold, "given") if req.threshold is not None else calibrated_threshold(req.run_dir)
     req.out_dir.mkdir(parents=True, exist_ok=True)
-    written = [predict_video(run.model, v, cfg, req.out_dir / v.id, thr, prompt) for v in videos]
+    written = [predict_video(run.model, v, cfg, req.out_dir / v.id, thr, prompt, question) for v in videos]
     (req.out_dir / "predict.json").write_text(json.dumps({
         "run": str(req.run_dir), "threshold": thr, "threshold_source": source,
         "prompt": None if prompt is None else {"frame": prompt.frame, "kind": "mask" if prompt.mask is not None
                                                else "box", "box": prompt.box},
-        "inputs": [str(p) for p in req.images], "videos": written}, indent=2))
-    return [f"{w['video']}: {w['frames']} masks and probability maps in {req.out_dir / w['video']}, overlay "
-            f"{w['overlay']}" for w in written] + [f"threshold {thr:.3f}: {source}"]
+        "question": question, "inputs": [str(p) for p in req.images], "videos": written}, indent=2))
+    answers = [f"{w['video']}: {w['answer']}" for w in written if "answer" in w]
+    return answers + [f"{w['video']}: {w['frames']} masks and probability maps in {req.out_dir / w['video']}, overlay "
+                      f"{w['overlay']}" for w in written] + [f"threshold {thr:.3f}: {source}"]
 
 
 def predict_image(run, path: Path, req: PredictRequest) -> ImagePrediction:
@@ -381,15 +477,19 @@ def predict_image(run, path: Path, req: PredictRequest) -> ImagePrediction:
         raise DataError(f"{path}: no such image file")
     use_recorded_image_max(run.cfg, run.run_dir)
     video = VideoSample(id=Path(path).stem, frames=[Path(path)], n_frames=1)
-    prompt = _prompt_of_request(req, run.cfg)
+    prompt, question = _prompt_of_request(req, run.cfg)
     if prompt is not None and prompt.frame != 0:
         raise UserError(f"--frame {prompt.frame}: a single image is frame 0")
-    ((_, prob, image),) = list(propagate_video(run.model, video, run.cfg, prompt))
-    return ImagePrediction(image=image, probs=prob[None].astype(np.float32))
+    answers: list = []
+    ((_, prob, image),) = list(propagate_video(run.model, video, run.cfg, prompt, question, answers.append))
+    answer = answers[0]
+    return ImagePrediction(image=image, probs=prob[None].astype(np.float32),
+                           answer=None if answer is None else answer.answer,
+                           turns=None if answer is None else [(question, answer.answer, 1)])
 
 
 def prompt_option(cfg: Config) -> str | None:
-    return {"box": "box", "mask": "prompt"}.get(cfg.model.prompt)
+    return {"box": "box", "mask": "prompt", "text": "prompt"}.get(cfg.prompt_kind())
 
 
 # ---- after training: evaluation, report, compare -------------------------------------------------------------------
@@ -401,11 +501,12 @@ def prompt_frames(videos: Sequence[VideoSample], cfg: Config) -> dict[str, set[i
 
 
 def video_predictions(model, videos: Sequence[VideoSample], cfg: Config, desc: str) -> Iterator[tuple]:
-    """(video id, probabilities of every frame, ground truth of the annotated frames, FOV None) per video, one video
-    in memory at a time: what ``video_eval`` scores and calibrates on."""
+    """(id, probabilities of every frame, ground truth of the annotated frames, FOV None, the answer's columns) per
+    video (per expression: ``video_queries``), one video in memory at a time: what ``video_eval`` scores and
+    calibrates on."""
     for video in tqdm(list(videos), desc=desc, unit="video", leave=False):
-        probs, gts, _ = video_probabilities(model, video, cfg)
-        yield video.id, probs, gts, None
+        for query, probs, gts, _, answer in video_probabilities(model, video, cfg):
+            yield query.id, probs, gts, None, answer
 
 
 def evaluate_model(model, cfg: Config, run_dir: Path, split: str = "test", strategy: str | None = None,
@@ -482,7 +583,6 @@ TASK = Task(
     write_report=write_report,
     compare=compare,
     prompt_option=prompt_option,
-    collate=collate_clips,
     loss_units=loss_units,
     target_probabilities=target_probabilities,
     mask_targets=mask_targets,

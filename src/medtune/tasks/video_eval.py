@@ -28,8 +28,9 @@ from medtune.video_metrics import BOUND_TH, VIDEO_METRICS, pool_videos, pooled_c
 log = logging.getLogger("medtune")
 
 # (video_id, probs: frame -> float [H,W], gts: frame -> binary [H,W] (annotated frames), fov: [H,W] | frame -> [H,W]
-# | None)
-VideoPrediction = tuple[str, Mapping[int, np.ndarray], Mapping[int, np.ndarray], object]
+# | None), optionally followed by columns of the video's row in per_video.csv (a segmenting VLM's answer)
+VideoPrediction = tuple[str, Mapping[int, np.ndarray], Mapping[int, np.ndarray], object] | tuple[
+    str, Mapping[int, np.ndarray], Mapping[int, np.ndarray], object, Mapping[str, object]]
 
 PER_FRAME_METRICS = ["area", "change", "dice", "j", "f", "cldice"]
 # the count columns of per_video.csv (the same at both thresholds, or threshold-independent)
@@ -51,7 +52,7 @@ def calibrate_videos(predictions: Iterable[VideoPrediction], strategy: str = "ma
     mask prompted the model) are left out, as in evaluation. No validation video: threshold 0.5, strategy "none"."""
     probs, gts, fovs = [], [], []
     n_videos = 0
-    for video_id, video_probs, video_gts, fov in predictions:
+    for video_id, video_probs, video_gts, fov, *_ in predictions:
         n_videos += 1
         skip = set((prompt_frames or {}).get(video_id, ()))
         for t in sorted(video_gts):
@@ -82,7 +83,7 @@ def score_videos(predictions: Iterable[VideoPrediction], threshold: float, n_boo
     frame_rows: list[dict] = []
     scores: dict[str, list[dict]] = {tag: [] for tag in TAGS}
     seen: set[str] = set()
-    for video_id, probs, gts, fov in predictions:
+    for video_id, probs, gts, fov, *columns in predictions:
         video_id = str(video_id)
         if video_id in seen:
             raise DataError(f"video {video_id} is listed twice; each video must be evaluated once")
@@ -95,7 +96,7 @@ def score_videos(predictions: Iterable[VideoPrediction], threshold: float, n_boo
             raise _video_error(video_id, err) from None
         if by_tag["cal"]["n_annotated"] == 0:
             log.warning("video %s has no scored annotated frame: it has no Dice, J or F", video_id)
-        row: dict = {"id": video_id, **{k: by_tag["cal"][k] for k in VIDEO_COUNTS}}
+        row: dict = {"id": video_id, **(columns[0] if columns else {}), **{k: by_tag["cal"][k] for k in VIDEO_COUNTS}}
         for tag in TAGS:
             row.update({f"{m}@{tag}": by_tag[tag][m] for m in VIDEO_METRICS})
             scores[tag].append(by_tag[tag])

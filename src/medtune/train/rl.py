@@ -31,7 +31,7 @@ from medtune.models.registry import build_run_model
 from medtune.policy import bernoulli_entropy, bernoulli_kl, clipped_objective, group_advantages, group_logprob, sample_group
 from medtune.rewards import combined_reward, load_reward, register_reward, resolve_weights
 from medtune.runs.files import load_run_config, write_run_files
-from medtune.tasks import Task, selection, task_for
+from medtune.tasks import Task, collate_for, selection, task_for
 from medtune.tasks.masks import pooled_validation
 from medtune.train.loop import Bookkeeping
 from medtune.train.preflight import run_preflight
@@ -290,7 +290,7 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
             sampler = StepBatchSampler(len(dataset), cfg.data.batch_size, cfg.run.seed, start_step,
                                        accelerator.process_index, accelerator.num_processes)
         return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                               collate_fn=task.collate, generator=torch.Generator()))
+                               collate_fn=collate_for(task, dataset), generator=torch.Generator()))
 
     # ---- policy = base (or parent) + fresh LoRA; reference = the same model with adapters disabled
     if cfg.finetune_mode() != "lora":

@@ -20,7 +20,7 @@ from medtune.data.datasets import StepBatchSampler
 from medtune.data.run_split import check_readable, load_split_samples, prepare_split
 from medtune.models.feature_cache import use_feature_cache
 from medtune.models.registry import build_run_model
-from medtune.tasks import selection, task_for
+from medtune.tasks import collate_for, selection, task_for
 from medtune.train.loop import Bookkeeping
 from medtune.train.preflight import run_preflight
 from medtune.train.setup import (
@@ -80,7 +80,7 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
                                    accelerator.process_index, accelerator.num_processes)
         # its own generator: creating the iterator must not draw from the global RNG restored by a resume
         return iter(DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.data.num_workers,
-                               collate_fn=task.collate, generator=torch.Generator()))
+                               collate_fn=collate_for(task, dataset), generator=torch.Generator()))
 
     # ---- objective, optimizer
     loss_fn = task.make_loss(cfg)

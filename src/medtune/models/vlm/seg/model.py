@@ -58,7 +58,8 @@ from medtune.models.vlm.seg.parts import (
     sam_kind,
     vision_unused_regex,
 )
-from medtune.models.vlm.seg.video import clip_item, forward_clip, vlm_frame_positions
+from medtune.models.vlm.seg.video import clip_item, collate_clip_items, forward_clip, vlm_frame_positions
+from medtune.models.vlm.seg.video import segment_video as answer_and_segment_video
 
 # SAM 2's mask decoder makes three masks plus the single-mask head (token 0); the modes that pick one of them.
 MASK_OUTPUTS = ("best_iou", "single")
@@ -115,6 +116,20 @@ def encode_frames(codec: ChatCodec, frames: list, questions: list[str], answers:
     images = [Image.fromarray(f if isinstance(f, np.ndarray) and f.ndim == 3 and f.shape[-1] == 3
                               and f.dtype == np.uint8 else to_uint8_rgb(f)) for f in frames]
     return codec.encode(seg_turns(questions, answers, seg_token, images=len(images)), images, sample_id)
+
+
+def encode_clip_item(codec: ChatCodec, sam_image, vcfg: VLMCfg, seg_token: str, clip: dict,
+                     questions: str | list[str], answers: str | list[str] | None = None) -> dict:
+    """One training clip (a ``VideoClipDataset`` item: ``frames`` [T, C, H, W] in [0, 1], masks, annotated ...)
+    with its conversation: the VLM sees the clip's frames at ``vlm_frame_positions`` (``model.vlm.video_frames``,
+    ``video_frame_choice``), the mask head every frame through ``sam_image`` (``seg/video.py``'s ``clip_item``).
+    Module-level and picklable (DataLoader workers)."""
+    questions = [questions] if isinstance(questions, str) else list(questions)
+    answers = [] if answers is None else [answers] if isinstance(answers, str) else list(answers)
+    frames = clip["frames"]
+    positions = vlm_frame_positions(len(frames), vcfg.video_frames, vcfg.video_frame_choice)
+    vlm_item = encode_frames(codec, [frames[i] for i in positions], questions, answers, str(clip["id"]), seg_token)
+    return clip_item(vlm_item, clip, positions, sam_image)
 
 
 def collate(items: list[dict], padding_side: str = "right") -> dict:
@@ -209,6 +224,7 @@ def _square(size) -> tuple[int, int]:
 
 class SegVLMModel(SegModel):
     family = "segvlm"
+    takes_question = True
 
     def __init__(self, net: SegVLMNet, in_channels: int, processor, codec: ChatCodec, vcfg: VLMCfg,
                  seg_token_id: int, sam_image_mean=IMAGENET_MEAN, sam_image_std=IMAGENET_STD):
@@ -258,10 +274,23 @@ class SegVLMModel(SegModel):
         with its conversation: the VLM sees the clip's frames at ``vlm_frame_positions`` (``model.vlm.video_frames``,
         ``video_frame_choice``), the mask head every frame (``seg/video.py``'s ``clip_item``). Batch the items with
         ``seg/video.py``'s ``collate_clip_items``; ``model(batch=...)`` runs the clip forward."""
-        frames = clip["frames"]
-        positions = vlm_frame_positions(len(frames), self.vcfg.video_frames, self.vcfg.video_frame_choice)
-        vlm_item = self.encode_vlm_frames([frames[i] for i in positions], questions, answers, str(clip["id"]))
-        return clip_item(vlm_item, clip, positions, self.image_prep.sam_image)
+        return self.clip_encoder()(clip, questions, answers)
+
+    # --- the video task's hooks (tasks/video.py), alike for every model that takes clips ---------------------------
+    def clip_encoder(self):
+        """(clip, question, answer) -> the clip forward's item (``encode_clip_item``), picklable."""
+        return partial(encode_clip_item, self.codec, self.image_prep.sam_image, self.vcfg, self.seg_token)
+
+    clip_collate = staticmethod(collate_clip_items)
+
+    def segment_video(self, frames, prompt=None, question: str | None = None, max_new_tokens: int = 32):
+        """(the VLM's answer to ``question`` about the video, the iterator of (frame index, probability [H, W]))
+        (``seg/video.py``'s ``segment_video``): a segmenting VLM is prompted by the question alone."""
+        if prompt is not None:
+            raise UserError("a segmenting VLM is prompted by a question (--prompt TEXT), not by a mask or a box")
+        if not question or not question.strip():
+            raise UserError("the question is empty: type what to segment (e.g. 'Please segment the vessel.')")
+        return answer_and_segment_video(self, frames, question, max_new_tokens=max_new_tokens)
 
     @property
     def video_capable(self) -> bool:

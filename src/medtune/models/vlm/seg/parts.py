@@ -114,9 +114,7 @@ def is_video_sam(sam: nn.Module) -> bool:
 def trains_on_clips(cfg: Config) -> bool:
     """Whether the run trains a segmenting VLM on video clips (its SAM 2 memory then trains as ``model.video``
     says; otherwise the memory parts stay frozen: no image loss reaches them)."""
-    from medtune.data.layouts import VIDEO_LAYOUTS
-
-    return cfg.task.kind == "video" or cfg.data.layout in VIDEO_LAYOUTS
+    return cfg.task_kind() == "video"
 
 
 def load_sam(path: Path, key: str) -> nn.Module:

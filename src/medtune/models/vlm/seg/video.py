@@ -11,7 +11,7 @@ one composition (``models.video``: ``frame_step`` around transformers' memory ba
   (``vlm_frame_positions``) and the conversation; its first ``[SEG]`` of the answer, projected, prompts SAM 2 on those
   frames; the clip's other frames are tracked through the memory (forward, then backward from the first conditioning
   frame); mask logits [B, T, 1, H, W] + the LM loss on the answer. The loss on the annotated frames is
-  ``models.video.clip_loss`` (``clip_objective`` adds the LM term).
+  ``models.video.clip_loss`` (``models.video.clip_objective`` adds the LM term).
 - inference, ``answer_video`` + ``models.video.propagate``: the answer generated from the same frames of the video,
   the ``[SEG]`` state projected, the conditioning frames decoded first, then streaming through the whole video with
   the bounded memory bank (``segment_video`` does both).
@@ -32,7 +32,7 @@ from medtune.models.video import (
     ClipConditioning,
     VideoModelOutput,
     VideoPrompt,
-    clip_loss,
+    clip_objective,
     decode_clips,
     propagate,
     upsample_logits,
@@ -142,17 +142,6 @@ def forward_clip(seg, batch: dict) -> VideoModelOutput:
                             prompt_frame=conditioning.int().argmax(dim=1), conditioning=conditioning)
 
 
-def clip_objective(out: VideoModelOutput, batch: dict, mask_loss, lm_weight: float
-                   ) -> tuple[torch.Tensor, dict[str, float]]:
-    """``models.video.clip_loss`` (mask loss on the annotated frames + object-score BCE) + ``lm_weight`` x the LM
-    loss on the answer (``task.lm_weight``, as the image task adds it)."""
-    loss, parts = clip_loss(out, batch, mask_loss)
-    if out.lm_loss is not None and lm_weight > 0:
-        loss = loss + lm_weight * out.lm_loss
-        parts = {**parts, "lm": float(out.lm_loss.detach())}
-    return loss, parts
-
-
 # --- inference ----------------------------------------------------------------------------------------------------
 @dataclass
 class VideoAnswer:
@@ -163,6 +152,10 @@ class VideoAnswer:
     vlm_frames: list[int]
     embeddings: torch.Tensor
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def n_seg(self) -> int:
+        return int(self.embeddings.shape[0])
 
     def prompt(self) -> VideoPrompt | None:
         """The first [SEG] on the VLM's frames (one object), or None without a [SEG]."""
