@@ -148,6 +148,20 @@ def wide_integer_max(path: str | Path) -> int | None:
     return int(arr.max()) if arr.size else 0
 
 
+def image_header_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image file from its header (PIL opens lazily); formats PIL cannot size (gzipped PPM, DICOM,
+    scientific TIFF) are decoded."""
+    path = Path(path)
+    if not path.name.lower().endswith(".gz") and path.suffix.lower() not in DICOM_EXTENSIONS:
+        try:
+            with Image.open(path) as img:
+                return int(img.height), int(img.width)
+        except Exception:  # noqa: BLE001 - _decode below names the file and the fix
+            pass
+    arr = _decode(path)
+    return int(arr.shape[0]), int(arr.shape[1])
+
+
 def dataset_image_max(paths: list[Path], skip_unreadable: bool = False) -> tuple[float | None, int | None]:
     """(full scale, observed maximum) of the integer images wider than 8 bits among ``paths``; (None, None) if none.
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from medtune.atomic import write_text_atomic
 from medtune.config import Config
+from medtune.data.decode_cache import decode_cache
 from medtune.data.inspect import duplicate_groups, find_near_duplicates
 from medtune.data.io import dataset_image_max
 from medtune.data.layouts import discover
@@ -148,12 +149,15 @@ def duplicate_groups_for_split(cfg: Config, samples: list[Sample]) -> dict[str, 
 def load_split_samples(cfg: Config, data: RunData, name: str, run_dir: Path | None = None,
                        limit: int | None = None, lazy: bool = False) -> Sequence[LoadedSample]:
     """The split's samples, decoded now (a list) or, with ``lazy``, on access (``LazySamples``: training, whose
-    data may not fit in memory). Scale normalisation reads each image's FOV once, one image at a time."""
+    data may not fit in memory; through the ``data.cache`` decode cache when one is set). Scale normalisation reads
+    each image's FOV once, one image at a time."""
     ids = data.split.get(name, [])[: limit or None]
     samples = [data.samples[i] for i in ids]
-    native = LazySamples(samples, cfg.data) if lazy else load_all(samples, cfg.data)
+    cache = decode_cache(cfg.data, run_dir) if lazy else None
     if not cfg.data.scale_norm.enabled:
-        return native
+        return LazySamples(samples, cfg.data, cache=cache) if lazy else load_all(samples, cfg.data)
+    # the native-scale pass is not what training reads: it bypasses the cache
+    native = LazySamples(samples, cfg.data) if lazy else load_all(samples, cfg.data)
     # The target is fixed by the training set once and stored, so val/test and later evals resample identically.
     # scale_factors takes one pass over its samples, so a LazySamples streams through them, holding one at a time.
     scales = None
@@ -165,7 +169,7 @@ def load_split_samples(cfg: Config, data: RunData, name: str, run_dir: Path | No
             write_text_atomic(run_dir / "scale.json", json.dumps({"target_fov_diameter": data.target_scale}))
     if scales is None:
         _, scales = scale_factors(native, cfg.data.scale_norm, target=data.target_scale)
-    return LazySamples(samples, cfg.data, scales=scales) if lazy else load_all(samples, cfg.data, scales=scales)
+    return LazySamples(samples, cfg.data, scales, cache) if lazy else load_all(samples, cfg.data, scales=scales)
 
 
 # ---- another data set for a trained run (`medtune eval RUN --data FILE`) ------------------------------------------

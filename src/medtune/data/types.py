@@ -36,6 +36,10 @@ class Sample:
     # an "<image>" placeholder (medtune.data.conversations)
     conversations: list[dict[str, str]] | None = None
 
+    def target_texts(self) -> list[str | None]:
+        """The K expressions this sample's items ask for (None: the task's default prompt), as ``LoadedSample``."""
+        return [t.text for t in self.targets] if self.targets else [None]
+
 
 @dataclass
 class LoadedSample:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from medtune.atomic import write_csv_atomic, write_json_atomic
 from medtune.config import Config
 from medtune.data.conversations import final_answer, question_turns
 from medtune.data.layouts import format_problems
+from medtune.data.loading import image_size, records
 from medtune.data.types import DataError, LoadedSample, Sample
 from medtune.errors import UserError
 from medtune.models.vlm.model import IGNORE_INDEX, ChatCodec, collate
@@ -48,7 +50,7 @@ def _codec(model) -> ChatCodec:
     return seg.text_codec()
 
 
-def require_conversations(samples: list[LoadedSample]) -> None:
+def require_conversations(samples: Sequence[LoadedSample] | Sequence[Sample]) -> None:
     missing = [s.id for s in samples if not s.conversations]
     if missing:
         raise DataError(f"task instruct needs image + conversation samples (data.layout llava_json); {len(missing)} "
@@ -57,19 +59,27 @@ def require_conversations(samples: list[LoadedSample]) -> None:
 
 # ---- training ------------------------------------------------------------------------------------------------------
 class InstructDataset(Dataset):
-    """Items = ``ChatCodec.encode`` of each sample (tensors only, plus its id); keys may be ``(index, epoch)``."""
+    """Items = ``ChatCodec.encode`` of each sample (tensors only, plus its id); keys may be ``(index, epoch)``.
 
-    def __init__(self, samples: list[LoadedSample], codec: ChatCodec):
-        require_conversations(samples)
+    Nothing is decoded when it is built: the image is decoded and run through the processor on access (in the
+    DataLoader's workers when ``samples`` is a ``LazySamples``), once per item. What can be refused up front is, from
+    the conversation's text and the image's size in its file header: a conversation the chat template cannot render
+    turn by turn, and one longer than ``model.vlm.max_length`` (only those few are decoded, for the exact message)."""
+
+    def __init__(self, samples: Sequence[LoadedSample], codec: ChatCodec):
+        meta = records(samples)
+        require_conversations(meta)
         self.samples, self.codec = samples, codec
         problems = []
-        for s in samples:  # refuse now, with every offending id, rather than at step 5000
+        for i, s in enumerate(meta):  # refuse now, with every offending id, rather than at step 5000
             try:
-                codec.encode(s.conversations, to_pil(s.image), s.id)
+                n_tokens = codec.length(s.conversations, image_size(samples, i), s.id)
+                if codec.max_length is not None and n_tokens > codec.max_length:
+                    codec.encode(s.conversations, to_pil(samples[i].image), s.id)  # raises, naming what is cut
             except DataError as err:
                 problems.append(str(err))
         if problems:
-            raise DataError(format_problems(problems, f"{len(problems)} of {len(samples)} training conversations"))
+            raise DataError(format_problems(problems, f"{len(problems)} of {len(meta)} training conversations"))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -79,7 +89,7 @@ class InstructDataset(Dataset):
         return self.codec.encode(s.conversations, to_pil(s.image), s.id)
 
 
-def train_dataset(samples: list[LoadedSample], cfg: Config, model) -> InstructDataset:
+def train_dataset(samples: Sequence[LoadedSample], cfg: Config, model) -> InstructDataset:
     return InstructDataset(samples, _codec(model))
 
 
