@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import io
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
 from medtune.data.types import DataError
+from medtune.threads import usable_cores
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm")
 
@@ -169,14 +171,18 @@ def dataset_image_max(paths: list[Path], skip_unreadable: bool = False) -> tuple
     scanner's images differ up to 16x in brightness depending on their content. ``skip_unreadable`` leaves broken
     files to the caller's own report instead of raising for the first one.
     """
-    tops = []
-    for path in paths:
+    def top(path: Path) -> int | None:
         try:
-            tops.append(wide_integer_max(path))
+            return wide_integer_max(path)
         except DataError:
             if not skip_unreadable:
                 raise
-    tops = [t for t in tops if t is not None]
+            return None
+
+    # 8-bit files answer from their header; wider ones are decoded, on the usable cores (PIL and tifffile decode
+    # without the GIL). Recorded in RUN/intensity.json, so a run pays this once.
+    with ThreadPoolExecutor(max_workers=usable_cores()["cores"]) as pool:
+        tops = [t for t in pool.map(top, list(dict.fromkeys(paths))) if t is not None]
     if not tops:
         return None, None
     return full_scale(max(tops)), max(tops)
