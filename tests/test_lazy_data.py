@@ -107,3 +107,29 @@ def test_one_line_unwraps_only_the_worker_wrapper():
                         "last):\n  File \"x.py\", line 1, in f\nmedtune.errors.DataError: a.png: cannot be read")
     assert one_line(wrapped) == "a.png: cannot be read"
     assert one_line(DataError("b.png: two: colons")) == "b.png: two: colons"
+
+
+def test_a_resumed_run_reads_no_image_for_its_scale_factors(tmp_path, monkeypatch):
+    """Scale normalisation measures every training image's FOV once; RUN/scale.json keeps the factors, so the
+    lazy training split of a resumed run (or an eval) is ready without decoding anything."""
+    cfg, data, run_dir = _split(tmp_path, "data.scale_norm.enabled=true")
+    first = load_split_samples(cfg, data, "train", run_dir, lazy=True)
+    calls = []
+    real = loading.load_sample
+    monkeypatch.setattr(loading, "load_sample", lambda *a, **k: calls.append(a[0].id) or real(*a, **k))
+    again = load_split_samples(cfg, prepare_split(cfg, run_dir), "train", run_dir, lazy=True)
+    assert calls == [] and again.scales == first.scales and len(set(first.scales.values())) > 1
+
+
+def test_the_rl_curriculum_is_measured_once_per_run(tmp_path, monkeypatch):
+    from medtune.train.rl import curriculum_order, thinness
+
+    cfg, data, run_dir = _split(tmp_path)
+    eager = load_split_samples(cfg, data, "train", run_dir)
+    expected = sorted(range(len(eager)), key=lambda i: thinness(eager[i]))
+    assert curriculum_order(load_split_samples(cfg, data, "train", run_dir, lazy=True), run_dir, True) == expected
+    calls = []
+    real = loading.load_sample
+    monkeypatch.setattr(loading, "load_sample", lambda *a, **k: calls.append(a[0].id) or real(*a, **k))
+    resumed = curriculum_order(load_split_samples(cfg, data, "train", run_dir, lazy=True), run_dir, True)
+    assert resumed == expected and calls == [] and expected != sorted(expected)

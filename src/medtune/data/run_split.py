@@ -36,6 +36,8 @@ class RunData:
     split: dict[str, list[str]]
     target_scale: float | None  # scale normalisation target (FOV diameter), None when off
     is_main: bool = True  # only the main process writes run files
+    # scale normalisation factor of each training sample, as RUN/scale.json recorded it: a resume reads no image for it
+    train_scales: dict[str, float] | None = None
 
 
 def prepare_split(cfg: Config, run_dir: Path, is_main: bool = True,
@@ -80,11 +82,12 @@ def prepare_split(cfg: Config, run_dir: Path, is_main: bool = True,
             intensity = _read_json(intensity_path)
     if cfg.data.image_max is None:
         cfg.data.image_max = intensity.get("image_max")
-    target = None
+    target, train_scales = None, None
     scale_path = run_dir / "scale.json"
     if cfg.data.scale_norm.enabled and scale_path.exists():
-        target = _read_json(scale_path)["target_fov_diameter"]
-    return RunData(samples=samples, split=split, target_scale=target, is_main=is_main)
+        recorded_scale = _read_json(scale_path)
+        target, train_scales = recorded_scale["target_fov_diameter"], recorded_scale.get("train_scales")
+    return RunData(samples=samples, split=split, target_scale=target, is_main=is_main, train_scales=train_scales)
 
 
 def _read_json(path: Path) -> dict:
@@ -163,10 +166,12 @@ def load_split_samples(cfg: Config, data: RunData, name: str, run_dir: Path | No
     scales = None
     if data.target_scale is None:
         train = native if name == "train" else LazySamples([data.samples[i] for i in data.split["train"]], cfg.data)
-        data.target_scale, train_scales = scale_factors(train, cfg.data.scale_norm)
-        scales = train_scales if name == "train" and not limit else None
+        data.target_scale, data.train_scales = scale_factors(train, cfg.data.scale_norm)
         if run_dir is not None and data.is_main:
-            write_text_atomic(run_dir / "scale.json", json.dumps({"target_fov_diameter": data.target_scale}))
+            write_text_atomic(run_dir / "scale.json", json.dumps({"target_fov_diameter": data.target_scale,
+                                                                   "train_scales": data.train_scales}))
+    if name == "train" and data.train_scales is not None and all(s.id in data.train_scales for s in samples):
+        scales = {s.id: data.train_scales[s.id] for s in samples}
     if scales is None:
         _, scales = scale_factors(native, cfg.data.scale_norm, target=data.target_scale)
     return LazySamples(samples, cfg.data, scales, cache) if lazy else load_all(samples, cfg.data, scales=scales)
