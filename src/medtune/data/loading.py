@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from skimage.transform import resize
@@ -13,6 +14,7 @@ from medtune.config import DataCfg, ScaleNormCfg
 from medtune.data.io import derive_fov, image_header_size, rasterize_polygons, read_image, read_mask
 from medtune.data.layouts import format_problems
 from medtune.data.types import DataError, LoadedSample, Sample
+from medtune.threads import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -169,18 +171,27 @@ def scale_factors(
 def load_all(samples: list[Sample], cfg: DataCfg, scales: dict[str, float] | None = None,
              keep: bool = True) -> list[LoadedSample]:
     """Load every sample (progress bar); one DataError with every sample that failed. ``keep=False`` only checks
-    that each loads, holding one at a time, and returns []."""
+    that each loads, holding one at a time per usable core (the decoders release the GIL), and returns []."""
     loaded: list[LoadedSample] = []
     problems: list[str] = []
     failed = 0
-    for sample in tqdm(samples, desc="loading images", unit="img", leave=False, disable=len(samples) < 8):
+
+    def load(sample: Sample) -> LoadedSample | DataError | None:
         try:
             one = load_sample(sample, cfg, (scales or {}).get(sample.id, 1.0))
-            if keep:
-                loaded.append(one)
         except DataError as err:
-            failed += 1
-            problems.extend(line.strip(" -") for line in str(err).splitlines() if line.strip())
+            return err
+        return one if keep else None  # a check holds nothing
+
+    with ThreadPoolExecutor(max_workers=1 if keep else usable_cores()["cores"]) as pool:
+        results = pool.map(load, samples)
+        for one in tqdm(results, total=len(samples), desc="loading images", unit="img", leave=False,
+                        disable=len(samples) < 8):
+            if isinstance(one, DataError):
+                failed += 1
+                problems.extend(line.strip(" -") for line in str(one).splitlines() if line.strip())
+            elif keep:
+                loaded.append(one)
     if problems:
         raise DataError(format_problems(problems, f"{failed} of {len(samples)} samples"))
     return loaded

@@ -223,8 +223,8 @@ def external_data(cfg: Config, run_data: RunData, path: str | Path, image_root: 
 
 
 def check_readable(cfg: Config, data: RunData, names: tuple[str, ...] = ("test",)) -> None:
-    """Read the splits training does not load, so a broken test image fails now with every problem listed, not
-    after a night of training."""
+    """Read the splits training decodes only later (validation, on access) or never (test), so a broken image fails
+    now with every problem listed, not after a night of training. Holds one image per thread."""
     ids = [i for name in names for i in data.split.get(name, [])]
     load_all([data.samples[i] for i in ids], cfg.data, keep=False)
 

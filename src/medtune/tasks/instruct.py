@@ -176,7 +176,8 @@ def reference_label(sample: LoadedSample | Sample, vocab: dict[str, str], labels
     return parse_answer(final_answer(sample.conversations), vocab).label if sample.conversations else None
 
 
-def score(samples: list[LoadedSample], answers: list[str], labels: list[str], cfg: Config) -> list[dict]:
+def score(samples: Sequence[LoadedSample] | Sequence[Sample], answers: list[str], labels: list[str],
+          cfg: Config) -> list[dict]:
     """One row per sample: question, reference, answer, their labels and whether the answer is right."""
     vocab = answer_vocabulary(labels, cfg.task.synonyms)
     rows = []
@@ -212,9 +213,10 @@ def teacher_forced_loss(model, samples: list[LoadedSample], cfg: Config, device)
     return total / max(count, 1)
 
 
-def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict[str, float]:
-    """val_accuracy (picks `best`), val_macro_f1, val_invalid_rate from greedy answers; val_lm_loss teacher-forced."""
-    require_conversations(val)
+def validate(model, val: Sequence[LoadedSample], cfg: Config, device) -> dict[str, float]:
+    """val_accuracy (picks `best`), val_macro_f1, val_invalid_rate from greedy answers; val_lm_loss teacher-forced.
+    A lazy ``val`` is decoded twice (generation, teacher forcing), one batch at a time."""
+    require_conversations(records(val))
     # the label set of the whole data set, as `medtune eval` uses: a small (or capped) val split may miss a class,
     # and an answer naming it must count as a wrong label, not as an invalid answer
     from medtune.data.layouts import discover
@@ -222,7 +224,7 @@ def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict[str, f
     labels = resolve_labels(cfg, discover(cfg.data))
     answers = generate_answers(model, val, cfg, device, "val answers")
     require_text(answers, "validation", fatal=False)  # training goes on; the log says why
-    rows = score(val, answers, labels, cfg)
+    rows = score(records(val), answers, labels, cfg)
     scored = [r for r in rows if r["reference_label"]]
     out = {"val_lm_loss": teacher_forced_loss(model, val, cfg, device)}
     if scored:

@@ -184,8 +184,9 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
     # ---- data: prompts of the training conversations, each repeated G times in a row
     data = prepare_split(cfg, run_dir, is_main)
     train_samples = load_split_samples(cfg, data, "train", run_dir, lazy=True)  # decoded in the loader's workers
-    val_samples = load_split_samples(cfg, data, "val", run_dir, limit=cfg.train.max_eval_images)
-    check_readable(cfg, data)
+    # validation decodes its images each time it runs: memory between validations does not grow with the split
+    val_samples = load_split_samples(cfg, data, "val", run_dir, limit=cfg.train.max_eval_images, lazy=True)
+    check_readable(cfg, data, ("val", "test"))
     task = task_for(cfg)
     labels = resolve_labels(cfg, list(data.samples.values()))
     vocab = answer_vocabulary(labels, cfg.task.synonyms)
