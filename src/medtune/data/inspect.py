@@ -23,8 +23,8 @@ from medtune.threads import usable_cores
 # Rows of the pairwise Hamming-distance matrix computed at once: bounds memory to ~chunk × n bytes.
 _HASH_CHUNK = 1024
 # JPEG files are hashed from a reduced DCT decode (Image.draft) with at least this side: on 100 BUSI images saved as
-# JPEG, 1-2 of the 64 bits differed from the full decode for a tenth of them (none over 2; at 64 px: up to 4), for a
-# 4x faster read.
+# JPEG, 1-2 of the 64 bits differed from the full decode for 5 of them (at 64 px: up to 4 bits), for a 5x faster
+# read (bench/phash_files.py).
 _DRAFT_SIDE = 256
 # PIL modes whose grey level PIL computes as read_image does (8-bit, BT.601 luma, alpha dropped).
 _HASHED_AS_IS = frozenset({"L", "RGB", "RGBA", "RGBX"})
