@@ -2,8 +2,10 @@
 
 Training: the language-model loss on the assistant tokens only (``ChatCodec`` labels), normalised by the number of
 supervised tokens in the *global* batch, so 2 processes with half the batch each give the gradient of 1 process
-with the whole batch. Every training sample is encoded once when the dataset is built: a sample that would need
-truncation, or whose conversation the chat template cannot render turn by turn, is refused then, with its id.
+with the whole batch. Building the dataset decodes no image: every training conversation's token count is taken from
+its text and its image's size in the file header, and a sample that would need truncation, or whose conversation the
+chat template cannot render turn by turn, is refused then, with its id; images are decoded and run through the
+processor on access, in the DataLoader's workers.
 
 Validation and evaluation: greedy, batched generation of each sample's last answer from the conversation before it,
 parsed into a label (``medtune.answers``): accuracy (``val_accuracy`` picks `best`), macro-F1, per-class

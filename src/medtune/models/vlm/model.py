@@ -116,6 +116,7 @@ class ChatCodec:
             raise UserError("the model folder has no chat template (chat_template.jinja) and model.vlm.chat_template "
                              "is not set; give the template the model was trained with (a file path or the Jinja text)")
         self.max_length = max_length
+        self._image_tokens_by_size: dict[tuple[int, int], int] = {}  # what the processor adds per image size
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
         self.special_ids = set(self.tokenizer.all_special_ids) | {
@@ -226,7 +227,7 @@ class ChatCodec:
             self._text_tokens(pieces)[0])
 
     def _image_tokens_added(self, text: str, image_size: tuple[int, int]) -> int:
-        cache = self.__dict__.setdefault("_added_by_size", {})
+        cache = self._image_tokens_by_size
         if image_size not in cache:
             from PIL import Image
 
