@@ -120,6 +120,6 @@ def test_training_with_the_cache_gives_the_same_weights(tmp_path, cache):
     b = load_file(str(cached / "checkpoints" / "last" / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], torch.zeros_like(a[k])) for k in a)
-    if cache == "disk":  # it was used: one entry per training image, under the run folder
-        assert len(list((cached / "decode_cache").glob("*.safetensors"))) == len(
-            json.loads((cached / "split.json").read_text())["train"])
+    if cache == "disk":  # it was used: one entry per training and validation image, under the run folder
+        split = json.loads((cached / "split.json").read_text())
+        assert len(list((cached / "decode_cache").glob("*.safetensors"))) == len(split["train"]) + len(split["val"])

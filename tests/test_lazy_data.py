@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 from helpers import tiny_cfg
 from safetensors.torch import load_file
@@ -13,6 +14,7 @@ from torch.utils.data.dataloader import default_collate as collate
 import medtune.data.loading as loading
 from medtune.data.datasets import StepBatchSampler, TrainPatchDataset
 from medtune.data.run_split import load_split_samples, prepare_split
+from medtune.data.types import DataError
 from medtune.train.sft import train
 
 STEPS = (0, 3, 7)  # a step of each epoch's start, middle and a later epoch (8 keys per epoch at batch 4)
@@ -133,3 +135,24 @@ def test_the_rl_curriculum_is_measured_once_per_run(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "load_sample", lambda *a, **k: calls.append(a[0].id) or real(*a, **k))
     resumed = curriculum_order(load_split_samples(cfg, data, "train", run_dir, lazy=True), run_dir, True)
     assert resumed == expected and calls == [] and expected != sorted(expected)
+
+
+def test_a_resume_reads_only_the_val_and_test_files_that_changed(tmp_path, monkeypatch):
+    import os
+
+    from medtune.data.run_split import check_readable
+
+    cfg, data, run_dir = _split(tmp_path)
+    check_readable(cfg, data, ("val", "test"), run_dir)
+    calls = []
+    real = loading.load_sample
+    monkeypatch.setattr(loading, "load_sample", lambda *a, **k: calls.append(a[0].id) or real(*a, **k))
+    check_readable(cfg, data, ("val", "test"), run_dir)
+    assert calls == []
+    changed = data.samples[data.split["test"][0]]
+    os.utime(changed.image, ns=(0, 0))  # touched since: read again
+    check_readable(cfg, data, ("val", "test"), run_dir)
+    assert calls == [changed.id]
+    changed.image.write_bytes(b"broken")
+    with pytest.raises(DataError, match="cannot be read as an image"):
+        check_readable(cfg, data, ("val", "test"), run_dir)

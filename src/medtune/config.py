@@ -94,7 +94,7 @@ class DataCfg(Section):
     patches_per_image: int = Field(8, ge=1)  # per epoch, random_crop only
     batch_size: int = Field(8, ge=1)  # global batch (split across processes)
     num_workers: int = 0
-    # Decoded training samples kept for reuse (data/decode_cache.py): off, memory (each process its share of
+    # Decoded training / validation samples kept for reuse (data/decode_cache.py): off, memory (each process its share of
     # cache_max_mb) or disk (cache_dir, default RUN/decode_cache, at most cache_max_mb); keyed by file content.
     cache: Literal["off", "memory", "disk"] = "off"
     cache_max_mb: float = Field(1024.0, gt=0)

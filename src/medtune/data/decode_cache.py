@@ -1,4 +1,4 @@
-"""Optional cache of decoded training samples (``data.cache: off | memory | disk``), for data that is expensive to
+"""Optional cache of decoded training and validation samples (``data.cache: off | memory | disk``), for data that is expensive to
 decode (DICOM, compressed TIFF, gzipped PPM, large polygon outlines, scale-normalised resampling).
 
 One implementation for every task's lazy decoding: ``LazySamples`` (masks, SAM, the segmenting VLM and instruction
@@ -65,9 +65,7 @@ def sample_key(sample: Sample, cfg: DataCfg, scale: float) -> str:
                 "polygons": sample.polygons, "has_fov": sample.fov is not None, "n_masks": len(sample.masks),
                 "targets": [{"text": t.text, "polygons": t.polygons, "n_masks": len(t.masks)} for t in sample.targets]}
     h.update(json.dumps(settings, sort_keys=True).encode())
-    files = [sample.image, *sample.masks, *([sample.fov] if sample.fov is not None else []),
-             *(m for t in sample.targets for m in t.masks)]
-    for path in files:
+    for path in sample.files():
         h.update(b"\0file\0")
         _file_digest(Path(path), h)
     return h.hexdigest()

@@ -28,6 +28,7 @@ from medtune.errors import UserError
 log = logging.getLogger("medtune")
 
 INTENSITY_FILE = "intensity.json"
+READABLE_FILE = "readable.json"
 
 
 @dataclass
@@ -222,11 +223,30 @@ def external_data(cfg: Config, run_data: RunData, path: str | Path, image_root: 
                         is_main=False)
 
 
-def check_readable(cfg: Config, data: RunData, names: tuple[str, ...] = ("test",)) -> None:
+def check_readable(cfg: Config, data: RunData, names: tuple[str, ...] = ("test",), run_dir: Path | None = None
+                   ) -> None:
     """Read the splits training decodes only later (validation, on access) or never (test), so a broken image fails
-    now with every problem listed, not after a night of training. Holds one image per thread."""
-    ids = [i for name in names for i in data.split.get(name, [])]
-    load_all([data.samples[i] for i in ids], cfg.data, keep=False)
+    now with every problem listed, not after a night of training. Holds one image per thread. With ``run_dir``, the
+    files found readable are recorded in RUN/readable.json (size and modification time, with the decode settings),
+    and a resume reads only the files that changed since."""
+    samples = [data.samples[i] for name in names for i in data.split.get(name, [])]
+    path = run_dir / READABLE_FILE if run_dir is not None else None
+    settings = cfg.data.model_dump(mode="json", include={"channels", "image_max", "mask_labels", "derive_fov"})
+    recorded = _read_json(path) if path is not None and path.exists() else {}
+    seen = recorded.get("files", {}) if recorded.get("settings") == settings else {}
+    stamps = {str(f): _stamp(f) for s in samples for f in s.files()}
+    load_all([s for s in samples if any(seen.get(str(f)) != stamps[str(f)] for f in s.files())], cfg.data,
+             keep=False)
+    if path is not None and data.is_main and stamps != seen:
+        write_text_atomic(path, json.dumps({"settings": settings, "files": stamps}) + "\n")
+
+
+def _stamp(path: Path) -> list[int] | None:
+    try:
+        st = Path(path).stat()
+    except OSError:  # missing: load_all names it
+        return None
+    return [st.st_size, st.st_mtime_ns]
 
 
 def _warn(msg: str) -> None:
