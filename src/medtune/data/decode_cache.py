@@ -1,5 +1,5 @@
-"""Optional cache of decoded training and validation samples (``data.cache: off | memory | disk``), for data that is expensive to
-decode (DICOM, compressed TIFF, gzipped PPM, large polygon outlines, scale-normalised resampling).
+"""Optional cache of decoded training and validation samples (``data.cache: off | memory | disk``), for data that is
+expensive to decode (DICOM, compressed TIFF, gzipped PPM, large polygon outlines, scale-normalised resampling).
 
 One implementation for every task's lazy decoding: ``LazySamples`` (masks, SAM, the segmenting VLM and instruction
 tuning all index it) asks ``DecodeCache.load`` instead of ``load_sample``.
