@@ -98,6 +98,16 @@ def test_chat_codec_with_the_hulumed_processor_reproduces_ids_labels_and_patches
 
 
 @pytest.mark.parametrize("sample", SAMPLES)
+def test_the_length_check_without_the_image_counts_as_encode_does(codec, sample):
+    """Dynamic resolution: the image tokens depend on the size, which instruction tuning reads from the file header."""
+    image = _image(sample)
+    for size in (image.size, (image.width // 3, image.height // 2)):
+        resized = image.resize(size)
+        assert codec.length(_turns(sample), (size[1], size[0]), sample) == codec.encode(
+            _turns(sample), resized, sample)["input_ids"].shape[0]
+
+
+@pytest.mark.parametrize("sample", SAMPLES)
 def test_image_processor_keeps_hulumeds_pil_width_height_swap(codec, ref, sample):
     image_processor = codec.processor.image_processor
     pil = _image(sample)

@@ -125,3 +125,25 @@ def test_evaluation_with_only_empty_answers_is_an_error_not_an_accuracy_of_zero(
         + [[stop, stop]] * (len(batch["ids"]) - 1))
     summary, rows = evaluate_model(model, cfg, run_dir, "test", "cpu")
     assert summary["n_samples"] == len(rows) >= 1 and any(r["answer"] for r in rows)
+
+
+@pytest.mark.parametrize("kind", ["llava", "internvl", "qwen2_5_vl"])
+def test_dataset_is_built_without_decoding_and_its_length_check_counts_as_encode_does(tmp_path, kind):
+    """The training dataset reads conversations and header sizes only; the token count it refuses by is the count
+    encode gives (text + the image tokens of that image size), for fixed- and dynamic-resolution processors."""
+    from medtune.data.loading import LazySamples
+    from medtune.models.vlm.processing import to_pil
+    from medtune.tasks.instruct import train_dataset
+
+    data = write_vqa(tmp_path / "data", n=4, size=40)
+    cfg = instruct_cfg(tmp_path, data=data, kind=kind)
+    lazy = LazySamples(discover(cfg.data), cfg.data)
+    model = build_model(cfg)
+    dataset = train_dataset(lazy, cfg, model)
+    assert lazy.decodes == 0
+    codec = model.text_codec()
+    for i, s in enumerate(load_all(discover(cfg.data), cfg.data)):
+        item = codec.encode(s.conversations, to_pil(s.image), s.id)
+        assert codec.length(s.conversations, s.image.shape[-2:], s.id) == item["input_ids"].shape[0]
+        assert torch.equal(dataset[(i, 0)]["input_ids"], item["input_ids"])
+    assert lazy.decodes == 4  # one decode per item used

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 import torch
 from helpers import tiny_cfg
 from safetensors.torch import load_file
@@ -13,6 +14,7 @@ from torch.utils.data.dataloader import default_collate as collate
 import medtune.data.loading as loading
 from medtune.data.datasets import StepBatchSampler, TrainPatchDataset
 from medtune.data.run_split import load_split_samples, prepare_split
+from medtune.data.types import DataError
 from medtune.train.sft import train
 
 STEPS = (0, 3, 7)  # a step of each epoch's start, middle and a later epoch (8 keys per epoch at batch 4)
@@ -107,3 +109,50 @@ def test_one_line_unwraps_only_the_worker_wrapper():
                         "last):\n  File \"x.py\", line 1, in f\nmedtune.errors.DataError: a.png: cannot be read")
     assert one_line(wrapped) == "a.png: cannot be read"
     assert one_line(DataError("b.png: two: colons")) == "b.png: two: colons"
+
+
+def test_a_resumed_run_reads_no_image_for_its_scale_factors(tmp_path, monkeypatch):
+    """Scale normalisation measures every training image's FOV once; RUN/scale.json keeps the factors, so the
+    lazy training split of a resumed run (or an eval) is ready without decoding anything."""
+    cfg, data, run_dir = _split(tmp_path, "data.scale_norm.enabled=true")
+    first = load_split_samples(cfg, data, "train", run_dir, lazy=True)
+    calls = []
+    real = loading.load_sample
+    monkeypatch.setattr(loading, "load_sample", lambda *a, **k: calls.append(a[0].id) or real(*a, **k))
+    again = load_split_samples(cfg, prepare_split(cfg, run_dir), "train", run_dir, lazy=True)
+    assert calls == [] and again.scales == first.scales and len(set(first.scales.values())) > 1
+
+
+def test_the_rl_curriculum_is_measured_once_per_run(tmp_path, monkeypatch):
+    from medtune.train.rl import curriculum_order, thinness
+
+    cfg, data, run_dir = _split(tmp_path)
+    eager = load_split_samples(cfg, data, "train", run_dir)
+    expected = sorted(range(len(eager)), key=lambda i: thinness(eager[i]))
+    assert curriculum_order(load_split_samples(cfg, data, "train", run_dir, lazy=True), run_dir, True) == expected
+    calls = []
+    real = loading.load_sample
+    monkeypatch.setattr(loading, "load_sample", lambda *a, **k: calls.append(a[0].id) or real(*a, **k))
+    resumed = curriculum_order(load_split_samples(cfg, data, "train", run_dir, lazy=True), run_dir, True)
+    assert resumed == expected and calls == [] and expected != sorted(expected)
+
+
+def test_a_resume_reads_only_the_val_and_test_files_that_changed(tmp_path, monkeypatch):
+    import os
+
+    from medtune.data.run_split import check_readable
+
+    cfg, data, run_dir = _split(tmp_path)
+    check_readable(cfg, data, ("val", "test"), run_dir)
+    calls = []
+    real = loading.load_sample
+    monkeypatch.setattr(loading, "load_sample", lambda *a, **k: calls.append(a[0].id) or real(*a, **k))
+    check_readable(cfg, data, ("val", "test"), run_dir)
+    assert calls == []
+    changed = data.samples[data.split["test"][0]]
+    os.utime(changed.image, ns=(0, 0))  # touched since: read again
+    check_readable(cfg, data, ("val", "test"), run_dir)
+    assert calls == [changed.id]
+    changed.image.write_bytes(b"broken")
+    with pytest.raises(DataError, match="cannot be read as an image"):
+        check_readable(cfg, data, ("val", "test"), run_dir)

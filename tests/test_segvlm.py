@@ -455,3 +455,27 @@ def test_rl_from_a_parent_composed_from_folders_with_an_untied_head(tmp_path):
     assert adopted.task.class_name == "blood vessel" and adopted.loss.bce == 2.0
     assert adopted.model.vlm.vlm_path is None and adopted.model.path.endswith("reference-model")
     assert json.loads((run / "preflight.json").read_text())["passed"]
+
+
+def test_the_training_dataset_decodes_no_image_when_built(tmp_path):
+    """Targets are counted from the annotations (Sample.targets), not from decoded masks; each item decodes once."""
+    from medtune.data.loading import LazySamples
+
+    root = _two_expression_data(tmp_path / "data")
+    cfg = build_config({}, [f"data.path={root}", "data.patch_size=48", "data.augment.enabled=false",
+                            "model.family=segvlm", "model.config={preset: tiny, vlm: internvl}", "lora.r=4",
+                            "model.finetune=lora"])
+    model = build_model(cfg)
+    lazy = LazySamples(discover(cfg.data), cfg.data)
+    dataset = SegVLMDataset(lazy, cfg, model.text_codec(), model.image_prep, model.seg_token_id)
+    assert lazy.decodes == 0
+    eager = SegVLMDataset([load_sample(s, cfg.data) for s in discover(cfg.data)], cfg, model.text_codec(),
+                          model.image_prep, model.seg_token_id)
+    a, b = dataset[(0, 0)], eager[(0, 0)]
+    assert lazy.decodes == 1 and a["mask"].shape == (2, 48, 48)
+    assert all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
+    bad = build_config({}, [f"data.path={root}", "model.family=segvlm", "model.config={preset: tiny}",
+                            "model.finetune=lora", "task.answer=It is here."])
+    with pytest.raises(DataError, match=r"sample a: .* holds 0 \[SEG\] token\(s\) for 2 target"):
+        SegVLMDataset(LazySamples(discover(bad.data), bad.data), bad, model.text_codec(), model.image_prep,
+                      model.seg_token_id)

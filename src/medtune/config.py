@@ -115,6 +115,11 @@ class DataCfg(Section):
     patches_per_image: int = Field(8, ge=1)  # per epoch, random_crop only
     batch_size: int = Field(8, ge=1)  # global batch (split across processes)
     num_workers: int = 0
+    # Decoded training / validation samples kept for reuse (data/decode_cache.py): off, memory (each process its share of
+    # cache_max_mb) or disk (cache_dir, default RUN/decode_cache, at most cache_max_mb); keyed by file content.
+    cache: Literal["off", "memory", "disk"] = "off"
+    cache_max_mb: float = Field(1024.0, gt=0)
+    cache_dir: str | None = None
     max_samples: int | None = None  # quick trial run on the first N samples
     derive_fov: bool = True  # threshold the dark border when a layout ships no FOV mask
     duplicate_hash_distance: int = 4  # perceptual-hash Hamming distance that counts as near-duplicate

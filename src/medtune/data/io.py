@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import io
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
 from medtune.data.types import DataError
+from medtune.threads import usable_cores
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm")
 
@@ -148,6 +150,20 @@ def wide_integer_max(path: str | Path) -> int | None:
     return int(arr.max()) if arr.size else 0
 
 
+def image_header_size(path: str | Path) -> tuple[int, int]:
+    """(H, W) of an image file from its header (PIL opens lazily); formats PIL cannot size (gzipped PPM, DICOM,
+    scientific TIFF) are decoded."""
+    path = Path(path)
+    if not path.name.lower().endswith(".gz") and path.suffix.lower() not in DICOM_EXTENSIONS:
+        try:
+            with Image.open(path) as img:
+                return int(img.height), int(img.width)
+        except Exception:  # noqa: BLE001 - _decode below names the file and the fix
+            pass
+    arr = _decode(path)
+    return int(arr.shape[0]), int(arr.shape[1])
+
+
 def dataset_image_max(paths: list[Path], skip_unreadable: bool = False) -> tuple[float | None, int | None]:
     """(full scale, observed maximum) of the integer images wider than 8 bits among ``paths``; (None, None) if none.
 
@@ -155,14 +171,18 @@ def dataset_image_max(paths: list[Path], skip_unreadable: bool = False) -> tuple
     scanner's images differ up to 16x in brightness depending on their content. ``skip_unreadable`` leaves broken
     files to the caller's own report instead of raising for the first one.
     """
-    tops = []
-    for path in paths:
+    def top(path: Path) -> int | None:
         try:
-            tops.append(wide_integer_max(path))
+            return wide_integer_max(path)
         except DataError:
             if not skip_unreadable:
                 raise
-    tops = [t for t in tops if t is not None]
+            return None
+
+    # 8-bit files answer from their header; wider ones are decoded, on the usable cores (PIL and tifffile decode
+    # without the GIL). Recorded in RUN/intensity.json, so a run pays this once.
+    with ThreadPoolExecutor(max_workers=usable_cores()["cores"]) as pool:
+        tops = [t for t in pool.map(top, list(dict.fromkeys(paths))) if t is not None]
     if not tops:
         return None, None
     return full_scale(max(tops)), max(tops)

@@ -4,15 +4,17 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from skimage.transform import resize
 from tqdm.auto import tqdm
 
 from medtune.config import DataCfg, ScaleNormCfg
-from medtune.data.io import derive_fov, rasterize_polygons, read_image, read_mask
+from medtune.data.io import derive_fov, image_header_size, rasterize_polygons, read_image, read_mask
 from medtune.data.layouts import format_problems
 from medtune.data.types import DataError, LoadedSample, Sample
+from medtune.threads import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -169,18 +171,27 @@ def scale_factors(
 def load_all(samples: list[Sample], cfg: DataCfg, scales: dict[str, float] | None = None,
              keep: bool = True) -> list[LoadedSample]:
     """Load every sample (progress bar); one DataError with every sample that failed. ``keep=False`` only checks
-    that each loads, holding one at a time, and returns []."""
+    that each loads, holding one at a time per usable core (the decoders release the GIL), and returns []."""
     loaded: list[LoadedSample] = []
     problems: list[str] = []
     failed = 0
-    for sample in tqdm(samples, desc="loading images", unit="img", leave=False, disable=len(samples) < 8):
+
+    def load(sample: Sample) -> LoadedSample | DataError | None:
         try:
             one = load_sample(sample, cfg, (scales or {}).get(sample.id, 1.0))
-            if keep:
-                loaded.append(one)
         except DataError as err:
-            failed += 1
-            problems.extend(line.strip(" -") for line in str(err).splitlines() if line.strip())
+            return err
+        return one if keep else None  # a check holds nothing
+
+    with ThreadPoolExecutor(max_workers=1 if keep else usable_cores()["cores"]) as pool:
+        results = pool.map(load, samples)
+        for one in tqdm(results, total=len(samples), desc="loading images", unit="img", leave=False,
+                        disable=len(samples) < 8):
+            if isinstance(one, DataError):
+                failed += 1
+                problems.extend(line.strip(" -") for line in str(one).splitlines() if line.strip())
+            elif keep:
+                loaded.append(one)
     if problems:
         raise DataError(format_problems(problems, f"{failed} of {len(samples)} samples"))
     return loaded
@@ -191,13 +202,20 @@ class LazySamples(Sequence):
 
     Training datasets index it from DataLoader workers, so each worker decodes only the images its batches need and
     memory does not grow with the data set; an item is a pure function of (sample, settings, scale), so the batches
-    of a step are the same whichever process decodes them (exact resume). ``decodes`` counts the loads done in this
-    process (tests prove that nothing is decoded up front).
+    of a step are the same whichever process decodes them (exact resume). ``records`` are the undecoded ``Sample``s:
+    what a dataset may know of each item up front (ids, conversations, targets). ``cache`` (a
+    ``decode_cache.DecodeCache``) serves decodes it has seen. ``decodes`` counts the loads done in this process
+    (tests prove that nothing is decoded up front).
     """
 
-    def __init__(self, samples: list[Sample], cfg: DataCfg, scales: dict[str, float] | None = None):
+    def __init__(self, samples: list[Sample], cfg: DataCfg, scales: dict[str, float] | None = None, cache=None):
         self.samples, self.cfg, self.scales = list(samples), cfg, dict(scales or {})
+        self.cache = cache
         self.decodes = 0
+
+    @property
+    def records(self) -> list[Sample]:
+        return self.samples
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -207,7 +225,28 @@ class LazySamples(Sequence):
             return [self[i] for i in range(*index.indices(len(self)))]
         sample = self.samples[index]
         self.decodes += 1
-        return load_sample(sample, self.cfg, self.scales.get(sample.id, 1.0))
+        scale = self.scales.get(sample.id, 1.0)
+        return self.cache.load(sample, scale) if self.cache is not None else load_sample(sample, self.cfg, scale)
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(H, W) item ``index``'s image will have, from the file's header where it tells (no decode)."""
+        sample = self.samples[index]
+        h, w = image_header_size(sample.image)
+        scale = self.scales.get(sample.id, 1.0)
+        return (h, w) if scale == 1.0 else (max(1, round(h * scale)), max(1, round(w * scale)))
+
+
+def records(samples: Sequence) -> Sequence:
+    """What a dataset may read of each sample without decoding it: ``LazySamples.records`` (``Sample``), or the
+    already loaded samples themselves; both carry ``id``, ``conversations``, ``label`` and ``target_texts()``."""
+    return samples.records if isinstance(samples, LazySamples) else samples
+
+
+def image_size(samples: Sequence, index: int) -> tuple[int, int]:
+    """(H, W) of item ``index``'s image, without decoding it when ``samples`` is lazy."""
+    if isinstance(samples, LazySamples):
+        return samples.image_size(index)
+    return tuple(samples[index].image.shape[-2:])
 
 
 def resample_to_native(prob: np.ndarray, native_shape: tuple[int, int]) -> np.ndarray:

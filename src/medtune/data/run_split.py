@@ -16,6 +16,7 @@ from pathlib import Path
 
 from medtune.atomic import write_text_atomic
 from medtune.config import Config
+from medtune.data.decode_cache import decode_cache
 from medtune.data.inspect import duplicate_groups, find_near_duplicates
 from medtune.data.io import dataset_image_max
 from medtune.data.layouts import discover, format_problems
@@ -30,6 +31,7 @@ from medtune.errors import ConfigError, UserError
 log = logging.getLogger("medtune")
 
 INTENSITY_FILE = "intensity.json"
+READABLE_FILE = "readable.json"
 
 
 @dataclass
@@ -38,6 +40,8 @@ class RunData:
     split: dict[str, list[str]]
     target_scale: float | None  # scale normalisation target (FOV diameter), None when off
     is_main: bool = True  # only the main process writes run files
+    # scale normalisation factor of each training sample, as RUN/scale.json recorded it: a resume reads no image for it
+    train_scales: dict[str, float] | None = None
 
 
 def prepare_split(cfg: Config, run_dir: Path, is_main: bool = True,
@@ -82,11 +86,12 @@ def prepare_split(cfg: Config, run_dir: Path, is_main: bool = True,
             intensity = _read_json(intensity_path)
     if cfg.data.image_max is None:
         cfg.data.image_max = intensity.get("image_max")
-    target = None
+    target, train_scales = None, None
     scale_path = run_dir / "scale.json"
     if cfg.data.scale_norm.enabled and scale_path.exists():
-        target = _read_json(scale_path)["target_fov_diameter"]
-    return RunData(samples=samples, split=split, target_scale=target, is_main=is_main)
+        recorded_scale = _read_json(scale_path)
+        target, train_scales = recorded_scale["target_fov_diameter"], recorded_scale.get("train_scales")
+    return RunData(samples=samples, split=split, target_scale=target, is_main=is_main, train_scales=train_scales)
 
 
 def discover_any(cfg: Config) -> list[Sample] | list[VideoSample]:
@@ -176,26 +181,31 @@ def duplicate_groups_for_split(cfg: Config, samples: list[Sample]) -> dict[str, 
 def load_split_samples(cfg: Config, data: RunData, name: str, run_dir: Path | None = None,
                        limit: int | None = None, lazy: bool = False) -> Sequence[LoadedSample]:
     """The split's samples, decoded now (a list) or, with ``lazy``, on access (``LazySamples``: training, whose
-    data may not fit in memory). Scale normalisation reads each image's FOV once, one image at a time."""
+    data may not fit in memory; through the ``data.cache`` decode cache when one is set). Scale normalisation reads
+    each image's FOV once, one image at a time."""
     ids = data.split.get(name, [])[: limit or None]
     samples = [data.samples[i] for i in ids]
     if samples and isinstance(samples[0], VideoSample):
         return samples  # videos stay undecoded: clips and evaluation read their frames on demand (open_frames)
-    native = LazySamples(samples, cfg.data) if lazy else load_all(samples, cfg.data)
+    cache = decode_cache(cfg.data, run_dir) if lazy else None
     if not cfg.data.scale_norm.enabled:
-        return native
+        return LazySamples(samples, cfg.data, cache=cache) if lazy else load_all(samples, cfg.data)
+    # the native-scale pass is not what training reads: it bypasses the cache
+    native = LazySamples(samples, cfg.data) if lazy else load_all(samples, cfg.data)
     # The target is fixed by the training set once and stored, so val/test and later evals resample identically.
     # scale_factors takes one pass over its samples, so a LazySamples streams through them, holding one at a time.
     scales = None
     if data.target_scale is None:
         train = native if name == "train" else LazySamples([data.samples[i] for i in data.split["train"]], cfg.data)
-        data.target_scale, train_scales = scale_factors(train, cfg.data.scale_norm)
-        scales = train_scales if name == "train" and not limit else None
+        data.target_scale, data.train_scales = scale_factors(train, cfg.data.scale_norm)
         if run_dir is not None and data.is_main:
-            write_text_atomic(run_dir / "scale.json", json.dumps({"target_fov_diameter": data.target_scale}))
+            write_text_atomic(run_dir / "scale.json", json.dumps({"target_fov_diameter": data.target_scale,
+                                                                   "train_scales": data.train_scales}))
+    if name == "train" and data.train_scales is not None and all(s.id in data.train_scales for s in samples):
+        scales = {s.id: data.train_scales[s.id] for s in samples}
     if scales is None:
         _, scales = scale_factors(native, cfg.data.scale_norm, target=data.target_scale)
-    return LazySamples(samples, cfg.data, scales=scales) if lazy else load_all(samples, cfg.data, scales=scales)
+    return LazySamples(samples, cfg.data, scales, cache) if lazy else load_all(samples, cfg.data, scales=scales)
 
 
 # ---- another data set for a trained run (`medtune eval RUN --data FILE`) ------------------------------------------
@@ -250,17 +260,35 @@ def _source(sample: Sample | VideoSample) -> str:
     return str(sample.image)
 
 
-def check_readable(cfg: Config, data: RunData, names: tuple[str, ...] = ("test",)) -> None:
-    """Read the splits training does not load, so a broken test image fails now with every problem listed, not
-    after a night of training."""
-    ids = [i for name in names for i in data.split.get(name, [])]
-    samples = [data.samples[i] for i in ids]
+def check_readable(cfg: Config, data: RunData, names: tuple[str, ...] = ("test",), run_dir: Path | None = None
+                   ) -> None:
+    """Read the splits training decodes only later (validation, on access) or never (test), so a broken image fails
+    now with every problem listed, not after a night of training. Holds one image per thread. With ``run_dir``, the
+    files found readable are recorded in RUN/readable.json (size and modification time, with the decode settings),
+    and a resume reads only the files that changed since."""
+    samples = [data.samples[i] for name in names for i in data.split.get(name, [])]
     if samples and isinstance(samples[0], VideoSample):
         problems = [p for video in samples for p in check_video(video, cfg.data)]
         if problems:
             raise DataError(format_problems(problems, f"the {'/'.join(names)} videos"))
         return
-    load_all(samples, cfg.data, keep=False)
+    path = run_dir / READABLE_FILE if run_dir is not None else None
+    settings = cfg.data.model_dump(mode="json", include={"channels", "image_max", "mask_labels", "derive_fov"})
+    recorded = _read_json(path) if path is not None and path.exists() else {}
+    seen = recorded.get("files", {}) if recorded.get("settings") == settings else {}
+    stamps = {str(f): _stamp(f) for s in samples for f in s.files()}
+    load_all([s for s in samples if any(seen.get(str(f)) != stamps[str(f)] for f in s.files())], cfg.data,
+             keep=False)
+    if path is not None and data.is_main and stamps != seen:
+        write_text_atomic(path, json.dumps({"settings": settings, "files": stamps}) + "\n")
+
+
+def _stamp(path: Path) -> list[int] | None:
+    try:
+        st = Path(path).stat()
+    except OSError:  # missing: load_all names it
+        return None
+    return [st.st_size, st.st_mtime_ns]
 
 
 def _warn(msg: str) -> None:

@@ -36,6 +36,15 @@ class Sample:
     # an "<image>" placeholder (medtune.data.conversations)
     conversations: list[dict[str, str]] | None = None
 
+    def files(self) -> list[Path]:
+        """Every file loading this sample reads: image, masks, FOV, target masks."""
+        return [self.image, *self.masks, *([self.fov] if self.fov is not None else []),
+                *(m for t in self.targets for m in t.masks)]
+
+    def target_texts(self) -> list[str | None]:
+        """The K expressions this sample's items ask for (None: the task's default prompt), as ``LoadedSample``."""
+        return [t.text for t in self.targets] if self.targets else [None]
+
 
 @dataclass
 class LoadedSample:

@@ -2,8 +2,10 @@
 
 Training: the language-model loss on the assistant tokens only (``ChatCodec`` labels), normalised by the number of
 supervised tokens in the *global* batch, so 2 processes with half the batch each give the gradient of 1 process
-with the whole batch. Every training sample is encoded once when the dataset is built: a sample that would need
-truncation, or whose conversation the chat template cannot render turn by turn, is refused then, with its id.
+with the whole batch. Building the dataset decodes no image: every training conversation's token count is taken from
+its text and its image's size in the file header, and a sample that would need truncation, or whose conversation the
+chat template cannot render turn by turn, is refused then, with its id; images are decoded and run through the
+processor on access, in the DataLoader's workers.
 
 Validation and evaluation: greedy, batched generation of each sample's last answer from the conversation before it,
 parsed into a label (``medtune.answers``): accuracy (``val_accuracy`` picks `best`), macro-F1, per-class
@@ -16,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,7 @@ from medtune.atomic import write_csv_atomic, write_json_atomic
 from medtune.config import Config
 from medtune.data.conversations import final_answer, question_turns
 from medtune.data.layouts import format_problems
+from medtune.data.loading import image_size, records
 from medtune.data.types import DataError, LoadedSample, Sample
 from medtune.errors import UserError
 from medtune.models.vlm.model import IGNORE_INDEX, ChatCodec, collate
@@ -48,7 +52,7 @@ def _codec(model) -> ChatCodec:
     return seg.text_codec()
 
 
-def require_conversations(samples: list[LoadedSample]) -> None:
+def require_conversations(samples: Sequence[LoadedSample] | Sequence[Sample]) -> None:
     missing = [s.id for s in samples if not s.conversations]
     if missing:
         raise DataError(f"task instruct needs image + conversation samples (data.layout llava_json); {len(missing)} "
@@ -57,19 +61,27 @@ def require_conversations(samples: list[LoadedSample]) -> None:
 
 # ---- training ------------------------------------------------------------------------------------------------------
 class InstructDataset(Dataset):
-    """Items = ``ChatCodec.encode`` of each sample (tensors only, plus its id); keys may be ``(index, epoch)``."""
+    """Items = ``ChatCodec.encode`` of each sample (tensors only, plus its id); keys may be ``(index, epoch)``.
 
-    def __init__(self, samples: list[LoadedSample], codec: ChatCodec):
-        require_conversations(samples)
+    Nothing is decoded when it is built: the image is decoded and run through the processor on access (in the
+    DataLoader's workers when ``samples`` is a ``LazySamples``), once per item. What can be refused up front is, from
+    the conversation's text and the image's size in its file header: a conversation the chat template cannot render
+    turn by turn, and one longer than ``model.vlm.max_length`` (only those few are decoded, for the exact message)."""
+
+    def __init__(self, samples: Sequence[LoadedSample], codec: ChatCodec):
+        meta = records(samples)
+        require_conversations(meta)
         self.samples, self.codec = samples, codec
         problems = []
-        for s in samples:  # refuse now, with every offending id, rather than at step 5000
+        for i, s in enumerate(meta):  # refuse now, with every offending id, rather than at step 5000
             try:
-                codec.encode(s.conversations, to_pil(s.image), s.id)
+                n_tokens = codec.length(s.conversations, image_size(samples, i), s.id)
+                if codec.max_length is not None and n_tokens > codec.max_length:
+                    codec.encode(s.conversations, to_pil(samples[i].image), s.id)  # raises, naming what is cut
             except DataError as err:
                 problems.append(str(err))
         if problems:
-            raise DataError(format_problems(problems, f"{len(problems)} of {len(samples)} training conversations"))
+            raise DataError(format_problems(problems, f"{len(problems)} of {len(meta)} training conversations"))
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -79,7 +91,7 @@ class InstructDataset(Dataset):
         return self.codec.encode(s.conversations, to_pil(s.image), s.id)
 
 
-def train_dataset(samples: list[LoadedSample], cfg: Config, model) -> InstructDataset:
+def train_dataset(samples: Sequence[LoadedSample], cfg: Config, model) -> InstructDataset:
     return InstructDataset(samples, _codec(model))
 
 
@@ -166,7 +178,8 @@ def reference_label(sample: LoadedSample | Sample, vocab: dict[str, str], labels
     return parse_answer(final_answer(sample.conversations), vocab).label if sample.conversations else None
 
 
-def score(samples: list[LoadedSample], answers: list[str], labels: list[str], cfg: Config) -> list[dict]:
+def score(samples: Sequence[LoadedSample] | Sequence[Sample], answers: list[str], labels: list[str],
+          cfg: Config) -> list[dict]:
     """One row per sample: question, reference, answer, their labels and whether the answer is right."""
     vocab = answer_vocabulary(labels, cfg.task.synonyms)
     rows = []
@@ -202,9 +215,10 @@ def teacher_forced_loss(model, samples: list[LoadedSample], cfg: Config, device)
     return total / max(count, 1)
 
 
-def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict[str, float]:
-    """val_accuracy (picks `best`), val_macro_f1, val_invalid_rate from greedy answers; val_lm_loss teacher-forced."""
-    require_conversations(val)
+def validate(model, val: Sequence[LoadedSample], cfg: Config, device) -> dict[str, float]:
+    """val_accuracy (picks `best`), val_macro_f1, val_invalid_rate from greedy answers; val_lm_loss teacher-forced.
+    A lazy ``val`` is decoded twice (generation, teacher forcing), one batch at a time."""
+    require_conversations(records(val))
     # the label set of the whole data set, as `medtune eval` uses: a small (or capped) val split may miss a class,
     # and an answer naming it must count as a wrong label, not as an invalid answer
     from medtune.data.layouts import discover
@@ -212,7 +226,7 @@ def validate(model, val: list[LoadedSample], cfg: Config, device) -> dict[str, f
     labels = resolve_labels(cfg, discover(cfg.data))
     answers = generate_answers(model, val, cfg, device, "val answers")
     require_text(answers, "validation", fatal=False)  # training goes on; the log says why
-    rows = score(val, answers, labels, cfg)
+    rows = score(records(val), answers, labels, cfg)
     scored = [r for r in rows if r["reference_label"]]
     out = {"val_lm_loss": teacher_forced_loss(model, val, cfg, device)}
     if scored:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,8 @@ from tqdm.auto import tqdm
 from medtune.config import Config
 from medtune.data.augment import Augmentation
 from medtune.data.datasets import loss_region
-from medtune.data.types import DataError, LoadedSample
+from medtune.data.loading import records
+from medtune.data.types import DataError, LoadedSample, Sample
 from medtune.errors import UserError
 from medtune.losses import ComboLoss
 from medtune.models.vlm.seg.model import collate as collate_items
@@ -83,12 +85,13 @@ def _resize_labels(labels: np.ndarray | torch.Tensor, size: int) -> torch.Tensor
 class SegVLMDataset(Dataset):
     """Whole images, encoded at their original resolution by the model's ``encode_item`` (the VLM processor's tokens
     and pixels, the mask head's ``sam_image``), with their K target masks at ``data.patch_size``, keyed by
-    ``(index, epoch)`` like the mask datasets so a resumed run replays the same batches.
+    ``(index, epoch)`` like the mask datasets so a resumed run replays the same batches. The image is decoded on
+    access (a ``LazySamples``: in the DataLoader's workers), once per item; building it decodes nothing.
 
     Spatial augmentation runs only for class prompts: a flip would turn "the left vessel" into a wrong answer. It
     runs at the image's resolution (before the processor); it keeps the image's size."""
 
-    def __init__(self, samples: list[LoadedSample], cfg: Config, codec, prep, seg_token_id: int):
+    def __init__(self, samples: Sequence[LoadedSample], cfg: Config, codec, prep, seg_token_id: int):
         if not samples:
             raise UserError("the segvlm task needs at least one training sample")
         self.samples, self.cfg, self.codec, self.prep = samples, cfg, codec, prep  # picklable (DataLoader workers)
@@ -97,7 +100,7 @@ class SegVLMDataset(Dataset):
         self.seed = int(cfg.run.seed)
         self._augment = Augmentation(cfg.data.augment)
         answer = codec.tokenizer(cfg.task.answer, add_special_tokens=False)["input_ids"]
-        for ls in samples:  # fails now, naming the sample
+        for ls in records(samples):  # fails now, naming the sample, from its annotations (no image decoded)
             _check_seg_count(ls, cfg, len(ls.target_texts()) * answer.count(seg_token_id))
 
     def __len__(self) -> int:
@@ -120,7 +123,7 @@ class SegVLMDataset(Dataset):
         return item
 
 
-def _check_seg_count(ls: LoadedSample, cfg: Config, n_seg: int) -> None:
+def _check_seg_count(ls: LoadedSample | Sample, cfg: Config, n_seg: int) -> None:
     k = len(ls.target_texts())
     if n_seg != k:
         raise DataError(f"sample {ls.id}: the target answer {cfg.task.answer!r} (one per target) holds {n_seg} "
@@ -137,7 +140,7 @@ def encode_sample(ls: LoadedSample, cfg: Config, codec, prep, seg_token_id: int,
     return item
 
 
-def train_dataset(samples: list[LoadedSample], cfg: Config, model) -> SegVLMDataset:
+def train_dataset(samples: Sequence[LoadedSample], cfg: Config, model) -> SegVLMDataset:
     return SegVLMDataset(samples, cfg, model.text_codec(), model.image_prep, model.seg_token_id)
 
 

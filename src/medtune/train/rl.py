@@ -20,8 +20,10 @@ from accelerate.utils import set_seed
 from skimage.morphology import skeletonize
 from torch.utils.data import DataLoader
 
+from medtune.atomic import write_json_atomic
 from medtune.config import Config
 from medtune.data.datasets import StepBatchSampler
+from medtune.data.loading import records
 from medtune.data.run_split import check_readable, load_split_samples, prepare_split
 from medtune.data.types import LoadedSample
 from medtune.errors import ConfigError, UserError
@@ -110,12 +112,28 @@ def start_rl_run(cfg: Config, resume, accelerator) -> tuple[Config, Path, Path |
     return cfg, run_dir, resume
 
 
+CURRICULUM_FILE = "curriculum.json"
+
+
 # ---- curriculum: thick structures before thin ones ------------------------------------------------------------------
 def thinness(sample: LoadedSample) -> float:
     """Skeleton length per foreground pixel: ~1/width, so higher = thinner = harder."""
     fg = (sample.mask * sample.fov) > 0
     area = fg.sum()
     return float(skeletonize(fg).sum() / area) if area else 0.0
+
+
+def curriculum_order(train_samples, run_dir: Path, is_main: bool) -> list[int]:
+    """Indices of the training samples, thick structures first. Each image is decoded once (one at a time) to
+    measure it, and the measures are recorded in RUN/curriculum.json, so a resumed run decodes none for it."""
+    path = run_dir / CURRICULUM_FILE
+    ids = [s.id for s in records(train_samples)]
+    recorded = json.loads(path.read_text()).get("thinness", {}) if path.exists() else {}
+    if not set(ids) <= set(recorded):
+        recorded = {s.id: thinness(s) for s in train_samples}
+        if is_main:
+            write_json_atomic(path, {"thinness": recorded})
+    return sorted(range(len(ids)), key=lambda i: recorded[ids[i]])
 
 
 class CurriculumBatchSampler:
@@ -273,13 +291,14 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
     # ---- data
     data = prepare_split(cfg, run_dir, is_main, accelerator.wait_for_everyone)
     train_samples = load_split_samples(cfg, data, "train", run_dir, lazy=True)  # decoded in the loader's workers
-    val_samples = load_split_samples(cfg, data, "val", run_dir, limit=cfg.train.max_eval_images)
-    check_readable(cfg, data)
+    # validation decodes its images each time it runs: memory between validations does not grow with the split
+    val_samples = load_split_samples(cfg, data, "val", run_dir, limit=cfg.train.max_eval_images, lazy=True)
+    check_readable(cfg, data, ("val", "test"), run_dir)
     task = task_for(cfg)
     if task.mask_targets is None:
         raise UserError(f"objective: rl samples masks; task {task.name!r} produces none (for answers use the "
                          "instruct task's GRPO)")
-    order = sorted(range(len(train_samples)), key=lambda i: thinness(train_samples[i])) if cfg.rl.curriculum else None
+    order = curriculum_order(train_samples, run_dir, is_main) if cfg.rl.curriculum else None
 
     def batches(start_step: int):
         if order is not None:

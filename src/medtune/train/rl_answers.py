@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from medtune.answers import answer_rewards, answer_vocabulary, resolve_answer_weights
 from medtune.config import Config
 from medtune.data.datasets import StepBatchSampler
+from medtune.data.loading import records
 from medtune.data.run_split import check_readable, load_split_samples, prepare_split
 from medtune.data.types import LoadedSample
 from medtune.errors import UserError
@@ -58,8 +60,8 @@ log = logging.getLogger("medtune")
 class PromptDataset(Dataset):
     """The generation prompt of each training conversation's last answer (keys may be ``(index, epoch)``)."""
 
-    def __init__(self, samples: list[LoadedSample], codec: ChatCodec):
-        require_conversations(samples)
+    def __init__(self, samples: Sequence[LoadedSample], codec: ChatCodec):
+        require_conversations(records(samples))  # decoded on access, in the loader's workers
         self.samples, self.codec = samples, codec
 
     def __len__(self) -> int:
@@ -181,13 +183,14 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
 
     # ---- data: prompts of the training conversations, each repeated G times in a row
     data = prepare_split(cfg, run_dir, is_main)
-    train_samples = load_split_samples(cfg, data, "train", run_dir)
-    val_samples = load_split_samples(cfg, data, "val", run_dir, limit=cfg.train.max_eval_images)
-    check_readable(cfg, data)
+    train_samples = load_split_samples(cfg, data, "train", run_dir, lazy=True)  # decoded in the loader's workers
+    # validation decodes its images each time it runs: memory between validations does not grow with the split
+    val_samples = load_split_samples(cfg, data, "val", run_dir, limit=cfg.train.max_eval_images, lazy=True)
+    check_readable(cfg, data, ("val", "test"), run_dir)
     task = task_for(cfg)
     labels = resolve_labels(cfg, list(data.samples.values()))
     vocab = answer_vocabulary(labels, cfg.task.synonyms)
-    references = {s.id: reference_label(s, vocab, labels) for s in train_samples}
+    references = {s.id: reference_label(s, vocab, labels) for s in records(train_samples)}
     g = cfg.rl.group_size
 
     # ---- policy = base (or parent) + fresh LoRA; reference = the same model with adapters disabled

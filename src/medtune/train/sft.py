@@ -67,8 +67,9 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
     # ---- data: the split is fixed in RUN/split.json; batches are a pure function of (seed, step)
     data = prepare_split(cfg, run_dir, is_main, accelerator.wait_for_everyone)
     train_samples = load_split_samples(cfg, data, "train", run_dir, lazy=True)  # decoded in the loader's workers
-    val_samples = load_split_samples(cfg, data, "val", run_dir, limit=cfg.train.max_eval_images)
-    check_readable(cfg, data)
+    # validation decodes its images each time it runs: memory between validations does not grow with the split
+    val_samples = load_split_samples(cfg, data, "val", run_dir, limit=cfg.train.max_eval_images, lazy=True)
+    check_readable(cfg, data, ("val", "test"), run_dir)
     task = task_for(cfg)
     model = build_run_model(cfg).to(device)  # as every later load builds it
     use_feature_cache(model, cfg, run_dir)  # train.feature_cache: a frozen image encoder runs once per image

@@ -116,6 +116,7 @@ class ChatCodec:
             raise UserError("the model folder has no chat template (chat_template.jinja) and model.vlm.chat_template "
                              "is not set; give the template the model was trained with (a file path or the Jinja text)")
         self.max_length = max_length
+        self._image_tokens_by_size: dict[tuple[int, int], int] = {}  # what the processor adds per image size
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
         self.special_ids = set(self.tokenizer.all_special_ids) | {
@@ -189,15 +190,9 @@ class ChatCodec:
         t0 = first["input_ids"].shape[1]
         token_keys = [k for k, v in first.items()
                       if torch.is_tensor(v) and v.ndim == 2 and v.shape == (1, t0) and k not in PER_IMAGE_KEYS]
-        ids = first["input_ids"][0].tolist()
-        labels = [IGNORE_INDEX] * t0
-        for n, (text, supervised) in enumerate(pieces[1:], start=2):
-            toks = self.tokenizer(text, add_special_tokens=False).input_ids
-            cut = self.answer_end(toks) if supervised else 0
-            if supervised and n == len(pieces) and self.end_after_last_answer:
-                toks = toks[:cut]
-            ids += toks
-            labels += toks[:cut] + [IGNORE_INDEX] * (len(toks) - cut)
+        rest, rest_labels = self._text_tokens(pieces)
+        ids = first["input_ids"][0].tolist() + rest
+        labels = [IGNORE_INDEX] * t0 + rest_labels
         if check_length:
             self._check_length(ids, labels, sample_id)
         item: dict[str, Any] = {"id": sample_id, "pad_token_id": self.pad_token_id,
@@ -210,6 +205,39 @@ class ChatCodec:
             if key not in token_keys and key not in item:  # every other processor output, tensor or not
                 item[key] = value
         return item
+
+    def _text_tokens(self, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+        """(ids, labels) of every piece after the first (the one with the image)."""
+        ids: list[int] = []
+        labels: list[int] = []
+        for n, (text, supervised) in enumerate(pieces[1:], start=2):
+            toks = self.tokenizer(text, add_special_tokens=False).input_ids
+            cut = self.answer_end(toks) if supervised else 0
+            if supervised and n == len(pieces) and self.end_after_last_answer:
+                toks = toks[:cut]
+            ids += toks
+            labels += toks[:cut] + [IGNORE_INDEX] * (len(toks) - cut)
+        return ids, labels
+
+    def length(self, turns: list[dict[str, str]], image_size: tuple[int, int], sample_id: str) -> int:
+        """The token count ``encode`` gives this conversation with an image of ``image_size`` (H, W), without the
+        image: the text tokens + what the processor adds for an image of that size (found once per size with a blank
+        image). Raises the template's DataError like ``encode``."""
+        pieces = self.pieces(turns, sample_id)
+        first = self.tokenizer(pieces[0][0], add_special_tokens=False).input_ids
+        return len(first) + self._image_tokens_added(pieces[0][0], tuple(image_size)) + len(
+            self._text_tokens(pieces)[0])
+
+    def _image_tokens_added(self, text: str, image_size: tuple[int, int]) -> int:
+        cache = self._image_tokens_by_size
+        if image_size not in cache:
+            from PIL import Image
+
+            h, w = image_size
+            with_image = self.processor(text=[text], images=[Image.new("RGB", (w, h))], return_tensors="pt",
+                                        add_special_tokens=False)["input_ids"].shape[1]
+            cache[image_size] = with_image - len(self.tokenizer(text, add_special_tokens=False).input_ids)
+        return cache[image_size]
 
     def _check_length(self, ids: list[int], labels: list[int], sample_id: str) -> None:
         if self.max_length is None or len(ids) <= self.max_length:
