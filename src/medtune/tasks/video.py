@@ -188,12 +188,13 @@ def _model_prompt(spec: PromptSpec | None, frame_size: tuple[int, int], size: in
     return VideoPrompt(frame=spec.frame)
 
 
-def propagate_video(model, video: VideoSample, cfg: Config, prompt: PromptSpec | None = None,
+def propagate_video(model, video: VideoSample, cfg: Config, prompt: PromptSpec | None = None, memory: bool = True,
                     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yields (frame index, probability float32 [H, W] at the frame's own size, the frame float32 [C, H, W]) for every
     frame of ``video``, in the order the model propagates (the prompted frame, forward to the end, then back to 0).
-    One frame in memory at a time besides the model's bounded memory bank."""
-    from medtune.models.video import propagate
+    One frame in memory at a time besides the model's bounded memory bank. ``memory=False``: every frame alone (the
+    memory ablation, ``models.video.propagate_without_memory``; semantic runs only, a prompt needs the memory)."""
+    from medtune.models.video import propagate, propagate_without_memory
 
     size = cfg.data.patch_size
     with open_frames(video, cfg.data) as reader:
@@ -203,17 +204,22 @@ def propagate_video(model, video: VideoSample, cfg: Config, prompt: PromptSpec |
         first = reader.read(prompt.frame if prompt is not None else 0)
         frame_size = tuple(first.shape[-2:])
         frames = ModelFrames(reader, size)
-        for index, prob in propagate(model, frames, _model_prompt(prompt, frame_size, size)):
+        if not memory and prompt is not None:
+            raise ConfigError(f"video {video.id}: the memory carries the prompt of frame {prompt.frame} to the other "
+                              "frames; only a semantic run (model.prompt=none) segments without its memory")
+        steps = (propagate(model, frames, _model_prompt(prompt, frame_size, size)) if memory
+                 else propagate_without_memory(model, frames))
+        for index, prob in steps:
             native = resample_to_native(prob.numpy().astype(np.float32), frame_size)
             yield index, np.clip(native, 0.0, 1.0), reader.read(index)
 
 
-def video_probabilities(model, video: VideoSample, cfg: Config,
+def video_probabilities(model, video: VideoSample, cfg: Config, memory: bool = True,
                         ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], set[int]]:
     """(probabilities of every frame, ground truth of the annotated frames, frames not to score: the mask-prompted
-    one) of one video, prompted by its ground truth as training was."""
+    one) of one video, prompted by its ground truth as training was (``memory``: see ``propagate_video``)."""
     prompt = ground_truth_prompt(video, cfg)
-    probs = {i: prob for i, prob, _ in propagate_video(model, video, cfg, prompt)}
+    probs = {i: prob for i, prob, _ in propagate_video(model, video, cfg, prompt, memory)}
     gts = {i: read_video_mask(video, i, cfg.data) for i in video.annotated}
     exclude = {prompt.frame} if prompt is not None and prompt.mask is not None else set()
     return probs, gts, exclude
@@ -400,19 +406,22 @@ def prompt_frames(videos: Sequence[VideoSample], cfg: Config) -> dict[str, set[i
     return {v.id: {v.annotated[0]} for v in videos if v.annotated}
 
 
-def video_predictions(model, videos: Sequence[VideoSample], cfg: Config, desc: str) -> Iterator[tuple]:
+def video_predictions(model, videos: Sequence[VideoSample], cfg: Config, desc: str, memory: bool = True,
+                      ) -> Iterator[tuple]:
     """(video id, probabilities of every frame, ground truth of the annotated frames, FOV None) per video, one video
     in memory at a time: what ``video_eval`` scores and calibrates on."""
     for video in tqdm(list(videos), desc=desc, unit="video", leave=False):
-        probs, gts, _ = video_probabilities(model, video, cfg)
+        probs, gts, _ = video_probabilities(model, video, cfg, memory)
         yield video.id, probs, gts, None
 
 
 def evaluate_model(model, cfg: Config, run_dir: Path, split: str = "test", strategy: str | None = None,
-                   checkpoint_name: str = "-", data_file=None, image_root=None, out_dir: Path | None = None) -> dict:
+                   checkpoint_name: str = "-", data_file=None, image_root=None, out_dir: Path | None = None,
+                   memory: bool = True) -> dict:
     """Calibrate the threshold on the validation videos, then measure ``split`` (or every video of another data
     folder, ``data_file``) at 0.5 and at it; writes summary.json, per_video.csv, per_frame.csv and calibration.json
-    to ``out_dir`` (default RUN/eval/<split>/). Returns the summary."""
+    to ``out_dir`` (default RUN/eval/<split>/). ``memory=False``: the memory ablation, calibrated and measured with
+    every frame segmented alone (``propagate_video``). Returns the summary."""
     from medtune.data.run_split import external_data, load_split_samples, prepare_split
     from medtune.tasks.video_eval import calibrate_videos, evaluate_videos
 
@@ -424,7 +433,7 @@ def evaluate_model(model, cfg: Config, run_dir: Path, split: str = "test", strat
     external = external_data(cfg, data, data_file, image_root, run_dir) if data_file is not None else None
     val = load_split_samples(cfg, data, "val", run_dir)
     if val and split != "val":
-        calib = calibrate_videos(video_predictions(model, val, cfg, "val"), strategy=strategy, beta=cfg.eval.beta,
+        calib = calibrate_videos(video_predictions(model, val, cfg, "val", memory), strategy=strategy, beta=cfg.eval.beta,
                                  target_recall=cfg.eval.target_recall, prompt_frames=prompt_frames(val, cfg))
     else:
         calib = {"threshold": 0.5, "strategy": "none", "note": "no validation videos: threshold 0.5"}
@@ -435,8 +444,9 @@ def evaluate_model(model, cfg: Config, run_dir: Path, split: str = "test", strat
         split = next(iter(data.split))
         source = {"data": cfg.data.path}
     videos = load_split_samples(cfg, data, split, run_dir)
-    meta = {"task": TASK.name, "run": str(run_dir), "checkpoint": checkpoint_name, "split": split, **source}
-    return evaluate_videos(video_predictions(model, videos, cfg, split), float(calib["threshold"]),
+    meta = {"task": TASK.name, "run": str(run_dir), "checkpoint": checkpoint_name, "split": split, "memory": memory,
+            **source}
+    return evaluate_videos(video_predictions(model, videos, cfg, split, memory), float(calib["threshold"]),
                            out_dir or run_dir / "eval" / split, calibration=calib, n_boot=cfg.eval.bootstrap,
                            seed=cfg.run.seed, prompt_frames=prompt_frames(videos, cfg), meta=meta)
 
