@@ -26,6 +26,7 @@ from medtune.models.video import (  # noqa: E402
     memory_reach,
     prompt_mask_input,
     propagate,
+    propagate_without_memory,
     tiny_sam2_video_config,
     upsample_logits,
 )
@@ -160,6 +161,21 @@ def test_box_prompt_and_single_image(video_folder):
     assert torch.allclose(single, b[:, 0], atol=1e-6)
     with pytest.raises(ValueError, match="box"):
         seg.forward_logits(clip["frames"][:, 0])
+
+
+def test_propagate_without_memory_segments_every_frame_alone(video_folder):
+    """The memory ablation: each frame as the one-frame clip forward gives it (decoded without memory), in frame
+    order; with the memory, later frames differ (this model's memory moves them), so the ablation removes it."""
+    seg = build_model(_cfg(path=str(video_folder), finetune="full", prompt="none")).eval()
+    frames = moving_disk_clip(6)["frames"][0]
+    alone = list(propagate_without_memory(seg, frames))
+    assert [i for i, _ in alone] == list(range(6))
+    with torch.no_grad():
+        single = torch.sigmoid(seg.forward_logits(frames))[:, 0]
+    assert torch.allclose(torch.stack([p for _, p in alone]), single, atol=PARITY_ATOL)
+    tracked = torch.stack([p for _, p in propagate(seg, frames)])
+    assert torch.allclose(tracked[0], alone[0][1], atol=PARITY_ATOL)
+    assert (tracked[1:] - torch.stack([p for _, p in alone[1:]])).abs().amax() > MEMORY_EFFECT
 
 
 # ------------------------------------------------------------------------------------------------ gradient

@@ -244,14 +244,25 @@ def test_rl_on_clips_runs_unchanged_or_says_why(trained, tmp_path):
 @pytest.mark.slow
 @pytest.mark.ci
 def test_video_demo_fast_mode_runs_end_to_end(tmp_path):
-    """`medtune demo video --fast`: both runs train, the three are scored on every frame of the same test videos."""
-    from medtune.demo import VIDEO_DEMO, run_video_demo
+    """`medtune demo video --fast`: both runs train; the initial weights, the video model with and without its memory
+    and the image-only model are scored on every frame of the same test videos, with CIs over videos and paired
+    tests of the video model against the image-only one and against itself without memory."""
+    from medtune.demo import VIDEO_DEMO, VIDEO_DEMO_TESTED, run_video_demo
 
     result = run_video_demo(tmp_path / "demo", fast=True)
-    for name in ("initial", "video", "image_only"):
-        assert 0.0 <= result[name]["dice"] <= 1.0 and 0.0 <= result[name]["flicker"] <= 1.0
+    for name in ("initial", "video", "video_memory_off", "image_only"):
+        for key in ("dice", "flicker"):
+            c = result[name][key]
+            assert 0.0 <= c["lo"] <= c["mean"] <= c["hi"] <= 1.0
+    assert result["n_test_videos"] == 6
+    for pair in ("video - image_only", "video - video_memory_off"):
+        for key in VIDEO_DEMO_TESTED:
+            d = result["paired"][pair][key]
+            assert d["lo"] <= d["diff"] <= d["hi"] and 0.0 < d["p"] <= 1.0
     summary = json.loads((Path(result["runs"]["video"]) / "eval" / "data-test-dense" / "summary.json").read_text())
     assert summary["n_annotated_frames"] == summary["n_frames"] == VIDEO_DEMO["n_frames"] * summary["n_videos"]
+    off = json.loads((Path(result["runs"]["video"]) / "eval" / "memory-off" / "summary.json").read_text())
+    assert off["memory"] is False and summary["memory"] is True and off["n_frames"] == summary["n_frames"]
 
 
 def test_a_mask_prompted_run_predicts_from_a_later_frame(tmp_path):
@@ -283,3 +294,11 @@ def test_a_mask_prompted_run_predicts_from_a_later_frame(tmp_path):
     Image.fromarray(np.full((8, 8), 255, np.uint8)).save(small)
     with pytest.raises(UserError, match="frame's size"):
         predict_images(run, [frames], tmp_path / "p3", prompt=[str(small)])
+    # the memory ablation needs a semantic run: the memory is what carries a prompt to the other frames
+    from medtune.errors import ConfigError
+    from medtune.runs.load import load_run_model
+    from medtune.tasks.video import evaluate_model
+
+    cfg, model, _ = load_run_model(run)
+    with pytest.raises(ConfigError, match="only a semantic run"):
+        evaluate_model(model, cfg, run, "val", out_dir=tmp_path / "no-memory", memory=False)

@@ -137,16 +137,24 @@ def _first_test_image(run: Path, cfg) -> Path:
     return Path(data.samples[data.split["test"][0]].image)
 
 
-# `medtune demo video`: synthetic angiography runs, a tiny SAM 2 video model, video training vs image-only training
-VIDEO_DEMO = {"n_videos": 12, "n_frames": 24, "size": 64, "annotate_every": 4}
+# `medtune demo video`: synthetic angiography runs, a tiny SAM 2 video model, video training vs image-only training.
+# 24 runs split 12 / 6 / 6: six test videos is the fewest on which a paired Wilcoxon test over videos can reach p < 0.05
+# (with five, even five wins out of five give p = 0.0625); CIs are over videos, the independent unit.
+VIDEO_DEMO = {"n_videos": 24, "n_frames": 24, "size": 64, "annotate_every": 4}
 VIDEO_DEMO_STEPS, VIDEO_DEMO_FAST_STEPS = 150, 20
 VIDEO_DEMO_CLIP = 8  # frames per training clip of the video run
 # The image-only run sees as many annotated frames per step as the video run's clips hold (clip_length /
 # annotate_every per clip), so the two differ in what the frames are trained as, not in how much supervision they get.
 IMAGE_ONLY_BATCH_FACTOR = VIDEO_DEMO_CLIP // VIDEO_DEMO["annotate_every"]
-VIDEO_DEMO_ROWS = [("dice", "per-frame Dice (mean over annotated frames, per video)"), ("jf", "J&F"),
-                   ("change_error", "temporal stability: |prediction change - true change|"),
-                   ("flicker", "flicker: prediction change between consecutive frames")]
+VIDEO_DEMO_ROWS = [("dice", "per-frame Dice"), ("jf", "J&F"),
+                   ("change_error", "change error |pred - true change|"),
+                   ("flicker", "flicker (pred change per frame)"),
+                   # on the dense test videos pred_change is the flicker; the true change is its reference
+                   ("gt_change", "true change per frame")]
+# what the paired tests compare (the true change is context: no better or worse)
+VIDEO_DEMO_TESTED = ("dice", "jf", "change_error", "flicker")
+VIDEO_DEMO_BOOTSTRAP = 1000  # resamples of the test videos for the CIs of the paired differences
+VIDEO_DEMO_DENSE = "test-dense"  # the test videos with every frame annotated: RUN/eval/data-test-dense/
 
 
 def _video_demo_cfg(name: str, out: Path, steps: int, clip_length: int, batch_size: int, extra: list[str]):
@@ -170,7 +178,7 @@ def _dense_test_videos(out: Path, run: Path) -> Path:
     from medtune.data.layouts import VIDEO_FRAME_DIR, VIDEO_MASK_DIR
     from medtune.data.synthetic_video import write_synthetic_video_dataset
 
-    dense = out / "test-dense"
+    dense = out / VIDEO_DEMO_DENSE
     shutil.rmtree(dense, ignore_errors=True)
     write_synthetic_video_dataset(dense, seed=0, **{**VIDEO_DEMO, "annotate_every": 1})
     test = set(json.loads((run / "split.json").read_text())["test"])
@@ -185,9 +193,11 @@ def run_video_demo(out: Path, fast: bool = False) -> dict:
     """A tiny SAM 2 video model (random init, built from a config) learns the vessels of synthetic angiography runs
     (contrast filling the tree, cardiac motion, noise, every 4th frame annotated) on clips through its memory, and
     the same model trained image-only (one-frame clips: nothing trains the memory, which stays as initialised and
-    frozen) is the baseline. All three (initial weights, video training, image-only training) are measured the same
-    way: the test videos propagated whole, threshold calibrated on the (sparsely annotated) validation videos,
-    scored on every frame of the test videos (the generator's truth)."""
+    frozen) is the baseline. All are measured the same way: the test videos propagated whole, threshold calibrated
+    on the (sparsely annotated) validation videos, scored on every frame of the test videos (the generator's
+    truth): the initial weights, the video-trained model, the video-trained model with its memory off (every frame
+    segmented alone: how much of what it does comes from the memory) and the image-only one. The differences are
+    paired over the test videos, with CIs over videos and a Wilcoxon test (``medtune.stats.compare_metric``)."""
     from medtune.data.synthetic_video import write_synthetic_video_dataset
     from medtune.tasks.video import evaluate_model as evaluate_video_model
 
@@ -207,31 +217,73 @@ def run_video_demo(out: Path, fast: bool = False) -> dict:
     video_run = train(video_cfg)
     dense = _dense_test_videos(out, video_run)
     device = default_device()
-    before = evaluate_video_model(build_run_model(video_cfg).to(device).eval(), video_cfg, video_run, "test",
-                                  checkpoint_name="initial weights", data_file=dense,
-                                  out_dir=video_run / "eval" / "initial-weights")
-    after = evaluate_run(video_run, data_file=dense)
+    summaries = {"initial": evaluate_video_model(
+        build_run_model(video_cfg).to(device).eval(), video_cfg, video_run, "test", checkpoint_name="initial weights",
+        data_file=dense, out_dir=video_run / "eval" / "initial-weights")}
+    summaries["video"] = evaluate_run(video_run, data_file=dense)
+    cfg, model, ckpt = load_run_model(video_run, "best", device)
+    summaries["video_memory_off"] = evaluate_video_model(
+        model, cfg, video_run, "test", checkpoint_name=f"{ckpt.name}, memory off", data_file=dense,
+        out_dir=video_run / "eval" / "memory-off", memory=False)
     print(f"[2/3] the same model trained image-only ({steps} steps, every frame its own one-frame clip, "
           f"{IMAGE_ONLY_BATCH_FACTOR}x the batch: the same annotated frames per step)")
     image_run = train(image_cfg)
-    image_only = evaluate_run(image_run, data_file=dense)
+    summaries["image_only"] = evaluate_run(image_run, data_file=dense)
     print("[3/3] test videos propagated whole, every frame scored, threshold calibrated on the validation videos\n")
-    print(format_summary(after))
-    summaries = {"initial": before, "video": after, "image_only": image_only}
-    result = {name: {key: s["per_video@cal"][key]["mean"] for key, _ in VIDEO_DEMO_ROWS}
+    print(format_summary(summaries["video"]))
+    result = {name: {key: _ci_of(s["per_video@cal"][key]) for key, _ in VIDEO_DEMO_ROWS}
               for name, s in summaries.items()}
+    rows = {"video": _per_video(video_run / "eval" / f"data-{VIDEO_DEMO_DENSE}"),
+            "video_memory_off": _per_video(video_run / "eval" / "memory-off"),
+            "image_only": _per_video(image_run / "eval" / f"data-{VIDEO_DEMO_DENSE}")}
+    result["paired"] = {f"video - {other}": {key: _paired(rows["video"], rows[other], key) for key in VIDEO_DEMO_TESTED}
+                        for other in ("image_only", "video_memory_off")}
     result.update(runs={"video": str(video_run), "image_only": str(image_run)},
-                  seconds=round(time.perf_counter() - started, 1))
+                  n_test_videos=summaries["video"]["n_videos"], seconds=round(time.perf_counter() - started, 1))
     (out / "demo_result.json").write_text(json.dumps(result, indent=2))
-    print("\nmedtune demo video: training through the memory vs image-only training of the same model "
-          "(test videos, every frame, means over videos)")
-    print(f"  {'':<56}{'initial':>9}{'video':>9}{'image-only':>12}")
-    for key, label in VIDEO_DEMO_ROWS:
-        print(f"  {label:<56}" + "".join(f"{result[name][key]:>{w}.4f}" for name, w in
-                                         (("initial", 9), ("video", 9), ("image_only", 12))))
-    for key, label in (("flicker", "flickers"), ("change_error", "departs from the true change")):
-        video, image = result["video"][key], result["image_only"][key]
-        print(f"  the video-trained model {label} {'less' if video < image else 'more'} than the image-only one "
-              f"({video:.4f} vs {image:.4f})")
-    print(f"  runs: {video_run}  {image_run}   ({result['seconds']} s)")
+    _print_video_demo(result)
     return result
+
+
+def _ci_of(block: dict) -> dict:
+    return {k: block[k] for k in ("mean", "lo", "hi")}
+
+
+def _per_video(eval_dir: Path) -> dict[str, dict]:
+    import csv
+
+    with open(eval_dir / "per_video.csv", newline="") as f:
+        return {row["id"]: row for row in csv.DictReader(f)}
+
+
+def _paired(a: dict[str, dict], b: dict[str, dict], key: str) -> dict:
+    """a - b on ``key`` over the same test videos: the paired difference, its CI over videos, the Wilcoxon p and the
+    verdict of ``medtune.stats.compare_metric`` (a difference only when both agree)."""
+    from medtune.stats import LOWER_IS_BETTER, compare_metric
+
+    ids = sorted(a)
+    col = f"{key}@cal"
+    res = compare_metric([float(a[i][col]) for i in ids], [float(b[i][col]) for i in ids],
+                         higher_is_better=key not in LOWER_IS_BETTER, n_boot=VIDEO_DEMO_BOOTSTRAP)
+    verdict = {"A better": "better", "B better": "worse"}.get(res["verdict"], "no significant difference")
+    return {"diff": res["mean_diff"], "lo": res["lo"], "hi": res["hi"], "p": res["p_wilcoxon"], "verdict": verdict}
+
+
+def _print_video_demo(result: dict) -> None:
+    columns = (("initial", "initial"), ("video", "video"), ("video_memory_off", "video, memory off"),
+               ("image_only", "image-only"))
+    print(f"\nmedtune demo video: training through the memory vs image-only training of the same model "
+          f"({result['n_test_videos']} test videos, every frame scored; mean over videos [95% CI over videos])")
+    print(f"  {'':<38}" + "".join(f"{title:>21}" for _, title in columns))
+    for key, label in VIDEO_DEMO_ROWS:
+        cells = [result[name][key] for name, _ in columns]
+        print(f"  {label:<38}" + "".join(f"{c['mean']:>7.3f} [{c['lo']:.3f},{c['hi']:.3f}]" for c in cells))
+    for pair, tests in result["paired"].items():
+        print(f"  {pair.replace('_', ' ')}, paired over the test videos:")
+        for key in VIDEO_DEMO_TESTED:
+            d = tests[key]
+            print(f"    {dict(VIDEO_DEMO_ROWS)[key]:<36}{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]  "
+                  f"Wilcoxon p {d['p']:.3f}: {d['verdict']}")
+    print("  lower change error is steadier; flicker has no target of its own (the heart moves the vessels): a mask "
+          "thicker than the vessels changes less per frame, so read it next to the true change")
+    print(f"  runs: {result['runs']['video']}  {result['runs']['image_only']}   ({result['seconds']} s)")

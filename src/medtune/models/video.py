@@ -712,6 +712,16 @@ def propagate(seg: nn.Module, frames: Iterable[torch.Tensor], prompt: VideoPromp
         head.module.train(was_training)
 
 
+def propagate_without_memory(seg: nn.Module, frames: Iterable[torch.Tensor]) -> Iterator[tuple[int, torch.Tensor]]:
+    """The memory ablation of ``propagate`` (semantic models): every frame segmented alone, as a one-frame video
+    whose frame is decoded from SAM 2's "no memory" token, so nothing earlier reaches it. Comparing a clip-trained
+    model with and without its memory shows how much of what it does comes from the memory. Yields what
+    ``propagate`` yields, in frame order."""
+    for index, frame in enumerate(frames):
+        ((_, prob),) = propagate(seg, [frame])
+        yield index, prob
+
+
 def _add_prompt(session, obj: int, index: int, prompt: VideoPrompt, frame_size: tuple[int, int], image_size: int,
                 device) -> None:
     """The prompt of ``index`` into the session, as Sam2VideoProcessor.add_inputs_to_inference_session puts it."""

@@ -220,12 +220,17 @@ def _model_prompt(spec: PromptSpec | None, frame_size: tuple[int, int], size: in
 
 
 def propagate_video(model, video: VideoSample, cfg: Config, prompt: PromptSpec | None = None,
-                    question: str | None = None, on_answer: Callable | None = None,
+                    question: str | None = None, on_answer: Callable | None = None, memory: bool = True,
                     ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yields (frame index, probability float32 [H, W] at the frame's own size, the frame float32 [C, H, W]) for every
     frame of ``video``, in the order the model propagates (the prompted frame, forward to the end, then back to 0),
     through the model's ``segment_video`` (``question``: what a segmenting VLM is asked; its answer goes to
-    ``on_answer`` before the first frame). One frame in memory at a time besides the model's bounded memory bank."""
+    ``on_answer`` before the first frame). One frame in memory at a time besides the model's bounded memory bank.
+    ``memory=False``: every frame alone (the memory ablation, ``models.video.propagate_without_memory``; semantic
+    runs of a model without a question only: a prompt, or a [SEG] answer, reaches the other frames through the
+    memory)."""
+    from medtune.models.video import propagate_without_memory
+
     size = cfg.data.patch_size
     with open_frames(video, cfg.data) as reader:
         if prompt is not None and not 0 <= prompt.frame < len(reader):
@@ -234,8 +239,14 @@ def propagate_video(model, video: VideoSample, cfg: Config, prompt: PromptSpec |
         first = reader.read(prompt.frame if prompt is not None else 0)
         frame_size = tuple(first.shape[-2:])
         frames = ModelFrames(reader, size)
-        answer, probs = model.segment_video(frames, _model_prompt(prompt, frame_size, size), question,
-                                            cfg.task.max_new_tokens)
+        if not memory and (prompt is not None or model.takes_question):
+            raise ConfigError(f"video {video.id}: the memory carries the prompt to the other frames; only a semantic "
+                              "run of the sam2_video family (model.prompt=none) segments without its memory")
+        if memory:
+            answer, probs = model.segment_video(frames, _model_prompt(prompt, frame_size, size), question,
+                                                cfg.task.max_new_tokens)
+        else:
+            answer, probs = None, propagate_without_memory(model, frames)
         if on_answer is not None:
             on_answer(answer)
         for index, prob in probs:
@@ -269,16 +280,17 @@ def answer_columns(answer) -> dict:
     return {} if answer is None else {"answer": answer.answer, "has_seg": int(answer.n_seg > 0)}
 
 
-def video_probabilities(model, video: VideoSample, cfg: Config) -> Iterator[tuple[VideoQuery, dict, dict, set,
-                                                                                   dict]]:
+def video_probabilities(model, video: VideoSample, cfg: Config, memory: bool = True,
+                        ) -> Iterator[tuple[VideoQuery, dict, dict, set, dict]]:
     """Per query of the video (``video_queries``): (the query, probabilities of every frame, ground truth of its
     annotated frames, frames not to score: the mask-prompted one, the answer's columns), prompted by the ground truth
-    as training was, or asked the query's question."""
+    as training was, or asked the query's question (``memory``: see ``propagate_video``)."""
     prompt = ground_truth_prompt(video, cfg)
     exclude = {prompt.frame} if prompt is not None and prompt.mask is not None else set()
     for query in video_queries(video, cfg, model.takes_question):
         answers: list = []
-        probs = {i: prob for i, prob, _ in propagate_video(model, video, cfg, prompt, query.question, answers.append)}
+        probs = {i: prob for i, prob, _ in propagate_video(model, video, cfg, prompt, query.question,
+                                                           answers.append, memory)}
         annotated = video.annotated if query.target is None else sorted(video.targets[query.target].rles)
         gts = {i: read_video_mask(video, i, cfg.data, query.target) for i in annotated}
         yield query, probs, gts, exclude, answer_columns(answers[0])
@@ -500,20 +512,23 @@ def prompt_frames(videos: Sequence[VideoSample], cfg: Config) -> dict[str, set[i
     return {v.id: {v.annotated[0]} for v in videos if v.annotated}
 
 
-def video_predictions(model, videos: Sequence[VideoSample], cfg: Config, desc: str) -> Iterator[tuple]:
+def video_predictions(model, videos: Sequence[VideoSample], cfg: Config, desc: str, memory: bool = True,
+                      ) -> Iterator[tuple]:
     """(id, probabilities of every frame, ground truth of the annotated frames, FOV None, the answer's columns) per
     video (per expression: ``video_queries``), one video in memory at a time: what ``video_eval`` scores and
     calibrates on."""
     for video in tqdm(list(videos), desc=desc, unit="video", leave=False):
-        for query, probs, gts, _, answer in video_probabilities(model, video, cfg):
+        for query, probs, gts, _, answer in video_probabilities(model, video, cfg, memory):
             yield query.id, probs, gts, None, answer
 
 
 def evaluate_model(model, cfg: Config, run_dir: Path, split: str = "test", strategy: str | None = None,
-                   checkpoint_name: str = "-", data_file=None, image_root=None, out_dir: Path | None = None) -> dict:
+                   checkpoint_name: str = "-", data_file=None, image_root=None, out_dir: Path | None = None,
+                   memory: bool = True) -> dict:
     """Calibrate the threshold on the validation videos, then measure ``split`` (or every video of another data
     folder, ``data_file``) at 0.5 and at it; writes summary.json, per_video.csv, per_frame.csv and calibration.json
-    to ``out_dir`` (default RUN/eval/<split>/). Returns the summary."""
+    to ``out_dir`` (default RUN/eval/<split>/). ``memory=False``: the memory ablation, calibrated and measured with
+    every frame segmented alone (``propagate_video``). Returns the summary."""
     from medtune.data.run_split import external_data, load_split_samples, prepare_split
     from medtune.tasks.video_eval import calibrate_videos, evaluate_videos
 
@@ -525,7 +540,7 @@ def evaluate_model(model, cfg: Config, run_dir: Path, split: str = "test", strat
     external = external_data(cfg, data, data_file, image_root, run_dir) if data_file is not None else None
     val = load_split_samples(cfg, data, "val", run_dir)
     if val and split != "val":
-        calib = calibrate_videos(video_predictions(model, val, cfg, "val"), strategy=strategy, beta=cfg.eval.beta,
+        calib = calibrate_videos(video_predictions(model, val, cfg, "val", memory), strategy=strategy, beta=cfg.eval.beta,
                                  target_recall=cfg.eval.target_recall, prompt_frames=prompt_frames(val, cfg))
     else:
         calib = {"threshold": 0.5, "strategy": "none", "note": "no validation videos: threshold 0.5"}
@@ -536,8 +551,9 @@ def evaluate_model(model, cfg: Config, run_dir: Path, split: str = "test", strat
         split = next(iter(data.split))
         source = {"data": cfg.data.path}
     videos = load_split_samples(cfg, data, split, run_dir)
-    meta = {"task": TASK.name, "run": str(run_dir), "checkpoint": checkpoint_name, "split": split, **source}
-    return evaluate_videos(video_predictions(model, videos, cfg, split), float(calib["threshold"]),
+    meta = {"task": TASK.name, "run": str(run_dir), "checkpoint": checkpoint_name, "split": split, "memory": memory,
+            **source}
+    return evaluate_videos(video_predictions(model, videos, cfg, split, memory), float(calib["threshold"]),
                            out_dir or run_dir / "eval" / split, calibration=calib, n_boot=cfg.eval.bootstrap,
                            seed=cfg.run.seed, prompt_frames=prompt_frames(videos, cfg), meta=meta)
 
