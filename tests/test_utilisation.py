@@ -31,6 +31,31 @@ def test_linear_flops_by_hand_full_and_frozen_weight():
         assert count_flops(lambda: layer(x)) == 2 * b * i * o
 
 
+def test_a_counted_step_computes_exactly_what_an_uncounted_one_does():
+    """torch's FlopCounterMode runs silu_backward through its decomposition (other rounding): a counted step's
+    gradients differed in the last bits, and a resumed run, which counts other steps, was not bit-identical. Counting
+    here runs every op with its own kernel and still counts what FlopCounterMode counts (by hand: the matmul forward,
+    dL/dx and dL/dW)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 128, generator=g, requires_grad=True)
+    w = torch.randn(128, 128, generator=g, requires_grad=True)
+    up = torch.randn(64, 128, generator=g)
+
+    def step():
+        x.grad = w.grad = None
+        (torch.nn.functional.silu(x @ w) * up).sum().backward()
+        return x.grad.clone(), w.grad.clone()
+
+    uncounted = step()
+    with FlopCounterMode(display=False) as torch_count:
+        step()
+    flops = count_flops(step)
+    assert all(torch.equal(a, b) for a, b in zip((x.grad, w.grad), uncounted))
+    assert flops == torch_count.get_total_flops() == 3 * 2 * 64 * 128 * 128
+
+
 def test_conv_flops_by_hand():
     """3x3 conv, C_in 2 -> C_out 4 on 8x8 (same padding), batch 1, forward only: 2 * 8*8 * 4 * 2*3*3."""
     conv = torch.nn.Conv2d(2, 4, 3, padding=1, bias=False)

@@ -146,8 +146,8 @@ class Bookkeeping:
     def _utilisation_info(self) -> dict:
         return {"flops_per_image": self.flops.per_image, "flops_counted_step": self.flops.total,
                 "counted_shapes": self.flops.shapes, "estimated_steps": self.flops.estimated_steps,
-                "flop_count": "torch.utils.flop_counter.FlopCounterMode (matmul, conv, attention; fwd + bwd), once per "
-                              "batch shape",
+                "flop_count": "torch.utils.flop_counter.FlopCounterMode's count (matmul, conv, attention; fwd + bwd), "
+                              "once per batch shape",
                 "peak": self.peak.to_dict(), "reference_peak": self.reference.to_dict(),
                 "processes": self.acc.num_processes}
 

@@ -15,6 +15,14 @@ computes in (bf16 under bf16 mixed precision, else fp32) on the run's device: wh
 published MFU numbers divide by; a CPU has no such figure, so there it is the measured peak, labelled as measured.
 MFU = achieved FLOP/s / (peak x processes), where achieved = the FLOPs of the logging window's steps / its training
 time (validation and checkpoint time excluded).
+
+Counting must not change what a step computes: ``FlopCounterMode`` itself runs every op that has a composite
+decomposition (``silu_backward``, ...) through that decomposition, so that the matmuls it is made of are counted --
+other arithmetic than the op's own kernel, so a counted step's gradients differed from an uncounted one's in the last
+bits, and a resumed run (which counts the first step of each shape it sees again) was not bit-identical to the
+uninterrupted one. ``count_flops`` / ``StepFlops`` therefore run each op with its own kernel, as without counting, and
+count it as FlopCounterMode does: by its FLOP formula, or, where it decomposes, by running the decomposition on meta
+tensors (shapes only, nothing computed).
 """
 from __future__ import annotations
 
@@ -25,6 +33,9 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from torch._C import DispatchKey
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 # Square matmul sizes for the peak: large enough to reach the device's steady-state throughput, small enough to
@@ -90,6 +101,46 @@ def shape_key(batch: dict | None):
     return tuple(sorted((k, tuple(v.shape)) for k, v in batch.items() if torch.is_tensor(v)))
 
 
+def _on_meta(value):
+    if torch.is_tensor(value):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    return value
+
+
+class FlopCountingAsRun(TorchDispatchMode):
+    """``with FlopCountingAsRun() as mode: <block>``; ``mode.total``: the FLOPs FlopCounterMode counts in the block,
+    while every op runs with the kernel it runs uncounted (see the module's docstring)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+        self._meta_counter = FlopCounterMode(display=False)  # counts a decomposition run on meta tensors
+        self._formulas = self._meta_counter.flop_registry  # op -> FLOPs from its arguments' and output's shapes
+        self._decomposes: dict = {}
+
+    def _has_decomposition(self, func) -> bool:
+        known = self._decomposes.get(func)
+        if known is None:  # what OpOverload.decompose looks for
+            key = DispatchKey.CompositeImplicitAutograd
+            known = key in func.py_kernels or torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key)
+            self._decomposes[func] = known
+        return known
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)  # the op's own kernel: the result an uncounted step gets
+        if self._has_decomposition(func):
+            try:
+                with self._meta_counter:  # (entering resets its counts)
+                    func.decompose(*tree_map(_on_meta, args), **tree_map(_on_meta, kwargs))
+            except (RuntimeError, NotImplementedError):
+                return out  # a decomposition that reads tensor values cannot run on shapes: not counted
+            self.total += self._meta_counter.get_total_flops()
+        elif func._overloadpacket in self._formulas:
+            self.total += self._formulas[func._overloadpacket](*args, **kwargs, out_val=out)
+        return out
+
+
 class StepFlops:
     """FLOPs of each step: counted the first time a batch shape runs, reused for that shape after.
 
@@ -128,10 +179,9 @@ class StepFlops:
             self.window += self.per_image * n_images
             self.estimated_steps += 1
         else:
-            mode = FlopCounterMode(display=False)
-            with mode:
+            with FlopCountingAsRun() as mode:
                 yield
-            flops = int(mode.get_total_flops())
+            flops = int(mode.total)
             self._counted[key] = (flops, n_images)
             self.total = flops if self.total is None else self.total
             self.window += flops
@@ -139,10 +189,9 @@ class StepFlops:
 
 def count_flops(fn) -> int:
     """FLOPs that ``fn()`` dispatches (matmul, convolution, attention; forward and backward)."""
-    mode = FlopCounterMode(display=False)
-    with mode:
+    with FlopCountingAsRun() as mode:
         fn()
-    return int(mode.get_total_flops())
+    return int(mode.total)
 
 
 def mfu(achieved_flops_per_s: float, peak_flops_per_s: float, processes: int = 1) -> float:
