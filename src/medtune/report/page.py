@@ -126,16 +126,23 @@ def read_json(path: Path, default=None):
         raise UserError(f"{path}: not valid JSON ({err}); re-run the command that writes it") from None
 
 
-def read_per_image(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
-    """per_image.csv -> (ids, {column: float array}); empty cells and 'nan' become NaN."""
+def read_metric_csv(path: Path, required: tuple[str, ...] = ("id",)) -> tuple[list[dict], list[str]]:
+    """An evaluation CSV (per_image.csv, per_frame.csv) -> (rows as dicts, its columns other than 'id'); a missing file
+    or column is one line naming what to run."""
     if not path.is_file():
         raise MissingFileError(f"{path} not found: run `medtune eval {path.parents[2]} --split {path.parent.name}`")
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         rows = list(reader)
         fields = [c for c in (reader.fieldnames or []) if c != "id"]
-    if rows and "id" not in rows[0]:
-        raise UserError(f"{path}: no 'id' column; re-run `medtune eval`")
+    missing = [c for c in required if rows and c not in rows[0]]
+    if missing:
+        raise UserError(f"{path}: no {' / '.join(repr(c) for c in missing)} column; re-run `medtune eval`")
+    return rows, fields
+
+
+def metric_column(rows: list[dict], column: str) -> np.ndarray:
+    """One CSV column as floats; empty cells and 'nan' become NaN."""
 
     def num(text) -> float:
         try:
@@ -143,8 +150,13 @@ def read_per_image(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
         except (TypeError, ValueError):
             return float("nan")
 
-    ids = [r["id"] for r in rows]
-    return ids, {c: np.array([num(r.get(c)) for r in rows], dtype=float) for c in fields}
+    return np.array([num(r.get(column)) for r in rows], dtype=float)
+
+
+def read_per_image(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
+    """per_image.csv -> (ids, {column: float array}); empty cells and 'nan' become NaN."""
+    rows, fields = read_metric_csv(path)
+    return [r["id"] for r in rows], {c: metric_column(rows, c) for c in fields}
 
 
 def training_curves(records: list[dict]) -> list[tuple[str, str]]:

@@ -9,13 +9,11 @@ or composes into a page of its own.
 """
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
 import numpy as np
 
-from medtune.errors import MissingFileError, UserError
 from medtune.report import plots
 from medtune.report.html import _config_section, _metrics_table, _training_section, sort_worst_first
 from medtune.report.page import (
@@ -23,9 +21,11 @@ from medtune.report.page import (
     eval_dir,
     fmt,
     img,
+    metric_column,
     page,
     preflight_section,
     read_json,
+    read_metric_csv,
     read_per_image,
     table,
 )
@@ -40,25 +40,11 @@ LABELS = {"jf": "J&F", "j": "J (region)", "f": "F (boundary)"}
 
 def read_per_frame(path: Path) -> dict[str, dict[str, np.ndarray]]:
     """per_frame.csv -> {video id: {column: float array over its frames, in file order}}; 'nan' and empty cells NaN."""
-    if not path.is_file():
-        raise MissingFileError(f"{path} not found: run `medtune eval {path.parents[2]} --split {path.parent.name}`")
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        fields = [c for c in (reader.fieldnames or []) if c != "id"]
-    if rows and ("id" not in rows[0] or "frame" not in rows[0]):
-        raise UserError(f"{path}: needs 'id' and 'frame' columns; re-run `medtune eval`")
-
-    def num(text) -> float:
-        try:
-            return float(text)
-        except (TypeError, ValueError):
-            return float("nan")
-
+    rows, fields = read_metric_csv(path, required=("id", "frame"))
     grouped: dict[str, list[dict]] = {}
     for r in rows:
         grouped.setdefault(r["id"], []).append(r)
-    return {vid: {c: np.array([num(r.get(c)) for r in rs], dtype=float) for c in fields} for vid, rs in grouped.items()}
+    return {vid: {c: metric_column(rs, c) for c in fields} for vid, rs in grouped.items()}
 
 
 def _chunks(ids: list[str], size: int) -> list[list[str]]:
