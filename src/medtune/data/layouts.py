@@ -623,9 +623,14 @@ def scan(cfg: DataCfg) -> Discovery:
 def discover(cfg: DataCfg) -> list[Sample]:
     """Samples of the data set ``cfg`` points at, sorted by id; one DataError listing every problem found."""
     found = scan(cfg)
-    if found.problems:
-        raise DataError(format_problems(found.problems, str(found.root)))
-    for message in found.warnings:
-        log.warning(message)
-        warnings.warn(message, DataWarning, stacklevel=2)
+    raise_or_warn(found.problems, found.warnings, found.root)
     return found.samples
+
+
+def raise_or_warn(problems: list[str], warnings_found: list[str], root) -> None:
+    """What discovery found: one DataError listing every problem, else each warning logged and warned once."""
+    if problems:
+        raise DataError(format_problems(problems, str(root)))
+    for message in warnings_found:
+        log.warning(message)
+        warnings.warn(message, DataWarning, stacklevel=3)

@@ -15,9 +15,7 @@ from the files' headers here; decoding every frame is ``check_video``'s job (``c
 from __future__ import annotations
 
 import json
-import logging
 import re
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,16 +28,13 @@ from medtune.data.layouts import (
     VIDEO_FRAME_DIR,
     VIDEO_LAYOUTS,
     VIDEO_MASK_DIR,
-    DataWarning,
     Discovery,
     apply_groups,
     detect_layout,
-    format_problems,
+    raise_or_warn,
 )
 from medtune.data.types import DataError
 from medtune.data.video import VideoFileDecoder, VideoSample, VideoTarget
-
-log = logging.getLogger(__name__)
 
 _FRAME_NUMBER = re.compile(r"(\d+)$")
 DAVIS_RESOLUTION_DIR = "480p"  # DAVIS ships JPEGImages/480p/<video>/ (and Full-Resolution/): 480p when present
@@ -217,18 +212,10 @@ def _scan_video_files(cfg: DataCfg, root: Path) -> VideoScan:
             scan.flag(vid, f"video {vid}: {ids[vid]} files of that name in {video_root}; rename or remove one")
             continue
         try:
-            decoder = VideoFileDecoder(video)
+            read_stream_info(video, cfg)
         except DataError as err:
             scan.flag(vid, str(err))
             continue
-        try:
-            video.n_frames = len(decoder)
-            rate = decoder.stream.average_rate
-            video.fps = float(rate) if rate else cfg.video.fps
-            ctx = decoder.stream.codec_context
-            video.frame_size = (int(ctx.height), int(ctx.width)) if ctx.height and ctx.width else None
-        finally:
-            decoder.close()
         if video.n_frames == 0:
             scan.flag(vid, f"video {vid}: {path} holds no frames; re-encode or remove it")
             continue
@@ -395,14 +382,24 @@ def scan_videos(cfg: DataCfg) -> VideoScan:
     return scan
 
 
+def read_stream_info(video: VideoSample, cfg: DataCfg) -> None:
+    """A video file's frame count, frame rate (else ``data.video.fps``) and frame size from its stream, into
+    ``video``; a DataError naming the file when it is not a readable video."""
+    decoder = VideoFileDecoder(video)
+    try:
+        video.n_frames = len(decoder)
+        rate = decoder.stream.average_rate
+        video.fps = float(rate) if rate else cfg.video.fps
+        ctx = decoder.stream.codec_context
+        video.frame_size = (int(ctx.height), int(ctx.width)) if ctx.height and ctx.width else None
+    finally:
+        decoder.close()
+
+
 def discover_videos(cfg: DataCfg) -> list[VideoSample]:
     """The videos of the data set ``cfg`` points at, sorted by id; one DataError listing every problem found."""
     scan = scan_videos(cfg)
-    if scan.problems:
-        raise DataError(format_problems(scan.problems, str(scan.root)))
-    for message in scan.warnings:
-        log.warning(message)
-        warnings.warn(message, DataWarning, stacklevel=2)
+    raise_or_warn(scan.problems, scan.warnings, scan.root)
     videos = scan.usable
     return videos[: cfg.max_samples] if cfg.max_samples is not None else videos
 
@@ -430,15 +427,7 @@ def video_from_path(path: str | Path, cfg: DataCfg) -> VideoSample:
     if is_image_file(path):
         raise DataError(f"{path}: a single image; give a video file or the folder of the video's frames")
     video = VideoSample(id=path.stem, frames=path, n_frames=0)
-    decoder = VideoFileDecoder(video)  # DataError naming the file when it is not a readable video
-    try:
-        video.n_frames = len(decoder)
-        rate = decoder.stream.average_rate
-        video.fps = float(rate) if rate else cfg.video.fps
-        ctx = decoder.stream.codec_context
-        video.frame_size = (int(ctx.height), int(ctx.width)) if ctx.height and ctx.width else None
-    finally:
-        decoder.close()
+    read_stream_info(video, cfg)
     if video.n_frames == 0:
         raise DataError(f"video {video.id}: {path} holds no frames; re-encode it")
     return video
