@@ -375,16 +375,3 @@ def derive_fov(image: np.ndarray) -> np.ndarray:
     sizes[0] = 0
     fov = ndimage.binary_fill_holes(labels == int(np.argmax(sizes)))
     return fov.astype(np.uint8)
-
-
-def image_shape(path: str | Path) -> tuple[int, int]:
-    """(H, W) of an image file from its header where PIL can read one (no decoding), else by decoding it."""
-    path = Path(path)
-    if not path.name.lower().endswith(".gz") and path.suffix.lower() not in DICOM_EXTENSIONS:
-        try:
-            with Image.open(path) as img:
-                return int(img.height), int(img.width)
-        except Exception:  # noqa: BLE001 - PIL cannot open it (scientific TIFF, broken file): _decode decides
-            pass
-    arr = _decode(path)
-    return int(arr.shape[0]), int(arr.shape[1])

@@ -212,6 +212,17 @@ def load_split_samples(cfg: Config, data: RunData, name: str, run_dir: Path | No
 EXTERNAL_PREFIX = "data-"  # RUN/eval/data-<name>: never a split name, so the run's own evaluations stay as they are
 
 
+def evaluation_data(cfg: Config, run_dir: Path, split: str, data_file: str | Path | None = None,
+                    image_root: str | Path | None = None) -> tuple[RunData, tuple[Config, RunData] | None]:
+    """What an evaluation of ``split`` reads: the run's data and, with ``data_file``, the other data set
+    (``external_data``: read, and refused if it must be, before any validation pass). An empty split is one line."""
+    data = prepare_split(cfg, run_dir)
+    if data_file is None and not data.split.get(split):
+        raise UserError(f"split '{split}' of {run_dir / 'split.json'} is empty; choose one of "
+                        f"{[k for k, v in data.split.items() if v]}")
+    return data, (external_data(cfg, data, data_file, image_root, run_dir) if data_file is not None else None)
+
+
 def external_eval_name(path: str | Path) -> str:
     """The eval folder (and split) name of another data file: ``data-`` + its name without extension."""
     return EXTERNAL_PREFIX + Path(path).stem

@@ -155,6 +155,9 @@ class FrameReader:
         self.video, self.channels, self.image_max = video, cfg.channels, cfg.image_max
         self._decoder = VideoFileDecoder(video) if video.is_file else None
         self.size: tuple[int, int] | None = video.frame_size
+        # the last frame read: propagation reads each frame for the model and again for its outputs (overlay), and a
+        # second read of a video file's frame would seek back to the key frame and decode forward again
+        self._last: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self._decoder) if self._decoder is not None else len(self.video.frames)
@@ -162,6 +165,8 @@ class FrameReader:
     def read(self, i: int) -> np.ndarray:
         if not 0 <= i < len(self):
             raise IndexError(f"video {self.video.id} has {len(self)} frames, not a frame {i}")
+        if self._last is not None and self._last[0] == i:
+            return self._last[1].copy()
         if self._decoder is not None:
             image = pixels_to_chw(self._decoder.read_pixels(i), self.channels, self.image_max, self.video.frames)
         else:
@@ -172,7 +177,8 @@ class FrameReader:
         elif size != tuple(self.size):
             raise DataError(f"{self.video.frame_name(i)}: frame is {size[0]}x{size[1]} but the video's frames are "
                             f"{self.size[0]}x{self.size[1]}; re-export the frames at one size")
-        return image
+        self._last = (i, image)
+        return image.copy()
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for i in range(len(self)):

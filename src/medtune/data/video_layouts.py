@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medtune.config import DataCfg
-from medtune.data.io import image_shape, is_image_file, strip_image_extension
+from medtune.data.io import image_header_size, is_image_file, strip_image_extension
 from medtune.data.layouts import (
     VIDEO_EXTENSIONS,
     VIDEO_FILES_DIR,
@@ -102,7 +102,7 @@ def _check_sizes(video: VideoSample, scan: VideoScan, mask_shapes: dict[int, tup
         sizes = {}
         for i, path in enumerate(video.frames):
             try:
-                sizes[i] = image_shape(path)
+                sizes[i] = image_header_size(path)
             except DataError as err:
                 scan.flag(video.id, f"{video.frame_name(i)}: {err}")
                 return
@@ -119,7 +119,7 @@ def _check_sizes(video: VideoSample, scan: VideoScan, mask_shapes: dict[int, tup
     shapes = dict(mask_shapes or {})
     for i, path in video.masks.items():
         try:
-            shapes[i] = image_shape(path)
+            shapes[i] = image_header_size(path)
         except DataError as err:
             scan.flag(video.id, f"{video.frame_name(i)}: {err}")
             return

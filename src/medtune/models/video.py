@@ -606,7 +606,7 @@ def _trim_bank(session, obj: int, readers: list[tuple[int, int]], reach: tuple[i
             session.frames_tracked_per_obj[obj].pop(frame, None)
 
 
-def _frame_reader(frames) -> Callable[[int], torch.Tensor] | None:
+def frame_reader(frames) -> Callable[[int], torch.Tensor] | None:
     """Random access to ``frames`` (a FrameReader's ``read``, a tensor or a sequence), or None for a plain iterable."""
     if hasattr(frames, "read") and hasattr(frames, "__len__"):
         return frames.read
@@ -647,7 +647,7 @@ def propagate(seg: nn.Module, frames: Iterable[torch.Tensor], prompt: VideoPromp
     session = Sam2VideoInferenceSession(inference_device=device, inference_state_device=device,
                                         video_storage_device=device, dtype=head.dtype)
     obj = session.obj_id_to_idx(OBJECT_ID)
-    read = _frame_reader(frames)
+    read = frame_reader(frames)
     if read is None and (start > 0 or prompt.embedding is not None):
         why = (f"the prompt is on frame {start}: propagating back to frame 0" if start > 0
                else "an embedding prompt decodes its frames first, which")

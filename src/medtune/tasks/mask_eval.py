@@ -24,9 +24,8 @@ from medtune.atomic import write_csv_atomic, write_json_atomic
 from medtune.calibration import calibrate
 from medtune.config import Config
 from medtune.data.loading import load_all, resample_to_native
-from medtune.data.run_split import RunData, external_data, load_split_samples, prepare_split
+from medtune.data.run_split import RunData, evaluation_data, load_split_samples
 from medtune.data.types import LoadedSample
-from medtune.errors import UserError
 from medtune.metrics import image_metrics, pooled_metrics
 from medtune.models.base import SegModel
 from medtune.runs.files import FREE_GENERATION_CSV
@@ -71,12 +70,7 @@ def evaluate_model(model: SegModel, task: Task, cfg: Config, run_dir: Path, spli
     answer; empty unless the task generates text)."""
     device = device or default_device()
     strategy = strategy or cfg.eval.calibration
-    data = prepare_split(cfg, run_dir)
-    if data_file is None and not data.split.get(split):
-        raise UserError(f"split '{split}' of {run_dir / 'split.json'} is empty; choose one of "
-                        f"{[k for k, v in data.split.items() if v]}")
-    # the other data set is read (and refused, if it must be) before the validation pass
-    external = external_data(cfg, data, data_file, image_root, run_dir) if data_file is not None else None
+    data, external = evaluation_data(cfg, run_dir, split, data_file, image_root)
 
     # 1. threshold from val only
     if task.target_probabilities is None:

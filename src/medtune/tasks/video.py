@@ -529,15 +529,11 @@ def evaluate_model(model, cfg: Config, run_dir: Path, split: str = "test", strat
     folder, ``data_file``) at 0.5 and at it; writes summary.json, per_video.csv, per_frame.csv and calibration.json
     to ``out_dir`` (default RUN/eval/<split>/). ``memory=False``: the memory ablation, calibrated and measured with
     every frame segmented alone (``propagate_video``). Returns the summary."""
-    from medtune.data.run_split import external_data, load_split_samples, prepare_split
+    from medtune.data.run_split import evaluation_data, load_split_samples
     from medtune.tasks.video_eval import calibrate_videos, evaluate_videos
 
     strategy = strategy or cfg.eval.calibration
-    data = prepare_split(cfg, run_dir)
-    if data_file is None and not data.split.get(split):
-        raise UserError(f"split '{split}' of {run_dir / 'split.json'} is empty; choose one of "
-                        f"{[k for k, v in data.split.items() if v]}")
-    external = external_data(cfg, data, data_file, image_root, run_dir) if data_file is not None else None
+    data, external = evaluation_data(cfg, run_dir, split, data_file, image_root)
     val = load_split_samples(cfg, data, "val", run_dir)
     if val and split != "val":
         calib = calibrate_videos(video_predictions(model, val, cfg, "val", memory), strategy=strategy, beta=cfg.eval.beta,

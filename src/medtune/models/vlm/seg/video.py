@@ -34,6 +34,7 @@ from medtune.models.video import (
     VideoPrompt,
     clip_objective,
     decode_clips,
+    frame_reader,
     propagate,
     upsample_logits,
 )
@@ -165,12 +166,11 @@ class VideoAnswer:
 
 
 def _random_access(frames) -> tuple[Callable[[int], torch.Tensor], int]:
-    if hasattr(frames, "read") and hasattr(frames, "__len__"):
-        return frames.read, len(frames)
-    if torch.is_tensor(frames) or isinstance(frames, Sequence):
-        return frames.__getitem__, len(frames)
-    raise UserError("a segmenting VLM reads its VLM frames before propagating: give the frames with random access "
-                    "(a FrameReader, a tensor [T, C, H, W] or a list), not a one-pass iterator")
+    read = frame_reader(frames)
+    if read is None:
+        raise UserError("a segmenting VLM reads its VLM frames before propagating: give the frames with random access "
+                        "(a FrameReader, a tensor [T, C, H, W] or a list), not a one-pass iterator")
+    return read, len(frames)
 
 
 def answer_video(seg, frames, question: str, max_new_tokens: int = 32) -> VideoAnswer:
