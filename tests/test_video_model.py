@@ -150,6 +150,33 @@ def test_clip_forward_matches_transformers_video_inference(video_folder, prompt)
     assert out.mask_prompted.sum().item() == (2 if prompt == "mask" else 0)
 
 
+def test_clips_of_a_batch_decode_and_backpropagate_as_alone(video_folder):
+    """A frame's clips go through the mask decoder in one call; each keeps its own best-of-three mask (transformers'
+    indexing would pair every clip with the others' choice), so logits and gradients equal one clip at a time. Eval
+    mode: the memory attention's dropout draws other random numbers for a batch than for its clips alone."""
+    seg = build_model(_cfg(path=str(video_folder), finetune="full")).eval()
+    clip = moving_disk_clip(6, batch=3)
+    params = [p for p in seg.parameters() if p.requires_grad]
+
+    def logits_and_grads(rows):
+        for p in params:
+            p.grad = None
+        logits = []
+        for r in rows:
+            out = seg(batch={key: value[r] for key, value in clip.items()})
+            out.mask_logits.sigmoid().sum().backward()
+            logits.append(out.mask_logits.detach())
+        return torch.cat(logits), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+
+    batched, batched_grads = logits_and_grads([slice(0, 3)])
+    alone, alone_grads = logits_and_grads([slice(i, i + 1) for i in range(3)])
+    # float32: the vision encoder runs 18 frames in one batch against 6 (with transformers' own choice each clip
+    # would get a mask per clip of the batch)
+    assert (batched.sigmoid() - alone.sigmoid()).abs().max().item() < PARITY_ATOL
+    scale = max(g.abs().max().item() for g in alone_grads)
+    assert max((a - b).abs().max().item() for a, b in zip(batched_grads, alone_grads)) < PARITY_ATOL * scale
+
+
 def test_box_prompt_and_single_image(video_folder):
     seg = build_model(_cfg(path=str(video_folder), finetune="full", prompt="box")).eval()
     clip = moving_disk_clip(4)

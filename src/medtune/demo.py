@@ -143,6 +143,7 @@ def _first_test_image(run: Path, cfg) -> Path:
 VIDEO_DEMO = {"n_videos": 24, "n_frames": 24, "size": 64, "annotate_every": 4}
 VIDEO_DEMO_STEPS, VIDEO_DEMO_FAST_STEPS = 150, 20
 VIDEO_DEMO_CLIP = 8  # frames per training clip of the video run
+VIDEO_DEMO_BATCH = 4  # clips per step of the video run
 # The image-only run sees as many annotated frames per step as the video run's clips hold (clip_length /
 # annotate_every per clip), so the two differ in what the frames are trained as, not in how much supervision they get.
 IMAGE_ONLY_BATCH_FACTOR = VIDEO_DEMO_CLIP // VIDEO_DEMO["annotate_every"]
@@ -205,7 +206,7 @@ def run_video_demo(out: Path, fast: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     steps = VIDEO_DEMO_FAST_STEPS if fast else VIDEO_DEMO_STEPS
     write_synthetic_video_dataset(out / "data", seed=0, **VIDEO_DEMO)
-    batch = 4
+    batch = VIDEO_DEMO_BATCH
     video_cfg = _video_demo_cfg("video", out, steps, VIDEO_DEMO_CLIP, batch, [])
     image_cfg = _video_demo_cfg("image-only", out, steps, 1, batch * IMAGE_ONLY_BATCH_FACTOR, [
         "model.video.memory_attention=frozen", "model.video.memory_encoder=frozen",

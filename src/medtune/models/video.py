@@ -26,9 +26,9 @@ output is the prompt) plus the object-score loss that trains the head deciding w
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -315,12 +315,6 @@ class ClipConditioning:
     points: tuple[torch.Tensor, torch.Tensor] | None = None
     embedding: torch.Tensor | None = None
 
-    def rows(self, i: int) -> "ClipConditioning":
-        """Clip ``i`` of the group alone."""
-        return ClipConditioning(self.frames, None if self.mask is None else self.mask[i:i + 1],
-                                None if self.points is None else (self.points[0][i:i + 1], self.points[1][i:i + 1]),
-                                None if self.embedding is None else self.embedding[i:i + 1])
-
     @property
     def prompted(self) -> bool:
         return self.mask is not None or self.points is not None or self.embedding is not None
@@ -385,13 +379,9 @@ def frame_step(net: nn.Module, bank, obj: int, frame: int, level: list[torch.Ten
         pix = (current + net.no_memory_embedding).permute(1, 2, 0).reshape(n, channels, fh, fw)
     else:
         pix = _memory_conditioned(net, bank, obj, frame, current, top_pos, reverse)
-    # one clip at a time through the decoder: transformers' best-of-three mask selection pairs each clip with the
-    # first clip's choice when given several
     on_frame = cond if conditioning else ClipConditioning(cond.frames)
     first = conditioning and frame == min(cond.frames)
-    parts = [_decode(net, [x[i:i + 1] for x in high_res], pix[i:i + 1], on_frame.rows(i), conditioning, first)
-             for i in range(n)]
-    out = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    out = _decode(net, high_res, pix, on_frame, conditioning, first)
     memory, memory_pos = net._encode_new_memory(current, out.pop("high_res_masks"), out["object_score_logits"],
                                                 is_mask_from_pts=conditioning and cond.prompted)
     bank.store_output(obj, frame, output_value={**out, "maskmem_features": memory, "maskmem_pos_enc": memory_pos},
@@ -399,7 +389,7 @@ def frame_step(net: nn.Module, bank, obj: int, frame: int, level: list[torch.Ten
     return out
 
 
-@contextmanager
+@contextlib.contextmanager
 def _sparse_prompt(net: nn.Module, embedding: torch.Tensor | None) -> Iterator[None]:
     """``embedding`` [1, D] appended to the prompt encoder's sparse output (after SAM 2's padding point), as Sa2VA
     injects the [SEG] embedding; transformers' ``_single_frame_forward`` takes no custom sparse prompt otherwise."""
@@ -418,26 +408,62 @@ def _sparse_prompt(net: nn.Module, embedding: torch.Tensor | None) -> Iterator[N
         handle.remove()
 
 
+@contextlib.contextmanager
+def _best_mask_per_clip(net: nn.Module) -> Iterator[None]:
+    """SAM 2's best-of-three mask choice (the multimask output with the highest predicted IoU) made per clip inside
+    the mask decoder, which then hands ``_single_frame_forward`` the chosen mask and token as its single output.
+    transformers' own choice indexes [batch, object, best] with a batch of several clips, which pairs every clip
+    with every other clip's choice; with the choice made here the n clips of a frame decode in one batch and each
+    gets the mask (and object pointer) it would get alone."""
+    decoder = net.mask_decoder
+
+    def all_three(module, args, kwargs):
+        return args, {**kwargs, "multimask_output": True}
+
+    def choose(module, args, kwargs, output):
+        masks, iou, tokens, object_scores = output  # [n, P, 3, h, w], [n, P, 3], [n, P, 3, C], [n, 1]
+        best = iou.argmax(dim=-1, keepdim=True)  # [n, P, 1]
+        masks = masks.gather(2, best[..., None, None].expand(-1, -1, 1, *masks.shape[-2:]))
+        tokens = tokens.gather(2, best[..., None].expand(-1, -1, 1, tokens.shape[-1]))
+        return masks, iou.gather(2, best), tokens, object_scores
+
+    handles = [decoder.register_forward_pre_hook(all_three, with_kwargs=True),
+               decoder.register_forward_hook(choose, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+# what a frame's decode hands on: to the loss (masks, object score) and to the memory (high-res mask, object pointer)
+DECODER_OUTPUTS = ("pred_masks", "object_pointer", "object_score_logits", "high_res_masks")
+
+
 def _decode(net: nn.Module, high_res: list[torch.Tensor], pix: torch.Tensor, cond: ClipConditioning,
             conditioning: bool, first: bool) -> dict[str, torch.Tensor]:
-    """One clip's frame through the mask decoder (``_run_single_frame_inference`` after its memory step): the mask
-    prompt taken as the output, else the decoder on the (memory-conditioned) features with the box, the embedding
-    (every conditioning frame) or no prompt. A mask or box prompts the first conditioning frame only."""
+    """A frame of n clips through the mask decoder in one batch (``_run_single_frame_inference`` after its memory
+    step): the mask prompt taken as the output, else the decoder on the (memory-conditioned) features with the box,
+    the embedding (every conditioning frame) or no prompt. A mask or box prompts the first conditioning frame only."""
     if first and cond.mask is not None:
-        out = net._use_mask_as_output(pix, high_res, cond.mask)
+        # one clip at a time: the object pointer of a mask prompt comes from a multimask decode inside transformers
+        # (``_use_mask_as_output``), whose choice among the three pairs clips up when given several
+        parts = [net._use_mask_as_output(pix[i:i + 1], [x[i:i + 1] for x in high_res], cond.mask[i:i + 1])
+                 for i in range(pix.shape[0])]
+        return {key: torch.cat([getattr(part, key) for part in parts]) for key in DECODER_OUTPUTS}
     else:
         points = cond.points if first else None
         point_inputs = None if points is None else {"point_coords": points[0], "point_labels": points[1]}
-        with _sparse_prompt(net, cond.embedding if conditioning else None):
+        multimask = net._use_multimask(conditioning, point_inputs)
+        with _sparse_prompt(net, cond.embedding if conditioning else None), \
+                (_best_mask_per_clip(net) if multimask else contextlib.nullcontext()):
             out = net._single_frame_forward(pixel_values=None, input_points=None if points is None else points[0],
                                             input_labels=None if points is None else points[1],
-                                            image_embeddings=high_res + [pix],
-                                            multimask_output=net._use_multimask(conditioning, point_inputs))
-    return {"pred_masks": out.pred_masks, "object_pointer": out.object_pointer,
-            "object_score_logits": out.object_score_logits, "high_res_masks": out.high_res_masks}
+                                            image_embeddings=high_res + [pix], multimask_output=False)
+    return {key: getattr(out, key) for key in DECODER_OUTPUTS}
 
 
-@contextmanager
+@contextlib.contextmanager
 def _pointers_as_in_inference(net: nn.Module) -> Iterator[None]:
     """transformers reads the object pointers of conditioning frames *after* the current one (in tracking
     direction) in training mode only (SAM 2's ``only_obj_ptrs_in_the_past_for_eval``): training reads them as
