@@ -4,10 +4,11 @@
     .venv/bin/python bench/video_clip_step.py --clips 4 --frames 8 --device cuda
 
 Both sides run ``forward_clip`` + backward of the same loss on the same clips (semantic mode: every frame decodes its
-three masks and keeps the one with the best predicted IoU) and give the same logits and gradients (checked in eval mode, printed); what differs
-is that the batch decodes all clips of a frame in one mask-decoder call (``models.video._best_mask_per_clip`` makes
-the best-of-three choice per clip, which transformers' own indexing gets wrong for several clips), where one clip at
-a time is what the clip forward did before. Prints seconds per step of each and their ratio.
+three masks and keeps the one with the best predicted IoU) and give the same logits and gradients (checked in eval
+mode, printed); what differs is that the batch decodes all clips of a frame in one mask-decoder call
+(``models.video._best_mask_per_clip`` makes the best-of-three choice per clip, which transformers' own indexing gets
+wrong for several clips), where one clip at a time is what the clip forward did before. Prints seconds per step of
+each and their ratio.
 """
 from __future__ import annotations
 

@@ -32,13 +32,14 @@ SAM 2 is written whole, once: ``sam/`` is a transformers ``Sam2VideoModel`` chec
 ``sam2_video``) holding every SAM 2 tensor of the checkpoint, its video half included (memory attention, memory
 encoder, object-pointer projection, ``mask_downsample``, ``maskmem_tpos_enc``, ``no_mem_pos_enc``, ``no_obj_ptr``).
 The segvlm family loads it whole as its mask head (models.vlm.seg.parts.load_sam -> models.video.load_sam2_video): the
-image path for images, the memory too when it trains on videos; family sam2_video loads it the same way. Its memory sizes (Sam2VideoConfig kwargs) come, each, from the
-first that states it: ``--sam-config`` (Sam2VideoConfig kwargs may be added to the Sam2Config ones), the folder's
-``sam2.py`` (``build_memory_attention`` / ``build_memory_encoder`` / the ``SAM2VideoPredictor(...)`` call, read with
-``ast``), the weights' shapes (every memory size shows in a tensor). The names are transformers' conversion names
-(``SAM2_*``) plus the memory encoder's (``_rename_memory_tensors``); a tensor that has no place in the Sam2VideoModel,
-or one of another shape, is refused in one line before anything is written. ``unused_tensors.json`` lists the Sa2VA
-tensors of modules segvlm does not have (none in a Sa2VA hub checkpoint).
+image path for images, the memory too when it trains on videos; family sam2_video loads it the same way. Its memory
+sizes (Sam2VideoConfig kwargs) come, each, from the first that states it: ``--sam-config`` (Sam2VideoConfig kwargs may
+be added to the Sam2Config ones), the folder's ``sam2.py`` (``build_memory_attention`` / ``build_memory_encoder`` /
+the ``SAM2VideoPredictor(...)`` call, read with ``ast``), the weights' shapes (every memory size shows in a tensor).
+The names are transformers' conversion names (``SAM2_*``) plus the memory encoder's (``_rename_memory_tensors``); a
+tensor that has no place in the Sam2VideoModel, or one of another shape, is refused in one line before anything is
+written. ``unused_tensors.json`` lists the Sa2VA tensors of modules segvlm does not have (none in a Sa2VA hub
+checkpoint).
 """
 from __future__ import annotations
 
