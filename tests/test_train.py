@@ -35,6 +35,8 @@ def test_unet_full_run_writes_the_run_folder_and_evaluates(tmp_path):
     pre = json.loads((run / "preflight.json").read_text())
     assert pre["passed"] and pre["n_trainable"] > 0
     assert len(losses(run)) == 6 and all(map(lambda v: v == v, losses(run)))
+    # the dead-gradient watch ran on every logged step and found every trainable tensor alive
+    assert [r["dead_gradient_tensors"] for r in read_metrics(run) if "loss" in r] == [0] * 6
     env = json.loads((run / "env.json").read_text())
     assert env["versions"]["torch"] and "device" in env
     summary = evaluate_run(run)

@@ -246,6 +246,9 @@ class TrainCfg(Section):
     # tflops_per_s and mfu (model FLOP utilisation) with the throughput; RUN/utilisation.json holds the counts
     log_mfu: bool = True
     max_nonfinite: int = 10  # consecutive non-finite losses before stopping with a checkpoint
+    # warn when a trainable tensor's gradient is exactly zero on this many logged steps in a row (train/gradient_watch:
+    # a part of the model that stopped reaching the loss after the preflight); 0: off
+    dead_gradient_checks: int = Field(3, ge=0)
     trackers: list[str] = Field(default_factory=lambda: ["tensorboard"])
     max_eval_images: int | None = None  # cap validation images during training (speed)
     # the validation metric that picks `best` (e.g. val_dice, val_reward, val_accuracy); None -> the objective's

@@ -20,6 +20,8 @@ from medtune.atomic import write_text_atomic
 from medtune.config import Config
 from medtune.runs.checkpoint import TrainerState, rotate_step_checkpoints, save_checkpoint
 from medtune.runs.files import MetricsLog
+from medtune.train.gradient_watch import DeadGradientWatch, dead_gradient_message
+from medtune.train.preflight import selected_by_prediction
 from medtune.train.setup import StopFlag, TrainingStopped, frozen_metric_warning, warn
 from medtune.train.utilisation import StepFlops, compute_dtype, measure_matmul_peak, mfu, reference_peak
 
@@ -57,6 +59,9 @@ class Bookkeeping:
         self._utilisation_written, self._written_shapes = False, (0, 0)
         self._window_start, self._window_images, self._window_excluded = time.perf_counter(), 0, 0.0
         self._last_saved = time.monotonic()
+        checks = cfg.train.dead_gradient_checks
+        self.gradient_watch = DeadGradientWatch(model, checks, selected_by_prediction(model)) \
+            if checks and self.is_main else None
 
     # -- the recipe calls these -------------------------------------------------------------------------------
     def counting_flops(self, n_local_images: int, batch: dict | None = None):
@@ -66,6 +71,16 @@ class Bookkeeping:
 
     def count_images(self, n_local: int) -> None:
         self._window_images += n_local * self.acc.num_processes
+
+    def watch_gradients(self) -> None:
+        """Call after backward, before the gradients are cleared: on the steps that are logged, warn about trainable
+        tensors whose gradient has been exactly zero at the last ``train.dead_gradient_checks`` of them."""
+        step, every = self.state.step + 1, self.cfg.train.log_every
+        if self.gradient_watch is None or step % every:
+            return
+        newly = self.gradient_watch.check()
+        if newly:
+            warn(dead_gradient_message(step, newly, self.gradient_watch.checks, every))
 
     def update_allowed(self, global_loss: torch.Tensor, grad_norm) -> bool:
         """True when the step's loss (already averaged over processes, so every process decides alike) and gradient
@@ -99,6 +114,8 @@ class Bookkeeping:
             record.update(self._utilisation(self.flops.window * self.acc.num_processes / max(elapsed, 1e-9)))
             if self.acc.scaler is not None:
                 record.update(loss_scale=self.acc.scaler.get_scale(), fp16_overflows=state.fp16_overflows)
+            if self.gradient_watch is not None:
+                record["dead_gradient_tensors"] = len(self.gradient_watch.dead)
             self.log(record)
             postfix = {"loss": f"{record.get('loss', float('nan')):.4f}", "img/s": f"{record['images_per_s']:.1f}"}
             if "mfu" in record:

@@ -58,7 +58,8 @@ def _fingerprint(t: torch.Tensor) -> torch.Tensor:
     return torch.stack([flat.sum(), (flat * weights).sum(), flat.abs().max() if flat.numel() else flat.sum()]).cpu()
 
 
-def _selected_by_prediction(model: nn.Module) -> str | None:
+def selected_by_prediction(model: nn.Module) -> str | None:
+    """The model's regex of parameters that reach the loss only when its own prediction selects them (or None)."""
     base = getattr(model, "module", model)  # DDP / accelerate wrappers
     hook = getattr(base, "selected_by_prediction", None)
     return hook() if callable(hook) else None
@@ -85,7 +86,7 @@ def run_preflight(
     report.n_trainable_params = sum(p.numel() for _, p in trainable)
     # parameters that reach the loss only when the model's own prediction selects them (a segmenting VLM's best-IoU
     # mask heads): a few steps may never pick one, which is not a bug; they still must receive a (zero) gradient
-    selected = _selected_by_prediction(model)
+    selected = selected_by_prediction(model)
     may_be_zero = {n for n, _ in trainable if selected and re.search(selected, n)}
 
     # 1. the optimizer holds exactly the trainable set

@@ -360,6 +360,8 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
                 loss, stats = rl_loss(logits, roll, cfg, combo)
                 accelerator.backward(loss)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or float("inf"))
+                if epoch == 0:
+                    books.watch_gradients()  # a trainable part that stopped reaching the loss: warn
                 global_loss = accelerator.reduce(loss.detach(), reduction="mean")
                 allowed = books.update_allowed(global_loss, grad_norm)
                 skipped += not allowed

@@ -131,6 +131,7 @@ def _train(cfg: Config, resume: str | Path | None, accelerator, stop: StopFlag) 
                 parts_sum[k] = parts_sum.get(k, 0.0) + v * float(weight)
             books.count_images(n_images)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad_norm or float("inf"))
+        books.watch_gradients()  # a trainable part that stopped reaching the loss since the preflight: warn
         global_loss = accelerator.reduce(loss_sum, reduction="mean")
         allowed = books.update_allowed(global_loss, grad_norm)
         if allowed or accelerator.scaler is not None:
