@@ -451,15 +451,14 @@ def _decode(net: nn.Module, high_res: list[torch.Tensor], pix: torch.Tensor, con
         parts = [net._use_mask_as_output(pix[i:i + 1], [x[i:i + 1] for x in high_res], cond.mask[i:i + 1])
                  for i in range(pix.shape[0])]
         return {key: torch.cat([getattr(part, key) for part in parts]) for key in DECODER_OUTPUTS}
-    else:
-        points = cond.points if first else None
-        point_inputs = None if points is None else {"point_coords": points[0], "point_labels": points[1]}
-        multimask = net._use_multimask(conditioning, point_inputs)
-        with _sparse_prompt(net, cond.embedding if conditioning else None), \
-                (_best_mask_per_clip(net) if multimask else contextlib.nullcontext()):
-            out = net._single_frame_forward(pixel_values=None, input_points=None if points is None else points[0],
-                                            input_labels=None if points is None else points[1],
-                                            image_embeddings=high_res + [pix], multimask_output=False)
+    points = cond.points if first else None
+    point_inputs = None if points is None else {"point_coords": points[0], "point_labels": points[1]}
+    multimask = net._use_multimask(conditioning, point_inputs)
+    with _sparse_prompt(net, cond.embedding if conditioning else None), \
+            (_best_mask_per_clip(net) if multimask else contextlib.nullcontext()):
+        out = net._single_frame_forward(pixel_values=None, input_points=None if points is None else points[0],
+                                        input_labels=None if points is None else points[1],
+                                        image_embeddings=high_res + [pix], multimask_output=False)
     return {key: getattr(out, key) for key in DECODER_OUTPUTS}
 
 

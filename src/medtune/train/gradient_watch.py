@@ -11,7 +11,8 @@ tensor whose gradient is None or exactly zero on ``checks`` checks in a row is r
 had a gradient in between); a check on which no tensor at all has a gradient (a step without signal, e.g. an RL group
 whose samples all got the same reward) does not count. Tensors that reach the loss only when the model's own
 prediction selects them (``selected_by_prediction``, e.g. SAM's multimask heads) are not watched: a zero there is
-routine.
+routine. Under DeepSpeed ZeRO the gradients live in the engine, not in ``param.grad``: the watch sees none and stays
+silent there.
 """
 from __future__ import annotations
 
