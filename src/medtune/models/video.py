@@ -328,8 +328,9 @@ def decode_clips(net: nn.Module, feats: list[torch.Tensor], pos: list[torch.Tens
     low_res: list[torch.Tensor | None] = [None] * (b * t)
     scores: list[torch.Tensor | None] = [None] * (b * t)
     for clips, cond in groups:
+        clip_ids = clips.tolist()  # one host sync per group, not per frame
         for frame, out in track_clips(net, feats, pos, clips, t, cond):
-            for row, clip in enumerate(clips.tolist()):
+            for row, clip in enumerate(clip_ids):
                 low_res[clip * t + frame] = out["pred_masks"][row]
                 scores[clip * t + frame] = out["object_score_logits"][row].reshape(())
     return torch.stack(low_res), torch.stack(scores)

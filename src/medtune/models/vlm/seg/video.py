@@ -120,8 +120,8 @@ def forward_clip(seg, batch: dict) -> VideoModelOutput:
     feats, pos = list(vision.fpn_hidden_states), list(vision.fpn_position_encoding)  # each [HW, B*T, C]
     positions = batch["vlm_frames"].to(device)
     groups: dict[tuple[int, ...], list[int]] = {}
-    for i in range(b):
-        frames = tuple(int(f) for f in positions[i] if f >= 0)
+    for i, row in enumerate(batch["vlm_frames"].tolist()):  # one host sync for all clips, not one per frame
+        frames = tuple(f for f in row if f >= 0)
         if not frames or frames[-1] >= t:
             raise UserError(f"clip {ids[i]}: vlm_frames {frames} do not lie in its {t} frames")
         groups.setdefault(frames, []).append(i)
