@@ -283,11 +283,15 @@ def _two_expression_data(root: Path) -> Path:
     return root
 
 
+def _two_expression_cfg(root: Path):
+    return build_config({}, [f"data.path={root}", "data.patch_size=48", "data.augment.enabled=false",
+                             "model.family=segvlm", "model.config={preset: tiny, vlm: internvl}", "lora.r=4",
+                             "model.finetune=lora"])
+
+
 def test_two_expressions_give_two_targets_and_two_seg_tokens(tmp_path):
     root = _two_expression_data(tmp_path / "data")
-    cfg = build_config({}, [f"data.path={root}", "data.patch_size=48", "data.augment.enabled=false",
-                            "model.family=segvlm", "model.config={preset: tiny, vlm: internvl}", "lora.r=4",
-                            "model.finetune=lora"])
+    cfg = _two_expression_cfg(root)
     model = build_model(cfg)
     loaded = [load_sample(s, cfg.data) for s in discover(cfg.data)]
     item = SegVLMDataset(loaded, cfg, model.text_codec(), model.image_prep, model.seg_token_id)[(0, 0)]
@@ -462,9 +466,7 @@ def test_the_training_dataset_decodes_no_image_when_built(tmp_path):
     from medtune.data.loading import LazySamples
 
     root = _two_expression_data(tmp_path / "data")
-    cfg = build_config({}, [f"data.path={root}", "data.patch_size=48", "data.augment.enabled=false",
-                            "model.family=segvlm", "model.config={preset: tiny, vlm: internvl}", "lora.r=4",
-                            "model.finetune=lora"])
+    cfg = _two_expression_cfg(root)
     model = build_model(cfg)
     lazy = LazySamples(discover(cfg.data), cfg.data)
     dataset = SegVLMDataset(lazy, cfg, model.text_codec(), model.image_prep, model.seg_token_id)

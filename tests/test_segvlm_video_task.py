@@ -8,10 +8,8 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ import torch
 from helpers import REPO
 from PIL import Image
 from test_video_data import write_sa2va
-from test_video_task import _ok, _write_cfg, losses, read_video, write_mp4
+from test_video_task import _ok, _write_cfg, kill_9_after_two_checkpoints, losses, read_video, write_mp4
 
 from medtune.config import build_config
 from medtune.data.datasets import resize_square
@@ -142,13 +140,7 @@ def test_kill_9_mid_run_then_resume_gives_the_uninterrupted_run(tmp_path):
     killed = tmp_path / "runs" / "killed"
     proc = _train_process(str(_write_cfg(tmp_path, segvlm_video_cfg(tmp_path, "killed", *opts, steps=steps),
                                          "killed")))
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and len(losses(killed)) < 2 * save_every + 1:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    killed_at = len(losses(killed))
-    assert 2 * save_every + 1 <= killed_at < steps, "the kill must land mid-run, after a checkpoint"
+    kill_9_after_two_checkpoints(proc, killed, save_every, steps)
     _train_ok("--resume", str(killed))
 
     assert losses(killed)[-steps:] == losses(full)

@@ -68,6 +68,17 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir) if "loss" in r]
 
 
+def kill_9_after_two_checkpoints(proc: subprocess.Popen, run: Path, save_every: int, steps: int) -> None:
+    """SIGKILL the training process ``proc`` of ``run`` once it has logged a step past its second checkpoint (no
+    handler runs, nothing more is saved), and check that the kill landed mid-run."""
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(losses(run)) < 2 * save_every + 1:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert 2 * save_every + 1 <= len(losses(run)) < steps, "the kill must land mid-run, after a checkpoint"
+
+
 def _write_cfg(tmp_path: Path, cfg, name: str) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(cfg.to_yaml())
@@ -126,13 +137,7 @@ def test_kill_9_mid_run_then_resume_gives_bit_identical_weights(tmp_path):
     full = train(video_cfg(tmp_path, "full", *opts, steps=steps))
     killed = tmp_path / "runs" / "killed"
     proc = _cli("train", str(_write_cfg(tmp_path, video_cfg(tmp_path, "killed", *opts, steps=steps), "killed")))
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and len(losses(killed)) < 2 * save_every + 1:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    killed_at = len(losses(killed))
-    assert 2 * save_every + 1 <= killed_at < steps, "the kill must land mid-run, after a checkpoint"
+    kill_9_after_two_checkpoints(proc, killed, save_every, steps)
     _ok("train", "--resume", str(killed))
 
     assert losses(killed)[-steps:] == losses(full)

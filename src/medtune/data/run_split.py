@@ -223,6 +223,17 @@ def evaluation_data(cfg: Config, run_dir: Path, split: str, data_file: str | Pat
     return data, (external_data(cfg, data, data_file, image_root, run_dir) if data_file is not None else None)
 
 
+def evaluated_split(cfg: Config, data: RunData, split: str, external: tuple[Config, RunData] | None,
+                    ) -> tuple[Config, RunData, str, dict]:
+    """What an evaluation measures once it has calibrated on the run's validation split: the run's ``split``, or
+    (``external`` from ``evaluation_data``) every sample of the other data set, its one split. Returns (config, data,
+    split, the summary's ``source`` entries: {"data": path} for another data set)."""
+    if external is None:
+        return cfg, data, split, {}
+    ext_cfg, ext_data = external
+    return ext_cfg, ext_data, next(iter(ext_data.split)), {"data": ext_cfg.data.path}
+
+
 def external_eval_name(path: str | Path) -> str:
     """The eval folder (and split) name of another data file: ``data-`` + its name without extension."""
     return EXTERNAL_PREFIX + Path(path).stem

@@ -96,6 +96,19 @@ def _config_section(cfg, config_text: str, split: dict | None, summary: dict, en
             + f"<details><summary>full resolved config (config.yaml)</summary><pre>{esc(config_text)}</pre></details>")
 
 
+def run_head(run_dir: Path, cfg, split: str, summary: dict, evaluated: str, records: list[dict]) -> list[str]:
+    """The top of a run's report page: its name, where it lives, what was evaluated (``evaluated``: "12 images"),
+    the configuration, the preflight and the training curves."""
+    return [
+        f"<h1>medtune report: {esc(cfg.run.name)}</h1>",
+        f'<p class="muted">{esc(run_dir.resolve())} · split {esc(split)} · {esc(evaluated)}</p>',
+        _config_section(cfg, (run_dir / "config.yaml").read_text(), read_json(run_dir / "split.json"), summary,
+                        read_json(run_dir / "env.json")),
+        preflight_section(read_json(run_dir / "preflight.json")),
+        _training_section(records),
+    ]
+
+
 def _training_section(records: list[dict]) -> str:
     if not records:
         return "<h2>Training</h2><p class=\"muted\">metrics.jsonl is missing or empty.</p>"
@@ -282,13 +295,7 @@ def write_report(run_dir: str | Path, split: str = "test") -> Path:
 
     records = read_metrics(run_dir)
     body = [
-        f"<h1>medtune report: {esc(cfg.run.name)}</h1>",
-        f'<p class="muted">{esc(run_dir.resolve())} · split {esc(split)} · {esc(summary.get("n_images", "?"))} '
-        "images</p>",
-        _config_section(cfg, (run_dir / "config.yaml").read_text(), read_json(run_dir / "split.json"), summary,
-                        read_json(run_dir / "env.json")),
-        preflight_section(read_json(run_dir / "preflight.json")),
-        _training_section(records),
+        *run_head(run_dir, cfg, split, summary, f'{summary.get("n_images", "?")} images', records),
         _metrics_section(summary),
         _free_generation_section(summary),
         _calibration_section(calib, threshold, pr, summary, note),

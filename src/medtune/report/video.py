@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from medtune.report import plots
-from medtune.report.html import _config_section, _metrics_table, _training_section, sort_worst_first
+from medtune.report.html import _metrics_table, run_head, sort_worst_first
 from medtune.report.page import (
     esc,
     eval_dir,
@@ -23,7 +23,6 @@ from medtune.report.page import (
     img,
     metric_column,
     page,
-    preflight_section,
     read_json,
     read_metric_csv,
     read_per_image,
@@ -156,13 +155,7 @@ def write_video_report(run_dir: str | Path, split: str = "test") -> Path:
     per_frame = read_per_frame(ev / "per_frame.csv")
     threshold = float(summary.get("threshold", 0.5))
     body = [
-        f"<h1>medtune report: {esc(cfg.run.name)}</h1>",
-        f'<p class="muted">{esc(run_dir.resolve())} · split {esc(split)} · {esc(summary.get("n_videos", "?"))} '
-        "videos</p>",
-        _config_section(cfg, (run_dir / "config.yaml").read_text(), read_json(run_dir / "split.json"), summary,
-                        read_json(run_dir / "env.json")),
-        preflight_section(read_json(run_dir / "preflight.json")),
-        _training_section(read_metrics(run_dir)),
+        *run_head(run_dir, cfg, split, summary, f'{summary.get("n_videos", "?")} videos', read_metrics(run_dir)),
         video_metrics_section(summary),
         _calibration_figure(read_json(ev / "calibration.json"), threshold),
         per_video_section(ids, cols, order),

@@ -24,7 +24,7 @@ from medtune.atomic import write_csv_atomic, write_json_atomic
 from medtune.calibration import calibrate
 from medtune.config import Config
 from medtune.data.loading import load_all, resample_to_native
-from medtune.data.run_split import RunData, evaluation_data, load_split_samples
+from medtune.data.run_split import RunData, evaluated_split, evaluation_data, load_split_samples
 from medtune.data.types import LoadedSample
 from medtune.metrics import image_metrics, pooled_metrics
 from medtune.models.base import SegModel
@@ -86,11 +86,7 @@ def evaluate_model(model: SegModel, task: Task, cfg: Config, run_dir: Path, spli
     threshold = float(calib["threshold"])
 
     # 2. the split (or the other data set) at 0.5 and at the calibrated threshold
-    source = {}
-    if external is not None:
-        cfg, data = external
-        split = next(iter(data.split))
-        source = {"data": cfg.data.path}
+    cfg, data, split, source = evaluated_split(cfg, data, split, external)
     test = load_split_samples(cfg, data, split, run_dir)
     test_natives = native(cfg, data, split, test)
     preds = predictions(model, task, test, test_natives, cfg, device, split)

@@ -41,7 +41,7 @@ from medtune.config import Config
 from medtune.data.datasets import mask_box, resize_square
 from medtune.data.io import read_mask
 from medtune.data.loading import resample_to_native
-from medtune.data.run_split import use_recorded_image_max
+from medtune.data.run_split import evaluated_split, evaluation_data, load_split_samples, use_recorded_image_max
 from medtune.data.types import DataError
 from medtune.data.video import (
     FrameReader,
@@ -57,6 +57,7 @@ from medtune.tasks.base import ImagePrediction, LossFn, PredictRequest, TargetPr
 from medtune.tasks.mask_predict import calibrated_threshold, overlay
 from medtune.tasks.masks import pooled_validation
 from medtune.tasks.segvlm import question as target_question
+from medtune.tasks.video_eval import calibrate_videos, evaluate_videos, format_summary
 
 log = logging.getLogger("medtune")
 
@@ -529,9 +530,6 @@ def evaluate_model(model, cfg: Config, run_dir: Path, split: str = "test", strat
     folder, ``data_file``) at 0.5 and at it; writes summary.json, per_video.csv, per_frame.csv and calibration.json
     to ``out_dir`` (default RUN/eval/<split>/). ``memory=False``: the memory ablation, calibrated and measured with
     every frame segmented alone (``propagate_video``). Returns the summary."""
-    from medtune.data.run_split import evaluation_data, load_split_samples
-    from medtune.tasks.video_eval import calibrate_videos, evaluate_videos
-
     strategy = strategy or cfg.eval.calibration
     data, external = evaluation_data(cfg, run_dir, split, data_file, image_root)
     val = load_split_samples(cfg, data, "val", run_dir)
@@ -541,11 +539,7 @@ def evaluate_model(model, cfg: Config, run_dir: Path, split: str = "test", strat
     else:
         calib = {"threshold": 0.5, "strategy": "none", "note": "no validation videos: threshold 0.5"}
         log.warning("no validation videos: the calibrated threshold is 0.5")
-    source = {}
-    if external is not None:
-        cfg, data = external
-        split = next(iter(data.split))
-        source = {"data": cfg.data.path}
+    cfg, data, split, source = evaluated_split(cfg, data, split, external)
     videos = load_split_samples(cfg, data, split, run_dir)
     meta = {"task": TASK.name, "run": str(run_dir), "checkpoint": checkpoint_name, "split": split, "memory": memory,
             **source}
@@ -561,12 +555,6 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", d
     run_dir = Path(run_dir)
     cfg, model, ckpt = load_run_model(run_dir, checkpoint, device)
     return evaluate_model(model, cfg, run_dir, split, strategy, ckpt.name, data_file, image_root)
-
-
-def format_summary(summary: dict) -> str:
-    from medtune.tasks.video_eval import format_summary as format_video_summary
-
-    return format_video_summary(summary)
 
 
 def write_report(run_dir: Path, split: str = "test") -> Path:
